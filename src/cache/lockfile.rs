@@ -1,0 +1,104 @@
+//! The lock file beside a pipeline (`reviews.yaml` -> `reviews.lock`): per stage, the key, the
+//! inputs that made it and the output digest, in a stable order for review in git.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{canonical_json, digest::sha256_bytes, write_atomic};
+
+pub const SCHEMA: u32 = 1;
+
+/// Everything a stage's cache key is made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyInputs {
+    pub uses: String,
+    pub version: u32,
+    pub params: Value,
+    /// Upstream stage id -> the digest of its output (its manifest).
+    pub needs: BTreeMap<String, String>,
+    /// Workspace path as declared by the stage -> content digest.
+    pub reads: BTreeMap<String, String>,
+}
+
+impl KeyInputs {
+    /// SHA-256 over the canonical JSON of the plugin, its version, its params, the upstream
+    /// digests (in the order of `needs`, not by name: renaming a stage changes nothing) and
+    /// the digests of the files it reads.
+    pub fn key(&self, needs_order: &[String]) -> String {
+        let upstream: Vec<&String> = needs_order
+            .iter()
+            .filter_map(|id| self.needs.get(id))
+            .collect();
+        let material = json!({
+            "uses": self.uses,
+            "version": self.version,
+            "params": self.params,
+            "needs": upstream,
+            "reads": self.reads,
+        });
+        sha256_bytes(canonical_json(&material).as_bytes())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputRecord {
+    pub digest: String,
+    pub files: usize,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LockEntry {
+    pub key: String,
+    #[serde(flatten)]
+    pub inputs: KeyInputs,
+    pub output: OutputRecord,
+    /// How long the run that produced this output took.
+    pub duration_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LockFile {
+    pub schema: u32,
+    pub pipeline: String,
+    pub stages: BTreeMap<String, LockEntry>,
+}
+
+impl LockFile {
+    pub fn path_for(pipeline_file: &Path) -> PathBuf {
+        pipeline_file.with_extension("lock")
+    }
+
+    /// The lock file, or an empty one if none exists yet.
+    pub fn load(path: &Path, pipeline: &str) -> Result<LockFile> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{} is not a valid lock file; delete it to start afresh",
+                    path.display()
+                )
+            }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(LockFile {
+                schema: SCHEMA,
+                pipeline: pipeline.to_string(),
+                stages: BTreeMap::new(),
+            }),
+            Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    /// Writes the lock file only if its bytes would change (so a no-op run leaves it alone).
+    pub fn save(&self, path: &Path) -> Result<bool> {
+        let mut text = serde_json::to_string_pretty(self)?;
+        text.push('\n');
+        if std::fs::read(path).ok().as_deref() == Some(text.as_bytes()) {
+            return Ok(false);
+        }
+        write_atomic(path, text.as_bytes())?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,366 @@
+//! The command line: `run`, `status`, `dag`, `stages`, `gc`.
+//!
+//! Exit codes: 0 success, 1 a stage failed, 2 a bad pipeline file or bad usage.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::UsageError;
+use crate::dag::DagFormat;
+use crate::pipeline::{Pipeline, PipelineError};
+use crate::plan::Plan;
+use crate::registry::Registry;
+use crate::report::{Event, sink_for};
+use crate::runner::{RunOptions, run};
+use crate::workspace::Workspace;
+
+pub const DEFAULT_PIPELINE: &str = "pipelines/reviews.yaml";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "finetune",
+    version,
+    about = "Declarative, content-cached pipelines that fine-tune transformer text classifiers"
+)]
+#[command(
+    after_help = "Exit codes: 0 success, 1 a stage failed, 2 a bad pipeline file or bad usage."
+)]
+pub struct Cli {
+    /// Run as if started in DIR: the workspace whose relative paths and artifacts/ are used.
+    #[arg(
+        short = 'C',
+        long = "workspace",
+        value_name = "DIR",
+        global = true,
+        default_value = "."
+    )]
+    pub workspace: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Bring a pipeline's stages up to date, running only what changed.
+    Run {
+        /// The pipeline file (default pipelines/reviews.yaml), then stage ids to bring up to
+        /// date with what they need (default: all). A first argument that is not a file
+        /// ending in .yaml/.yml is taken as a stage id.
+        #[arg(value_name = "PIPELINE | STAGE")]
+        args: Vec<String>,
+        /// Rerun STAGE and everything downstream of it even if cached (repeatable).
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Show what would run and why; run nothing, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Stages to run at once (default: the number of cores).
+        #[arg(long, short = 'j', value_name = "N")]
+        jobs: Option<usize>,
+        /// One JSON event per line on stdout instead of progress output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show each stage as fresh or stale, and why (which param, file or upstream changed).
+    Status {
+        #[arg(value_name = "PIPELINE")]
+        pipeline: Option<PathBuf>,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Draw the stage graph.
+    Dag {
+        #[arg(value_name = "PIPELINE")]
+        pipeline: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: DagFormat,
+    },
+    /// List the installed stage plugins and their params.
+    Stages {
+        /// Print each plugin's full JSON Schema.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete cache entries that no lock file (pipelines/*.lock) references.
+    Gc {
+        /// More pipelines whose lock files keep their entries.
+        #[arg(value_name = "PIPELINE")]
+        pipelines: Vec<PathBuf>,
+        /// List what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+pub fn main(registry: Registry) -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match execute(cli, &registry) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            let bad_input = err.downcast_ref::<PipelineError>().is_some()
+                || err.downcast_ref::<UsageError>().is_some();
+            ExitCode::from(if bad_input { 2 } else { 1 })
+        }
+    }
+}
+
+fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
+    let workspace = Workspace::new(&cli.workspace)?;
+    match cli.command {
+        Command::Run {
+            args,
+            force,
+            dry_run,
+            jobs,
+            json,
+        } => {
+            let (pipeline_file, targets) = split_run_args(&workspace, args);
+            let plan = load_plan(&workspace, &pipeline_file, registry)?;
+            let sink = sink_for(json);
+            let _lock = if dry_run {
+                None
+            } else {
+                Some(workspace.lock(|| {
+                    sink.emit(Event::Waiting {
+                        text: "waiting for another finetune to finish in this workspace...".into(),
+                    })
+                })?)
+            };
+            let options = RunOptions {
+                targets,
+                force,
+                dry_run,
+                jobs: jobs
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            };
+            let summary = run(&plan, &workspace, &options, sink.as_ref())?;
+            Ok(if summary.failed > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Status { pipeline, json } => {
+            let plan = load_plan(
+                &workspace,
+                &pipeline.unwrap_or_else(|| DEFAULT_PIPELINE.into()),
+                registry,
+            )?;
+            let report = crate::status::status(&plan, &workspace)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let width = report.iter().map(|s| s.stage.len()).max().unwrap_or(0);
+                for stage in &report {
+                    let state = if stage.fresh { "fresh" } else { "stale" };
+                    let detail = if stage.fresh {
+                        stage
+                            .key
+                            .as_deref()
+                            .map(crate::report::short)
+                            .unwrap_or("")
+                            .to_string()
+                    } else {
+                        stage.reason.clone()
+                    };
+                    println!("{:width$}  {state}  {detail}", stage.stage);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dag { pipeline, format } => {
+            let file = pipeline.unwrap_or_else(|| DEFAULT_PIPELINE.into());
+            let pipeline = load_pipeline(&workspace, &file)?;
+            let dag = crate::dag::Dag::build(&pipeline)?;
+            print!("{}", dag.render(&pipeline, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stages { json } => {
+            print_stages(registry, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gc { pipelines, dry_run } => {
+            let _lock = workspace.lock(|| {
+                eprintln!("waiting for another finetune to finish in this workspace...")
+            })?;
+            let report = crate::gc::gc(&workspace, &pipelines, dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for key in &report.removed {
+                println!("{verb} {key}");
+            }
+            println!(
+                "{verb} {} entries ({} bytes); kept {} referenced by {} lock files",
+                report.removed.len(),
+                report.bytes_freed,
+                report.kept,
+                report.lock_files.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `run [PIPELINE] [STAGE...]`: the first argument is the pipeline if it looks like a file.
+fn split_run_args(workspace: &Workspace, mut args: Vec<String>) -> (PathBuf, Vec<String>) {
+    let first_is_file = args.first().is_some_and(|first| {
+        let path = Path::new(first);
+        path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+            || workspace.root.join(path).is_file()
+    });
+    if first_is_file {
+        let file = PathBuf::from(args.remove(0));
+        (file, args)
+    } else {
+        (PathBuf::from(DEFAULT_PIPELINE), args)
+    }
+}
+
+fn load_pipeline(workspace: &Workspace, file: &Path) -> Result<Pipeline> {
+    let env = |name: &str| std::env::var(name).ok();
+    let absolute = workspace.root.join(file);
+    let mut pipeline = Pipeline::load(&absolute, &env).map_err(|mut err| {
+        err.file = file.to_path_buf();
+        err
+    })?;
+    pipeline.file = file.to_path_buf();
+    Ok(pipeline)
+}
+
+fn load_plan<'r>(workspace: &Workspace, file: &Path, registry: &'r Registry) -> Result<Plan<'r>> {
+    let pipeline = load_pipeline(workspace, file)?;
+    Ok(Plan::build(pipeline, registry, workspace)?)
+}
+
+fn print_stages(registry: &Registry, json: bool) -> Result<()> {
+    if json {
+        let all: serde_json::Map<String, serde_json::Value> = registry
+            .iter()
+            .map(|stage| (stage.name().to_string(), serde_json::json!({ "version": stage.version(), "summary": stage.summary(), "params": stage.params_schema() })))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    for stage in registry.iter() {
+        println!(
+            "{} (version {})\n  {}",
+            stage.name(),
+            stage.version(),
+            stage.summary()
+        );
+        let schema = stage.params_schema();
+        let value = schema.as_value();
+        print_properties(value, value, "  ", 0);
+        println!();
+    }
+    Ok(())
+}
+
+/// Prints the params of a JSON Schema as an indented list: name, type, default, description.
+fn print_properties(
+    root: &serde_json::Value,
+    schema: &serde_json::Value,
+    indent: &str,
+    depth: usize,
+) {
+    let schema = resolve_ref(root, schema);
+    let Some(properties) = schema.get("properties").and_then(|p| p.as_object()) else {
+        return;
+    };
+    let required: Vec<&str> = schema
+        .get("required")
+        .and_then(|r| r.as_array())
+        .map(|r| r.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    for (name, property) in properties {
+        let resolved = resolve_ref(root, property);
+        let kind = describe_type(root, resolved);
+        let mut line = format!("{indent}  {name}: {kind}");
+        if required.contains(&name.as_str()) {
+            line.push_str(" (required)");
+        } else if let Some(default) = property.get("default").or_else(|| resolved.get("default")) {
+            line.push_str(&format!(" = {default}"));
+        }
+        if let Some(text) = property
+            .get("description")
+            .or_else(|| resolved.get("description"))
+            .and_then(|d| d.as_str())
+        {
+            line.push_str(&format!("  -- {}", text.replace('\n', " ")));
+        }
+        println!("{line}");
+        if depth < 3 {
+            print_properties(root, resolved, &format!("{indent}  "), depth + 1);
+        }
+    }
+}
+
+fn resolve_ref<'a>(
+    root: &'a serde_json::Value,
+    schema: &'a serde_json::Value,
+) -> &'a serde_json::Value {
+    let mut current = schema;
+    for _ in 0..8 {
+        let target = current
+            .get("$ref")
+            .or_else(|| {
+                current
+                    .get("allOf")
+                    .and_then(|a| a.get(0))
+                    .and_then(|a| a.get("$ref"))
+            })
+            .and_then(|r| r.as_str())
+            .and_then(|r| r.strip_prefix("#/"))
+            .and_then(|path| path.split('/').try_fold(root, |node, part| node.get(part)));
+        match target {
+            Some(next) => current = next,
+            None => break,
+        }
+    }
+    current
+}
+
+fn describe_type(root: &serde_json::Value, schema: &serde_json::Value) -> String {
+    if let Some(values) = schema.get("enum").and_then(|e| e.as_array()) {
+        return values
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(" | ");
+    }
+    if let Some(variants) = schema
+        .get("oneOf")
+        .or_else(|| schema.get("anyOf"))
+        .and_then(|v| v.as_array())
+    {
+        return variants
+            .iter()
+            .map(|v| describe_type(root, resolve_ref(root, v)))
+            .collect::<Vec<_>>()
+            .join(" | ");
+    }
+    match schema.get("type") {
+        Some(serde_json::Value::String(t)) => t.clone(),
+        Some(serde_json::Value::Array(types)) => types
+            .iter()
+            .filter_map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        _ if schema.get("const").is_some() => schema["const"].to_string(),
+        _ => "any".into(),
+    }
+}

@@ -1,0 +1,14 @@
+//! The `finetune` binary: registers the stage plugins and hands over to the engine's CLI.
+
+use finetune::registry::Registry;
+
+/// Every installed stage plugin: the one place that decides which exist.
+fn plugins() -> Registry {
+    Registry::new()
+        .with(finetune_ingest::IngestCsv)
+        .with(finetune_command::Command)
+}
+
+fn main() -> std::process::ExitCode {
+    finetune::cli::main(plugins())
+}

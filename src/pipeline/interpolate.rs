@@ -1,0 +1,180 @@
+//! `${params.x}` and `${env.NAME}` / `${env.NAME:-default}` in pipeline values.
+//!
+//! A string that is exactly one reference takes the referenced value with its type, so
+//! `seed: "${params.seed}"` is the integer 42, not the string "42". A reference inside a longer
+//! string is spliced in as text. `$${` writes a literal `${`.
+
+use serde_json::Value;
+
+/// Where references are looked up.
+pub struct Scope<'a> {
+    /// The pipeline's `params:`, or `None` while interpolating `params:` itself.
+    pub params: Option<&'a Value>,
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+/// Interpolates one string. Errors are plain messages; the caller adds the position.
+pub fn interpolate(text: &str, scope: &Scope) -> Result<Value, String> {
+    if !text.contains("${") {
+        return Ok(Value::String(text.to_string()));
+    }
+    let pieces = split(text)?;
+    if let [Piece::Reference(reference)] = pieces.as_slice() {
+        return lookup(reference, scope);
+    }
+    let mut out = String::new();
+    for piece in pieces {
+        match piece {
+            Piece::Literal(literal) => out.push_str(&literal),
+            Piece::Reference(reference) => match lookup(&reference, scope)? {
+                Value::String(s) => out.push_str(&s),
+                Value::Object(_) | Value::Array(_) => {
+                    return Err(format!(
+                        "`${{{reference}}}` is a list or mapping and cannot be spliced into a string"
+                    ));
+                }
+                other => out.push_str(&other.to_string()),
+            },
+        }
+    }
+    Ok(Value::String(out))
+}
+
+enum Piece {
+    Literal(String),
+    Reference(String),
+}
+
+fn split(text: &str) -> Result<Vec<Piece>, String> {
+    let mut pieces = Vec::new();
+    let mut literal = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        literal.push_str(&rest[..at]);
+        let after = &rest[at..];
+        if let Some(stripped) = after.strip_prefix("$${") {
+            literal.push_str("${");
+            rest = stripped;
+        } else if let Some(body) = after.strip_prefix("${") {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
+            if !literal.is_empty() {
+                pieces.push(Piece::Literal(std::mem::take(&mut literal)));
+            }
+            pieces.push(Piece::Reference(body[..end].trim().to_string()));
+            rest = &body[end + 1..];
+        } else {
+            literal.push('$');
+            rest = &after[1..];
+        }
+    }
+    literal.push_str(rest);
+    if !literal.is_empty() {
+        pieces.push(Piece::Literal(literal));
+    }
+    Ok(pieces)
+}
+
+fn lookup(reference: &str, scope: &Scope) -> Result<Value, String> {
+    if let Some(path) = reference.strip_prefix("params.") {
+        let params = scope
+            .params
+            .ok_or_else(|| format!("`${{{reference}}}`: params cannot refer to other params"))?;
+        let mut value = params;
+        for part in path.split('.') {
+            value = value.get(part).ok_or_else(|| {
+                format!("`${{{reference}}}`: no param `{path}` in the pipeline's `params:`")
+            })?;
+        }
+        return Ok(value.clone());
+    }
+    if let Some(spec) = reference.strip_prefix("env.") {
+        let (name, default) = match spec.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (spec, None),
+        };
+        return match ((scope.env)(name), default) {
+            (Some(value), _) if !value.is_empty() => Ok(Value::String(value)),
+            (_, Some(default)) => Ok(Value::String(default.to_string())),
+            _ => Err(format!(
+                "`${{{reference}}}`: environment variable `{name}` is not set (give a default with `${{env.{name}:-VALUE}}`)"
+            )),
+        };
+    }
+    Err(format!(
+        "`${{{reference}}}`: unknown reference; use `${{params.NAME}}` or `${{env.NAME}}`"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn with_params(text: &str) -> Result<Value, String> {
+        let params = json!({ "seed": 42, "name": "x", "nested": { "lr": 0.5 } });
+        let env = |name: &str| (name == "HOME_DIR").then(|| "/home/me".to_string());
+        interpolate(
+            text,
+            &Scope {
+                params: Some(&params),
+                env: &env,
+            },
+        )
+    }
+
+    #[test]
+    fn whole_references_keep_their_type() {
+        assert_eq!(with_params("${params.seed}").unwrap(), json!(42));
+        assert_eq!(with_params("${params.nested.lr}").unwrap(), json!(0.5));
+    }
+
+    #[test]
+    fn embedded_references_are_spliced() {
+        assert_eq!(
+            with_params("run-${params.seed}-${params.name}").unwrap(),
+            json!("run-42-x")
+        );
+        assert_eq!(
+            with_params("cost $5 and $${literal}").unwrap(),
+            json!("cost $5 and ${literal}")
+        );
+    }
+
+    #[test]
+    fn env_references_take_defaults() {
+        assert_eq!(
+            with_params("${env.HOME_DIR}/m").unwrap(),
+            json!("/home/me/m")
+        );
+        assert_eq!(
+            with_params("${env.NOPE:-models/x}").unwrap(),
+            json!("models/x")
+        );
+        assert!(
+            with_params("${env.NOPE}")
+                .unwrap_err()
+                .contains("`NOPE` is not set")
+        );
+    }
+
+    #[test]
+    fn bad_references_are_explained() {
+        assert!(
+            with_params("${params.missing}")
+                .unwrap_err()
+                .contains("no param `missing`")
+        );
+        assert!(
+            with_params("${stages.x}")
+                .unwrap_err()
+                .contains("unknown reference")
+        );
+        assert!(
+            with_params("${params.seed")
+                .unwrap_err()
+                .contains("unclosed")
+        );
+    }
+}

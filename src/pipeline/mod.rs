@@ -1,0 +1,479 @@
+//! Pipeline files: `name`, `params`, `stages` (each with `uses`, `needs`, `with`), read with
+//! positions so that every error names the file, line, column, stage and key at fault.
+
+mod interpolate;
+pub mod yaml;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value as Json};
+
+use interpolate::{Scope, interpolate};
+use yaml::{Mark, Node, Value};
+
+/// A pipeline file, validated for shape and interpolated, not yet checked against plugins.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The file as the user named it (for messages).
+    pub file: PathBuf,
+    pub name: String,
+    pub params: Json,
+    /// In file order.
+    pub stages: Vec<StageDecl>,
+}
+
+/// One entry of `stages:`.
+#[derive(Debug, Clone)]
+pub struct StageDecl {
+    pub id: String,
+    pub uses: String,
+    pub needs: Vec<String>,
+    /// `with:` after interpolation (an empty mapping when absent).
+    pub with: Json,
+    /// The position of the stage's own key, and of each key it contains.
+    pub mark: Mark,
+    marks: HashMap<String, Mark>,
+}
+
+impl StageDecl {
+    /// Where a dotted key path inside the stage ("with.split.seed", "needs[1]") is written;
+    /// the nearest enclosing key when the exact one is absent (an unknown field's parent).
+    pub fn mark_of(&self, key: &str) -> Mark {
+        let mut path = key;
+        loop {
+            if let Some(mark) = self.marks.get(path) {
+                return *mark;
+            }
+            match path.rfind(['.', '[']) {
+                Some(cut) => path = &path[..cut],
+                None => return self.mark,
+            }
+        }
+    }
+}
+
+/// Anything wrong with a pipeline file, pinned to a place in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PipelineError {
+    pub file: PathBuf,
+    pub mark: Mark,
+    pub stage: Option<String>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: ",
+            self.file.display(),
+            self.mark.line,
+            self.mark.col
+        )?;
+        match (&self.stage, &self.key) {
+            (Some(stage), Some(key)) => write!(f, "stage `{stage}`, key `{key}`: ")?,
+            (Some(stage), None) => write!(f, "stage `{stage}`: ")?,
+            (None, Some(key)) => write!(f, "key `{key}`: ")?,
+            (None, None) => {}
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PipelineError {}
+
+impl Pipeline {
+    /// Reads and validates `file`. `env` resolves `${env.NAME}` (the process environment in
+    /// the CLI; a fixed map in tests).
+    pub fn load(
+        file: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Pipeline, PipelineError> {
+        let source = std::fs::read_to_string(file).map_err(|err| PipelineError {
+            file: file.to_path_buf(),
+            mark: Mark { line: 0, col: 0 },
+            stage: None,
+            key: None,
+            message: format!("cannot read the pipeline file: {err}"),
+        })?;
+        Self::parse(file, &source, env)
+    }
+
+    pub fn parse(
+        file: &Path,
+        source: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Pipeline, PipelineError> {
+        let reader = Reader { file };
+        let root =
+            yaml::parse(source).map_err(|err| reader.error(err.mark, None, None, err.message))?;
+        reader.pipeline(&root, env)
+    }
+
+    pub fn stage(&self, id: &str) -> Option<&StageDecl> {
+        self.stages.iter().find(|s| s.id == id)
+    }
+
+    /// An error located at `key` of stage `stage` (a dotted path such as "with.split.seed").
+    pub fn error_at(
+        &self,
+        stage: &StageDecl,
+        key: &str,
+        message: impl Into<String>,
+    ) -> PipelineError {
+        PipelineError {
+            file: self.file.clone(),
+            mark: stage.mark_of(key),
+            stage: Some(stage.id.clone()),
+            key: (!key.is_empty()).then(|| key.to_string()),
+            message: message.into(),
+        }
+    }
+}
+
+struct Reader<'a> {
+    file: &'a Path,
+}
+
+const TOP_KEYS: &[&str] = &["name", "description", "params", "stages"];
+const STAGE_KEYS: &[&str] = &["uses", "needs", "with", "description"];
+
+impl Reader<'_> {
+    fn error(
+        &self,
+        mark: Mark,
+        stage: Option<&str>,
+        key: Option<&str>,
+        message: impl Into<String>,
+    ) -> PipelineError {
+        PipelineError {
+            file: self.file.to_path_buf(),
+            mark,
+            stage: stage.map(str::to_string),
+            key: key.map(str::to_string),
+            message: message.into(),
+        }
+    }
+
+    fn mapping<'n>(
+        &self,
+        node: &'n Node,
+        stage: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<&'n [(String, Mark, Node)], PipelineError> {
+        match &node.value {
+            Value::Map(entries) => Ok(entries),
+            _ => Err(self.error(
+                node.mark,
+                stage,
+                key,
+                format!("expected a mapping, found {}", node.kind()),
+            )),
+        }
+    }
+
+    fn check_keys(
+        &self,
+        entries: &[(String, Mark, Node)],
+        allowed: &[&str],
+        stage: Option<&str>,
+    ) -> Result<(), PipelineError> {
+        for (key, mark, _) in entries {
+            if !allowed.contains(&key.as_str()) {
+                return Err(self.error(
+                    *mark,
+                    stage,
+                    Some(key),
+                    format!("unknown key; expected one of: {}", allowed.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn string(&self, node: &Node, stage: Option<&str>, key: &str) -> Result<String, PipelineError> {
+        match &node.value {
+            Value::Str(s) if !s.is_empty() => Ok(s.clone()),
+            _ => Err(self.error(
+                node.mark,
+                stage,
+                Some(key),
+                format!("expected a non-empty string, found {}", node.kind()),
+            )),
+        }
+    }
+
+    fn pipeline(
+        &self,
+        root: &Node,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Pipeline, PipelineError> {
+        if root.value == Value::Null {
+            return Err(self.error(
+                root.mark,
+                None,
+                None,
+                "the pipeline file is empty; it needs `name:` and `stages:`",
+            ));
+        }
+        let entries = self.mapping(root, None, None)?;
+        self.check_keys(entries, TOP_KEYS, None)?;
+        let get = |name: &str| entries.iter().find(|(k, _, _)| k == name);
+
+        let name = match get("name") {
+            Some((_, _, node)) => self.string(node, None, "name")?,
+            None => return Err(self.error(root.mark, None, Some("name"), "missing required key")),
+        };
+        let params = match get("params") {
+            Some((_, _, node)) => {
+                self.mapping(node, None, Some("params"))?;
+                let mut ignored = HashMap::new();
+                let scope = Scope { params: None, env };
+                self.to_json(node, &scope, None, "params", &mut ignored)?
+            }
+            None => Json::Object(Map::new()),
+        };
+        let (stages_mark, stage_entries) = match get("stages") {
+            Some((_, _, node)) => (node.mark, self.mapping(node, None, Some("stages"))?),
+            None => {
+                return Err(self.error(root.mark, None, Some("stages"), "missing required key"));
+            }
+        };
+        if stage_entries.is_empty() {
+            return Err(self.error(
+                stages_mark,
+                None,
+                Some("stages"),
+                "a pipeline needs at least one stage",
+            ));
+        }
+        let scope = Scope {
+            params: Some(&params),
+            env,
+        };
+        let stages = stage_entries
+            .iter()
+            .map(|(id, mark, node)| self.stage(id, *mark, node, &scope))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Pipeline {
+            file: self.file.to_path_buf(),
+            name,
+            params,
+            stages,
+        })
+    }
+
+    fn stage(
+        &self,
+        id: &str,
+        mark: Mark,
+        node: &Node,
+        scope: &Scope,
+    ) -> Result<StageDecl, PipelineError> {
+        if !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(self.error(
+                mark,
+                Some(id),
+                None,
+                "stage ids may use only letters, digits, `_` and `-`",
+            ));
+        }
+        let entries = self.mapping(node, Some(id), None)?;
+        self.check_keys(entries, STAGE_KEYS, Some(id))?;
+        let mut marks = HashMap::new();
+        let mut uses = None;
+        let mut needs = Vec::new();
+        let mut with = Json::Object(Map::new());
+        for (key, key_mark, value) in entries {
+            marks.insert(key.clone(), *key_mark);
+            match key.as_str() {
+                "uses" => uses = Some(self.string(value, Some(id), "uses")?),
+                "needs" => needs = self.needs(id, value, &mut marks)?,
+                "with" => {
+                    self.mapping(value, Some(id), Some("with"))?;
+                    with = self.to_json(value, scope, Some(id), "with", &mut marks)?;
+                }
+                _ => {}
+            }
+        }
+        let uses = uses.ok_or_else(|| {
+            self.error(
+                mark,
+                Some(id),
+                Some("uses"),
+                "missing required key: which plugin runs this stage",
+            )
+        })?;
+        Ok(StageDecl {
+            id: id.to_string(),
+            uses,
+            needs,
+            with,
+            mark,
+            marks,
+        })
+    }
+
+    fn needs(
+        &self,
+        id: &str,
+        node: &Node,
+        marks: &mut HashMap<String, Mark>,
+    ) -> Result<Vec<String>, PipelineError> {
+        let items = match &node.value {
+            Value::Seq(items) => items.as_slice(),
+            Value::Str(_) => std::slice::from_ref(node),
+            _ => {
+                return Err(self.error(
+                    node.mark,
+                    Some(id),
+                    Some("needs"),
+                    format!("expected a list of stage ids, found {}", node.kind()),
+                ));
+            }
+        };
+        let mut needs = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            let key = format!("needs[{index}]");
+            let need = self.string(item, Some(id), &key)?;
+            marks.insert(key.clone(), item.mark);
+            if needs.contains(&need) {
+                return Err(self.error(
+                    item.mark,
+                    Some(id),
+                    Some(&key),
+                    format!("`{need}` is listed twice"),
+                ));
+            }
+            needs.push(need);
+        }
+        Ok(needs)
+    }
+
+    /// Converts a YAML subtree to JSON, interpolating strings and recording the mark of every
+    /// key path (serde_path_to_error's notation: `a.b[2].c`).
+    fn to_json(
+        &self,
+        node: &Node,
+        scope: &Scope,
+        stage: Option<&str>,
+        path: &str,
+        marks: &mut HashMap<String, Mark>,
+    ) -> Result<Json, PipelineError> {
+        marks.entry(path.to_string()).or_insert(node.mark);
+        Ok(match &node.value {
+            Value::Null => Json::Null,
+            Value::Bool(b) => Json::Bool(*b),
+            Value::Int(i) => Json::from(*i),
+            Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map(Json::Number)
+                .ok_or_else(|| {
+                    self.error(
+                        node.mark,
+                        stage,
+                        Some(path),
+                        "infinite and NaN numbers are not allowed",
+                    )
+                })?,
+            Value::Str(s) => interpolate(s, scope)
+                .map_err(|message| self.error(node.mark, stage, Some(path), message))?,
+            Value::Seq(items) => Json::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| {
+                        self.to_json(item, scope, stage, &format!("{path}[{i}]"), marks)
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Map(entries) => {
+                let mut object = Map::new();
+                for (key, key_mark, value) in entries {
+                    let child = format!("{path}.{key}");
+                    marks.insert(child.clone(), *key_mark);
+                    object.insert(
+                        key.clone(),
+                        self.to_json(value, scope, stage, &child, marks)?,
+                    );
+                }
+                Json::Object(object)
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(source: &str) -> Result<Pipeline, PipelineError> {
+        Pipeline::parse(Path::new("p.yaml"), source, &|_| None)
+    }
+
+    #[test]
+    fn reads_a_pipeline_with_interpolation() {
+        let p = parse("name: demo\nparams: {seed: 7}\nstages:\n  a:\n    uses: ingest_csv\n    with:\n      seed: ${params.seed}\n  b:\n    uses: x\n    needs: [a]\n").unwrap();
+        assert_eq!(p.name, "demo");
+        assert_eq!(p.stages[0].with, json!({"seed": 7}));
+        assert_eq!(p.stages[1].needs, vec!["a"]);
+        assert_eq!(p.stages[0].mark_of("with.seed").line, 7);
+        assert_eq!(p.stages[0].mark_of("with.seed.unknown").line, 7);
+        assert_eq!(p.stages[1].mark_of("needs[0]").line, 10);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let err = parse("name: demo\nstages:\n  a:\n    uses: x\n    wiht: {}\n").unwrap_err();
+        assert_eq!(
+            (err.mark.line, err.stage.as_deref(), err.key.as_deref()),
+            (5, Some("a"), Some("wiht"))
+        );
+        assert!(
+            err.to_string()
+                .starts_with("p.yaml:5:5: stage `a`, key `wiht`: unknown key"),
+            "{err}"
+        );
+        let err = parse("name: demo\nstagse: {}\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("stagse"));
+    }
+
+    #[test]
+    fn wrong_types_and_missing_keys_are_errors() {
+        assert!(
+            parse("name: demo\nstages:\n  a: {needs: [b]}\n")
+                .unwrap_err()
+                .to_string()
+                .contains("`uses`: missing")
+        );
+        assert!(
+            parse("name: demo\nstages:\n  a: {uses: x, needs: 3}\n")
+                .unwrap_err()
+                .to_string()
+                .contains("expected a list")
+        );
+        assert!(
+            parse("name: demo\nstages: [a]\n")
+                .unwrap_err()
+                .to_string()
+                .contains("expected a mapping")
+        );
+        assert!(parse("").unwrap_err().to_string().contains("empty"));
+    }
+
+    #[test]
+    fn bad_interpolation_names_the_key() {
+        let err =
+            parse("name: demo\nstages:\n  a:\n    uses: x\n    with: {seed: \"${params.nope}\"}\n")
+                .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("with.seed"));
+        assert_eq!(err.mark.line, 5);
+        assert!(err.message.contains("no param `nope`"));
+    }
+}

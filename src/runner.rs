@@ -1,0 +1,392 @@
+//! Runs a plan: every selected stage after the stages it needs, independent stages in parallel,
+//! each either found in the cache by its key or run into a staging directory and published.
+
+use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use finetune_core::{RunContext, Upstream};
+
+use crate::UsageError;
+use crate::cache::digest::DigestMemo;
+use crate::cache::lockfile::{KeyInputs, LockEntry, LockFile, OutputRecord};
+use crate::cache::store::{Entry, Store};
+use crate::explain::why_stale;
+use crate::plan::Plan;
+use crate::report::{Event, Sink, StageReporter};
+use crate::workspace::Workspace;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stage ids to bring up to date (with what they need); empty means all.
+    pub targets: Vec<String>,
+    /// Stage ids to rerun even if cached, with everything downstream of them.
+    pub force: Vec<String>,
+    pub dry_run: bool,
+    pub jobs: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    pub ran: usize,
+    pub cached: usize,
+    pub failed: usize,
+    pub skipped: usize,
+}
+
+enum State {
+    Pending,
+    Running,
+    Done(Entry),
+    /// Dry run: would run, so its output (and everything downstream) is unknown.
+    WouldRun,
+    Failed,
+    Skipped,
+}
+
+struct Finished {
+    index: usize,
+    key: String,
+    inputs: KeyInputs,
+    result: Result<Entry>,
+    duration_s: f64,
+}
+
+/// Resolves stage ids given on the command line; an unknown id is a usage error.
+fn indices(plan: &Plan, ids: &[String], what: &str) -> Result<Vec<usize>> {
+    ids.iter()
+        .map(|id| {
+            plan.index_of(id).ok_or_else(|| {
+                let known: Vec<&str> = plan.pipeline.stages.iter().map(|s| s.id.as_str()).collect();
+                anyhow!(UsageError(format!(
+                    "unknown {what} stage `{id}`; the stages are: {}",
+                    known.join(", ")
+                )))
+            })
+        })
+        .collect()
+}
+
+pub fn run(
+    plan: &Plan,
+    workspace: &Workspace,
+    options: &RunOptions,
+    sink: &dyn Sink,
+) -> Result<RunSummary> {
+    let started = Instant::now();
+    let selected = if options.targets.is_empty() {
+        (0..plan.stages.len()).collect()
+    } else {
+        plan.dag
+            .with_ancestors(&indices(plan, &options.targets, "target")?)
+    };
+    let forced = plan
+        .dag
+        .with_descendants(&indices(plan, &options.force, "--force")?);
+    let store = Store::new(&workspace.artifacts());
+    if !options.dry_run {
+        store.clear_tmp()?;
+    }
+    let lock_path = workspace.root.join(LockFile::path_for(&plan.pipeline.file));
+    let mut lock = LockFile::load(&lock_path, &plan.pipeline.name)?;
+    let mut memo = DigestMemo::load(&workspace.memo_file());
+    let mut states: Vec<State> = (0..plan.stages.len()).map(|_| State::Pending).collect();
+    let mut summary = RunSummary::default();
+    let jobs = options.jobs.max(1);
+
+    std::thread::scope(|scope| -> Result<()> {
+        let (done_tx, done_rx) = mpsc::channel::<Finished>();
+        let mut running = 0usize;
+        let mut stop_dispatch = false;
+        loop {
+            for &index in plan.dag.order() {
+                if stop_dispatch || running >= jobs {
+                    break;
+                }
+                if !selected.contains(&index) || !matches!(states[index], State::Pending) {
+                    continue;
+                }
+                let decl = &plan.pipeline.stages[index];
+                let needs = decl
+                    .needs
+                    .iter()
+                    .map(|n| plan.index_of(n).unwrap_or(usize::MAX));
+                let mut upstream_digests = BTreeMap::new();
+                let mut ready = true;
+                let mut upstream_unknown = false;
+                for (need_id, need) in decl.needs.iter().zip(needs) {
+                    match states.get(need) {
+                        Some(State::Done(entry)) => {
+                            upstream_digests.insert(need_id.clone(), entry.digest.clone());
+                        }
+                        Some(State::WouldRun) => upstream_unknown = true,
+                        Some(State::Failed | State::Skipped) => {
+                            states[index] = State::Skipped;
+                            summary.skipped += 1;
+                            sink.emit(Event::StageSkipped {
+                                stage: decl.id.clone(),
+                                reason: format!("`{need_id}` did not finish"),
+                            });
+                            ready = false;
+                            break;
+                        }
+                        _ => ready = false,
+                    }
+                }
+                if !ready {
+                    continue;
+                }
+                if upstream_unknown {
+                    states[index] = State::WouldRun;
+                    sink.emit(Event::StageWouldRun {
+                        stage: decl.id.clone(),
+                        reason: "an upstream stage would run".into(),
+                    });
+                    continue;
+                }
+                let inputs = match plan.key_inputs(index, upstream_digests, &mut memo, workspace) {
+                    Ok(inputs) => inputs,
+                    Err(err) => {
+                        states[index] = State::Failed;
+                        summary.failed += 1;
+                        stop_dispatch = true;
+                        sink.emit(Event::StageFailed {
+                            stage: decl.id.clone(),
+                            error: format!("{err:#}"),
+                            duration_s: 0.0,
+                        });
+                        continue;
+                    }
+                };
+                let key = inputs.key(&decl.needs);
+                let recorded = lock.stages.get(&decl.id);
+                let cached = if forced.contains(&index) {
+                    None
+                } else {
+                    store.lookup(&key)?
+                };
+                if let Some(entry) = cached {
+                    sink.emit(Event::StageCached {
+                        stage: decl.id.clone(),
+                        key: key.clone(),
+                        output: entry.digest.clone(),
+                    });
+                    let duration_s = recorded
+                        .filter(|r| r.key == key)
+                        .map_or(0.0, |r| r.duration_s);
+                    lock.stages.insert(
+                        decl.id.clone(),
+                        lock_entry(&key, inputs, &entry, duration_s),
+                    );
+                    states[index] = State::Done(entry);
+                    summary.cached += 1;
+                    continue;
+                }
+                let reason = if forced.contains(&index) {
+                    "forced".to_string()
+                } else {
+                    why_stale(recorded, &inputs, &key)
+                };
+                if options.dry_run {
+                    sink.emit(Event::StageWouldRun {
+                        stage: decl.id.clone(),
+                        reason,
+                    });
+                    states[index] = State::WouldRun;
+                    continue;
+                }
+                sink.emit(Event::StageStarted {
+                    stage: decl.id.clone(),
+                    uses: decl.uses.clone(),
+                    key: key.clone(),
+                    reason,
+                });
+                let upstream = decl
+                    .needs
+                    .iter()
+                    .filter_map(|need| {
+                        let i = plan.index_of(need)?;
+                        match &states[i] {
+                            State::Done(entry) => Some(Upstream {
+                                stage: need.clone(),
+                                uses: plan.pipeline.stages[i].uses.clone(),
+                                dir: entry.dir.clone(),
+                            }),
+                            _ => None,
+                        }
+                    })
+                    .collect();
+                states[index] = State::Running;
+                running += 1;
+                let done_tx = done_tx.clone();
+                let store = &store;
+                scope.spawn(move || {
+                    let clock = Instant::now();
+                    let result = run_stage(plan, index, &key, upstream, store, workspace, sink);
+                    let _ = done_tx.send(Finished {
+                        index,
+                        key,
+                        inputs,
+                        result,
+                        duration_s: clock.elapsed().as_secs_f64(),
+                    });
+                });
+            }
+            if running == 0 {
+                break;
+            }
+            let Ok(finished) = done_rx.recv() else { break };
+            running -= 1;
+            let id = plan.pipeline.stages[finished.index].id.clone();
+            match finished.result {
+                Ok(entry) => {
+                    sink.emit(Event::StageFinished {
+                        stage: id.clone(),
+                        key: finished.key.clone(),
+                        output: entry.digest.clone(),
+                        duration_s: finished.duration_s,
+                    });
+                    lock.stages.insert(
+                        id,
+                        lock_entry(
+                            &finished.key,
+                            finished.inputs,
+                            &entry,
+                            round_ms(finished.duration_s),
+                        ),
+                    );
+                    states[finished.index] = State::Done(entry);
+                    summary.ran += 1;
+                }
+                Err(err) => {
+                    sink.emit(Event::StageFailed {
+                        stage: id,
+                        error: format!("{err:#}"),
+                        duration_s: finished.duration_s,
+                    });
+                    states[finished.index] = State::Failed;
+                    summary.failed += 1;
+                    stop_dispatch = true;
+                }
+            }
+        }
+        Ok(())
+    })?;
+
+    for (index, state) in states.iter_mut().enumerate() {
+        if selected.contains(&index) && matches!(state, State::Pending) {
+            *state = State::Skipped;
+            summary.skipped += 1;
+            sink.emit(Event::StageSkipped {
+                stage: plan.pipeline.stages[index].id.clone(),
+                reason: "an earlier stage failed".into(),
+            });
+        }
+    }
+    if !options.dry_run {
+        lock.stages.retain(|id, _| plan.index_of(id).is_some());
+        lock.pipeline = plan.pipeline.name.clone();
+        lock.save(&lock_path)?;
+        memo.save()?;
+        link_outputs(plan, workspace, &states)?;
+    }
+    sink.emit(Event::RunFinished {
+        ran: summary.ran,
+        cached: summary.cached,
+        failed: summary.failed,
+        skipped: summary.skipped,
+        duration_s: started.elapsed().as_secs_f64(),
+    });
+    Ok(summary)
+}
+
+/// Durations are recorded to the millisecond: enough for review, and stable to read.
+fn round_ms(seconds: f64) -> f64 {
+    (seconds * 1000.0).round() / 1000.0
+}
+
+fn lock_entry(key: &str, inputs: KeyInputs, entry: &Entry, duration_s: f64) -> LockEntry {
+    LockEntry {
+        key: key.to_string(),
+        inputs,
+        output: OutputRecord {
+            digest: entry.digest.clone(),
+            files: entry.manifest.files.len(),
+            bytes: entry.manifest.bytes(),
+        },
+        duration_s,
+    }
+}
+
+/// Runs one stage's job in a staging directory and publishes the result.
+fn run_stage(
+    plan: &Plan,
+    index: usize,
+    key: &str,
+    upstream: Vec<Upstream>,
+    store: &Store,
+    workspace: &Workspace,
+    sink: &dyn Sink,
+) -> Result<Entry> {
+    let decl = &plan.pipeline.stages[index];
+    let staged = store.stage_dir(key)?;
+    let reporter = StageReporter {
+        sink,
+        stage: decl.id.clone(),
+    };
+    let ctx = RunContext {
+        workspace: workspace.root.clone(),
+        stage: decl.id.clone(),
+        out_dir: staged.clone(),
+        scratch_dir: store.scratch_dir(key)?,
+        upstream,
+        reporter: &reporter,
+    };
+    let outcome = catch_unwind(AssertUnwindSafe(|| plan.stages[index].job.run(&ctx)));
+    let result = match outcome {
+        Ok(Ok(())) => store.publish(key, &staged),
+        Ok(Err(err)) => Err(err),
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(anyhow!("the stage panicked: {text}"))
+        }
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staged);
+    }
+    result
+}
+
+/// Points `artifacts/runs/<pipeline>/<stage>` at each finished stage's cache entry, so users
+/// find outputs by name. Links are replaced atomically and left alone when already right.
+fn link_outputs(plan: &Plan, workspace: &Workspace, states: &[State]) -> Result<()> {
+    let run_dir = workspace.run_dir(&plan.pipeline.name);
+    for (index, state) in states.iter().enumerate() {
+        let State::Done(entry) = state else { continue };
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("cannot create {}", run_dir.display()))?;
+        let key = entry.dir.file_name().map(PathBuf::from).unwrap_or_default();
+        let target = Path::new("../../cache").join(key);
+        let link = run_dir.join(&plan.pipeline.stages[index].id);
+        if std::fs::read_link(&link).ok().as_deref() == Some(target.as_path()) {
+            continue;
+        }
+        let temp = run_dir.join(format!(
+            ".{}.{}.link",
+            plan.pipeline.stages[index].id,
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&temp);
+        std::os::unix::fs::symlink(&target, &temp)?;
+        std::fs::rename(&temp, &link)
+            .with_context(|| format!("cannot update {}", link.display()))?;
+    }
+    Ok(())
+}

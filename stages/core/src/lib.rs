@@ -1,0 +1,50 @@
+//! The plugin interface of `finetune`.
+//!
+//! A pipeline stage is a [`Stage`]: it names itself, versions its output format, describes
+//! its `with:` params, and turns validated params into a [`Job`] that declares the workspace
+//! files it reads and writes its results into a directory the engine hands it. The engine knows
+//! only these traits; it never sees a model, a tokenizer or a Parquet file.
+//!
+//! This crate has no ML dependencies on purpose: every plugin and the engine depend on it.
+
+mod context;
+mod error;
+mod params;
+pub mod paths;
+pub mod rng;
+
+pub use context::{ConfigureContext, Reporter, RunContext, SilentReporter, Upstream, UpstreamInfo};
+pub use error::ConfigError;
+pub use params::{parse_params, schema_for};
+pub use schemars;
+pub use serde_json::Value;
+
+/// A kind of pipeline stage (`uses:` in a pipeline file).
+pub trait Stage: Send + Sync {
+    /// The name a pipeline refers to in `uses:`.
+    fn name(&self) -> &'static str;
+
+    /// Part of every cache key: bump it whenever the same inputs would now give other output.
+    fn version(&self) -> u32;
+
+    /// One line for `finetune stages`.
+    fn summary(&self) -> &'static str;
+
+    /// JSON Schema of the `with:` mapping, for `finetune stages` and editors.
+    fn params_schema(&self) -> schemars::Schema;
+
+    /// Validates `with:` (already interpolated) and returns the job to run. Must not touch the
+    /// outside world beyond reading metadata: `finetune status` and `--dry-run` call it too.
+    fn configure(&self, with: &Value, ctx: &ConfigureContext) -> Result<Box<dyn Job>, ConfigError>;
+}
+
+/// A configured stage, ready to run.
+pub trait Job: Send + Sync {
+    /// Files or directories the job reads from the workspace (relative to it, or absolute).
+    /// Their content digests enter the cache key; a directory counts with every file in it.
+    fn reads(&self) -> Vec<std::path::PathBuf>;
+
+    /// Writes the stage's results into `ctx.out_dir`. The engine publishes that directory
+    /// atomically only if this returns `Ok`; on error it is thrown away.
+    fn run(&self, ctx: &RunContext) -> anyhow::Result<()>;
+}

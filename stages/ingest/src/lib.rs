@@ -1,0 +1,78 @@
+//! The `ingest_csv` stage: reads a CSV or TSV file of labelled texts, cleans it (trim, drop
+//! empty and duplicate texts, each counted), maps labels to ids and writes a deterministic,
+//! seeded, optionally stratified train/validation/test split as Parquet.
+//!
+//! Output: `train.parquet`, `validation.parquet`, `test.parquet` (columns `text`, `label`),
+//! `labels.json` (names in id order, with HF-style `id2label`/`label2id`) and `stats.json`
+//! (rows per split and label, rows dropped by reason).
+
+mod params;
+mod read;
+mod split;
+mod write;
+
+use std::path::PathBuf;
+
+use finetune_core::{
+    ConfigError, ConfigureContext, Job, RunContext, Stage, Value, parse_params, schema_for,
+};
+
+pub use params::Params;
+
+/// The `ingest_csv` plugin.
+pub struct IngestCsv;
+
+impl Stage for IngestCsv {
+    fn name(&self) -> &'static str {
+        "ingest_csv"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "Read a CSV/TSV of labelled texts into a seeded, stratified train/validation/test split (Parquet)"
+    }
+
+    fn params_schema(&self) -> finetune_core::schemars::Schema {
+        schema_for::<Params>()
+    }
+
+    fn configure(
+        &self,
+        with: &Value,
+        _ctx: &ConfigureContext,
+    ) -> Result<Box<dyn Job>, ConfigError> {
+        let params: Params = parse_params(with)?;
+        params.validate()?;
+        Ok(Box::new(IngestJob { params }))
+    }
+}
+
+struct IngestJob {
+    params: Params,
+}
+
+impl Job for IngestJob {
+    fn reads(&self) -> Vec<PathBuf> {
+        vec![self.params.path.clone()]
+    }
+
+    fn run(&self, ctx: &RunContext) -> anyhow::Result<()> {
+        let path = ctx.resolve(&self.params.path);
+        ctx.reporter
+            .message(&format!("reading {}", self.params.path.display()));
+        let table = read::read_table(&path, &self.params.path, &self.params, ctx.reporter)?;
+        let splits = split::split(&table, &self.params.split)?;
+        write::write_outputs(&ctx.out_dir, &table, &splits, &self.params)?;
+        ctx.reporter.message(&format!(
+            "{} rows: {} train, {} validation, {} test",
+            table.rows.len(),
+            splits.train.len(),
+            splits.validation.len(),
+            splits.test.len()
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,76 @@
+//! The deterministic, seeded, optionally stratified train/validation/test split.
+
+use anyhow::{Result, bail};
+use finetune_core::rng::SplitMix64;
+
+use crate::params::SplitParams;
+use crate::read::Table;
+
+/// Row indices of each split, each in file order.
+pub struct Splits {
+    pub train: Vec<usize>,
+    pub validation: Vec<usize>,
+    pub test: Vec<usize>,
+}
+
+/// With `stratify`, every label is split on its own (so each split keeps the label shares);
+/// per label, `round(n · fraction)` rows go to test and to validation. Rows are shuffled with
+/// SplitMix64 from `seed`, then each split is put back in file order.
+pub fn split(table: &Table, params: &SplitParams) -> Result<Splits> {
+    let groups: Vec<Vec<usize>> = if params.stratify {
+        (0..table.labels.len() as u32)
+            .map(|label| {
+                (0..table.rows.len())
+                    .filter(|&i| table.rows[i].label == label)
+                    .collect()
+            })
+            .collect()
+    } else {
+        vec![(0..table.rows.len()).collect()]
+    };
+    let mut rng = SplitMix64::new(params.seed);
+    let mut splits = Splits {
+        train: Vec::new(),
+        validation: Vec::new(),
+        test: Vec::new(),
+    };
+    for mut group in groups {
+        rng.shuffle(&mut group);
+        let n = group.len() as f64;
+        let n_test = (n * params.test).round() as usize;
+        let n_validation = ((n * params.validation).round() as usize).min(group.len() - n_test);
+        splits.test.extend_from_slice(&group[..n_test]);
+        splits
+            .validation
+            .extend_from_slice(&group[n_test..n_test + n_validation]);
+        splits
+            .train
+            .extend_from_slice(&group[n_test + n_validation..]);
+    }
+    for (name, rows, fraction) in [
+        ("validation", &splits.validation, params.validation),
+        ("test", &splits.test, params.test),
+    ] {
+        if fraction > 0.0 && rows.is_empty() {
+            bail!(
+                "the {name} split is empty: {} rows{} are too few for a {name} fraction of {fraction}; use more data or a larger fraction",
+                table.rows.len(),
+                if params.stratify {
+                    " split per label"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    if splits.train.is_empty() {
+        bail!(
+            "the train split is empty: {} rows are too few",
+            table.rows.len()
+        );
+    }
+    splits.train.sort_unstable();
+    splits.validation.sort_unstable();
+    splits.test.sort_unstable();
+    Ok(splits)
+}

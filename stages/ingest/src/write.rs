@@ -1,0 +1,78 @@
+//! Writing the outputs: one Parquet file per split, labels.json, stats.json.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use arrow::array::{Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use serde_json::json;
+
+use crate::params::Params;
+use crate::read::Table;
+use crate::split::Splits;
+
+pub fn write_outputs(out: &Path, table: &Table, splits: &Splits, params: &Params) -> Result<()> {
+    let mut split_stats = serde_json::Map::new();
+    for (name, rows) in [
+        ("train", &splits.train),
+        ("validation", &splits.validation),
+        ("test", &splits.test),
+    ] {
+        write_split(&out.join(format!("{name}.parquet")), table, rows)?;
+        let mut per_label: BTreeMap<&str, u64> =
+            table.labels.iter().map(|l| (l.as_str(), 0)).collect();
+        for &i in rows {
+            *per_label
+                .entry(&table.labels[table.rows[i].label as usize])
+                .or_default() += 1;
+        }
+        split_stats.insert(
+            name.to_string(),
+            json!({ "rows": rows.len(), "labels": per_label }),
+        );
+    }
+    let labels = json!({
+        "names": table.labels,
+        "id2label": table.labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect::<serde_json::Map<_, _>>(),
+        "label2id": table.labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect::<serde_json::Map<_, _>>(),
+    });
+    write_json(&out.join("labels.json"), &labels)?;
+    let stats = json!({
+        "source": params.path,
+        "rows_read": table.rows_read,
+        "rows_kept": table.rows.len(),
+        "dropped": table.dropped,
+        "splits": split_stats,
+    });
+    write_json(&out.join("stats.json"), &stats)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn write_split(path: &Path, table: &Table, rows: &[usize]) -> Result<()> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("text", DataType::Utf8, false),
+        Field::new("label", DataType::Int64, false),
+    ]));
+    let texts = StringArray::from_iter_values(rows.iter().map(|&i| table.rows[i].text.as_str()));
+    let labels = Int64Array::from_iter_values(rows.iter().map(|&i| i64::from(table.rows[i].label)));
+    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(texts), Arc::new(labels)])?;
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let mut writer = ArrowWriter::try_new(file, schema, Some(properties))?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(())
+}
