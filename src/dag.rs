@@ -231,7 +231,8 @@ mod tests {
             .collect();
         assert_eq!(ids, ["a", "b", "c", "d"]);
         assert_eq!(dag.with_ancestors(&[0]), BTreeSet::from([0, 1, 2]));
-        assert_eq!(dag.with_descendants(&[2]), BTreeSet::from([0, 1, 2, 3]));
+        assert_eq!(dag.with_descendants(&[2]), BTreeSet::from([0, 2]));
+        assert_eq!(dag.with_descendants(&[1]), BTreeSet::from([0, 1, 2, 3]));
     }
 
     #[test]

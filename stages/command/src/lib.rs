@@ -73,21 +73,12 @@ impl Stage for Command {
             })?;
         }
         for (i, arg) in params.run.iter().enumerate() {
-            for reference in placeholders(arg) {
-                if let Some(stage) = reference.strip_prefix("needs.") {
-                    if !ctx.upstream.iter().any(|u| u.stage == stage) {
-                        return Err(ConfigError::at(
-                            format!("run[{i}]"),
-                            format!(
-                                "`{{{reference}}}` refers to `{stage}`, which is not in this stage's `needs`"
-                            ),
-                        ));
-                    }
-                } else if reference != "out" {
+            for stage in needs_placeholders(arg) {
+                if !ctx.upstream.iter().any(|u| u.stage == stage) {
                     return Err(ConfigError::at(
                         format!("run[{i}]"),
                         format!(
-                            "unknown placeholder `{{{reference}}}`; use `{{out}}` or `{{needs.ID}}`"
+                            "`{{needs.{stage}}}` refers to `{stage}`, which is not in this stage's `needs`"
                         ),
                     ));
                 }
@@ -97,16 +88,16 @@ impl Stage for Command {
     }
 }
 
-/// The `{...}` references in an argument.
-fn placeholders(arg: &str) -> Vec<&str> {
+/// The stage ids of the `{needs.ID}` placeholders in an argument. Other braces are left
+/// alone: they belong to the program (a shell's `${VAR:-x}`, a format string).
+fn needs_placeholders(arg: &str) -> Vec<&str> {
     let mut found = Vec::new();
     let mut rest = arg;
-    while let Some(start) = rest.find('{') {
-        let Some(len) = rest[start..].find('}') else {
-            break;
-        };
-        found.push(&rest[start + 1..start + len]);
-        rest = &rest[start + len + 1..];
+    while let Some(start) = rest.find("{needs.") {
+        let body = &rest[start + "{needs.".len()..];
+        let Some(end) = body.find('}') else { break };
+        found.push(&body[..end]);
+        rest = &body[end + 1..];
     }
     found
 }
@@ -236,6 +227,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.message.contains("not in this stage's `needs`"));
+        assert!(configure(json!({"run": ["sh", "-c", "echo ${X:-1} {y}"]})).is_ok());
         assert!(configure(json!({"run": []})).is_err());
         assert!(configure(json!({"run": ["cat", "{needs.ingest}/stats.json"]})).is_ok());
     }

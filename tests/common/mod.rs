@@ -1,0 +1,157 @@
+//! Helpers for tests that drive the built `finetune` binary in a throwaway workspace.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_finetune");
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// ../shared beside the repository (or `FINETUNE_SHARED`): the real data and model.
+pub fn shared() -> PathBuf {
+    std::env::var_os("FINETUNE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared"))
+}
+
+/// A temporary workspace holding copies of the repo's pipelines and shipped data.
+pub struct Ws {
+    pub dir: tempfile::TempDir,
+}
+
+impl Ws {
+    pub fn new() -> Ws {
+        let dir = tempfile::tempdir().expect("temp dir");
+        copy_dir(&repo().join("pipelines"), &dir.path().join("pipelines"));
+        copy_dir(&repo().join("data"), &dir.path().join("data"));
+        copy_dir(&repo().join("tests/fixtures"), &dir.path().join("fixtures"));
+        std::fs::write(dir.path().join("notes.txt"), "first notes\n").unwrap();
+        Ws { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    pub fn write(&self, relative: &str, contents: impl AsRef<[u8]>) {
+        let path = self.file(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .current_dir(self.path())
+            .env_remove("FINETUNE_HMAC_KEY");
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run finetune")
+    }
+
+    /// `finetune run --json ARGS`, asserting success; returns the events.
+    pub fn run_ok(&self, args: &[&str]) -> Vec<Value> {
+        let mut all = vec!["run", "--json"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        assert!(
+            out.status.success(),
+            "finetune {all:?} failed:\n{}",
+            stderr(&out)
+        );
+        events(&out)
+    }
+
+    /// Every file under `artifacts/` and the lock files, with their bytes.
+    pub fn snapshot(&self) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut files = BTreeMap::new();
+        for root in ["artifacts", "pipelines", "fixtures"] {
+            walk(&self.file(root), &mut |path| {
+                if path.file_name().is_some_and(|n| n == ".lock") {
+                    return; // the workspace lock holds the last pid
+                }
+                files.insert(
+                    path.strip_prefix(self.path()).unwrap().to_path_buf(),
+                    std::fs::read(path).unwrap(),
+                );
+            });
+        }
+        files
+    }
+}
+
+fn walk(dir: &Path, visit: &mut dyn FnMut(&Path)) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            walk(&path, visit);
+        } else {
+            visit(&path);
+        }
+    }
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else if entry.path().extension().is_none_or(|e| e != "lock") {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn events(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON event: {line}: {e}"))
+        })
+        .collect()
+}
+
+/// Stage ids with an event of this kind, sorted.
+pub fn stages_with(events: &[Value], kind: &str) -> Vec<String> {
+    let mut ids: Vec<String> = events
+        .iter()
+        .filter(|e| e["event"] == kind)
+        .map(|e| e["stage"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The output directory the last run linked for `stage`.
+pub fn output_dir(ws: &Ws, pipeline: &str, stage: &str) -> PathBuf {
+    std::fs::canonicalize(ws.file(&format!("artifacts/runs/{pipeline}/{stage}"))).unwrap()
+}
+
+pub fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
