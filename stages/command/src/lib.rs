@@ -26,7 +26,9 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct Params {
     /// The program and its arguments. No shell is involved; `{out}` and `{needs.ID}` are
-    /// replaced by the output directory and an upstream stage's output directory.
+    /// replaced by the output directory and an upstream stage's output directory. Numbers
+    /// and booleans are taken as their text (`[sleep, 5]`).
+    #[serde(deserialize_with = "argv")]
     pub run: Vec<String>,
     /// Workspace files or directories the program reads; their contents enter the cache key.
     #[serde(default)]
@@ -37,6 +39,22 @@ pub struct Params {
     /// Extra environment variables for the program.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+}
+
+/// An argv from YAML scalars: `[sleep, 5]` means `["sleep", "5"]`, as a user would expect.
+fn argv<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    let items = Vec::<Value>::deserialize(deserializer)?;
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::String(s) => Ok(s),
+            Value::Number(n) => Ok(n.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            other => Err(serde::de::Error::custom(format!(
+                "each argument must be a string, number or boolean, not {other}"
+            ))),
+        })
+        .collect()
 }
 
 /// The `command` plugin.
@@ -229,6 +247,7 @@ mod tests {
         assert!(err.message.contains("not in this stage's `needs`"));
         assert!(configure(json!({"run": ["sh", "-c", "echo ${X:-1} {y}"]})).is_ok());
         assert!(configure(json!({"run": []})).is_err());
+        assert!(configure(json!({"run": ["sleep", {"a": 1}]})).is_err());
         assert!(configure(json!({"run": ["cat", "{needs.ingest}/stats.json"]})).is_ok());
     }
 
