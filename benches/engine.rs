@@ -17,7 +17,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_finetune");
 const RUNS: usize = 21;
 
 fn main() {
-    let mib: u64 = std::env::var("FINETUNE_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let mib: u64 = std::env::var("FINETUNE_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
     let ws = tempfile::tempdir().expect("temp dir");
     setup_workspace(ws.path(), mib);
 
@@ -35,7 +38,11 @@ fn main() {
     let ours = median(3, || timed(|| drop(sha256_file(&big).expect("hash"))));
     let openssl = median(3, || {
         timed(|| {
-            let status = Command::new("openssl").args(["dgst", "-sha256"]).arg(&big).output().expect("openssl");
+            let status = Command::new("openssl")
+                .args(["dgst", "-sha256"])
+                .arg(&big)
+                .output()
+                .expect("openssl");
             assert!(status.status.success());
         })
     });
@@ -48,8 +55,12 @@ fn main() {
     );
 
     let touched = median(3, || {
-        let file = std::fs::File::options().write(true).open(&big).expect("open");
-        file.set_modified(std::time::SystemTime::now()).expect("touch");
+        let file = std::fs::File::options()
+            .write(true)
+            .open(&big)
+            .expect("open");
+        file.set_modified(std::time::SystemTime::now())
+            .expect("touch");
         drop(file);
         time_run(ws.path(), "big.yaml")
     });
@@ -65,8 +76,16 @@ fn main() {
 fn setup_workspace(root: &Path, mib: u64) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     std::fs::create_dir_all(root.join("data/raw")).expect("mkdir");
-    std::fs::copy(repo.join("data/raw/product_reviews.tsv"), root.join("data/raw/product_reviews.tsv")).expect("copy data");
-    std::fs::copy(repo.join("tests/fixtures/five.yaml"), root.join("five.yaml")).expect("copy pipeline");
+    std::fs::copy(
+        repo.join("data/raw/product_reviews.tsv"),
+        root.join("data/raw/product_reviews.tsv"),
+    )
+    .expect("copy data");
+    std::fs::copy(
+        repo.join("tests/fixtures/five.yaml"),
+        root.join("five.yaml"),
+    )
+    .expect("copy pipeline");
     std::fs::write(root.join("notes.txt"), "notes\n").expect("notes");
     write_big_file(&root.join("big.bin"), mib);
     std::fs::write(
@@ -75,8 +94,16 @@ fn setup_workspace(root: &Path, mib: u64) {
     )
     .expect("pipeline");
     for pipeline in ["five.yaml", "big.yaml"] {
-        let out = Command::new(BIN).args(["run", pipeline, "--json"]).current_dir(root).output().expect("first run");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(BIN)
+            .args(["run", pipeline, "--json"])
+            .current_dir(root)
+            .output()
+            .expect("first run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -100,10 +127,17 @@ fn write_big_file(path: &Path, mib: u64) {
 
 fn time_run(root: &Path, pipeline: &str) -> Duration {
     timed(|| {
-        let out = Command::new(BIN).args(["run", pipeline, "--json"]).current_dir(root).output().expect("run");
+        let out = Command::new(BIN)
+            .args(["run", pipeline, "--json"])
+            .current_dir(root)
+            .output()
+            .expect("run");
         assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(!text.contains("stage_started"), "the rerun was not a no-op:\n{text}");
+        assert!(
+            !text.contains("stage_started"),
+            "the rerun was not a no-op:\n{text}"
+        );
     })
 }
 

@@ -99,7 +99,7 @@ pub fn read_table(
             }
         };
         rows_read += 1;
-        if rows_read % 4096 == 0 {
+        if rows_read.is_multiple_of(4096) {
             reporter.progress(position.byte(), total_bytes);
         }
         if Some(record.len()) != fields_expected {
