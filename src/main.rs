@@ -6,6 +6,7 @@ use finetune::registry::Registry;
 fn plugins() -> Registry {
     Registry::new()
         .with(finetune_ingest::IngestCsv)
+        .with(finetune_tokenize::Tokenize)
         .with(finetune_command::Command)
 }
 

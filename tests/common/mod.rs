@@ -20,6 +20,21 @@ pub fn shared() -> PathBuf {
         .unwrap_or_else(|| repo().join("../shared"))
 }
 
+/// The real all-MiniLM-L6-v2, found the way a user's pipeline finds it: `FINETUNE_MODEL_DIR`,
+/// else `models/all-MiniLM-L6-v2` in the repository (what scripts/fetch-model.sh fills). A test
+/// that needs it fails loudly without it; CI provides it (.ci/run).
+pub fn model_dir() -> PathBuf {
+    let dir = std::env::var_os("FINETUNE_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
+    assert!(
+        dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file(),
+        "the real model is needed at {}: run scripts/fetch-model.sh or set FINETUNE_MODEL_DIR",
+        dir.display()
+    );
+    std::path::absolute(dir).unwrap()
+}
+
 /// A temporary workspace holding copies of the repo's pipelines and shipped data.
 pub struct Ws {
     pub dir: tempfile::TempDir,
@@ -118,6 +133,14 @@ pub fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// The model directory for child processes; a path that does not exist when there is no model,
+/// so that pipelines needing it fail with their own clear error.
+fn model_dir_if_present() -> PathBuf {
+    std::env::var_os("FINETUNE_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"))
 }
 
 pub fn stderr(out: &Output) -> String {

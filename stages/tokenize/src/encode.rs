@@ -1,0 +1,208 @@
+//! Encoding the splits and writing them as Parquet.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow};
+use arrow::array::{Array, ArrayRef, Int32Array, Int64Array, ListArray, RecordBatch, StringArray};
+use arrow::buffer::{OffsetBuffer, ScalarBuffer};
+use arrow::datatypes::{DataType, Field, Schema};
+use finetune_core::Reporter;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::SPLITS;
+
+/// Texts encoded per call of `encode_batch`: large enough to keep every core busy, small
+/// enough to report progress.
+const CHUNK: usize = 8192;
+
+pub struct SplitData {
+    pub texts: Vec<String>,
+    pub labels: Vec<i64>,
+}
+
+/// Reads the `text` and `label` columns of an ingest split.
+pub fn read_split(path: &Path) -> Result<SplitData> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{} is not a Parquet file", path.display()))?
+        .build()?;
+    let mut data = SplitData {
+        texts: Vec::new(),
+        labels: Vec::new(),
+    };
+    for batch in reader {
+        let batch = batch.with_context(|| format!("cannot read {}", path.display()))?;
+        let texts = column::<StringArray>(&batch, "text", path)?;
+        let labels = column::<Int64Array>(&batch, "label", path)?;
+        data.texts
+            .extend(texts.iter().map(|t| t.unwrap_or_default().to_string()));
+        data.labels.extend(labels.values().iter().copied());
+    }
+    Ok(data)
+}
+
+fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has no `{name}` column of the expected type",
+                path.display()
+            )
+        })
+}
+
+#[derive(Debug, Serialize)]
+pub struct LengthStats {
+    pub mean: f64,
+    pub p50: usize,
+    pub p95: usize,
+    pub max: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SplitStats {
+    pub rows: usize,
+    pub tokens: usize,
+    pub length: LengthStats,
+    /// Texts cut to `max_length`.
+    pub truncated: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub vocab_size: usize,
+    pub max_length: usize,
+    pub splits: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Encodes each split of `ingest_dir` into `out_dir/<split>.parquet`.
+pub fn encode_splits(
+    tokenizer: &Tokenizer,
+    ingest_dir: &Path,
+    out_dir: &Path,
+    max_length: usize,
+    reporter: &dyn Reporter,
+) -> Result<Stats> {
+    let mut stats = Stats {
+        vocab_size: tokenizer.get_vocab_size(true),
+        max_length,
+        splits: serde_json::Map::new(),
+    };
+    for split in SPLITS {
+        reporter.message(&format!("encoding {split}"));
+        let data = read_split(&ingest_dir.join(format!("{split}.parquet")))?;
+        let encoded = encode(tokenizer, &data.texts, reporter)?;
+        write_split(&out_dir.join(format!("{split}.parquet")), &data, &encoded)?;
+        stats
+            .splits
+            .insert(split.to_string(), serde_json::to_value(encoded.stats())?);
+    }
+    Ok(stats)
+}
+
+/// Token ids of many texts, flattened Arrow-style: text `i` is `ids[offsets[i]..offsets[i+1]]`.
+pub struct Encoded {
+    pub offsets: Vec<i32>,
+    pub ids: Vec<i32>,
+    pub truncated: usize,
+}
+
+impl Encoded {
+    fn stats(&self) -> SplitStats {
+        let mut lengths: Vec<usize> = self
+            .offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .collect();
+        lengths.sort_unstable();
+        let rank = |q: f64| {
+            lengths
+                .get(((q * lengths.len() as f64).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or(0)
+        };
+        SplitStats {
+            rows: lengths.len(),
+            tokens: self.ids.len(),
+            length: LengthStats {
+                mean: if lengths.is_empty() {
+                    0.0
+                } else {
+                    self.ids.len() as f64 / lengths.len() as f64
+                },
+                p50: rank(0.5),
+                p95: rank(0.95),
+                max: lengths.last().copied().unwrap_or(0),
+            },
+            truncated: self.truncated,
+        }
+    }
+}
+
+pub fn encode(tokenizer: &Tokenizer, texts: &[String], reporter: &dyn Reporter) -> Result<Encoded> {
+    let mut encoded = Encoded {
+        offsets: Vec::with_capacity(texts.len() + 1),
+        ids: Vec::new(),
+        truncated: 0,
+    };
+    encoded.offsets.push(0);
+    for (n, chunk) in texts.chunks(CHUNK).enumerate() {
+        let inputs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let encodings = tokenizer
+            .encode_batch(inputs, true)
+            .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+        for encoding in &encodings {
+            encoded
+                .ids
+                .extend(encoding.get_ids().iter().map(|&id| id as i32));
+            encoded.offsets.push(
+                i32::try_from(encoded.ids.len()).context("more than 2^31 tokens in one split")?,
+            );
+            encoded.truncated += usize::from(!encoding.get_overflowing().is_empty());
+        }
+        reporter.progress(
+            ((n + 1) * CHUNK).min(texts.len()) as u64,
+            texts.len() as u64,
+        );
+    }
+    Ok(encoded)
+}
+
+fn write_split(path: &Path, data: &SplitData, encoded: &Encoded) -> Result<()> {
+    let item = Arc::new(Field::new_list_field(DataType::Int32, false));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("text", DataType::Utf8, false),
+        Field::new("input_ids", DataType::List(item.clone()), false),
+        Field::new("label", DataType::Int64, false),
+    ]));
+    let offsets = OffsetBuffer::new(ScalarBuffer::from(encoded.offsets.clone()));
+    let ids = ListArray::try_new(
+        item,
+        offsets,
+        Arc::new(Int32Array::from(encoded.ids.clone())),
+        None,
+    )?;
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(data.texts.iter())),
+        Arc::new(ids),
+        Arc::new(Int64Array::from(data.labels.clone())),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let mut writer = ArrowWriter::try_new(file, schema, Some(properties))?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(())
+}

@@ -1,0 +1,310 @@
+//! The `tokenize` stage: parity with the Python fast tokenizer, trained tokenizers, bad input.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs::File;
+
+use arrow::array::{Array, Int32Array, ListArray, StringArray};
+use common::*;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// (text, input_ids) of every row of a tokenize output split.
+fn read_ids(dir: &std::path::Path, split: &str) -> Vec<(String, Vec<i32>)> {
+    let file = File::open(dir.join(format!("{split}.parquet"))).unwrap();
+    let mut rows = Vec::new();
+    for batch in ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+    {
+        let batch = batch.unwrap();
+        let texts = batch
+            .column_by_name("text")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
+        let ids = batch
+            .column_by_name("input_ids")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<ListArray>()
+            .unwrap();
+        for i in 0..batch.num_rows() {
+            let row = ids.value(i);
+            let row = row.as_any().downcast_ref::<Int32Array>().unwrap();
+            rows.push((texts.value(i).to_string(), row.values().to_vec()));
+        }
+    }
+    rows
+}
+
+fn golden() -> Vec<(String, Vec<i32>)> {
+    let text = std::fs::read_to_string(shared().join("golden/tokenize_minilm.jsonl"))
+        .expect("golden/tokenize_minilm.jsonl");
+    text.lines()
+        .map(|line| {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            let ids = row["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap() as i32)
+                .collect();
+            (row["text"].as_str().unwrap().to_string(), ids)
+        })
+        .collect()
+}
+
+/// Ingest + tokenize of `tsv` with `tokenizer:` and `max_length` as given.
+fn pipeline(tsv: &str, tokenizer: &str, max_length: usize, ingest_extra: &str) -> String {
+    format!(
+        "name: tok\nstages:\n  ingest:\n    uses: ingest_csv\n    with: {{path: {tsv}, format: tsv, text: 0, label: 1{ingest_extra}}}\n  tokenize:\n    uses: tokenize\n    needs: [ingest]\n    with:\n      tokenizer: {tokenizer}\n      max_length: {max_length}\n"
+    )
+}
+
+#[test]
+fn minilm_ids_equal_the_python_fast_tokenizer_on_every_golden_row() {
+    let model = model_dir();
+    let ws = Ws::new();
+    let golden = golden();
+    // The golden texts as a TSV (labels alternate so the split can stratify); no trimming, so
+    // the texts with surrounding spaces reach the tokenizer as Python saw them.
+    let tsv: String = golden
+        .iter()
+        .enumerate()
+        .map(|(i, (text, _))| format!("{text}\t{}\n", i % 2))
+        .collect();
+    ws.write("golden.tsv", tsv);
+    ws.write(
+        "tok.yaml",
+        pipeline(
+            "golden.tsv",
+            &format!("{{from: \"{}\"}}", model.display()),
+            512,
+            ", trim: false",
+        ),
+    );
+    ws.run_ok(&["tok.yaml"]);
+    let out = output_dir(&ws, "tok", "tokenize");
+    let expected: HashMap<&str, &Vec<i32>> =
+        golden.iter().map(|(t, ids)| (t.as_str(), ids)).collect();
+    let mut checked = 0;
+    for split in ["train", "validation", "test"] {
+        for (text, ids) in read_ids(&out, split) {
+            assert_eq!(&ids, expected[text.as_str()], "ids differ for {text:?}");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, golden.len());
+    let stats = read_json(&out.join("stats.json"));
+    assert_eq!(
+        stats["splits"]["train"]["truncated"].as_u64().unwrap()
+            + stats["splits"]["test"]["truncated"].as_u64().unwrap(),
+        0
+    );
+}
+
+#[test]
+fn truncation_keeps_the_special_tokens_and_is_counted() {
+    let model = model_dir();
+    let ws = Ws::new();
+    let golden = golden();
+    let (long_text, long_ids) = golden.iter().find(|(_, ids)| ids.len() == 302).unwrap();
+    let tsv: String = golden[..40]
+        .iter()
+        .map(|(t, _)| t.clone())
+        .chain(std::iter::once(long_text.clone()))
+        .enumerate()
+        .map(|(i, t)| format!("{t}\t{}\n", i % 2))
+        .collect();
+    ws.write("long.tsv", tsv);
+    ws.write(
+        "tok.yaml",
+        pipeline(
+            "long.tsv",
+            &format!("{{from: \"{}\"}}", model.display()),
+            64,
+            ", trim: false, split: {validation: 0.0, test: 0.0}",
+        ),
+    );
+    ws.run_ok(&["tok.yaml"]);
+    let out = output_dir(&ws, "tok", "tokenize");
+    let rows = read_ids(&out, "train");
+    let (_, ids) = rows.iter().find(|(t, _)| t == long_text).unwrap();
+    let mut expected = long_ids[..63].to_vec();
+    expected.push(102); // [SEP], as Python's truncation=True, max_length=64 gives
+    assert_eq!(ids, &expected);
+    assert_eq!(
+        read_json(&out.join("stats.json"))["splits"]["train"]["truncated"],
+        1
+    );
+    assert_eq!(
+        read_json(&out.join("stats.json"))["splits"]["train"]["length"]["max"],
+        64
+    );
+}
+
+const TRAINED: &str = "{train: wordpiece, vocab_size: 30000, min_frequency: 1}";
+
+#[test]
+fn a_trained_tokenizer_is_deterministic_and_never_sees_validation_or_test() {
+    let (a, b) = (Ws::new(), Ws::new());
+    for ws in [&a, &b] {
+        ws.write(
+            "tok.yaml",
+            pipeline("data/raw/product_reviews.tsv", TRAINED, 64, ""),
+        );
+        ws.run_ok(&["tok.yaml"]);
+    }
+    let (out_a, out_b) = (
+        output_dir(&a, "tok", "tokenize"),
+        output_dir(&b, "tok", "tokenize"),
+    );
+    let tokenizer = std::fs::read(out_a.join("tokenizer.json")).unwrap();
+    assert_eq!(
+        tokenizer,
+        std::fs::read(out_b.join("tokenizer.json")).unwrap(),
+        "same corpus and params, different tokenizer.json"
+    );
+
+    let json: serde_json::Value = serde_json::from_slice(&tokenizer).unwrap();
+    let vocab = json["model"]["vocab"].as_object().unwrap();
+    let words = |split: &str| -> Vec<String> {
+        read_ids(&out_a, split)
+            .into_iter()
+            .flat_map(|(t, _)| {
+                t.to_lowercase()
+                    .split(|c: char| !c.is_alphabetic())
+                    .filter(|w| w.len() >= 4)
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let train_text = words("train").join(" ");
+    let held_out: Vec<String> = words("validation")
+        .into_iter()
+        .chain(words("test"))
+        .filter(|w| !train_text.contains(w.as_str()))
+        .collect();
+    assert!(
+        held_out.len() > 20,
+        "the check needs words that only validation/test contain"
+    );
+    let leaked: Vec<&String> = held_out
+        .iter()
+        .filter(|w| vocab.contains_key(w.as_str()))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the vocabulary holds words seen only in validation/test: {leaked:?}"
+    );
+    // And with a large vocabulary and min_frequency 1, the train words themselves are whole tokens.
+    assert!(vocab.contains_key("battery") && vocab.contains_key("[CLS]"));
+    let ids = &read_ids(&out_a, "train")[0].1;
+    assert_eq!(
+        (ids[0], *ids.last().unwrap()),
+        (
+            vocab["[CLS]"].as_i64().unwrap() as i32,
+            vocab["[SEP]"].as_i64().unwrap() as i32
+        )
+    );
+}
+
+#[test]
+fn the_key_covers_the_tokenizer_bytes() {
+    let model = model_dir();
+    let ws = Ws::new();
+    std::fs::create_dir_all(ws.file("tok")).unwrap();
+    std::fs::copy(model.join("tokenizer.json"), ws.file("tok/tokenizer.json")).unwrap();
+    ws.write(
+        "tok.yaml",
+        pipeline(
+            "data/raw/product_reviews.tsv",
+            "{from: tok/tokenizer.json}",
+            64,
+            "",
+        ),
+    );
+    ws.run_ok(&["tok.yaml"]);
+    assert!(stages_with(&ws.run_ok(&["tok.yaml"]), "stage_started").is_empty());
+    let mut bytes = std::fs::read(ws.file("tok/tokenizer.json")).unwrap();
+    bytes.push(b'\n');
+    ws.write("tok/tokenizer.json", bytes);
+    assert_eq!(
+        stages_with(&ws.run_ok(&["tok.yaml"]), "stage_started"),
+        ["tokenize"]
+    );
+}
+
+#[test]
+fn bad_tokenizers_and_lengths_are_clear_errors_with_nothing_cached() {
+    let model = model_dir();
+    let ws = Ws::new();
+    let check = |tokenizer: &str, max_length: usize, code: i32, message: &str| {
+        ws.write(
+            "tok.yaml",
+            pipeline("data/raw/product_reviews.tsv", tokenizer, max_length, ""),
+        );
+        let out = ws.run(&["run", "tok.yaml"]);
+        assert_eq!(out.status.code(), Some(code), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(message),
+            "expected {message:?} in:\n{}",
+            stderr(&out)
+        );
+        let entries: Vec<_> = std::fs::read_dir(ws.file("artifacts/cache"))
+            .map(|d| d.collect())
+            .unwrap_or_default();
+        assert!(entries.len() <= 1, "only ingest may be cached");
+    };
+    std::fs::create_dir_all(ws.file("empty_model")).unwrap();
+    check(
+        "{from: empty_model}",
+        64,
+        2,
+        "key `with.tokenizer.from`: the model directory `empty_model` has no tokenizer.json",
+    );
+    check(
+        "{from: nowhere/tokenizer.json}",
+        64,
+        2,
+        "`nowhere/tokenizer.json` does not exist",
+    );
+    ws.write(
+        "broken/tokenizer.json",
+        "{\"version\": \"1.0\", \"model\": ",
+    );
+    check(
+        "{from: broken/tokenizer.json}",
+        64,
+        1,
+        "broken/tokenizer.json is not a valid tokenizer.json",
+    );
+    check(
+        &format!("{{from: \"{}\"}}", model.display()),
+        2,
+        2,
+        "key `with.max_length`: 2 is too short",
+    );
+    check(
+        &format!("{{from: \"{}\"}}", model.display()),
+        513,
+        2,
+        "key `with.max_length`: 513 is above the model's 512 positions",
+    );
+    check(
+        TRAINED,
+        100000,
+        2,
+        "100000 is above the limit of 8192 tokens",
+    );
+    check(
+        "{train: sentencepiece}",
+        64,
+        2,
+        "key `with.tokenizer`: either `{ from: PATH }`",
+    );
+}
