@@ -23,6 +23,9 @@ use crate::params::Algorithm;
 
 const CONTINUATION: &str = "##";
 
+/// A pair waiting to be merged: most frequent first, ties to the smaller text.
+type Candidate = (i64, Reverse<(String, String)>, (u32, u32));
+
 /// The trained vocabulary, in id order, and the merges that built it.
 pub struct Trained {
     pub vocab: Vec<String>,
@@ -137,7 +140,7 @@ pub fn train(
                 .insert(index);
         }
     }
-    let mut queue: BinaryHeap<(i64, Reverse<(String, String)>, (u32, u32))> = pairs
+    let mut queue: BinaryHeap<Candidate> = pairs
         .iter()
         .map(|(&pair, &count)| (count, Reverse(symbols.texts(pair)), pair))
         .collect();
