@@ -1,1 +1,69 @@
-//! placeholder
+//! BERT-family text classifiers in burn, and the stages that train and evaluate them.
+//!
+//! - [`config`]: the model configuration, from a Hugging Face `config.json` or from scratch.
+//! - [`model`]: the encoder (BERT, MiniLM, DistilBERT, RoBERTa) and its classification heads.
+//! - [`hf`]: loading `model.safetensors` exactly and saving back in Hugging Face's layout.
+//! - [`init`]: seeded initialisation for models trained from scratch.
+//!
+//! Nothing here assumes the CPU: every tensor is made on the device the caller passes, and
+//! [`device`] turns a pipeline's `device:` string into one.
+
+pub mod config;
+pub mod hf;
+pub mod init;
+pub mod model;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+
+pub use config::{Family, ModelConfig};
+pub use model::{Batch, Classifier, Output};
+
+/// Everything that can go wrong reading or writing a model, naming the file and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{}: {source}", file.display())]
+    Io {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: key `{key}`: {message}", file.display())]
+    Config {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("{}: tensor `{key}`: {message}", file.display())]
+    Weights {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("device `{0}` is not available in this build (available: cpu)")]
+    Device(String),
+}
+
+impl ModelError {
+    pub fn io(file: &Path, source: std::io::Error) -> Self {
+        ModelError::Io {
+            file: file.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The device a pipeline's `device:` names. `cpu` is burn's flex backend; GPU backends are
+/// added here, and only here, when they can be built.
+pub fn device(name: &str) -> Result<Device, ModelError> {
+    match name {
+        "cpu" | "flex" => Ok(Device::flex()),
+        other => Err(ModelError::Device(other.to_string())),
+    }
+}
+
+/// A model with fresh weights from `seed`.
+pub fn scratch(config: &ModelConfig, seed: u64, device: &Device) -> Classifier {
+    let mut source = init::InitSource::new(config, seed);
+    hf::build(config, &mut source, device).expect("fresh initialisation cannot fail")
+}

@@ -1,0 +1,318 @@
+//! Model configuration: read from a Hugging Face `config.json`, or given for a model trained
+//! from scratch, and written back in Hugging Face's form.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::ModelError;
+
+/// The encoder families whose checkpoints load here. They share one architecture (post-LN
+/// transformer encoder) and differ in key names, embeddings and classification head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// BERT and its distillations (MiniLM): token types, pooler, `pooler → dropout → classifier`.
+    Bert,
+    /// DistilBERT: no token types, no pooler; `pre_classifier → ReLU → dropout → classifier`.
+    DistilBert,
+    /// RoBERTa: positions start after the padding index; `dense → tanh → out_proj` on `<s>`.
+    Roberta,
+}
+
+impl Family {
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Bert => "bert",
+            Family::DistilBert => "distilbert",
+            Family::Roberta => "roberta",
+        }
+    }
+
+    /// The prefix of encoder keys in a `*ForSequenceClassification` checkpoint.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Family::Bert => "bert",
+            Family::DistilBert => "distilbert",
+            Family::Roberta => "roberta",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU with erf, as BERT's `gelu`.
+    Gelu,
+    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    Relu,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    /// 0 when the family has no token type embeddings.
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: Activation,
+    pub hidden_dropout: f64,
+    pub attention_dropout: f64,
+    pub classifier_dropout: f64,
+    pub pad_token_id: usize,
+    pub initializer_range: f64,
+    /// Label names in id order.
+    pub labels: Vec<String>,
+    /// The config.json this came from, kept so that saving preserves keys we do not use.
+    pub original: Option<Value>,
+}
+
+impl ModelConfig {
+    /// Reads a Hugging Face config.json (`file` names it in errors).
+    pub fn from_hf_json(file: &Path) -> Result<ModelConfig, ModelError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ModelError::io(file, e))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            file: file.into(),
+            key: "-".into(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        Self::from_hf_value(file, json)
+    }
+
+    pub fn from_hf_value(file: &Path, json: Value) -> Result<ModelConfig, ModelError> {
+        let get = Getter { file, json: &json };
+        let model_type = get.str("model_type")?;
+        let family = match model_type.as_str() {
+            "bert" => Family::Bert,
+            "distilbert" => Family::DistilBert,
+            "roberta" | "xlm-roberta" | "camembert" => Family::Roberta,
+            other => {
+                return Err(ModelError::Config {
+                    file: file.into(),
+                    key: "model_type".into(),
+                    message: format!(
+                        "`{other}` is not supported; supported: bert (MiniLM too), distilbert, roberta"
+                    ),
+                });
+            }
+        };
+        let labels = labels_from(&json);
+        let config = if family == Family::DistilBert {
+            ModelConfig {
+                family,
+                vocab_size: get.usize("vocab_size")?,
+                hidden_size: get.usize("dim")?,
+                num_layers: get.usize("n_layers")?,
+                num_heads: get.usize("n_heads")?,
+                intermediate_size: get.usize("hidden_dim")?,
+                max_position_embeddings: get.usize("max_position_embeddings")?,
+                type_vocab_size: 0,
+                layer_norm_eps: 1e-12,
+                hidden_act: get.activation("activation")?,
+                hidden_dropout: get.f64_or("dropout", 0.1),
+                attention_dropout: get.f64_or("attention_dropout", 0.1),
+                classifier_dropout: get.f64_or("seq_classif_dropout", 0.2),
+                pad_token_id: get.usize_or("pad_token_id", 0),
+                initializer_range: get.f64_or("initializer_range", 0.02),
+                labels,
+                original: None,
+            }
+        } else {
+            let hidden_dropout = get.f64_or("hidden_dropout_prob", 0.1);
+            ModelConfig {
+                family,
+                vocab_size: get.usize("vocab_size")?,
+                hidden_size: get.usize("hidden_size")?,
+                num_layers: get.usize("num_hidden_layers")?,
+                num_heads: get.usize("num_attention_heads")?,
+                intermediate_size: get.usize("intermediate_size")?,
+                max_position_embeddings: get.usize("max_position_embeddings")?,
+                type_vocab_size: get.usize_or("type_vocab_size", 2),
+                layer_norm_eps: get.f64_or("layer_norm_eps", 1e-12),
+                hidden_act: get.activation("hidden_act")?,
+                hidden_dropout,
+                attention_dropout: get.f64_or("attention_probs_dropout_prob", 0.1),
+                classifier_dropout: json
+                    .get("classifier_dropout")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(hidden_dropout),
+                pad_token_id: get.usize_or(
+                    "pad_token_id",
+                    if family == Family::Roberta { 1 } else { 0 },
+                ),
+                initializer_range: get.f64_or("initializer_range", 0.02),
+                labels,
+                original: None,
+            }
+        };
+        if config.num_heads == 0 || config.hidden_size % config.num_heads != 0 {
+            return Err(ModelError::Config {
+                file: file.into(),
+                key: "num_attention_heads".into(),
+                message: format!(
+                    "{} heads do not divide the hidden size {}",
+                    config.num_heads, config.hidden_size
+                ),
+            });
+        }
+        Ok(ModelConfig {
+            original: Some(json),
+            ..config
+        })
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads
+    }
+
+    pub fn num_labels(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Positions usable by text (RoBERTa's start after the padding index).
+    pub fn usable_positions(&self) -> usize {
+        match self.family {
+            Family::Roberta => self
+                .max_position_embeddings
+                .saturating_sub(self.pad_token_id + 1),
+            _ => self.max_position_embeddings,
+        }
+    }
+
+    /// config.json for `save_pretrained`-compatible output, with this config's labels.
+    pub fn to_hf_json(&self) -> Value {
+        let mut json = self
+            .original
+            .clone()
+            .unwrap_or_else(|| self.fresh_hf_json());
+        let object = json.as_object_mut().expect("a config is a JSON object");
+        let architecture = match self.family {
+            Family::Bert => "BertForSequenceClassification",
+            Family::DistilBert => "DistilBertForSequenceClassification",
+            Family::Roberta => "RobertaForSequenceClassification",
+        };
+        object.insert("architectures".into(), json!([architecture]));
+        let id2label: BTreeMap<String, &String> = self
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), l))
+            .collect();
+        let label2id: BTreeMap<&String, usize> = self
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l, i))
+            .collect();
+        object.insert("id2label".into(), json!(id2label));
+        object.insert("label2id".into(), json!(label2id));
+        object.insert("problem_type".into(), json!("single_label_classification"));
+        json
+    }
+
+    fn fresh_hf_json(&self) -> Value {
+        let act = match self.hidden_act {
+            Activation::Gelu => "gelu",
+            Activation::GeluTanh => "gelu_new",
+            Activation::Relu => "relu",
+        };
+        match self.family {
+            Family::DistilBert => json!({
+                "model_type": "distilbert", "vocab_size": self.vocab_size, "dim": self.hidden_size,
+                "n_layers": self.num_layers, "n_heads": self.num_heads, "hidden_dim": self.intermediate_size,
+                "max_position_embeddings": self.max_position_embeddings, "activation": act,
+                "dropout": self.hidden_dropout, "attention_dropout": self.attention_dropout,
+                "seq_classif_dropout": self.classifier_dropout, "pad_token_id": self.pad_token_id,
+                "initializer_range": self.initializer_range,
+            }),
+            _ => json!({
+                "model_type": self.family.model_type(), "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+                "num_attention_heads": self.num_heads, "intermediate_size": self.intermediate_size,
+                "max_position_embeddings": self.max_position_embeddings, "type_vocab_size": self.type_vocab_size,
+                "layer_norm_eps": self.layer_norm_eps, "hidden_act": act,
+                "hidden_dropout_prob": self.hidden_dropout, "attention_probs_dropout_prob": self.attention_dropout,
+                "classifier_dropout": self.classifier_dropout, "pad_token_id": self.pad_token_id,
+                "initializer_range": self.initializer_range, "position_embedding_type": "absolute",
+            }),
+        }
+    }
+}
+
+/// Label names from `id2label`, in id order (HF's default `LABEL_i` when absent: 2 labels).
+fn labels_from(json: &Value) -> Vec<String> {
+    if let Some(map) = json.get("id2label").and_then(Value::as_object) {
+        let mut pairs: Vec<(usize, String)> = map
+            .iter()
+            .filter_map(|(id, name)| Some((id.parse().ok()?, name.as_str()?.to_string())))
+            .collect();
+        pairs.sort();
+        if !pairs.is_empty() {
+            return pairs.into_iter().map(|(_, name)| name).collect();
+        }
+    }
+    let n = json.get("num_labels").and_then(Value::as_u64).unwrap_or(2) as usize;
+    (0..n).map(|i| format!("LABEL_{i}")).collect()
+}
+
+struct Getter<'a> {
+    file: &'a Path,
+    json: &'a Value,
+}
+
+impl Getter<'_> {
+    fn error(&self, key: &str, message: &str) -> ModelError {
+        ModelError::Config {
+            file: self.file.into(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn str(&self, key: &str) -> Result<String, ModelError> {
+        self.json
+            .get(key)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| self.error(key, "missing, or not a string"))
+    }
+
+    fn usize(&self, key: &str) -> Result<usize, ModelError> {
+        self.json
+            .get(key)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| self.error(key, "missing, or not a non-negative integer"))
+    }
+
+    fn usize_or(&self, key: &str, default: usize) -> usize {
+        self.json
+            .get(key)
+            .and_then(Value::as_u64)
+            .map_or(default, |v| v as usize)
+    }
+
+    fn f64_or(&self, key: &str, default: f64) -> f64 {
+        self.json
+            .get(key)
+            .and_then(Value::as_f64)
+            .unwrap_or(default)
+    }
+
+    fn activation(&self, key: &str) -> Result<Activation, ModelError> {
+        match self.json.get(key).and_then(Value::as_str).unwrap_or("gelu") {
+            "gelu" => Ok(Activation::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+            "relu" => Ok(Activation::Relu),
+            other => Err(self.error(
+                key,
+                &format!("activation `{other}` is not supported (gelu, gelu_new, relu)"),
+            )),
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The encoder and its classification head, written out so that every family's numerics match
+//! Hugging Face's: post-LayerNorm layers, multi-head self-attention with the padding mask, GELU
+//! with erf, and each family's own head. Nothing here names a backend: tensors live on whatever
+//! device they were built on.
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm};
+use burn::tensor::activation::{gelu, relu, softmax};
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::config::{Activation, Family, ModelConfig};
+
+/// A linear layer holding its weight as `[in, out]` (Hugging Face stores `[out, in]`).
+#[derive(Module, Debug)]
+pub struct Dense {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Param<Tensor<1>>,
+}
+
+impl Dense {
+    pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        linear(input, self.weight.val(), Some(self.bias.val()))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Embeddings {
+    pub word: Embedding,
+    pub position: Embedding,
+    /// Absent in DistilBERT.
+    pub token_type: Option<Embedding>,
+    pub norm: LayerNorm,
+    pub dropout: Dropout,
+}
+
+#[derive(Module, Debug)]
+pub struct EncoderLayer {
+    pub query: Dense,
+    pub key: Dense,
+    pub value: Dense,
+    pub attention_output: Dense,
+    pub attention_norm: LayerNorm,
+    pub intermediate: Dense,
+    pub output: Dense,
+    pub output_norm: LayerNorm,
+    pub attention_dropout: Dropout,
+    pub dropout: Dropout,
+    #[module(skip)]
+    pub num_heads: usize,
+    #[module(skip)]
+    pub activation: Activation,
+}
+
+/// `dense` is BERT's pooler, DistilBERT's pre_classifier, RoBERTa's classifier.dense; `out`
+/// is the final projection to the labels.
+#[derive(Module, Debug)]
+pub struct Head {
+    pub dense: Dense,
+    pub out: Dense,
+    pub dropout: Dropout,
+    #[module(skip)]
+    pub family: Family,
+}
+
+/// A `*ForSequenceClassification` model.
+#[derive(Module, Debug)]
+pub struct Classifier {
+    pub embeddings: Embeddings,
+    pub layers: Vec<EncoderLayer>,
+    pub head: Head,
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+/// What a forward pass returns.
+pub struct Output {
+    /// `[batch, seq, hidden]`
+    pub last_hidden_state: Tensor<3>,
+    /// BERT's pooler output `[batch, hidden]` (other families have none).
+    pub pooler_output: Option<Tensor<2>>,
+    /// `[batch, labels]`
+    pub logits: Tensor<2>,
+}
+
+/// A padded batch on the device.
+pub struct Batch {
+    pub input_ids: Tensor<2, Int>,
+    pub attention_mask: Tensor<2, Int>,
+    pub position_ids: Tensor<2, Int>,
+    pub token_type_ids: Tensor<2, Int>,
+}
+
+impl Batch {
+    /// Pads `rows` of token ids to the longest (or to `pad_to`) with the model's padding id,
+    /// and derives the mask and the family's position ids.
+    pub fn from_rows(
+        rows: &[Vec<i32>],
+        config: &ModelConfig,
+        pad_to: Option<usize>,
+        device: &Device,
+    ) -> Batch {
+        let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
+        let width = pad_to.unwrap_or(longest).max(longest).max(1);
+        let pad = config.pad_token_id as i64;
+        let (mut ids, mut mask, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+        for row in rows {
+            for column in 0..width {
+                let real = column < row.len();
+                ids.push(if real { i64::from(row[column]) } else { pad });
+                mask.push(i64::from(real));
+                positions.push(match (config.family, real) {
+                    // RoBERTa counts positions from padding_idx + 1 and gives padding padding_idx.
+                    (Family::Roberta, true) => pad + 1 + column as i64,
+                    (Family::Roberta, false) => pad,
+                    _ => column as i64,
+                });
+            }
+        }
+        let shape = [rows.len(), width];
+        let tensor =
+            |values: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(values, shape), device);
+        Batch {
+            input_ids: tensor(ids),
+            attention_mask: tensor(mask),
+            position_ids: tensor(positions),
+            token_type_ids: Tensor::<2, Int>::zeros(shape, device),
+        }
+    }
+}
+
+impl Classifier {
+    pub fn forward(&self, batch: &Batch) -> Output {
+        let [batch_size, seq_len] = batch.input_ids.dims();
+        let hidden = self.config.hidden_size;
+        let mut x = self.embeddings.forward(batch);
+        // 0 where attended, a large negative number at padding: exp() of it is exactly 0.
+        let mask_bias = (batch.attention_mask.clone().float() - 1.0)
+            .mul_scalar(1e9)
+            .reshape([batch_size, 1, 1, seq_len]);
+        for layer in &self.layers {
+            x = layer.forward(x, mask_bias.clone());
+        }
+        let first = x.clone().narrow(1, 0, 1).reshape([batch_size, hidden]);
+        let (pooler_output, logits) = self.head.forward(first);
+        Output {
+            last_hidden_state: x,
+            pooler_output,
+            logits,
+        }
+    }
+}
+
+impl Embeddings {
+    fn forward(&self, batch: &Batch) -> Tensor<3> {
+        let mut x = self.word.forward(batch.input_ids.clone())
+            + self.position.forward(batch.position_ids.clone());
+        if let Some(token_type) = &self.token_type {
+            x = x + token_type.forward(batch.token_type_ids.clone());
+        }
+        self.dropout.forward(self.norm.forward(x))
+    }
+}
+
+impl EncoderLayer {
+    fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
+        let [batch, seq, hidden] = x.dims();
+        let heads = self.num_heads;
+        let head_dim = hidden / heads;
+        let split = |t: Tensor<3>| t.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2);
+        let q = split(self.query.forward(x.clone()));
+        let k = split(self.key.forward(x.clone()));
+        let v = split(self.value.forward(x.clone()));
+        let scores = q.matmul(k.transpose()).div_scalar((head_dim as f64).sqrt()) + mask_bias;
+        let probs = self.attention_dropout.forward(softmax(scores, 3));
+        let context = probs
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, seq, hidden]);
+        let attended = self.dropout.forward(self.attention_output.forward(context));
+        let x = self.attention_norm.forward(attended + x);
+        let inner = match self.activation {
+            Activation::Gelu => gelu(self.intermediate.forward(x.clone())),
+            Activation::GeluTanh => {
+                burn::tensor::activation::gelu_approximate(self.intermediate.forward(x.clone()))
+            }
+            Activation::Relu => relu(self.intermediate.forward(x.clone())),
+        };
+        let out = self.dropout.forward(self.output.forward(inner));
+        self.output_norm.forward(out + x)
+    }
+}
+
+impl Head {
+    /// From the first token's hidden state: `(pooler output, logits)`.
+    fn forward(&self, first: Tensor<2>) -> (Option<Tensor<2>>, Tensor<2>) {
+        match self.family {
+            Family::Bert => {
+                let pooled = self.dense.forward(first).tanh();
+                let logits = self.out.forward(self.dropout.forward(pooled.clone()));
+                (Some(pooled), logits)
+            }
+            Family::DistilBert => {
+                let inner = self.dropout.forward(relu(self.dense.forward(first)));
+                (None, self.out.forward(inner))
+            }
+            Family::Roberta => {
+                let inner = self.dense.forward(self.dropout.forward(first)).tanh();
+                (None, self.out.forward(self.dropout.forward(inner)))
+            }
+        }
+    }
+}
+
+/// Dropout modules for a config (identity in `valid()` mode, as `model.eval()` in PyTorch).
+pub fn dropout(p: f64) -> Dropout {
+    DropoutConfig::new(p).init()
+}

@@ -1,0 +1,289 @@
+//! The encoders against reference values from Python `transformers` (../shared/golden), the
+//! save/load round trip, and bad checkpoints.
+
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use finetune_transformer::hf::{load, named_tensors, save};
+use finetune_transformer::{Batch, Classifier, ModelError};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn shared() -> PathBuf {
+    std::env::var_os("FINETUNE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared"))
+}
+
+/// The real model, found as a user finds it: FINETUNE_MODEL_DIR, else models/ in the repo.
+fn minilm() -> PathBuf {
+    let dir = std::env::var_os("FINETUNE_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "the real model is needed at {}: run scripts/fetch-model.sh or set FINETUNE_MODEL_DIR",
+        dir.display()
+    );
+    dir
+}
+
+fn device() -> Device {
+    finetune_transformer::device("cpu").unwrap()
+}
+
+fn json(path: PathBuf) -> Value {
+    serde_json::from_slice(
+        &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+/// Token rows without their padding, from a golden padded batch.
+fn rows(expected: &Value) -> Vec<Vec<i32>> {
+    let ids = expected["input_ids"].as_array().unwrap();
+    let masks = expected["attention_mask"].as_array().unwrap();
+    ids.iter()
+        .zip(masks)
+        .map(|(ids, mask)| {
+            let n = mask
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m.as_i64() == Some(1))
+                .count();
+            ids.as_array().unwrap()[..n]
+                .iter()
+                .map(|v| v.as_i64().unwrap() as i32)
+                .collect()
+        })
+        .collect()
+}
+
+fn floats(value: &Value) -> Vec<f32> {
+    match value {
+        Value::Array(items) => items.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
+        other => panic!("not a number: {other}"),
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length differs");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Hidden states at the unpadded positions of each row, flattened.
+fn unpadded_hidden(
+    model: &Classifier,
+    rows: &[Vec<i32>],
+) -> (
+    Vec<f32>,
+    burn::tensor::Tensor<2>,
+    Option<burn::tensor::Tensor<2>>,
+) {
+    let batch = Batch::from_rows(rows, &model.config, None, &device());
+    let out = model.forward(&batch);
+    let hidden = out.last_hidden_state.dims()[2];
+    let width = batch.input_ids.dims()[1];
+    let all: Vec<f32> = out.last_hidden_state.into_data().try_to_vec().unwrap();
+    let mut values = Vec::new();
+    for (r, row) in rows.iter().enumerate() {
+        values.extend_from_slice(&all[r * width * hidden..(r * width + row.len()) * hidden]);
+    }
+    (values, out.logits, out.pooler_output)
+}
+
+fn check_tiny(name: &str) {
+    let dir = shared().join("golden").join(name);
+    let expected = json(dir.join("expected.json"));
+    let (model, report) = load(&dir, None, 0, &device()).unwrap();
+    assert!(
+        report.newly_initialized.is_empty() && report.unexpected.is_empty(),
+        "{name}: {report:?}"
+    );
+    let rows = rows(&expected);
+    let (hidden, logits, _) = unpadded_hidden(&model, &rows);
+    let hidden_diff = max_abs_diff(&hidden, &floats(&expected["last_hidden_state"]));
+    let logits_diff = max_abs_diff(
+        &logits.into_data().try_to_vec::<f32>().unwrap(),
+        &floats(&expected["logits"]),
+    );
+    eprintln!("{name}: max |diff| hidden {hidden_diff:e}, logits {logits_diff:e}");
+    assert!(
+        hidden_diff <= 1e-4 && logits_diff <= 1e-4,
+        "{name}: hidden {hidden_diff:e}, logits {logits_diff:e}"
+    );
+}
+
+#[test]
+fn tiny_bert_matches_transformers() {
+    check_tiny("tiny-bert");
+}
+
+#[test]
+fn tiny_distilbert_matches_transformers() {
+    check_tiny("tiny-distilbert");
+}
+
+#[test]
+fn tiny_roberta_matches_transformers() {
+    check_tiny("tiny-roberta");
+}
+
+#[test]
+fn minilm_hidden_states_and_pooler_match_transformers_with_padding() {
+    let expected = json(shared().join("golden/minilm_hidden_states.json"));
+    let (model, report) = load(
+        &minilm(),
+        Some(&["negative".into(), "positive".into()]),
+        42,
+        &device(),
+    )
+    .unwrap();
+    assert_eq!(
+        report.newly_initialized,
+        ["classifier.weight", "classifier.bias"]
+    );
+    assert!(report.unexpected.is_empty(), "{:?}", report.unexpected);
+    let rows = rows(&expected);
+    assert!(
+        rows.iter().map(Vec::len).min() < rows.iter().map(Vec::len).max(),
+        "the batch must contain padding"
+    );
+    let (hidden, _, pooled) = unpadded_hidden(&model, &rows);
+    let hidden_diff = max_abs_diff(&hidden, &floats(&expected["last_hidden_state"]));
+    let pooled_diff = max_abs_diff(
+        &pooled.unwrap().into_data().try_to_vec::<f32>().unwrap(),
+        &floats(&expected["pooler_output"]),
+    );
+    eprintln!("all-MiniLM-L6-v2: max |diff| last hidden {hidden_diff:e}, pooler {pooled_diff:e}");
+    assert!(
+        hidden_diff <= 1e-4,
+        "last hidden state differs by {hidden_diff:e}"
+    );
+    assert!(
+        pooled_diff <= 1e-4,
+        "pooler output differs by {pooled_diff:e}"
+    );
+}
+
+#[test]
+fn save_then_load_is_bit_identical_in_each_family_layout() {
+    for name in ["tiny-bert", "tiny-distilbert", "tiny-roberta"] {
+        let dir = shared().join("golden").join(name);
+        let (model, _) = load(&dir, None, 0, &device()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        save(&model, out.path()).unwrap();
+        let (again, report) = load(out.path(), None, 0, &device()).unwrap();
+        assert!(report.newly_initialized.is_empty() && report.unexpected.is_empty());
+        let (a, b) = (named_tensors(&model), named_tensors(&again));
+        assert_eq!(a.len(), b.len());
+        for ((ka, sa, va), (kb, sb, vb)) in a.iter().zip(&b) {
+            assert_eq!((ka, sa), (kb, sb));
+            assert!(
+                va.iter().zip(vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{name}: {ka} changed"
+            );
+        }
+        // The saved keys are the original checkpoint's keys.
+        let original = safetensors_keys(&dir.join("model.safetensors"));
+        let saved = safetensors_keys(&out.path().join("model.safetensors"));
+        assert_eq!(original, saved, "{name}: key layout differs");
+        let config = json(out.path().join("config.json"));
+        assert_eq!(config["id2label"]["2"], "LABEL_2");
+    }
+}
+
+fn safetensors_keys(path: &std::path::Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let mut keys: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(|k| k.to_string())
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn a_fine_tuned_minilm_saves_as_bert_for_sequence_classification() {
+    let labels = vec!["negative".to_string(), "positive".to_string()];
+    let (model, _) = load(&minilm(), Some(&labels), 42, &device()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    save(&model, out.path()).unwrap();
+    let keys = safetensors_keys(&out.path().join("model.safetensors"));
+    assert!(keys.contains(&"bert.encoder.layer.5.output.LayerNorm.weight".to_string()));
+    assert!(
+        keys.contains(&"classifier.weight".to_string())
+            && keys.contains(&"bert.pooler.dense.weight".to_string())
+    );
+    let config = json(out.path().join("config.json"));
+    assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(config["label2id"]["positive"], 1);
+    let (again, report) = load(out.path(), None, 0, &device()).unwrap();
+    assert!(report.newly_initialized.is_empty());
+    assert_eq!(again.config.labels, labels);
+}
+
+fn copy_tiny(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            shared().join("golden").join(name).join(file),
+            dir.path().join(file),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+fn load_error(dir: &std::path::Path) -> String {
+    match load(dir, None, 0, &device()) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(err) => err.to_string(),
+    }
+}
+
+#[test]
+fn bad_checkpoints_name_the_file_and_key() {
+    let dir = copy_tiny("tiny-bert");
+    let weights = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated or corrupt"),
+        "{err}"
+    );
+
+    let dir = copy_tiny("tiny-bert");
+    let config_path = dir.path().join("config.json");
+    let mut config = json(config_path.clone());
+    config["intermediate_size"] = Value::from(48);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("tensor `bert.encoder.layer.0.intermediate.dense.weight`: the checkpoint has shape [64, 32], but config.json implies [48, 32]"), "{err}");
+
+    config["intermediate_size"] = Value::from(64);
+    config["model_type"] = Value::from("gpt2");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("config.json: key `model_type`: `gpt2` is not supported"),
+        "{err}"
+    );
+
+    let err = match finetune_transformer::device("cuda:0") {
+        Err(ModelError::Device(name)) => name,
+        _ => panic!("cuda is not built here"),
+    };
+    assert_eq!(err, "cuda:0");
+}
