@@ -316,3 +316,78 @@ impl Getter<'_> {
         }
     }
 }
+
+/// `model: { init: scratch, ... }` in a pipeline: a small encoder trained from nothing.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScratchSpec {
+    /// Encoder layers.
+    pub layers: usize,
+    /// Hidden size; a multiple of `heads`.
+    pub hidden: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Feed-forward size (default: 4 × hidden).
+    pub intermediate: Option<usize>,
+    /// Longest sequence the position table holds.
+    #[serde(default = "default_positions")]
+    pub max_positions: usize,
+    /// Dropout on hidden states, attention probabilities and the head.
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    /// Standard deviation of the initial weights.
+    #[serde(default = "default_initializer_range")]
+    pub initializer_range: f64,
+}
+
+fn default_positions() -> usize {
+    512
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_initializer_range() -> f64 {
+    0.02
+}
+
+impl ScratchSpec {
+    /// A BERT-layout config for a vocabulary (from the tokenizer) and a label set (from ingest).
+    pub fn to_config(
+        &self,
+        vocab_size: usize,
+        pad_token_id: usize,
+        labels: Vec<String>,
+    ) -> Result<ModelConfig, String> {
+        if self.layers == 0 || self.hidden == 0 || self.heads == 0 {
+            return Err("layers, hidden and heads must be at least 1".into());
+        }
+        if self.hidden % self.heads != 0 {
+            return Err(format!(
+                "hidden ({}) must be a multiple of heads ({})",
+                self.hidden, self.heads
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("dropout {} is not in [0, 1)", self.dropout));
+        }
+        Ok(ModelConfig {
+            family: Family::Bert,
+            vocab_size,
+            hidden_size: self.hidden,
+            num_layers: self.layers,
+            num_heads: self.heads,
+            intermediate_size: self.intermediate.unwrap_or(4 * self.hidden),
+            max_position_embeddings: self.max_positions,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            hidden_act: Activation::Gelu,
+            hidden_dropout: self.dropout,
+            attention_dropout: self.dropout,
+            classifier_dropout: self.dropout,
+            pad_token_id,
+            initializer_range: self.initializer_range,
+            labels,
+            original: None,
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! MiniLM-L6 step benchmark (`cargo bench -p finetune-transformer --bench step`): forward, and
+//! forward + backward + AdamW, at batch 16 × 64 tokens on the CPU (burn's flex backend), on real
+//! token ids (the first 16 Amazon sentences, padded to 64). Prints each median against a
+//! reference step time (`FINETUNE_BENCH_REFERENCE_S`, default 0.5 s: PyTorch 2 + MKL here), and
+//! a profile split: the time the step's matmuls take alone, by shape, against the whole step.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use finetune_transformer::{Batch, Classifier, hf};
+
+const BATCH: usize = 16;
+const SEQ: usize = 64;
+const RUNS: usize = 5;
+
+fn main() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let shared = std::env::var_os("FINETUNE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("../shared"));
+    let model_dir = std::env::var_os("FINETUNE_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| shared.join("models/all-MiniLM-L6-v2"));
+    let reference: f64 = std::env::var("FINETUNE_BENCH_REFERENCE_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.5);
+    let rows = golden_rows(&shared, BATCH);
+    let labels = vec!["negative".to_string(), "positive".to_string()];
+    let device = finetune_transformer::device("cpu").expect("cpu");
+    let train_device = device.clone().autodiff();
+
+    let (model, _) = hf::load(&model_dir, Some(&labels), 42, &device).expect("load MiniLM");
+    let batch = Batch::from_rows(&rows, &model.config, Some(SEQ), &device);
+    let forward = median(|| {
+        let out = model.forward(&batch);
+        let _ = out.logits.into_data();
+    });
+
+    let (mut model, _) =
+        hf::load(&model_dir, Some(&labels), 42, &train_device).expect("load MiniLM");
+    let batch = Batch::from_rows(&rows, &model.config, Some(SEQ), &train_device);
+    let targets = Tensor::<1, Int>::from_data(
+        TensorData::new(
+            (0..BATCH as i64).map(|i| i % 2).collect::<Vec<_>>(),
+            [BATCH],
+        ),
+        &train_device,
+    );
+    let loss_fn = CrossEntropyLossConfig::new().init(&train_device);
+    let mut optimizer = AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.01)
+        .init();
+    let mut step = || {
+        let out = model.clone().forward(&batch);
+        let loss = loss_fn.forward(out.logits, targets.clone());
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(5e-5, model.clone(), grads);
+        let _ = loss.into_data();
+    };
+    step(); // warm-up: allocations, optimizer state
+    let train_step = median(&mut step);
+    let matmuls = matmul_time(&model.valid(), &device);
+
+    println!("MiniLM-L6, batch {BATCH} x {SEQ} tokens, flex CPU backend, median of {RUNS}:");
+    println!("  forward (eval):                  {:7.1} ms", ms(forward));
+    println!(
+        "  forward + backward + AdamW step: {:7.1} ms | ratio to the {reference} s reference: {:.2}",
+        ms(train_step),
+        train_step.as_secs_f64() / reference
+    );
+    println!(
+        "  profile: the step's matmuls alone take {:.1} ms ({:.0}% of the step); everything else {:.1} ms",
+        ms(matmuls),
+        100.0 * matmuls.as_secs_f64() / train_step.as_secs_f64(),
+        ms(train_step.saturating_sub(matmuls))
+    );
+}
+
+/// The matmuls of one training step, run alone: each linear's forward product and its two
+/// backward products, and attention's four batched products per layer (forward and backward).
+fn matmul_time(model: &Classifier, device: &Device) -> Duration {
+    let c = &model.config;
+    let tokens = BATCH * SEQ;
+    let (h, i, heads, dh) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_heads,
+        c.head_dim(),
+    );
+    let mut shapes: Vec<([usize; 3], [usize; 3])> = Vec::new();
+    let linear = |shapes: &mut Vec<_>, d_in: usize, d_out: usize| {
+        shapes.push(([1, tokens, d_in], [1, d_in, d_out])); // forward
+        shapes.push(([1, tokens, d_out], [1, d_out, d_in])); // input gradient
+        shapes.push(([1, d_in, tokens], [1, tokens, d_out])); // weight gradient
+    };
+    for _ in 0..c.num_layers {
+        for _ in 0..4 {
+            linear(&mut shapes, h, h);
+        }
+        linear(&mut shapes, h, i);
+        linear(&mut shapes, i, h);
+        let bh = BATCH * heads;
+        for _ in 0..3 {
+            shapes.push(([bh, SEQ, dh], [bh, dh, SEQ]));
+            shapes.push(([bh, SEQ, SEQ], [bh, SEQ, dh]));
+        }
+    }
+    let operands: Vec<(Tensor<3>, Tensor<3>)> = shapes
+        .iter()
+        .map(|(a, b)| (Tensor::<3>::ones(*a, device), Tensor::<3>::ones(*b, device)))
+        .collect();
+    median(|| {
+        for (a, b) in &operands {
+            let _ = a.clone().matmul(b.clone()).into_data();
+        }
+    })
+}
+
+fn golden_rows(shared: &std::path::Path, n: usize) -> Vec<Vec<i32>> {
+    let text = std::fs::read_to_string(shared.join("golden/tokenize_minilm.jsonl"))
+        .expect("golden token ids");
+    text.lines()
+        .take(n)
+        .map(|line| {
+            let row: serde_json::Value = serde_json::from_str(line).expect("json");
+            row["input_ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|v| v.as_i64().unwrap_or(0) as i32)
+                .collect()
+        })
+        .collect()
+}
+
+fn median(mut work: impl FnMut()) -> Duration {
+    let mut samples: Vec<Duration> = (0..RUNS)
+        .map(|_| {
+            let start = Instant::now();
+            work();
+            start.elapsed()
+        })
+        .collect();
+    samples.sort();
+    samples[RUNS / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
