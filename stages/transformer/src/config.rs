@@ -150,7 +150,7 @@ impl ModelConfig {
                 original: None,
             }
         };
-        if config.num_heads == 0 || config.hidden_size % config.num_heads != 0 {
+        if config.num_heads == 0 || !config.hidden_size.is_multiple_of(config.num_heads) {
             return Err(ModelError::Config {
                 file: file.into(),
                 key: "num_attention_heads".into(),
@@ -361,7 +361,7 @@ impl ScratchSpec {
         if self.layers == 0 || self.hidden == 0 || self.heads == 0 {
             return Err("layers, hidden and heads must be at least 1".into());
         }
-        if self.hidden % self.heads != 0 {
+        if !self.hidden.is_multiple_of(self.heads) {
             return Err(format!(
                 "hidden ({}) must be a multiple of heads ({})",
                 self.hidden, self.heads
