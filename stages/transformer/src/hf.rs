@@ -538,6 +538,18 @@ pub fn save(model: &Classifier, dir: &Path) -> Result<(), ModelError> {
     write_atomic(&dir.join("config.json"), config.as_bytes())
 }
 
+/// [`save`], plus the tokenizer.json the model was trained with: a directory that
+/// `AutoTokenizer` and `AutoModelForSequenceClassification` both load.
+pub fn save_with_tokenizer(
+    model: &Classifier,
+    dir: &Path,
+    tokenizer_json: &Path,
+) -> Result<(), ModelError> {
+    save(model, dir)?;
+    let bytes = std::fs::read(tokenizer_json).map_err(|e| ModelError::io(tokenizer_json, e))?;
+    write_atomic(&dir.join("tokenizer.json"), &bytes)
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     let temp = path.with_extension("partial");
     std::fs::write(&temp, bytes)

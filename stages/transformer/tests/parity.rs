@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::Device;
-use finetune_transformer::hf::{load, named_tensors, save};
+use finetune_transformer::hf::{load, named_tensors, save, save_with_tokenizer};
 use finetune_transformer::{Batch, Classifier, ModelError};
 use serde_json::Value;
 
@@ -218,7 +218,11 @@ fn a_fine_tuned_minilm_saves_as_bert_for_sequence_classification() {
     let labels = vec!["negative".to_string(), "positive".to_string()];
     let (model, _) = load(&minilm(), Some(&labels), 42, &device()).unwrap();
     let out = tempfile::tempdir().unwrap();
-    save(&model, out.path()).unwrap();
+    save_with_tokenizer(&model, out.path(), &minilm().join("tokenizer.json")).unwrap();
+    assert_eq!(
+        std::fs::read(out.path().join("tokenizer.json")).unwrap(),
+        std::fs::read(minilm().join("tokenizer.json")).unwrap()
+    );
     let keys = safetensors_keys(&out.path().join("model.safetensors"));
     assert!(keys.contains(&"bert.encoder.layer.5.output.LayerNorm.weight".to_string()));
     assert!(
