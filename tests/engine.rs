@@ -14,7 +14,10 @@ const ALL_FIVE: [&str; 5] = ["count", "ingest", "labels", "notes", "report"];
 fn a_second_run_executes_nothing_and_changes_no_byte() {
     let ws = Ws::new();
     let first = ws.run_ok(&[]);
-    assert_eq!(stages_with(&first, "stage_finished"), ["ingest"]);
+    assert_eq!(
+        stages_with(&first, "stage_finished"),
+        ["ingest", "tokenize"]
+    );
     let before = ws.snapshot();
     assert!(before.keys().any(|p| p.ends_with("reviews.lock")));
     let second = ws.run_ok(&[]);
@@ -22,7 +25,7 @@ fn a_second_run_executes_nothing_and_changes_no_byte() {
         stages_with(&second, "stage_started").is_empty(),
         "{second:?}"
     );
-    assert_eq!(stages_with(&second, "stage_cached"), ["ingest"]);
+    assert_eq!(stages_with(&second, "stage_cached"), ["ingest", "tokenize"]);
     assert_eq!(ws.snapshot(), before);
 }
 

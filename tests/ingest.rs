@@ -205,7 +205,10 @@ fn empty_files_header_only_and_one_class_are_errors() {
         &format!("{TSV}      labels: [\"1\", \"2\"]\n"),
     )
     .unwrap_err();
-    assert!(err.contains("label `0` is not in `labels` (1, 2)"), "{err}");
+    assert!(
+        err.contains("product_reviews.tsv:1: label `0` is not in `labels` (1, 2)"),
+        "{err}"
+    );
     let err = ingest(&ws, "missing.tsv", TSV).unwrap_err();
     assert!(err.contains("missing.tsv"), "{err}");
 }

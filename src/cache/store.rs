@@ -134,8 +134,11 @@ impl Store {
                 .join(format!("{key}.replaced.{}", std::process::id()));
             std::fs::rename(&target, &trash)
                 .with_context(|| format!("cannot replace {}", target.display()))?;
-            std::fs::rename(staged, &target)
-                .with_context(|| format!("cannot publish {}", target.display()))?;
+            if let Err(err) = std::fs::rename(staged, &target) {
+                // Put the old entry back rather than lose a good result.
+                let _ = std::fs::rename(&trash, &target);
+                return Err(err).with_context(|| format!("cannot publish {}", target.display()));
+            }
             let _ = std::fs::remove_dir_all(&trash);
         } else {
             std::fs::rename(staged, &target)

@@ -152,6 +152,15 @@ pub fn read_table(
             dropped.duplicate_text += 1;
             continue;
         }
+        if let Some(allowed) = &params.labels
+            && !allowed.contains(&label)
+        {
+            bail!(
+                "{}:{line}: label `{label}` is not in `labels` ({})",
+                shown.display(),
+                allowed.join(", ")
+            );
+        }
         raw_rows.push((text, label));
     }
     if rows_read == 0 {
@@ -272,13 +281,6 @@ fn decode_field(
 
 fn label_names(rows: &[(String, String)], params: &Params, shown: &Path) -> Result<Vec<String>> {
     if let Some(labels) = &params.labels {
-        if let Some((_, missing)) = rows.iter().find(|(_, l)| !labels.contains(l)) {
-            bail!(
-                "{}: label `{missing}` is not in `labels` ({})",
-                shown.display(),
-                labels.join(", ")
-            );
-        }
         return Ok(labels.clone());
     }
     let mut names: Vec<String> = rows
