@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use finetune_core::{ConfigError, ConfigureContext, Job, Stage, UpstreamInfo};
+use finetune_core::{ConfigError, ConfigKey, ConfigureContext, Job, Stage, UpstreamInfo};
 
 use crate::cache::digest::DigestMemo;
 use crate::cache::lockfile::KeyInputs;
 use crate::dag::Dag;
-use crate::pipeline::{Pipeline, PipelineError};
+use crate::pipeline::{Pipeline, PipelineError, StageDecl};
 use crate::registry::Registry;
 use crate::workspace::Workspace;
 
@@ -109,19 +109,11 @@ impl<'r> Plan<'r> {
     }
 }
 
-fn locate(
-    pipeline: &Pipeline,
-    decl: &crate::pipeline::StageDecl,
-    err: ConfigError,
-) -> PipelineError {
-    let key = if err.key.is_empty() {
-        if err.message.contains("needs") {
-            "needs".to_string()
-        } else {
-            String::new()
-        }
-    } else {
-        format!("with.{}", err.key)
+fn locate(pipeline: &Pipeline, decl: &StageDecl, err: ConfigError) -> PipelineError {
+    let key = match err.key {
+        ConfigKey::Needs => "needs".to_string(),
+        ConfigKey::With(key) if key.is_empty() => "with".to_string(),
+        ConfigKey::With(key) => format!("with.{key}"),
     };
     pipeline.error_at(decl, &key, err.message)
 }

@@ -239,7 +239,7 @@ mod tests {
         let err = configure(json!({"run": ["true"], "outs": ["../evil"]}))
             .err()
             .unwrap();
-        assert_eq!(err.key, "outs[0]");
+        assert_eq!(err.key, finetune_core::ConfigKey::With("outs[0]".into()));
         assert!(err.message.contains("escapes"));
         let err = configure(json!({"run": ["cat", "{needs.other}/x"]}))
             .err()

@@ -1,12 +1,19 @@
 use std::fmt;
 
-/// A problem with a stage's configuration, located by its key path inside `with:` so the
-/// engine can point at the line in the pipeline file.
+/// Where in a stage's declaration a configuration problem lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigKey {
+    /// A dotted path inside `with:` ("split.validation", "outs[0]"); empty for `with:` itself.
+    With(String),
+    /// The stage's `needs:` list.
+    Needs,
+}
+
+/// A problem with a stage's configuration, located so that the engine can point at the line in
+/// the pipeline file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
-    /// Where the problem is: a dotted path inside `with:` ("split.validation"), or a top-level
-    /// stage key ("needs"), or empty for the stage as a whole.
-    pub key: String,
+    pub key: ConfigKey,
     pub message: String,
 }
 
@@ -14,7 +21,7 @@ impl ConfigError {
     /// A problem with the value at `key` (a dotted path inside `with:`).
     pub fn at(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
-            key: key.into(),
+            key: ConfigKey::With(key.into()),
             message: message.into(),
         }
     }
@@ -22,7 +29,7 @@ impl ConfigError {
     /// A problem with the stage's `needs:` list.
     pub fn needs(message: impl Into<String>) -> Self {
         ConfigError {
-            key: String::new(),
+            key: ConfigKey::Needs,
             message: message.into(),
         }
     }
@@ -30,10 +37,10 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "`{}`: {}", self.key, self.message)
+        match &self.key {
+            ConfigKey::With(key) if key.is_empty() => f.write_str(&self.message),
+            ConfigKey::With(key) => write!(f, "`{key}`: {}", self.message),
+            ConfigKey::Needs => write!(f, "`needs`: {}", self.message),
         }
     }
 }

@@ -14,7 +14,7 @@ pub mod paths;
 pub mod rng;
 
 pub use context::{ConfigureContext, Reporter, RunContext, SilentReporter, Upstream, UpstreamInfo};
-pub use error::ConfigError;
+pub use error::{ConfigError, ConfigKey};
 pub use params::{parse_params, schema_for};
 pub use schemars;
 pub use serde_json::Value;
