@@ -4,6 +4,8 @@
 //! - [`model`]: the encoder (BERT, MiniLM, DistilBERT, RoBERTa) and its classification heads.
 //! - [`hf`]: loading `model.safetensors` exactly and saving back in Hugging Face's layout.
 //! - [`init`]: seeded initialisation for models trained from scratch.
+//! - [`schedule`]: linear, cosine and constant learning-rate schedules with warmup (HF semantics).
+//! - [`metrics`]: accuracy, precision/recall/F1 (macro, weighted, per class), confusion matrix.
 //!
 //! Nothing here assumes the CPU: every tensor is made on the device the caller passes, and
 //! [`device`] turns a pipeline's `device:` string into one.
@@ -11,7 +13,9 @@
 pub mod config;
 pub mod hf;
 pub mod init;
+pub mod metrics;
 pub mod model;
+pub mod schedule;
 
 use std::path::{Path, PathBuf};
 
