@@ -15,6 +15,7 @@ pub mod hf;
 pub mod init;
 pub mod metrics;
 pub mod model;
+pub mod optim;
 pub mod schedule;
 
 use std::path::{Path, PathBuf};

@@ -216,3 +216,48 @@ impl Head {
 pub fn dropout(p: f64) -> Dropout {
     DropoutConfig::new(p).init()
 }
+
+impl Classifier {
+    /// The same model with every dropout probability set to 0 (for exact comparisons).
+    pub fn without_dropout(mut self) -> Self {
+        self.embeddings.dropout = dropout(0.0);
+        for layer in &mut self.layers {
+            layer.dropout = dropout(0.0);
+            layer.attention_dropout = dropout(0.0);
+        }
+        self.head.dropout = dropout(0.0);
+        self
+    }
+
+    /// Every Dense, LayerNorm and Embedding of the model with its role, for optimizers and
+    /// regularizers that treat parameters differently (no weight decay on biases and norms).
+    pub fn no_decay_ids(&self) -> Vec<burn::module::ParamId> {
+        let mut ids = Vec::new();
+        let mut norm = |n: &LayerNorm| {
+            ids.push(n.gamma.id);
+            if let Some(beta) = &n.beta {
+                ids.push(beta.id);
+            }
+        };
+        norm(&self.embeddings.norm);
+        for layer in &self.layers {
+            norm(&layer.attention_norm);
+            norm(&layer.output_norm);
+        }
+        for layer in &self.layers {
+            for dense in [
+                &layer.query,
+                &layer.key,
+                &layer.value,
+                &layer.attention_output,
+                &layer.intermediate,
+                &layer.output,
+            ] {
+                ids.push(dense.bias.id);
+            }
+        }
+        ids.push(self.head.dense.bias.id);
+        ids.push(self.head.out.bias.id);
+        ids
+    }
+}

@@ -1,0 +1,151 @@
+//! One optimizer update, as Hugging Face Trainer makes it: AdamW with decoupled weight decay
+//! (none on biases and LayerNorm weights), gradients accumulated over micro-batches with the
+//! loss scaled so that the update equals one large batch of the same samples, and clipping by
+//! the global gradient norm (torch's `clip_grad_norm_`, not burn's per-tensor clipping).
+
+use burn::module::ParamGroup;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::model::{Batch, Classifier};
+
+/// AdamW's settings with PyTorch's defaults (burn's differ: epsilon 1e-5, decay 1e-4).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub epsilon: f64,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        AdamW {
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+        }
+    }
+}
+
+impl AdamW {
+    /// The optimizer for `model`: decay on weights and embeddings, none on biases and norms.
+    pub fn build(&self, model: &Classifier) -> ModuleOptimizer {
+        let config = |decay: f64| {
+            AdamWConfig::new()
+                .with_beta_1(self.beta1 as f32)
+                .with_beta_2(self.beta2 as f32)
+                .with_epsilon(self.epsilon as f32)
+                .with_weight_decay(decay as f32)
+        };
+        ModuleOptimizer::from(config(self.weight_decay).build()).with_group(
+            ParamGroup::from_ids(model.no_decay_ids()),
+            config(0.0).build(),
+            None,
+        )
+    }
+}
+
+/// Token rows and their labels: one micro-batch.
+#[derive(Debug, Clone)]
+pub struct MicroBatch {
+    pub rows: Vec<Vec<i32>>,
+    pub labels: Vec<i64>,
+}
+
+/// What an update measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateStats {
+    /// Mean cross-entropy over all samples of the update.
+    pub loss: f64,
+    /// Global L2 norm of the gradient before clipping.
+    pub grad_norm: f64,
+}
+
+/// Applies one optimizer update from `micro_batches` (all of them: one update).
+pub fn update(
+    model: Classifier,
+    optimizer: &mut ModuleOptimizer,
+    micro_batches: &[MicroBatch],
+    lr: f64,
+    max_grad_norm: Option<f64>,
+    pad_to: Option<usize>,
+    device: &Device,
+) -> (Classifier, UpdateStats) {
+    let total: usize = micro_batches.iter().map(|m| m.rows.len()).sum();
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let mut accumulated = GradientsAccumulator::new();
+    let mut loss_sum = 0.0;
+    for micro in micro_batches {
+        let batch = Batch::from_rows(&micro.rows, &model.config, pad_to, device);
+        let targets = Tensor::<1, Int>::from_data(
+            TensorData::new(micro.labels.clone(), [micro.labels.len()]),
+            device,
+        );
+        // Mean over this micro-batch, weighted by its share of the update's samples: the sum
+        // over micro-batches is then the mean over all samples, as one large batch computes it.
+        let share = micro.rows.len() as f64 / total as f64;
+        let loss = loss_fn
+            .forward(model.forward(&batch).logits, targets)
+            .mul_scalar(share);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        loss_sum += f64::from(loss.into_scalar::<f32>());
+        accumulated.accumulate(&model, grads);
+    }
+    let mut grads = accumulated.grads();
+    let grad_norm = global_norm(&model, &grads);
+    if let Some(max) = max_grad_norm {
+        let coefficient = max / (grad_norm + 1e-6);
+        if coefficient < 1.0 {
+            model.visit(&mut Scale {
+                grads: &mut grads,
+                factor: coefficient,
+            });
+        }
+    }
+    let model = optimizer.step(lr, model, grads);
+    (
+        model,
+        UpdateStats {
+            loss: loss_sum,
+            grad_norm,
+        },
+    )
+}
+
+/// The L2 norm of all gradients together.
+pub fn global_norm(model: &Classifier, grads: &GradientsParams) -> f64 {
+    let mut visitor = SquaredNorm { grads, sum: 0.0 };
+    model.visit(&mut visitor);
+    visitor.sum.sqrt()
+}
+
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    sum: f64,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(grad) = self.grads.get::<D>(param.id) {
+            self.sum += f64::from(grad.powi_scalar(2).sum().into_scalar::<f32>());
+        }
+    }
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl ModuleVisitor for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let id: ParamId = param.id;
+        if let Some(grad) = self.grads.remove::<D>(id) {
+            self.grads.register(id, grad.mul_scalar(self.factor));
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! One optimizer update: gradient accumulation equals one large batch of the same samples.
+
+use std::path::PathBuf;
+
+use finetune_transformer::hf::{load, named_tensors};
+use finetune_transformer::optim::{AdamW, MicroBatch, update};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn minilm() -> PathBuf {
+    let dir = std::env::var_os("FINETUNE_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "the real model is needed at {}: run scripts/fetch-model.sh or set FINETUNE_MODEL_DIR",
+        dir.display()
+    );
+    dir
+}
+
+/// The first `n` Amazon sentences: MiniLM ids from the golden file, labels from the shipped data.
+fn samples(n: usize) -> (Vec<Vec<i32>>, Vec<i64>) {
+    let shared = std::env::var_os("FINETUNE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared"));
+    let golden = std::fs::read_to_string(shared.join("golden/tokenize_minilm.jsonl")).unwrap();
+    let rows = golden
+        .lines()
+        .take(n)
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["input_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap() as i32)
+                .collect()
+        })
+        .collect();
+    let data = std::fs::read_to_string(repo().join("data/raw/product_reviews.tsv")).unwrap();
+    let labels = data
+        .lines()
+        .take(n)
+        .map(|l| l.rsplit('\t').next().unwrap().trim().parse().unwrap())
+        .collect();
+    (rows, labels)
+}
+
+#[test]
+fn batch_16_equals_batch_8_accumulated_twice() {
+    let device = finetune_transformer::device("cpu").unwrap().autodiff();
+    let labels = vec!["negative".to_string(), "positive".to_string()];
+    let (rows, targets) = samples(16);
+    let adamw = AdamW {
+        weight_decay: 0.01,
+        ..AdamW::default()
+    };
+    let run = |split: &[usize]| {
+        let (model, _) = load(&minilm(), Some(&labels), 42, &device).unwrap();
+        let model = model.without_dropout();
+        let mut optimizer = adamw.build(&model);
+        let mut start = 0;
+        let micro: Vec<MicroBatch> = split
+            .iter()
+            .map(|&n| {
+                let m = MicroBatch {
+                    rows: rows[start..start + n].to_vec(),
+                    labels: targets[start..start + n].to_vec(),
+                };
+                start += n;
+                m
+            })
+            .collect();
+        let (model, stats) = update(
+            model,
+            &mut optimizer,
+            &micro,
+            5e-5,
+            Some(1.0),
+            None,
+            &device,
+        );
+        (named_tensors(&model), stats)
+    };
+    let (one, one_stats) = run(&[16]);
+    let (two, two_stats) = run(&[8, 8]);
+    let (uneven, uneven_stats) = run(&[5, 11]);
+    for (stats, name) in [(two_stats, "8 + 8"), (uneven_stats, "5 + 11")] {
+        assert!(
+            (stats.loss - one_stats.loss).abs() < 1e-5,
+            "{name}: loss {} vs {}",
+            stats.loss,
+            one_stats.loss
+        );
+        assert!(
+            (stats.grad_norm - one_stats.grad_norm).abs() / one_stats.grad_norm < 1e-4,
+            "{name}: grad norm {} vs {}",
+            stats.grad_norm,
+            one_stats.grad_norm
+        );
+    }
+    let max_diff = |a: &[(String, Vec<usize>, Vec<f32>)], b: &[(String, Vec<usize>, Vec<f32>)]| {
+        a.iter()
+            .zip(b)
+            .flat_map(|(x, y)| x.2.iter().zip(&y.2).map(|(p, q)| (p - q).abs()))
+            .fold(0.0f32, f32::max)
+    };
+    let (d_two, d_uneven) = (max_diff(&one, &two), max_diff(&one, &uneven));
+    eprintln!(
+        "accumulation: loss {:.6}, grad norm {:.6}; max |weight diff| 8+8: {d_two:e}, 5+11: {d_uneven:e}",
+        one_stats.loss, one_stats.grad_norm
+    );
+    // Adam's first step moves each weight by about lr = 5e-5; float reassociation may only move it by a sliver of that.
+    assert!(
+        d_two < 1e-6 && d_uneven < 1e-6,
+        "8+8: {d_two:e}, 5+11: {d_uneven:e}"
+    );
+    let (model, _) = load(&minilm(), Some(&labels), 42, &device).unwrap();
+    let before = named_tensors(&model);
+    assert!(
+        max_diff(&before, &one) > 1e-5,
+        "the update must change the weights"
+    );
+}
