@@ -3,33 +3,13 @@
 
 use std::path::PathBuf;
 
+mod common;
+use common::{minilm, shared};
+
 use burn::tensor::Device;
 use finetune_transformer::hf::{load, named_tensors, save, save_with_tokenizer};
 use finetune_transformer::{Batch, Classifier, ModelError};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn shared() -> PathBuf {
-    std::env::var_os("FINETUNE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared"))
-}
-
-/// The real model, found as a user finds it: FINETUNE_MODEL_DIR, else models/ in the repo.
-fn minilm() -> PathBuf {
-    let dir = std::env::var_os("FINETUNE_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "the real model is needed at {}: run scripts/fetch-model.sh or set FINETUNE_MODEL_DIR",
-        dir.display()
-    );
-    dir
-}
 
 fn device() -> Device {
     finetune_transformer::device("cpu").unwrap()

@@ -1,32 +1,14 @@
 //! One optimizer update: gradient accumulation equals one large batch of the same samples.
 
-use std::path::PathBuf;
+mod common;
+use common::{minilm, repo, shared};
 
 use finetune_transformer::hf::{load, named_tensors};
 use finetune_transformer::optim::{AdamW, MicroBatch, update};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn minilm() -> PathBuf {
-    let dir = std::env::var_os("FINETUNE_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "the real model is needed at {}: run scripts/fetch-model.sh or set FINETUNE_MODEL_DIR",
-        dir.display()
-    );
-    dir
-}
-
 /// The first `n` Amazon sentences: MiniLM ids from the golden file, labels from the shipped data.
 fn samples(n: usize) -> (Vec<Vec<i32>>, Vec<i64>) {
-    let shared = std::env::var_os("FINETUNE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared"));
-    let golden = std::fs::read_to_string(shared.join("golden/tokenize_minilm.jsonl")).unwrap();
+    let golden = std::fs::read_to_string(shared().join("golden/tokenize_minilm.jsonl")).unwrap();
     let rows = golden
         .lines()
         .take(n)
