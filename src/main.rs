@@ -7,6 +7,7 @@ fn plugins() -> Registry {
     Registry::new()
         .with(finetune_ingest::IngestCsv)
         .with(finetune_tokenize::Tokenize)
+        .with(finetune_transformer::train::Train)
         .with(finetune_command::Command)
 }
 

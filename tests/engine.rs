@@ -16,7 +16,7 @@ fn a_second_run_executes_nothing_and_changes_no_byte() {
     let first = ws.run_ok(&[]);
     assert_eq!(
         stages_with(&first, "stage_finished"),
-        ["ingest", "tokenize"]
+        ["ingest", "tokenize", "train"]
     );
     let before = ws.snapshot();
     assert!(before.keys().any(|p| p.ends_with("reviews.lock")));
@@ -25,7 +25,10 @@ fn a_second_run_executes_nothing_and_changes_no_byte() {
         stages_with(&second, "stage_started").is_empty(),
         "{second:?}"
     );
-    assert_eq!(stages_with(&second, "stage_cached"), ["ingest", "tokenize"]);
+    assert_eq!(
+        stages_with(&second, "stage_cached"),
+        ["ingest", "tokenize", "train"]
+    );
     assert_eq!(ws.snapshot(), before);
 }
 

@@ -11,12 +11,14 @@
 //! [`device`] turns a pipeline's `device:` string into one.
 
 pub mod config;
+pub mod data;
 pub mod hf;
 pub mod init;
 pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod schedule;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 

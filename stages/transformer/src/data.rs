@@ -1,0 +1,91 @@
+//! Reading the `tokenize` stage's output: token-id rows with labels, the label names, the
+//! tokenizer's padding id and vocabulary size.
+
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+use arrow::array::{Array, Int32Array, Int64Array, ListArray};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// One tokenized text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub ids: Vec<i32>,
+    pub label: i64,
+}
+
+/// The `input_ids` and `label` columns of a tokenize split.
+pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{} is not a Parquet file", path.display()))?
+        .build()?;
+    let mut examples = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("cannot read {}", path.display()))?;
+        let ids = batch
+            .column_by_name("input_ids")
+            .and_then(|c| c.as_any().downcast_ref::<ListArray>())
+            .ok_or_else(|| anyhow!("{} has no `input_ids` list column", path.display()))?;
+        let labels = batch
+            .column_by_name("label")
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+            .ok_or_else(|| anyhow!("{} has no `label` column", path.display()))?;
+        for row in 0..batch.num_rows() {
+            let values = ids.value(row);
+            let values = values
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .ok_or_else(|| anyhow!("{}: `input_ids` is not int32", path.display()))?;
+            examples.push(Example {
+                ids: values.values().to_vec(),
+                label: labels.value(row),
+            });
+        }
+    }
+    Ok(examples)
+}
+
+/// Label names in id order, from labels.json.
+pub fn read_labels(path: &Path) -> Result<Vec<String>> {
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", path.display()))?;
+    json["names"]
+        .as_array()
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect()
+        })
+        .ok_or_else(|| anyhow!("{} has no `names` list", path.display()))
+}
+
+/// (vocabulary size, id of [PAD] or <pad>) of a tokenizer.json.
+pub fn tokenizer_facts(path: &Path) -> Result<(usize, usize)> {
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", path.display()))?;
+    let vocab = json["model"]["vocab"]
+        .as_object()
+        .ok_or_else(|| anyhow!("{}: no model.vocab mapping", path.display()))?;
+    let added = json["added_tokens"].as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|t| {
+                t["id"]
+                    .as_u64()
+                    .is_some_and(|id| id as usize >= vocab.len())
+            })
+            .count()
+    });
+    let pad = ["[PAD]", "<pad>"]
+        .iter()
+        .find_map(|t| vocab.get(*t))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as usize;
+    Ok((vocab.len() + added, pad))
+}
