@@ -41,6 +41,12 @@ fn the_default_pipeline_trains_a_model_from_scratch_reproducibly() {
     let accuracy = metrics["accuracy"].as_f64().unwrap();
     assert!(accuracy >= 0.70, "validation accuracy {accuracy}");
     assert_eq!(metrics["confusion"].as_array().unwrap().len(), 2);
+    let history = read_json(&out_a.join("run_history.json"));
+    assert_eq!(
+        history["params"]["model"]["scratch"]["layers"], 2,
+        "run_history.json records the stage's params"
+    );
+    assert_eq!(history["epochs"].as_array().unwrap().len(), 8);
     let device = finetune_transformer::device("cpu").unwrap();
     let (model, report) =
         finetune_transformer::hf::load(&out_a.join("model"), None, 0, &device).unwrap();

@@ -69,8 +69,9 @@ impl Job for TokenizeJob {
 
     fn run(&self, ctx: &RunContext) -> anyhow::Result<()> {
         let ingest = ctx.upstream_using("ingest_csv")?;
-        let train_texts = encode::read_split(&ingest.dir.join("train.parquet"))?.texts;
-        let tokenizer = self.source.load(&self.params, &train_texts, ctx)?;
+        let tokenizer = self
+            .source
+            .load(&self.params, &ingest.dir.join("train.parquet"), ctx)?;
         tokenizer
             .save(ctx.out_dir.join("tokenizer.json"), false)
             .map_err(|e| anyhow::anyhow!("cannot save tokenizer.json: {e}"))?;

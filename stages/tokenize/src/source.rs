@@ -128,13 +128,9 @@ impl Source {
         }
     }
 
-    /// The tokenizer, truncating to `max_length` and never padding.
-    pub fn load(
-        &self,
-        params: &Params,
-        train_texts: &[String],
-        ctx: &RunContext,
-    ) -> Result<Tokenizer> {
+    /// The tokenizer, truncating to `max_length` and never padding. `train_split` is read only
+    /// when a tokenizer is trained.
+    pub fn load(&self, params: &Params, train_split: &Path, ctx: &RunContext) -> Result<Tokenizer> {
         let mut tokenizer = match self {
             Source::File { tokenizer_json, .. } => {
                 let path = ctx.resolve(tokenizer_json);
@@ -146,13 +142,14 @@ impl Source {
                 })?
             }
             Source::Train(trainable) => {
+                let train_texts = crate::encode::read_split(train_split)?.texts;
                 ctx.reporter.message(&format!(
                     "training {:?} (vocab {}) on {} train texts",
                     trainable.train,
                     trainable.vocab_size,
                     train_texts.len()
                 ));
-                train(trainable, train_texts)?
+                train(trainable, &train_texts)?
             }
         };
         tokenizer

@@ -221,12 +221,17 @@ impl Stage for Train {
                     .map_err(|e| ConfigError::at("model.scratch", e))?;
             }
         }
-        Ok(Box::new(TrainJob { params }))
+        Ok(Box::new(TrainJob {
+            params,
+            with: with.clone(),
+        }))
     }
 }
 
 struct TrainJob {
     params: TrainParams,
+    /// The `with:` as the pipeline gave it, for run_history.json.
+    with: Value,
 }
 
 impl Job for TrainJob {
@@ -297,7 +302,7 @@ impl Job for TrainJob {
             &ctx.out_dir.join("model"),
             &tokenizer_json,
         )?;
-        loop_state.finish(&self.params, ctx)
+        loop_state.finish(&self.with, ctx)
     }
 }
 
@@ -431,7 +436,7 @@ impl<'a> Loop<'a> {
         Ok(model)
     }
 
-    fn finish(self, params: &TrainParams, ctx: &RunContext) -> Result<()> {
+    fn finish(self, with: &Value, ctx: &RunContext) -> Result<()> {
         let metrics = self.last_metrics.unwrap_or_else(|| json!({}));
         let write = |name: &str, value: &serde_json::Value| -> Result<()> {
             let mut text = serde_json::to_string_pretty(value)?;
@@ -440,7 +445,6 @@ impl<'a> Loop<'a> {
                 .with_context(|| format!("cannot write {name}"))
         };
         write("metrics.json", &metrics)?;
-        let with = serde_json::to_value(format!("{params:?}"))?;
         write(
             "run_history.json",
             &json!({ "params": with, "epochs": self.history, "final": metrics, "train_seconds": self.started.elapsed().as_secs_f64() }),
