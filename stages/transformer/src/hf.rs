@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::nn::{Embedding, LayerNorm, LayerNormConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
@@ -148,6 +148,7 @@ pub fn build(
         source,
         device,
         eps: config.layer_norm_eps,
+        next_id: 0,
     };
     let embeddings = Embeddings {
         word: builder.embedding(&names.word(), config.vocab_size, h)?,
@@ -195,14 +196,20 @@ struct Builder<'a> {
     source: &'a mut dyn WeightSource,
     device: &'a Device,
     eps: f64,
+    next_id: u64,
 }
 
 impl Builder<'_> {
-    fn param<const D: usize>(&self, values: Vec<f32>, shape: [usize; D]) -> Param<Tensor<D>> {
-        Param::from_tensor(Tensor::from_data(
+    /// Parameters are numbered in build order, so two models of one architecture share their
+    /// ids: an optimizer state saved in a checkpoint then applies to the reloaded model.
+    fn param<const D: usize>(&mut self, values: Vec<f32>, shape: [usize; D]) -> Param<Tensor<D>> {
+        self.next_id += 1;
+        let fresh = Param::from_tensor(Tensor::from_data(
             TensorData::new(values, shape),
             self.device,
-        ))
+        ));
+        let (_, tensor, mapper) = fresh.consume();
+        Param::from_mapped_value(ParamId::from(self.next_id), tensor, mapper)
     }
 
     fn dense(&mut self, name: &HfName, d_in: usize, d_out: usize) -> Result<Dense, ModelError> {

@@ -5,6 +5,8 @@
 //! - [`hf`]: loading `model.safetensors` exactly and saving back in Hugging Face's layout.
 //! - [`init`]: seeded initialisation for models trained from scratch.
 //! - [`schedule`]: linear, cosine and constant learning-rate schedules with warmup (HF semantics).
+//! - [`trainer`]: the Trainer-style loop: callbacks, checkpoints, resume, logs.
+//! - [`train`]: the `train` stage.
 //! - [`metrics`]: accuracy, precision/recall/F1 (macro, weighted, per class), confusion matrix.
 //!
 //! Nothing here assumes the CPU: every tensor is made on the device the caller passes, and
@@ -19,6 +21,7 @@ pub mod model;
 pub mod optim;
 pub mod schedule;
 pub mod train;
+pub mod trainer;
 
 use std::path::{Path, PathBuf};
 
@@ -73,4 +76,12 @@ pub fn device(name: &str) -> Result<Device, ModelError> {
 pub fn scratch(config: &ModelConfig, seed: u64, device: &Device) -> Classifier {
     let mut source = init::InitSource::new(config, seed);
     hf::build(config, &mut source, device).expect("fresh initialisation cannot fail")
+}
+
+/// Holds the process's one training slot. burn's CPU backend keeps one RNG for the process, so
+/// two trainings at once would draw each other's dropout masks; `--jobs` parallelism still
+/// applies to every other stage.
+pub fn exclusive_device() -> std::sync::MutexGuard<'static, ()> {
+    static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    DEVICE.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -3,9 +3,11 @@
 //! `get_linear_schedule_with_warmup` and friends do. The schedule counts optimizer updates, not
 //! micro-batches or extra passes, whatever accumulation or regularizers do.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     /// Linear warmup, then linear decay to 0 at the last update (HF's default).
@@ -17,7 +19,7 @@ pub enum ScheduleKind {
     Constant,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 pub struct Schedule {
     pub kind: ScheduleKind,
     pub base_lr: f64,

@@ -26,3 +26,24 @@ pub fn minilm() -> PathBuf {
     );
     dir
 }
+
+/// The first `n` Amazon review sentences of ../shared, tokenized with the real model's
+/// tokenizer (at most 32 tokens): real data for training tests.
+pub fn amazon_examples(n: usize) -> Vec<finetune_transformer::data::Example> {
+    let path = shared().join("data/uci_sentiment/amazon_cells_labelled.txt");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let tokenizer = tokenizers::Tokenizer::from_file(minilm().join("tokenizer.json")).unwrap();
+    text.lines()
+        .filter_map(|line| line.rsplit_once('\t'))
+        .take(n)
+        .map(|(sentence, label)| {
+            let encoding = tokenizer.encode(sentence, true).unwrap();
+            let mut ids: Vec<i32> = encoding.get_ids().iter().map(|&i| i as i32).collect();
+            ids.truncate(32);
+            finetune_transformer::data::Example {
+                ids,
+                label: label.trim().parse().unwrap(),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,322 @@
+//! The trainer's settings: the role of Hugging Face's `TrainingArguments`, with its names and
+//! meanings, checked before anything runs.
+
+use finetune_core::ConfigError;
+use finetune_core::schemars::{self, JsonSchema};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::schedule::ScheduleKind;
+
+/// `with: training:` of a `train` stage.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingArgs {
+    /// num_train_epochs.
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    /// max_steps: optimizer updates in all; overrides `epochs` when set.
+    pub max_steps: Option<usize>,
+    /// per_device_train_batch_size: samples per micro-batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// gradient_accumulation_steps: micro-batches per optimizer update.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// learning_rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// weight_decay (none on biases and LayerNorm weights).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// adam_epsilon.
+    #[serde(default = "default_epsilon")]
+    pub adam_epsilon: f64,
+    /// warmup_ratio of all updates (rounded up).
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// warmup_steps; wins over warmup_ratio.
+    pub warmup_steps: Option<usize>,
+    /// lr_scheduler_type.
+    #[serde(default)]
+    pub schedule: ScheduleKind,
+    /// max_grad_norm (global L2 norm); null for none.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: Option<f64>,
+    /// seed: shuffling, dropout, new weights.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// `dynamic` (pad to the longest in the batch) or `max_length` (pad to tokenize's max_length).
+    #[serde(default)]
+    pub padding: Padding,
+    /// group_by_length: batches of similar lengths (less padding), shuffled order of groups.
+    #[serde(default)]
+    pub group_by_length: bool,
+    /// per_device_eval_batch_size.
+    #[serde(default = "default_eval_batch_size")]
+    pub eval_batch_size: usize,
+    /// The split evaluated during training: `validation`, or `test` to reproduce a
+    /// train/test-only protocol (such as Hugging Face's reference benchmark).
+    #[serde(default)]
+    pub eval_split: EvalSplit,
+    /// eval_strategy: `epoch`, `steps` (every `eval_steps` updates) or `no`.
+    #[serde(default = "epoch")]
+    pub eval_strategy: Strategy,
+    pub eval_steps: Option<usize>,
+    /// save_strategy: checkpoints by `epoch`, `steps` (every `save_steps`) or `no`.
+    #[serde(default = "epoch")]
+    pub save_strategy: Strategy,
+    pub save_steps: Option<usize>,
+    /// save_total_limit: keep at most this many checkpoints (the best one is always kept).
+    pub save_total_limit: Option<usize>,
+    /// logging_steps: one log record (mean loss since the last one) every N updates.
+    #[serde(default = "default_logging_steps")]
+    pub logging_steps: usize,
+    /// load_best_model_at_end: the output model is the best checkpoint's.
+    #[serde(default)]
+    pub load_best_model_at_end: bool,
+    /// metric_for_best_model: `loss`, `accuracy`, `f1_macro`, … (an `eval_` prefix is allowed).
+    pub metric_for_best_model: Option<String>,
+    /// greater_is_better; by default false for a loss, true for anything else.
+    pub greater_is_better: Option<bool>,
+    /// Stop when the best-model metric has not improved for `patience` evaluations.
+    pub early_stopping: Option<EarlyStoppingArgs>,
+    /// Continue an interrupted run from its last checkpoint (kept under the stage's cache key).
+    #[serde(default = "yes")]
+    pub resume: bool,
+    /// Write TensorBoard event files under logs/tensorboard.
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Padding {
+    #[default]
+    Dynamic,
+    MaxLength,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalSplit {
+    #[default]
+    Validation,
+    Test,
+}
+
+impl EvalSplit {
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalSplit::Validation => "validation",
+            EvalSplit::Test => "test",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    No,
+    Steps,
+    Epoch,
+}
+
+/// HF's EarlyStoppingCallback: `patience` evaluations without an improvement larger than
+/// `threshold` over the best so far stop training.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStoppingArgs {
+    pub patience: usize,
+    #[serde(default)]
+    pub threshold: f64,
+}
+
+/// The metrics an evaluation reports, for `metric_for_best_model`.
+pub const METRICS: &[&str] = &[
+    "loss",
+    "accuracy",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+];
+
+impl Default for TrainingArgs {
+    fn default() -> Self {
+        serde_json::from_value(json!({})).expect("every field has a default")
+    }
+}
+
+impl TrainingArgs {
+    /// The metric that picks the best model, without `eval_` (HF's default: the loss).
+    pub fn best_metric(&self) -> &str {
+        let name = self.metric_for_best_model.as_deref().unwrap_or("loss");
+        name.strip_prefix("eval_").unwrap_or(name)
+    }
+
+    /// Whether a larger best-model metric is better.
+    pub fn greater_is_better(&self) -> bool {
+        self.greater_is_better
+            .unwrap_or_else(|| !self.best_metric().ends_with("loss"))
+    }
+
+    /// Whether the best metric has to be tracked at all.
+    pub fn tracks_best(&self) -> bool {
+        self.load_best_model_at_end
+            || self.early_stopping.is_some()
+            || self.metric_for_best_model.is_some()
+    }
+
+    /// The checks Trainer makes when TrainingArguments are built, with the key at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let at =
+            |key: &str, message: String| Err(ConfigError::at(format!("training.{key}"), message));
+        for (key, value) in [
+            ("epochs", self.epochs),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("eval_batch_size", self.eval_batch_size),
+            ("logging_steps", self.logging_steps),
+        ] {
+            if value == 0 {
+                return at(key, "must be at least 1".into());
+            }
+        }
+        for (key, value) in [
+            ("max_steps", self.max_steps),
+            ("eval_steps", self.eval_steps),
+            ("save_steps", self.save_steps),
+            ("save_total_limit", self.save_total_limit),
+        ] {
+            if value == Some(0) {
+                return at(key, "must be at least 1".into());
+            }
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return at("lr", format!("{} is not a positive learning rate", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return at(
+                "warmup_ratio",
+                format!("{} is not in [0, 1)", self.warmup_ratio),
+            );
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return at("weight_decay", format!("{} is not ≥ 0", self.weight_decay));
+        }
+        if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
+            return at("adam_epsilon", format!("{} is not > 0", self.adam_epsilon));
+        }
+        if let Some(norm) = self.max_grad_norm.filter(|n| n.is_nan() || *n <= 0.0) {
+            return at(
+                "max_grad_norm",
+                format!("{norm} is not > 0 (use null for no clipping)"),
+            );
+        }
+        if self.eval_strategy == Strategy::Steps && self.eval_steps.is_none() {
+            return at(
+                "eval_steps",
+                "is required when eval_strategy is `steps`".into(),
+            );
+        }
+        if self.save_strategy == Strategy::Steps && self.save_steps.is_none() {
+            return at(
+                "save_steps",
+                "is required when save_strategy is `steps`".into(),
+            );
+        }
+        if !METRICS.contains(&self.best_metric()) {
+            return at(
+                "metric_for_best_model",
+                format!(
+                    "`{}` is not a metric; one of: {}",
+                    self.best_metric(),
+                    METRICS.join(", ")
+                ),
+            );
+        }
+        if self.load_best_model_at_end {
+            if self.eval_strategy == Strategy::No {
+                return at(
+                    "load_best_model_at_end",
+                    "needs an eval_strategy other than `no`".into(),
+                );
+            }
+            if self.save_strategy != self.eval_strategy {
+                return at(
+                    "save_strategy",
+                    format!(
+                        "must equal eval_strategy ({:?}) with load_best_model_at_end, so that every evaluated model is saved",
+                        self.eval_strategy
+                    ),
+                );
+            }
+            if let (Some(save), Some(eval)) = (self.save_steps, self.eval_steps)
+                && self.save_strategy == Strategy::Steps
+                && save % eval != 0
+            {
+                return at(
+                    "save_steps",
+                    format!(
+                        "{save} must be a multiple of eval_steps ({eval}) with load_best_model_at_end"
+                    ),
+                );
+            }
+        }
+        if let Some(early) = &self.early_stopping {
+            if self.eval_strategy == Strategy::No {
+                return at(
+                    "early_stopping",
+                    "needs an eval_strategy other than `no`".into(),
+                );
+            }
+            if early.patience == 0 {
+                return at("early_stopping.patience", "must be at least 1".into());
+            }
+            if early.threshold.is_nan() || early.threshold < 0.0 {
+                return at(
+                    "early_stopping.threshold",
+                    format!("{} is not ≥ 0", early.threshold),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_epochs() -> usize {
+    3
+}
+fn default_batch_size() -> usize {
+    16
+}
+fn one() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    5e-5
+}
+fn default_epsilon() -> f64 {
+    1e-8
+}
+fn default_max_grad_norm() -> Option<f64> {
+    Some(1.0)
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_eval_batch_size() -> usize {
+    64
+}
+fn default_logging_steps() -> usize {
+    10
+}
+fn epoch() -> Strategy {
+    Strategy::Epoch
+}
+fn yes() -> bool {
+    true
+}

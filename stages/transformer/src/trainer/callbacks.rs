@@ -1,0 +1,376 @@
+//! Callbacks: the events Trainer users know, and the built-in ones (early stopping, the JSONL
+//! and TensorBoard loggers, progress reports, run_history.json).
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use finetune_core::Reporter;
+use serde_json::{Value, json};
+
+use super::args::EarlyStoppingArgs;
+use super::state::{Control, Record, TrainerState};
+use super::tensorboard::EventWriter;
+
+/// Hooks into the training loop. Every method has a no-op default; set flags on `control` to
+/// stop training or to ask for an evaluation, a checkpoint or a log record now.
+#[allow(unused_variables)]
+pub trait Callback {
+    /// A stable name, under which `save_state` is kept in checkpoints.
+    fn name(&self) -> &'static str;
+    fn on_train_begin(&mut self, state: &TrainerState, control: &mut Control) -> Result<()> {
+        Ok(())
+    }
+    fn on_train_end(&mut self, state: &TrainerState, control: &mut Control) -> Result<()> {
+        Ok(())
+    }
+    fn on_epoch_begin(&mut self, state: &TrainerState, control: &mut Control) -> Result<()> {
+        Ok(())
+    }
+    fn on_epoch_end(&mut self, state: &TrainerState, control: &mut Control) -> Result<()> {
+        Ok(())
+    }
+    fn on_step_begin(&mut self, state: &TrainerState, control: &mut Control) -> Result<()> {
+        Ok(())
+    }
+    fn on_step_end(&mut self, state: &TrainerState, control: &mut Control) -> Result<()> {
+        Ok(())
+    }
+    /// After an evaluation; `metrics` holds `eval_*` values. `state.best_metric` is still the
+    /// best before this evaluation.
+    fn on_evaluate(
+        &mut self,
+        state: &TrainerState,
+        metrics: &Record,
+        control: &mut Control,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// After a record joined the log history (training or evaluation).
+    fn on_log(
+        &mut self,
+        state: &TrainerState,
+        record: &Record,
+        control: &mut Control,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// After a checkpoint was written.
+    fn on_save(
+        &mut self,
+        state: &TrainerState,
+        checkpoint: &Path,
+        control: &mut Control,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// State to keep in checkpoints, so that a resumed run continues where it was.
+    fn save_state(&self) -> Option<Value> {
+        None
+    }
+    fn load_state(&mut self, state: &Value) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// HF's EarlyStoppingCallback: an evaluation that does not beat the best so far by more than
+/// `threshold` counts against `patience`; an improvement resets the count.
+pub struct EarlyStopping {
+    pub metric: String,
+    pub greater_is_better: bool,
+    pub patience: usize,
+    pub threshold: f64,
+    pub bad_evaluations: usize,
+}
+
+impl EarlyStopping {
+    pub fn new(args: &EarlyStoppingArgs, metric: &str, greater_is_better: bool) -> Self {
+        EarlyStopping {
+            metric: format!("eval_{metric}"),
+            greater_is_better,
+            patience: args.patience,
+            threshold: args.threshold,
+            bad_evaluations: 0,
+        }
+    }
+}
+
+impl Callback for EarlyStopping {
+    fn name(&self) -> &'static str {
+        "early_stopping"
+    }
+
+    fn on_evaluate(
+        &mut self,
+        state: &TrainerState,
+        metrics: &Record,
+        control: &mut Control,
+    ) -> Result<()> {
+        let value = metrics
+            .get(&self.metric)
+            .and_then(Value::as_f64)
+            .with_context(|| {
+                format!(
+                    "early stopping: the evaluation reported no `{}`",
+                    self.metric
+                )
+            })?;
+        let improved = match state.best_metric {
+            None => true,
+            Some(best) => {
+                let better = if self.greater_is_better {
+                    value > best
+                } else {
+                    value < best
+                };
+                better && (value - best).abs() > self.threshold
+            }
+        };
+        if improved {
+            self.bad_evaluations = 0;
+        } else {
+            self.bad_evaluations += 1;
+        }
+        if self.bad_evaluations >= self.patience {
+            control.should_training_stop = true;
+        }
+        Ok(())
+    }
+
+    fn save_state(&self) -> Option<Value> {
+        Some(json!({ "bad_evaluations": self.bad_evaluations }))
+    }
+
+    fn load_state(&mut self, state: &Value) -> Result<()> {
+        self.bad_evaluations = state["bad_evaluations"]
+            .as_u64()
+            .context("early stopping state has no `bad_evaluations`")?
+            as usize;
+        Ok(())
+    }
+}
+
+/// Appends every log record to a JSON Lines file (a resumed run first writes the history).
+pub struct JsonlLogger {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl JsonlLogger {
+    pub fn create(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file =
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(JsonlLogger {
+            path: path.to_path_buf(),
+            out: BufWriter::new(file),
+        })
+    }
+
+    fn write(&mut self, record: &Record) -> Result<()> {
+        serde_json::to_writer(&mut self.out, record)?;
+        self.out
+            .write_all(b"\n")
+            .and_then(|()| self.out.flush())
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+impl Callback for JsonlLogger {
+    fn name(&self) -> &'static str {
+        "jsonl"
+    }
+    fn on_train_begin(&mut self, state: &TrainerState, _: &mut Control) -> Result<()> {
+        state.log_history.iter().try_for_each(|r| self.write(r))
+    }
+    fn on_log(&mut self, _: &TrainerState, record: &Record, _: &mut Control) -> Result<()> {
+        self.write(record)
+    }
+}
+
+/// Scalars of every log record into TensorBoard event files: `train/loss`, `train/learning_rate`,
+/// `train/grad_norm`, `train/samples_per_second`, `train/epoch`, `eval/accuracy`, …
+pub struct TensorBoardLogger {
+    writer: EventWriter,
+}
+
+impl TensorBoardLogger {
+    pub fn create(dir: &Path) -> Result<Self> {
+        Ok(TensorBoardLogger {
+            writer: EventWriter::create(dir)?,
+        })
+    }
+
+    fn write(&mut self, record: &Record) -> Result<()> {
+        let step = record.get("step").and_then(Value::as_u64).unwrap_or(0);
+        let scalars: Vec<(String, f64)> = record
+            .iter()
+            .filter(|(key, _)| key.as_str() != "step")
+            .filter_map(|(key, value)| Some((tensorboard_tag(key), value.as_f64()?)))
+            .collect();
+        self.writer.scalars(step, &scalars)
+    }
+}
+
+/// HF's TensorBoardCallback tags: `eval_x` → `eval/x`, anything else → `train/x`.
+fn tensorboard_tag(key: &str) -> String {
+    match key.strip_prefix("eval_") {
+        Some(metric) => format!("eval/{metric}"),
+        None => format!("train/{key}"),
+    }
+}
+
+impl Callback for TensorBoardLogger {
+    fn name(&self) -> &'static str {
+        "tensorboard"
+    }
+    fn on_train_begin(&mut self, state: &TrainerState, _: &mut Control) -> Result<()> {
+        state.log_history.iter().try_for_each(|r| self.write(r))
+    }
+    fn on_log(&mut self, _: &TrainerState, record: &Record, _: &mut Control) -> Result<()> {
+        self.write(record)
+    }
+}
+
+/// Progress through the stage's reporter: a bar on a terminal (step of all steps), a status
+/// line per log record (epoch, step, loss, lr, samples/s, ETA) and one per evaluation.
+pub struct Progress<'a> {
+    reporter: &'a dyn Reporter,
+    started: Option<(Instant, usize)>,
+}
+
+impl<'a> Progress<'a> {
+    pub fn new(reporter: &'a dyn Reporter) -> Self {
+        Progress {
+            reporter,
+            started: None,
+        }
+    }
+
+    fn eta(&self, state: &TrainerState) -> String {
+        let Some((since, first_step)) = self.started else {
+            return "?".into();
+        };
+        let done = state.global_step.saturating_sub(first_step);
+        if done == 0 {
+            return "?".into();
+        }
+        let per_step = since.elapsed().as_secs_f64() / done as f64;
+        let left = (state.max_steps - state.global_step) as f64 * per_step;
+        format!("{}m{:02}s", (left / 60.0) as u64, (left % 60.0) as u64)
+    }
+}
+
+impl Callback for Progress<'_> {
+    fn name(&self) -> &'static str {
+        "progress"
+    }
+    fn on_train_begin(&mut self, state: &TrainerState, _: &mut Control) -> Result<()> {
+        self.started = Some((Instant::now(), state.global_step));
+        self.reporter
+            .progress(state.global_step as u64, state.max_steps as u64);
+        Ok(())
+    }
+    fn on_step_end(&mut self, state: &TrainerState, _: &mut Control) -> Result<()> {
+        self.reporter
+            .progress(state.global_step as u64, state.max_steps as u64);
+        Ok(())
+    }
+    fn on_log(&mut self, state: &TrainerState, record: &Record, _: &mut Control) -> Result<()> {
+        let Some(loss) = record.get("loss").and_then(Value::as_f64) else {
+            return Ok(());
+        };
+        let number = |key: &str| record.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        self.reporter.message(&format!(
+            "epoch {}/{} step {}/{} loss {loss:.4} lr {:.2e} {:.1} samples/s ETA {}",
+            (state.epoch.ceil() as usize).max(1),
+            state.num_epochs(),
+            state.global_step,
+            state.max_steps,
+            number("learning_rate"),
+            number("samples_per_second"),
+            self.eta(state)
+        ));
+        Ok(())
+    }
+    fn on_evaluate(
+        &mut self,
+        state: &TrainerState,
+        metrics: &Record,
+        _: &mut Control,
+    ) -> Result<()> {
+        let number = |key: &str| metrics.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        self.reporter.message(&format!(
+            "step {}: eval loss {:.4}, accuracy {:.4}, macro F1 {:.4}",
+            state.global_step,
+            number("eval_loss"),
+            number("eval_accuracy"),
+            number("eval_f1_macro")
+        ));
+        Ok(())
+    }
+}
+
+/// Writes run_history.json when training ends: the stage's params, one entry per epoch (train
+/// loss, the evaluation that ended it, duration, throughput), the last evaluation, totals.
+pub struct RunHistory {
+    path: PathBuf,
+    params: Value,
+}
+
+impl RunHistory {
+    pub fn new(path: &Path, params: Value) -> Self {
+        RunHistory {
+            path: path.to_path_buf(),
+            params,
+        }
+    }
+}
+
+impl Callback for RunHistory {
+    fn name(&self) -> &'static str {
+        "run_history"
+    }
+    fn on_train_end(&mut self, state: &TrainerState, _: &mut Control) -> Result<()> {
+        let evaluations: Vec<&Record> = state
+            .log_history
+            .iter()
+            .filter(|r| r.contains_key("eval_loss"))
+            .collect();
+        let epochs: Vec<Value> = state
+            .epochs
+            .iter()
+            .map(|summary| {
+                let mut entry = serde_json::to_value(summary).unwrap_or_default();
+                if let Some(eval) = evaluations
+                    .iter()
+                    .find(|r| r.get("step").and_then(Value::as_u64) == Some(summary.step as u64))
+                {
+                    for (key, value) in eval.iter().filter(|(k, _)| k.starts_with("eval_")) {
+                        entry[key] = value.clone();
+                    }
+                }
+                entry
+            })
+            .collect();
+        let history = json!({
+            "params": self.params,
+            "epochs": epochs,
+            "final": evaluations.last(),
+            "global_step": state.global_step,
+            "max_steps": state.max_steps,
+            "stopped_early": state.global_step < state.max_steps,
+            "best_metric": state.best_metric,
+            "best_model_checkpoint": state.best_model_checkpoint,
+            "train_seconds": state.train_seconds,
+        });
+        let mut text = serde_json::to_string_pretty(&history)?;
+        text.push('\n');
+        std::fs::write(&self.path, text)
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}

@@ -1,0 +1,192 @@
+//! Checkpoints, laid out as Trainer lays them out: `checkpoint-<step>/` with the model
+//! (config.json + model.safetensors), the optimizer state (optimizer.bpk, burn's format), the
+//! schedule (scheduler.json), the RNG state (rng_state.json) and trainer_state.json. A
+//! checkpoint is written under a temporary name and renamed when complete, so a crash never
+//! leaves one that a resume would trust.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use burn::tensor::Device;
+use serde_json::json;
+
+use super::state::TrainerState;
+use crate::model::Classifier;
+use crate::schedule::Schedule;
+
+const PREFIX: &str = "checkpoint-";
+const OPTIMIZER: &str = "optimizer.bpk";
+const SCHEDULER: &str = "scheduler.json";
+const RNG_STATE: &str = "rng_state.json";
+const TRAINER_STATE: &str = "trainer_state.json";
+
+/// The directory that holds a run's checkpoints.
+#[derive(Debug, Clone)]
+pub struct Checkpoints {
+    dir: PathBuf,
+}
+
+/// A checkpoint read back: the model on the training device, the optimizer with its state,
+/// the trainer's state.
+pub struct Restored {
+    pub name: String,
+    pub model: Classifier,
+    pub optimizer: ModuleOptimizer,
+    pub state: TrainerState,
+}
+
+impl Checkpoints {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Checkpoints { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `checkpoint-<step>`; returns its directory.
+    pub fn save(
+        &self,
+        model: &Classifier,
+        optimizer: &ModuleOptimizer,
+        schedule: &Schedule,
+        seed: u64,
+        state: &TrainerState,
+    ) -> Result<PathBuf> {
+        let name = format!("{PREFIX}{}", state.global_step);
+        let target = self.dir.join(&name);
+        let partial = self.dir.join(format!(".{name}.partial"));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial)
+            .with_context(|| format!("cannot create {}", partial.display()))?;
+        crate::hf::save(&model.valid(), &partial)?;
+        optimizer
+            .save(partial.join(OPTIMIZER))
+            .map_err(|e| anyhow!("cannot save the optimizer state: {e:?}"))?;
+        write_json(
+            &partial.join(SCHEDULER),
+            &json!({ "schedule": schedule, "last_step": state.global_step }),
+        )?;
+        write_json(
+            &partial.join(RNG_STATE),
+            &json!({
+                "seed": seed,
+                "shuffle": "SplitMix64 seeded with mix(seed, epoch), one shuffle per epoch",
+                "dropout": "device RNG seeded with mix(seed, step) before every update",
+                "next_epoch": state.epoch_index(),
+                "next_step": state.global_step,
+            }),
+        )?;
+        write_json(&partial.join(TRAINER_STATE), &serde_json::to_value(state)?)?;
+        let _ = std::fs::remove_dir_all(&target);
+        std::fs::rename(&partial, &target)
+            .with_context(|| format!("cannot publish checkpoint {}", target.display()))?;
+        Ok(target)
+    }
+
+    /// Complete checkpoints, oldest first, as (step, directory).
+    pub fn list(&self) -> Result<Vec<(usize, PathBuf)>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", self.dir.display())),
+        };
+        let mut found = Vec::new();
+        for entry in entries {
+            let path = entry?.path();
+            let step = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(PREFIX))
+                .and_then(|n| n.parse::<usize>().ok());
+            if let Some(step) = step
+                && path.join(TRAINER_STATE).is_file()
+            {
+                found.push((step, path));
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// The newest complete checkpoint.
+    pub fn latest(&self) -> Result<Option<PathBuf>> {
+        Ok(self.list()?.pop().map(|(_, path)| path))
+    }
+
+    /// Deletes the oldest checkpoints beyond `limit`, never the newest (a resume starts there)
+    /// nor `keep` (the best one), as Trainer does with `save_total_limit`.
+    pub fn rotate(&self, limit: usize, keep: Option<&str>) -> Result<()> {
+        let mut all = self.list()?;
+        all.pop(); // the newest
+        let mut excess = (all.len() + 1).saturating_sub(limit.max(1));
+        for (_, path) in all {
+            if excess == 0 {
+                break;
+            }
+            if keep.is_some_and(|k| path.file_name().is_some_and(|n| n == k)) {
+                continue;
+            }
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+            excess -= 1;
+        }
+        Ok(())
+    }
+
+    /// Empties the directory (a run that must not resume).
+    pub fn clear(&self) -> Result<()> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", self.dir.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Reads checkpoint `dir` onto `device`; `optimizer` is a fresh optimizer for the model, built
+/// as the run builds it, into which the saved state is loaded.
+pub fn restore(
+    dir: &Path,
+    labels: &[String],
+    device: &Device,
+    fresh_optimizer: impl FnOnce(&Classifier) -> ModuleOptimizer,
+) -> Result<Restored> {
+    let state: TrainerState = serde_json::from_slice(
+        &std::fs::read(dir.join(TRAINER_STATE))
+            .with_context(|| format!("cannot read {}", dir.join(TRAINER_STATE).display()))?,
+    )
+    .with_context(|| {
+        format!(
+            "{} is not a trainer state",
+            dir.join(TRAINER_STATE).display()
+        )
+    })?;
+    let (model, _) = crate::hf::load(dir, Some(labels), 0, device)?;
+    let optimizer = fresh_optimizer(&model)
+        .load(dir.join(OPTIMIZER))
+        .map_err(|e| {
+            anyhow!(
+                "{}: cannot load the optimizer state: {e:?}",
+                dir.join(OPTIMIZER).display()
+            )
+        })?;
+    Ok(Restored {
+        name: dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        model,
+        optimizer,
+        state,
+    })
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}

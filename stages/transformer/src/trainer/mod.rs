@@ -1,0 +1,520 @@
+//! The training loop, shaped like Hugging Face Trainer: epochs or `max_steps` of optimizer
+//! updates, logging, evaluation and checkpoints by epoch or every N steps, the best model
+//! tracked by a metric, callbacks with Trainer's events, and exact resumption.
+//!
+//! Exactness on resume comes from deriving every random draw from (seed, position): the sample
+//! order of epoch `e` from `mix(seed, e)`, the dropout masks of update `k` from `mix(seed, k)`.
+//! A checkpoint then only has to hold the weights, the optimizer state and the step.
+//!
+//! - [`args`]: the settings (TrainingArguments).
+//! - [`state`]: TrainerState and the control flags callbacks set.
+//! - [`callbacks`]: the Callback trait and the built-in callbacks.
+//! - [`checkpoint`]: writing, listing, rotating and restoring checkpoints.
+//! - [`tensorboard`]: TensorBoard event files.
+
+pub mod args;
+pub mod callbacks;
+pub mod checkpoint;
+pub mod state;
+pub mod tensorboard;
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use burn::module::Module;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::ModuleOptimizer;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use finetune_core::rng::SplitMix64;
+use serde_json::{Value, json};
+
+pub use args::{EarlyStoppingArgs, EvalSplit, Padding, Strategy, TrainingArgs};
+pub use callbacks::Callback;
+pub use checkpoint::{Checkpoints, Restored};
+pub use state::{Control, Record, TrainerState};
+
+use crate::data::Example;
+use crate::metrics::Metrics;
+use crate::model::{Batch, Classifier};
+use crate::optim::{AdamW, MicroBatch, update};
+use crate::schedule::Schedule;
+
+/// Scores a model; the trainer calls it at every evaluation.
+pub trait Evaluator {
+    /// Full metrics as JSON (`loss`, `accuracy`, `f1_macro`, …, `per_class`, `confusion`).
+    fn evaluate(&mut self, model: &Classifier) -> Result<Value>;
+    /// Examples scored per evaluation (for eval samples/s).
+    fn examples(&self) -> usize;
+}
+
+/// Evaluates on a labelled split.
+pub struct DatasetEvaluator<'a> {
+    pub examples: &'a [Example],
+    pub labels: &'a [String],
+    pub batch_size: usize,
+    pub device: Device,
+}
+
+impl Evaluator for DatasetEvaluator<'_> {
+    fn evaluate(&mut self, model: &Classifier) -> Result<Value> {
+        evaluate(
+            model,
+            self.examples,
+            self.labels,
+            self.batch_size,
+            &self.device,
+        )
+    }
+    fn examples(&self) -> usize {
+        self.examples.len()
+    }
+}
+
+/// Where a run starts: a fresh model, or a checkpoint. Made once per run, so its size is moot.
+#[allow(clippy::large_enum_variant)]
+pub enum Start {
+    Fresh(Classifier),
+    Resume(Restored),
+}
+
+/// What a run produced.
+pub struct Outcome {
+    /// The final model, or the best checkpoint's with `load_best_model_at_end`.
+    pub model: Classifier,
+    pub state: TrainerState,
+    /// The step whose model `model` is (the best checkpoint's step, or the last).
+    pub model_step: usize,
+    /// The last evaluation, with the step it was made at.
+    pub last_evaluation: Option<(usize, Value)>,
+}
+
+/// One training run.
+pub struct Trainer<'a> {
+    pub args: &'a TrainingArgs,
+    pub callbacks: Vec<Box<dyn Callback + 'a>>,
+    pub evaluator: Option<Box<dyn Evaluator + 'a>>,
+    /// Where checkpoints go; `None` saves none.
+    pub checkpoints: Option<Checkpoints>,
+    /// Fixed padding length (`padding: max_length`), or `None` for dynamic padding.
+    pub pad_to: Option<usize>,
+    /// The labels (restoring a checkpoint needs them).
+    pub labels: &'a [String],
+    /// The device, without autodiff (seeded before every update).
+    pub device: Device,
+}
+
+/// The loop's bookkeeping between log records.
+#[derive(Default)]
+struct Pending {
+    loss_sum: f64,
+    updates: usize,
+    samples: usize,
+    seconds: f64,
+    last: Option<(f64, f64)>,
+}
+
+/// The bookkeeping of the epoch in progress.
+struct EpochClock {
+    started: Instant,
+    loss_sum: f64,
+    updates: usize,
+    samples: usize,
+}
+
+impl<'a> Trainer<'a> {
+    /// Updates per epoch, and in all, for `n_train` training examples.
+    pub fn plan(&self, n_train: usize) -> (usize, usize) {
+        let per_update = self.args.batch_size * self.args.grad_accum;
+        let per_epoch = n_train.div_ceil(per_update);
+        let total = self.args.max_steps.unwrap_or(per_epoch * self.args.epochs);
+        (per_epoch, total)
+    }
+
+    pub fn schedule(&self, total_steps: usize) -> Schedule {
+        let a = self.args;
+        Schedule::new(
+            a.schedule,
+            a.lr,
+            total_steps,
+            a.warmup_ratio,
+            a.warmup_steps,
+        )
+    }
+
+    /// The optimizer a run uses for `model`.
+    pub fn optimizer(&self, model: &Classifier) -> ModuleOptimizer {
+        AdamW {
+            weight_decay: self.args.weight_decay,
+            epsilon: self.args.adam_epsilon,
+            ..AdamW::default()
+        }
+        .build(model)
+    }
+
+    /// Trains on `train` from `start` (the model must live on an autodiff device).
+    pub fn train(&mut self, start: Start, train: &[Example]) -> Result<Outcome> {
+        // The device's RNG is process-wide: one training at a time keeps runs reproducible.
+        let _device = crate::exclusive_device();
+        let args = self.args;
+        let (per_epoch, total) = self.plan(train.len());
+        let schedule = self.schedule(total);
+        let (mut model, mut optimizer, mut state) = match start {
+            Start::Fresh(model) => {
+                let optimizer = self.optimizer(&model);
+                let state = TrainerState {
+                    max_steps: total,
+                    updates_per_epoch: per_epoch,
+                    train_batch_size: args.batch_size * args.grad_accum,
+                    ..TrainerState::default()
+                };
+                (model, optimizer, state)
+            }
+            Start::Resume(restored) => {
+                let Restored {
+                    name,
+                    model,
+                    optimizer,
+                    state,
+                } = restored;
+                anyhow::ensure!(
+                    state.max_steps == total && state.updates_per_epoch == per_epoch,
+                    "checkpoint {} was made for {} updates ({} per epoch), this run makes {total} ({per_epoch})",
+                    name,
+                    state.max_steps,
+                    state.updates_per_epoch
+                );
+                for callback in &mut self.callbacks {
+                    if let Some(saved) = state.callbacks.get(callback.name()) {
+                        callback.load_state(saved)?;
+                    }
+                }
+                (model, optimizer, state)
+            }
+        };
+        let mut control = Control::default();
+        let session = Instant::now();
+        let train_seconds_before = state.train_seconds;
+        let mut last_evaluation = None;
+        let mut pending_best = false;
+        self.each(&state, &mut control, |c, s, k| c.on_train_begin(s, k))?;
+        while state.global_step < total && !control.should_training_stop {
+            let epoch = state.epoch_index();
+            let order = epoch_order(train, args, epoch as u64);
+            if state.step_in_epoch() == 0 {
+                self.each(&state, &mut control, |c, s, k| c.on_epoch_begin(s, k))?;
+            }
+            let mut clock = EpochClock {
+                started: Instant::now(),
+                loss_sum: 0.0,
+                updates: 0,
+                samples: 0,
+            };
+            let mut pending = Pending::default();
+            let skip = state.step_in_epoch();
+            for (i, chunk) in order
+                .chunks(args.batch_size * args.grad_accum)
+                .enumerate()
+                .skip(skip)
+            {
+                if state.global_step >= total {
+                    break;
+                }
+                self.each(&state, &mut control, |c, s, k| c.on_step_begin(s, k))?;
+                self.device.seed(mix(args.seed, state.global_step as u64));
+                let micro: Vec<MicroBatch> = chunk
+                    .chunks(args.batch_size)
+                    .map(|ids| MicroBatch {
+                        rows: ids.iter().map(|&j| train[j].ids.clone()).collect(),
+                        labels: ids.iter().map(|&j| train[j].label).collect(),
+                    })
+                    .collect();
+                let lr = schedule.lr(state.global_step);
+                let started = Instant::now();
+                let (next, stats) = update(
+                    model,
+                    &mut optimizer,
+                    &micro,
+                    lr,
+                    args.max_grad_norm,
+                    self.pad_to,
+                    &model_device(&self.device),
+                );
+                model = next;
+                anyhow::ensure!(
+                    stats.loss.is_finite(),
+                    "the loss became {} at step {} (learning rate {lr:.3e}): training diverged",
+                    stats.loss,
+                    state.global_step + 1
+                );
+                let seconds = started.elapsed().as_secs_f64();
+                state.global_step += 1;
+                state.epoch = epoch as f64 + (i + 1) as f64 / per_epoch as f64;
+                pending.loss_sum += stats.loss;
+                pending.updates += 1;
+                pending.samples += chunk.len();
+                pending.seconds += seconds;
+                pending.last = Some((lr, stats.grad_norm));
+                clock.loss_sum += stats.loss;
+                clock.updates += 1;
+                clock.samples += chunk.len();
+                self.each(&state, &mut control, |c, s, k| c.on_step_end(s, k))?;
+                let step = state.global_step;
+                control.should_log |= step % args.logging_steps == 0 || step == total;
+                control.should_evaluate |= args.eval_strategy == Strategy::Steps
+                    && args.eval_steps.is_some_and(|n| step % n == 0);
+                control.should_save |= args.save_strategy == Strategy::Steps
+                    && args.save_steps.is_some_and(|n| step % n == 0);
+                self.log_evaluate_save(
+                    &model,
+                    &optimizer,
+                    &schedule,
+                    &mut state,
+                    &mut control,
+                    &mut pending,
+                    &mut pending_best,
+                    &mut last_evaluation,
+                )?;
+                if control.should_training_stop {
+                    break;
+                }
+            }
+            let seconds = clock.started.elapsed().as_secs_f64();
+            state.epochs.push(state::EpochSummary {
+                epoch: epoch + 1,
+                step: state.global_step,
+                train_loss: clock.loss_sum / clock.updates.max(1) as f64,
+                seconds,
+                samples_per_second: clock.samples as f64 / seconds.max(1e-9),
+            });
+            self.each(&state, &mut control, |c, s, k| c.on_epoch_end(s, k))?;
+            control.should_log |= pending.updates > 0;
+            control.should_evaluate |= args.eval_strategy == Strategy::Epoch;
+            control.should_save |= args.save_strategy == Strategy::Epoch;
+            state.train_seconds = train_seconds_before + session.elapsed().as_secs_f64();
+            self.log_evaluate_save(
+                &model,
+                &optimizer,
+                &schedule,
+                &mut state,
+                &mut control,
+                &mut pending,
+                &mut pending_best,
+                &mut last_evaluation,
+            )?;
+        }
+        state.train_seconds = train_seconds_before + session.elapsed().as_secs_f64();
+        self.each(&state, &mut control, |c, s, k| c.on_train_end(s, k))?;
+        let mut model_step = state.global_step;
+        if args.load_best_model_at_end
+            && let (Some(best), Some(checkpoints)) =
+                (&state.best_model_checkpoint, &self.checkpoints)
+        {
+            let dir = checkpoints.dir().join(best);
+            let restored =
+                checkpoint::restore(&dir, self.labels, &model_device(&self.device), |m| {
+                    self.optimizer(m)
+                })
+                .with_context(|| format!("cannot load the best model from {}", dir.display()))?;
+            model_step = restored.state.global_step;
+            model = restored.model;
+        }
+        Ok(Outcome {
+            model,
+            state,
+            model_step,
+            last_evaluation,
+        })
+    }
+
+    /// Acts on the control flags: a log record, an evaluation, a checkpoint; then clears them.
+    #[allow(clippy::too_many_arguments)]
+    fn log_evaluate_save(
+        &mut self,
+        model: &Classifier,
+        optimizer: &ModuleOptimizer,
+        schedule: &Schedule,
+        state: &mut TrainerState,
+        control: &mut Control,
+        pending: &mut Pending,
+        pending_best: &mut bool,
+        last_evaluation: &mut Option<(usize, Value)>,
+    ) -> Result<()> {
+        if control.should_log && pending.updates > 0 {
+            let (lr, grad_norm) = pending.last.unwrap_or_default();
+            let record = record(json!({
+                "step": state.global_step,
+                "epoch": round4(state.epoch),
+                "loss": pending.loss_sum / pending.updates as f64,
+                "learning_rate": lr,
+                "grad_norm": grad_norm,
+                "samples_per_second": pending.samples as f64 / pending.seconds.max(1e-9),
+            }));
+            *pending = Pending::default();
+            self.push_log(state, control, record)?;
+        }
+        let evaluation = match &mut self.evaluator {
+            Some(evaluator) if control.should_evaluate => {
+                let started = Instant::now();
+                let metrics = evaluator.evaluate(&model.valid())?;
+                Some((
+                    metrics,
+                    started.elapsed().as_secs_f64(),
+                    evaluator.examples(),
+                ))
+            }
+            _ => None,
+        };
+        if let Some((metrics, seconds, examples)) = evaluation {
+            let mut entry =
+                record(json!({ "step": state.global_step, "epoch": round4(state.epoch) }));
+            for (key, value) in metrics.as_object().into_iter().flatten() {
+                if value.is_number() {
+                    entry.insert(format!("eval_{key}"), value.clone());
+                }
+            }
+            entry.insert("eval_runtime".into(), json!(seconds));
+            entry.insert(
+                "eval_samples_per_second".into(),
+                json!(examples as f64 / seconds.max(1e-9)),
+            );
+            self.push_log(state, control, entry.clone())?;
+            self.each(state, control, |c, s, k| c.on_evaluate(s, &entry, k))?;
+            if self.args.tracks_best() {
+                let key = format!("eval_{}", self.args.best_metric());
+                let value = entry
+                    .get(&key)
+                    .and_then(Value::as_f64)
+                    .with_context(|| format!("the evaluation reported no `{key}`"))?;
+                *pending_best |= state.observe_best(value, self.args.greater_is_better());
+            }
+            *last_evaluation = Some((state.global_step, metrics));
+        }
+        if control.should_save
+            && let Some(checkpoints) = self.checkpoints.clone()
+        {
+            let name = format!("checkpoint-{}", state.global_step);
+            if std::mem::take(pending_best) {
+                state.best_model_checkpoint = Some(name.clone());
+            }
+            state.callbacks = self
+                .callbacks
+                .iter()
+                .filter_map(|c| Some((c.name().to_string(), c.save_state()?)))
+                .collect();
+            let dir = checkpoints.save(model, optimizer, schedule, self.args.seed, state)?;
+            if let Some(limit) = self.args.save_total_limit {
+                checkpoints.rotate(limit, state.best_model_checkpoint.as_deref())?;
+            }
+            self.each(state, control, |c, s, k| c.on_save(s, &dir, k))?;
+        }
+        control.should_log = false;
+        control.should_evaluate = false;
+        control.should_save = false;
+        Ok(())
+    }
+
+    fn push_log(
+        &mut self,
+        state: &mut TrainerState,
+        control: &mut Control,
+        entry: Record,
+    ) -> Result<()> {
+        state.log_history.push(entry.clone());
+        self.each(state, control, |c, s, k| c.on_log(s, &entry, k))
+    }
+
+    /// Calls `event` on every callback in order; the first error ends the run.
+    fn each(
+        &mut self,
+        state: &TrainerState,
+        control: &mut Control,
+        mut event: impl FnMut(&mut dyn Callback, &TrainerState, &mut Control) -> Result<()>,
+    ) -> Result<()> {
+        for callback in &mut self.callbacks {
+            let name = callback.name();
+            event(callback.as_mut(), state, control)
+                .with_context(|| format!("callback `{name}`"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The device the model trains on: `device` with autodiff.
+fn model_device(device: &Device) -> Device {
+    device.clone().autodiff()
+}
+
+fn record(value: Value) -> Record {
+    match value {
+        Value::Object(map) => map,
+        _ => Record::new(),
+    }
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
+}
+
+/// A seed for draw `index` of a run seeded with `seed` (SplitMix64's finaliser over both).
+pub fn mix(seed: u64, index: u64) -> u64 {
+    SplitMix64::new(seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64()
+}
+
+/// The sample order of epoch `epoch`: a seeded shuffle, or HF's length grouping (mega-batches
+/// of 50 batches, each sorted longest first).
+pub fn epoch_order(train: &[Example], args: &TrainingArgs, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    SplitMix64::new(mix(args.seed, epoch)).shuffle(&mut order);
+    if args.group_by_length {
+        for mega in order.chunks_mut(50 * args.batch_size) {
+            mega.sort_by_key(|&i| std::cmp::Reverse(train[i].ids.len()));
+        }
+    }
+    order
+}
+
+/// Loss and metrics of `model` on `examples`, without autodiff.
+pub fn evaluate(
+    model: &Classifier,
+    examples: &[Example],
+    labels: &[String],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Value> {
+    if examples.is_empty() {
+        return Ok(json!({}));
+    }
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let (mut predictions, mut truth, mut loss_sum) = (Vec::new(), Vec::new(), 0.0f64);
+    for chunk in examples.chunks(batch_size) {
+        let rows: Vec<Vec<i32>> = chunk.iter().map(|e| e.ids.clone()).collect();
+        let logits = model
+            .forward(&Batch::from_rows(&rows, &model.config, None, device))
+            .logits;
+        let targets = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                chunk.iter().map(|e| e.label).collect::<Vec<_>>(),
+                [chunk.len()],
+            ),
+            device,
+        );
+        loss_sum += f64::from(
+            loss_fn
+                .forward(logits.clone(), targets)
+                .into_scalar::<f32>(),
+        ) * chunk.len() as f64;
+        let predicted: Vec<i64> = logits.argmax(1).into_data().iter::<i64>().collect();
+        predictions.extend(predicted.into_iter().map(|p| p as usize));
+        truth.extend(chunk.iter().map(|e| e.label as usize));
+    }
+    let metrics = Metrics::compute(&truth, &predictions, labels);
+    let mut value = json!({ "loss": loss_sum / examples.len() as f64 });
+    for (key, metric) in serde_json::to_value(&metrics)?
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        value[key] = metric.clone();
+    }
+    Ok(value)
+}
