@@ -56,7 +56,18 @@ pub enum Event {
         failed: usize,
         skipped: usize,
         duration_s: f64,
+        /// The process's peak resident memory (Linux), in MiB.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        peak_rss_mib: Option<f64>,
     },
+}
+
+/// The peak resident set size of this process so far, from /proc (Linux); `None` elsewhere.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kib / 1024.0 * 10.0).round() / 10.0)
 }
 
 pub trait Sink: Send + Sync {
@@ -158,9 +169,12 @@ fn plain_line(event: &Event) -> Option<String> {
             failed,
             skipped,
             duration_s,
+            peak_rss_mib,
         } => {
+            let memory =
+                peak_rss_mib.map_or(String::new(), |m| format!(", peak memory {m:.0} MiB"));
             format!(
-                "{ran} ran, {cached} cached, {failed} failed, {skipped} skipped in {duration_s:.2}s"
+                "{ran} ran, {cached} cached, {failed} failed, {skipped} skipped in {duration_s:.2}s{memory}"
             )
         }
     })

@@ -299,6 +299,7 @@ pub fn run(
         failed: summary.failed,
         skipped: summary.skipped,
         duration_s: started.elapsed().as_secs_f64(),
+        peak_rss_mib: crate::report::peak_rss_mib(),
     });
     Ok(summary)
 }

@@ -1,22 +1,56 @@
-//! The `train` stage through the binary: the embedded default trains from scratch, saves a
-//! model Hugging Face can load, logs every update, and a seed reproduces the run exactly.
+//! The `train` stage through the binary: the embedded default trains from scratch, keeps its
+//! best epoch, saves a model Hugging Face can load, logs to JSONL and TensorBoard, reproduces
+//! a run exactly from its seed, and resumes after being killed.
 
 mod common;
 
-use common::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-/// The `loss` of every update line of logs/train.jsonl.
-fn losses(dir: &std::path::Path) -> Vec<f64> {
+use common::*;
+use finetune_transformer::trainer::tensorboard::{ValueKind, What, read_events};
+use serde_json::Value;
+
+/// The records of logs/train.jsonl.
+fn log_records(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("logs/train.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| {
-            v.get("loss")
-                .and_then(|l| l.as_f64())
-                .filter(|_| v.get("grad_norm").is_some())
-        })
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .collect()
+}
+
+/// The training-loss curve of a run: (step, mean loss) of every training record.
+fn loss_curve(dir: &Path) -> Vec<(u64, f64)> {
+    log_records(dir)
+        .iter()
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+/// Every (tag, step, value) scalar in the run's TensorBoard event files.
+fn tensorboard_scalars(dir: &Path) -> Vec<(String, i64, f32)> {
+    let mut scalars = Vec::new();
+    for entry in std::fs::read_dir(dir.join("logs/tensorboard")).unwrap() {
+        let path = entry.unwrap().path();
+        assert!(
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        );
+        for event in read_events(&path).unwrap() {
+            if let Some(What::Summary(summary)) = event.what {
+                for value in summary.value {
+                    let Some(ValueKind::SimpleValue(v)) = value.kind else {
+                        panic!("{} holds no scalar", value.tag)
+                    };
+                    scalars.push((value.tag, event.step, v));
+                }
+            }
+        }
+    }
+    scalars
 }
 
 #[test]
@@ -30,29 +64,206 @@ fn the_default_pipeline_trains_a_model_from_scratch_reproducibly() {
         output_dir(&a, "reviews", "train"),
         output_dir(&b, "reviews", "train"),
     );
-    let (la, lb) = (losses(&out_a), losses(&out_b));
-    assert_eq!(la.len(), 44 * 8, "700 train rows at batch 16 for 8 epochs");
+    let curve = loss_curve(&out_a);
+    let logged: Vec<u64> = (1..=352).filter(|s| s % 10 == 0 || s % 44 == 0).collect();
     assert_eq!(
-        la, lb,
+        curve.iter().map(|(step, _)| *step).collect::<Vec<_>>(),
+        logged,
+        "44 updates per epoch, logged every 10 and at every epoch's end"
+    );
+    assert_eq!(
+        curve,
+        loss_curve(&out_b),
         "same seed, same data: the loss curve must be identical"
     );
-    assert!(la[la.len() - 1] < la[0], "the loss must fall");
-    let metrics = read_json(&out_a.join("metrics.json"));
-    let accuracy = metrics["accuracy"].as_f64().unwrap();
-    assert!(accuracy >= 0.70, "validation accuracy {accuracy}");
-    assert_eq!(metrics["confusion"].as_array().unwrap().len(), 2);
+    assert!(
+        curve[curve.len() - 1].1 < curve[0].1 / 2.0,
+        "the loss must fall: {curve:?}"
+    );
+    let weights = |out: &Path| std::fs::read(out.join("model/model.safetensors")).unwrap();
+    assert!(
+        weights(&out_a) == weights(&out_b),
+        "same seed, different weights"
+    );
+
+    // The best epoch by validation accuracy is the output model, and its checkpoint survives.
     let history = read_json(&out_a.join("run_history.json"));
     assert_eq!(
         history["params"]["model"]["scratch"]["layers"], 2,
-        "run_history.json records the stage's params"
+        "run_history.json records the params"
     );
-    assert_eq!(history["epochs"].as_array().unwrap().len(), 8);
+    let epochs = history["epochs"].as_array().unwrap();
+    assert_eq!(epochs.len(), 8);
+    let best = history["best_metric"].as_f64().unwrap();
+    let best_epoch = epochs
+        .iter()
+        .find(|e| e["eval_accuracy"].as_f64() == Some(best))
+        .expect("the best metric is one epoch's accuracy");
+    assert!(
+        epochs
+            .iter()
+            .all(|e| e["eval_accuracy"].as_f64().unwrap() <= best)
+    );
+    let best_checkpoint = format!("checkpoint-{}", best_epoch["step"]);
+    assert_eq!(history["best_model_checkpoint"], best_checkpoint.as_str());
+    assert!(
+        weights(&out_a)
+            == std::fs::read(
+                out_a
+                    .join("checkpoints")
+                    .join(&best_checkpoint)
+                    .join("model.safetensors")
+            )
+            .unwrap(),
+        "the output model is the best checkpoint's"
+    );
+    let kept: Vec<String> = std::fs::read_dir(out_a.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        kept.len() <= 2 && kept.contains(&"checkpoint-352".to_string()),
+        "{kept:?}"
+    );
+
+    let metrics = read_json(&out_a.join("metrics.json"));
+    assert_eq!(metrics["step"], best_epoch["step"]);
+    assert_eq!(metrics["validation"]["accuracy"].as_f64(), Some(best));
+    let test_accuracy = metrics["test"]["accuracy"].as_f64().unwrap();
+    assert!(test_accuracy >= 0.70, "test accuracy {test_accuracy}");
+    assert_eq!(metrics["test"]["confusion"].as_array().unwrap().len(), 2);
+
+    // TensorBoard holds what the JSONL log holds.
+    let scalars = tensorboard_scalars(&out_a);
+    for tag in [
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/samples_per_second",
+        "eval/accuracy",
+        "eval/f1_macro",
+        "eval/loss",
+    ] {
+        assert!(
+            scalars.iter().any(|(t, _, _)| t == tag),
+            "no {tag} in the event files"
+        );
+    }
+    let tb_losses: Vec<(u64, f64)> = scalars
+        .iter()
+        .filter(|(t, _, _)| t == "train/loss")
+        .map(|(_, step, v)| (*step as u64, f64::from(*v)))
+        .collect();
+    assert_eq!(tb_losses.len(), curve.len());
+    for ((s1, l1), (s2, l2)) in tb_losses.iter().zip(&curve) {
+        assert_eq!(s1, s2);
+        assert_eq!(*l1 as f32, *l2 as f32);
+    }
+
     let device = finetune_transformer::device("cpu").unwrap();
     let (model, report) =
         finetune_transformer::hf::load(&out_a.join("model"), None, 0, &device).unwrap();
     assert!(report.newly_initialized.is_empty() && report.unexpected.is_empty());
     assert_eq!(model.config.labels, ["0", "1"]);
     assert!(out_a.join("model/tokenizer.json").is_file());
+}
+
+/// The default pipeline cut to 60 updates with a checkpoint every 10.
+fn short_run(ws: &Ws) {
+    let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
+    let yaml = yaml
+        .replace("        epochs: 8\n", "        epochs: 8\n        max_steps: 60\n        save_strategy: steps\n        save_steps: 10\n        eval_strategy: steps\n        eval_steps: 10\n")
+        .replace("        save_total_limit: 1\n", "");
+    assert!(yaml.contains("max_steps: 60"));
+    ws.write("pipelines/reviews.yaml", yaml);
+}
+
+#[test]
+fn a_run_killed_mid_training_resumes_from_its_last_checkpoint_with_the_same_result() {
+    let (whole, killed) = (Ws::new(), Ws::new());
+    short_run(&whole);
+    short_run(&killed);
+    whole.run_ok(&[]);
+
+    let mut child = killed
+        .command(&["run", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let scratch = killed.file("artifacts/scratch");
+    let started = Instant::now();
+    let checkpoint_20 = loop {
+        let found = std::fs::read_dir(&scratch).ok().and_then(|entries| {
+            entries
+                .filter_map(|e| {
+                    Some(
+                        e.ok()?
+                            .path()
+                            .join("checkpoints/checkpoint-20/trainer_state.json"),
+                    )
+                })
+                .find(|p| p.is_file())
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its second checkpoint"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint after 2 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(checkpoint_20.is_file());
+    assert!(
+        !killed.file("artifacts/runs/reviews/train").exists(),
+        "a killed stage publishes nothing"
+    );
+
+    let events = killed.run_ok(&[]);
+    let resumed = events
+        .iter()
+        .filter(|e| e["stage"] == "train")
+        .filter_map(|e| e["text"].as_str())
+        .find(|t| t.starts_with("resuming from checkpoint-"))
+        .unwrap_or_else(|| panic!("the rerun did not resume: {events:?}"));
+    let step: u64 = resumed["resuming from checkpoint-".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((20..60).contains(&step), "{resumed}");
+
+    let (a, b) = (
+        output_dir(&whole, "reviews", "train"),
+        output_dir(&killed, "reviews", "train"),
+    );
+    let weights = |out: &Path| std::fs::read(out.join("model/model.safetensors")).unwrap();
+    assert!(
+        weights(&a) == weights(&b),
+        "the resumed run's model differs from the uninterrupted run's"
+    );
+    assert_eq!(
+        loss_curve(&a),
+        loss_curve(&b),
+        "the resumed log must hold the whole curve"
+    );
+    let eval = |out: &Path| read_json(&out.join("metrics.json"));
+    assert_eq!(eval(&a)["test"], eval(&b)["test"]);
+    assert!(
+        std::fs::read_dir(killed.file("artifacts/scratch"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the scratch state is removed once the stage succeeds"
+    );
 }
 
 #[test]

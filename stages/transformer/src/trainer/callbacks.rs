@@ -367,6 +367,8 @@ impl Callback for RunHistory {
             "best_metric": state.best_metric,
             "best_model_checkpoint": state.best_model_checkpoint,
             "train_seconds": state.train_seconds,
+            // Trainer's figure: samples over the whole loop's time, evaluations included.
+            "train_samples_per_second": state.samples_seen as f64 / state.train_seconds.max(1e-9),
         });
         let mut text = serde_json::to_string_pretty(&history)?;
         text.push('\n');

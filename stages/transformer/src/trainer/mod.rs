@@ -257,6 +257,7 @@ impl<'a> Trainer<'a> {
                 clock.loss_sum += stats.loss;
                 clock.updates += 1;
                 clock.samples += chunk.len();
+                state.samples_seen += chunk.len();
                 self.each(&state, &mut control, |c, s, k| c.on_step_end(s, k))?;
                 let step = state.global_step;
                 control.should_log |= step % args.logging_steps == 0 || step == total;

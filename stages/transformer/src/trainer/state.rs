@@ -28,8 +28,11 @@ pub struct TrainerState {
     pub log_history: Vec<Record>,
     /// One summary per finished (or cut-short) epoch.
     pub epochs: Vec<EpochSummary>,
-    /// Training seconds spent before this session (a resumed run).
+    /// Training seconds in all, sessions before a resume included.
     pub train_seconds: f64,
+    /// Training samples processed (an epoch of N examples adds N).
+    #[serde(default)]
+    pub samples_seen: usize,
     /// The saved state of stateful callbacks (early stopping's patience), by callback name.
     pub callbacks: BTreeMap<String, Value>,
 }

@@ -1,0 +1,180 @@
+//! Training throughput and memory (`cargo bench --bench train`) on the reference protocol of
+//! ../shared/bench/hf_trainer: all-MiniLM-L6-v2 on the 1,000 Amazon sentences, 80/20 split,
+//! batch 16, 3 epochs, max 64 tokens. Runs `finetune run pipelines/reviews-minilm.yaml` in a
+//! fresh workspace with `padding: max_length` (the reference's fixed padding: equal work) and
+//! with `padding: dynamic` (the default), and prints Trainer's figure (training samples/s over
+//! the whole loop, evaluations included), the process's peak RSS, and the test accuracy.
+//!
+//! With `HF_PYTHON` pointing at a Python that has torch and transformers
+//! (../shared/bench/hf_trainer/requirements.txt), the reference runs in the same sitting and
+//! the ratios are printed. `BENCH_RUNS` (default 1) repeats each and reports medians.
+//! Needs the real model (FINETUNE_MODEL_DIR or models/all-MiniLM-L6-v2). Time on an idle
+//! machine: a build on the other core makes every figure meaningless.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_finetune");
+
+struct Figures {
+    samples_per_second: f64,
+    peak_rss_mib: f64,
+    test_accuracy: f64,
+}
+
+fn main() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = std::env::var_os("FINETUNE_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("models/all-MiniLM-L6-v2"));
+    assert!(
+        model.join("model.safetensors").is_file(),
+        "the real model is needed at {}: run scripts/fetch-model.sh or set FINETUNE_MODEL_DIR",
+        model.display()
+    );
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let shared = std::env::var_os("FINETUNE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("../shared"));
+
+    let reference = std::env::var_os("HF_PYTHON").map(|python| {
+        median_figures(
+            (0..runs)
+                .map(|_| run_reference(Path::new(&python), &shared, &model))
+                .collect(),
+        )
+    });
+    if let Some(r) = &reference {
+        println!(
+            "HF Trainer, padding 64:   {:.1} samples/s, peak RSS {:.0} MiB, test accuracy {:.3}",
+            r.samples_per_second, r.peak_rss_mib, r.test_accuracy
+        );
+    }
+    for padding in ["max_length", "dynamic"] {
+        let ours = median_figures(
+            (0..runs)
+                .map(|_| run_ours(&repo, &model, padding))
+                .collect(),
+        );
+        let mut line = format!(
+            "finetune, padding {padding:<10} {:.1} samples/s, peak RSS {:.0} MiB, test accuracy {:.3}",
+            ours.samples_per_second, ours.peak_rss_mib, ours.test_accuracy
+        );
+        if let Some(r) = &reference {
+            line += &format!(
+                " | vs HF: speed ratio {:.2} (target >= 1.0 with dynamic), memory ratio {:.2} (target <= 0.6)",
+                ours.samples_per_second / r.samples_per_second,
+                ours.peak_rss_mib / r.peak_rss_mib
+            );
+        }
+        println!("{line}");
+    }
+}
+
+fn run_ours(repo: &Path, model: &Path, padding: &str) -> Figures {
+    let ws = tempfile::tempdir().expect("temp dir");
+    for dir in ["pipelines", "data"] {
+        copy_dir(&repo.join(dir), &ws.path().join(dir));
+    }
+    let pipeline = ws.path().join("pipelines/reviews-minilm.yaml");
+    let yaml = std::fs::read_to_string(&pipeline).expect("reviews-minilm.yaml");
+    let yaml = yaml.replace("padding: dynamic", &format!("padding: {padding}"));
+    std::fs::write(&pipeline, yaml).expect("write pipeline");
+    let out = Command::new(BIN)
+        .args(["run", "--json", "pipelines/reviews-minilm.yaml"])
+        .current_dir(ws.path())
+        .env("FINETUNE_MODEL_DIR", model)
+        .output()
+        .expect("run finetune");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let finished = events
+        .iter()
+        .find(|e| e["event"] == "run_finished")
+        .expect("run_finished event");
+    let train = ws.path().join("artifacts/runs/reviews-minilm/train");
+    let history = read_json(&train.join("run_history.json"));
+    let metrics = read_json(&train.join("metrics.json"));
+    Figures {
+        samples_per_second: history["train_samples_per_second"]
+            .as_f64()
+            .expect("samples/s"),
+        peak_rss_mib: finished["peak_rss_mib"].as_f64().expect("peak RSS"),
+        test_accuracy: metrics["test"]["accuracy"].as_f64().expect("test accuracy"),
+    }
+}
+
+fn run_reference(python: &Path, shared: &Path, model: &Path) -> Figures {
+    let out_file = tempfile::NamedTempFile::new().expect("temp file");
+    let bench = shared.join("bench/hf_trainer/bench_hf.py");
+    let status = Command::new(python)
+        .arg(&bench)
+        .arg("--data")
+        .arg(shared.join("data/uci_sentiment/amazon_cells_labelled.txt"))
+        .arg("--model")
+        .arg(model)
+        .args(["--bs", "16", "--ga", "1", "--tag", "A", "--json"])
+        .arg(out_file.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("OMP_NUM_THREADS", "2")
+        .status()
+        .expect("run the reference benchmark");
+    assert!(status.success(), "{} failed", bench.display());
+    let result = read_json(out_file.path());
+    let number = |pointer: &str| {
+        result
+            .pointer(pointer)
+            .and_then(Value::as_f64)
+            .unwrap_or_else(|| panic!("the reference reported no {pointer}"))
+    };
+    Figures {
+        samples_per_second: number("/train_metrics/train_samples_per_second"),
+        peak_rss_mib: number("/rss_peak_mib"),
+        test_accuracy: number("/final_eval/eval_accuracy"),
+    }
+}
+
+fn median_figures(mut all: Vec<Figures>) -> Figures {
+    let median = |f: fn(&Figures) -> f64| {
+        let mut values: Vec<f64> = all.iter().map(f).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let figures = Figures {
+        samples_per_second: median(|f| f.samples_per_second),
+        peak_rss_mib: median(|f| f.peak_rss_mib),
+        test_accuracy: median(|f| f.test_accuracy),
+    };
+    all.clear();
+    figures
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
