@@ -265,3 +265,48 @@ fn the_clothing_reviews_give_the_counts_in_their_provenance() {
         "multi-line quoted reviews must stay whole"
     );
 }
+
+#[test]
+fn like_datasets_picks_the_rows_of_hugging_face_train_test_split() {
+    let ws = Ws::new();
+    let out = ingest(
+        &ws,
+        "data/raw/product_reviews.tsv",
+        &format!("{TSV}      split: {{validation: 0.0, test: 0.2, seed: 42, like: datasets}}\n"),
+    )
+    .unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(ws.file("data/raw/product_reviews.tsv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.rsplit_once('\t').unwrap().0.trim().to_string())
+        .collect();
+    let (test, _) = read_split(&out, "test");
+    let (train, _) = read_split(&out, "train");
+    assert_eq!((train.len(), test.len()), (800, 200));
+    // Printed by Python: ds.train_test_split(test_size=0.2, seed=42)["test"]["idx"][:10], and
+    // ["train"]["idx"][:5], over the 1,000 lines in file order.
+    for index in [978, 933, 859, 916, 127, 608, 856, 260, 147, 810] {
+        assert!(
+            test.contains(&lines[index]),
+            "line {index} is not a test row"
+        );
+    }
+    for index in [911, 356, 388, 281, 511] {
+        assert!(
+            train.contains(&lines[index]),
+            "line {index} is not a train row"
+        );
+    }
+
+    ws.write(
+        "t.yaml",
+        format!("name: t\nstages:\n  ingest:\n    uses: ingest_csv\n    with:\n      path: data/raw/product_reviews.tsv\n{TSV}      split: {{validation: 0.1, like: datasets}}\n"),
+    );
+    let out = ws.run(&["run", "t.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("t.yaml:10:15: stage `ingest`, key `with.split.validation`: must be 0 with `like: datasets`"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -282,6 +282,16 @@ fn bad_training_params_are_refused_before_anything_runs() {
             "key `with.training.batch_size`: must be at least 1",
         ),
         (
+            "save_total_limit: 1",
+            "save_total_limit: 1\n        save_strategy: steps",
+            "key `with.training.save_steps`: is required when save_strategy is `steps`",
+        ),
+        (
+            "metric_for_best_model: accuracy",
+            "metric_for_best_model: acc",
+            "key `with.training.metric_for_best_model`: `acc` is not a metric; one of: loss, accuracy",
+        ),
+        (
             "heads: 4",
             "heads: 3",
             "key `with.model.scratch`: hidden (128) must be a multiple of heads (3)",
@@ -296,4 +306,34 @@ fn bad_training_params_are_refused_before_anything_runs() {
             stderr(&out)
         );
     }
+}
+
+/// The reference protocol of ../shared/bench/hf_trainer, on the very rows Python uses (its
+/// Trainer reaches 0.915 there).
+#[test]
+fn fine_tuning_minilm_on_the_reference_protocol_reaches_090_on_the_test_split() {
+    let ws = Ws::new();
+    let model = model_dir();
+    let out = ws
+        .command(&["run", "--json", "pipelines/reviews-minilm.yaml"])
+        .env("FINETUNE_MODEL_DIR", &model)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let train = output_dir(&ws, "reviews-minilm", "train");
+    let metrics = read_json(&train.join("metrics.json"));
+    let (accuracy, f1) = (
+        metrics["test"]["accuracy"].as_f64().unwrap(),
+        metrics["test"]["f1_macro"].as_f64().unwrap(),
+    );
+    assert!(
+        accuracy >= 0.90 && f1 >= 0.90,
+        "test accuracy {accuracy}, macro F1 {f1}"
+    );
+    let history = read_json(&train.join("run_history.json"));
+    assert_eq!(
+        history["global_step"], 150,
+        "800 rows at batch 16 for 3 epochs"
+    );
+    assert_eq!(history["epochs"].as_array().unwrap().len(), 3);
 }

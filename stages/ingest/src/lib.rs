@@ -6,6 +6,7 @@
 //! `labels.json` (names in id order, with HF-style `id2label`/`label2id`) and `stats.json`
 //! (rows per split and label, rows dropped by reason).
 
+mod numpy;
 mod params;
 mod read;
 mod split;

@@ -64,9 +64,24 @@ pub struct SplitParams {
     /// Seed of the shuffle; the same seed gives the same split in every finetune version.
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Keep each label's share the same in every split.
-    #[serde(default = "yes")]
-    pub stratify: bool,
+    /// Keep each label's share the same in every split (default: yes, unless `like` is set).
+    pub stratify: Option<bool>,
+    /// `datasets`: the exact rows of Hugging Face datasets' `train_test_split(test_size=test,
+    /// seed=seed)` (NumPy's PCG64 permutation; no validation split, no stratification), for
+    /// results comparable row for row with a Python experiment.
+    pub like: Option<SplitLike>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitLike {
+    Datasets,
+}
+
+impl SplitParams {
+    pub fn stratified(&self) -> bool {
+        self.stratify.unwrap_or(self.like.is_none())
+    }
 }
 
 impl Default for SplitParams {
@@ -75,7 +90,8 @@ impl Default for SplitParams {
             validation: default_validation(),
             test: default_test(),
             seed: default_seed(),
-            stratify: true,
+            stratify: None,
+            like: None,
         }
     }
 }
@@ -173,6 +189,20 @@ impl Params {
                 return Err(ConfigError::at(
                     key,
                     format!("{value} is not a fraction in [0, 1)"),
+                ));
+            }
+        }
+        if self.split.like == Some(SplitLike::Datasets) {
+            if validation > 0.0 {
+                return Err(ConfigError::at(
+                    "split.validation",
+                    "must be 0 with `like: datasets` (train_test_split makes two splits)",
+                ));
+            }
+            if self.split.stratify == Some(true) {
+                return Err(ConfigError::at(
+                    "split.stratify",
+                    "`like: datasets` reproduces the unstratified train_test_split",
                 ));
             }
         }

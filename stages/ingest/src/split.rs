@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use finetune_core::rng::SplitMix64;
 
-use crate::params::SplitParams;
+use crate::params::{SplitLike, SplitParams};
 use crate::read::Table;
 
 /// Row indices of each split, each in file order.
@@ -17,7 +17,10 @@ pub struct Splits {
 /// per label, `round(n · fraction)` rows go to test and to validation. Rows are shuffled with
 /// SplitMix64 from `seed`, then each split is put back in file order.
 pub fn split(table: &Table, params: &SplitParams) -> Result<Splits> {
-    let groups: Vec<Vec<usize>> = if params.stratify {
+    if params.like == Some(SplitLike::Datasets) {
+        return split_like_datasets(table.rows.len(), params);
+    }
+    let groups: Vec<Vec<usize>> = if params.stratified() {
         (0..table.labels.len() as u32)
             .map(|label| {
                 (0..table.rows.len())
@@ -55,7 +58,7 @@ pub fn split(table: &Table, params: &SplitParams) -> Result<Splits> {
             bail!(
                 "the {name} split is empty: {} rows{} are too few for a {name} fraction of {fraction}; use more data or a larger fraction",
                 table.rows.len(),
-                if params.stratify {
+                if params.stratified() {
                     " split per label"
                 } else {
                     ""
@@ -73,4 +76,26 @@ pub fn split(table: &Table, params: &SplitParams) -> Result<Splits> {
     splits.validation.sort_unstable();
     splits.test.sort_unstable();
     Ok(splits)
+}
+
+/// datasets' `train_test_split(test_size, seed)`: `ceil(n · test)` test rows, the first of
+/// `default_rng(seed).permutation(n)`, the rest for training.
+fn split_like_datasets(n: usize, params: &SplitParams) -> Result<Splits> {
+    let order = crate::numpy::permutation(params.seed, n);
+    let n_test = (params.test * n as f64).ceil() as usize;
+    if n_test >= n {
+        bail!("the train split is empty: {n} rows are too few");
+    }
+    if params.test > 0.0 && n_test == 0 {
+        bail!("the test split is empty: {n} rows");
+    }
+    let mut test = order[..n_test].to_vec();
+    let mut train = order[n_test..].to_vec();
+    test.sort_unstable();
+    train.sort_unstable();
+    Ok(Splits {
+        train,
+        validation: Vec::new(),
+        test,
+    })
 }
