@@ -1,8 +1,8 @@
 //! Training throughput and memory (`cargo bench --bench train`) on the reference protocol of
 //! ../shared/bench/hf_trainer: all-MiniLM-L6-v2 on the 1,000 Amazon sentences, 80/20 split,
 //! batch 16, 3 epochs, max 64 tokens. Runs `finetune run pipelines/reviews-minilm.yaml` in a
-//! fresh workspace with `padding: max_length` (the reference's fixed padding: equal work) and
-//! with `padding: dynamic` (the default), and prints Trainer's figure (training samples/s over
+//! fresh workspace with `padding: max_length` (the reference's fixed padding: equal work), with
+//! `padding: dynamic` (the default), and with length grouping on top, and prints Trainer's figure (training samples/s over
 //! the whole loop, evaluations included), the process's peak RSS, and the test accuracy.
 //!
 //! With `HF_PYTHON` pointing at a Python that has torch and transformers
@@ -51,7 +51,7 @@ fn main() {
     });
     if let Some(r) = &reference {
         println!(
-            "HF Trainer, padding 64:   {:.1} samples/s, peak RSS {:.0} MiB, test accuracy {:.3}",
+            "HF Trainer, padding 64 (fixed):             {:.1} samples/s, peak RSS {:.0} MiB, test accuracy {:.3}",
             r.samples_per_second, r.peak_rss_mib, r.test_accuracy
         );
     }
@@ -62,7 +62,7 @@ fn main() {
                 .collect(),
         );
         let mut line = format!(
-            "finetune, padding {padding:<10} {:.1} samples/s, peak RSS {:.0} MiB, test accuracy {:.3}",
+            "finetune, padding {padding:<26} {:.1} samples/s, peak RSS {:.0} MiB, test accuracy {:.3}",
             ours.samples_per_second, ours.peak_rss_mib, ours.test_accuracy
         );
         if let Some(r) = &reference {
@@ -83,7 +83,13 @@ fn run_ours(repo: &Path, model: &Path, padding: &str) -> Figures {
     }
     let pipeline = ws.path().join("pipelines/reviews-minilm.yaml");
     let yaml = std::fs::read_to_string(&pipeline).expect("reviews-minilm.yaml");
-    let yaml = yaml.replace("padding: dynamic", &format!("padding: {padding}"));
+    let settings = match padding {
+        "dynamic + group_by_length" => {
+            "padding: dynamic\n        group_by_length: true".to_string()
+        }
+        other => format!("padding: {other}"),
+    };
+    let yaml = yaml.replace("padding: dynamic", &settings);
     std::fs::write(&pipeline, yaml).expect("write pipeline");
     let out = Command::new(BIN)
         .args(["run", "--json", "pipelines/reviews-minilm.yaml"])

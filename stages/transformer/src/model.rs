@@ -20,7 +20,15 @@ pub struct Dense {
 
 impl Dense {
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        linear(input, self.weight.val(), Some(self.bias.val()))
+        // Folding the leading dimensions into rows makes one [rows, in] × [in, out] matmul.
+        let mut dims = input.dims();
+        let d_in = dims[D - 1];
+        let rows = dims[..D - 1].iter().product();
+        let [_, d_out] = self.weight.dims();
+        let folded = input.reshape([rows, d_in]);
+        let out = linear(folded, self.weight.val(), Some(self.bias.val()));
+        dims[D - 1] = d_out;
+        out.reshape(dims)
     }
 }
 
