@@ -7,6 +7,9 @@
 //! output model on the evaluation split, and on the test split), `logs/train.jsonl`,
 //! `logs/tensorboard/`, `run_history.json`, and `checkpoints/`. Checkpoints are written to the
 //! stage's scratch directory first, which survives a crash: a rerun resumes from the last one.
+//!
+//! `FINETUNE_FAULT_OOM_AT_STEP=N` makes update N fail once as if out of memory (a fault
+//! injection switch for tests of the micro-batch split).
 
 use std::path::{Path, PathBuf};
 
@@ -186,6 +189,9 @@ impl Job for TrainJob {
             pad_to: (args.padding == Padding::MaxLength).then_some(max_length),
             labels: &labels,
             device: device.clone(),
+            inject_oom_at: std::env::var("FINETUNE_FAULT_OOM_AT_STEP")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         };
         let outcome = trainer.train(start, &train)?;
         drop(trainer);

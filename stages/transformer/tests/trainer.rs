@@ -50,6 +50,7 @@ fn trainer<'a>(args: &'a TrainingArgs, labels: &'a [String]) -> Trainer<'a> {
         pad_to: None,
         labels,
         device: finetune_transformer::device("cpu").unwrap(),
+        inject_oom_at: None,
     }
 }
 

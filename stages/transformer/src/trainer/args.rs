@@ -84,6 +84,10 @@ pub struct TrainingArgs {
     /// Continue an interrupted run from its last checkpoint (kept under the stage's cache key).
     #[serde(default = "yes")]
     pub resume: bool,
+    /// A memory budget for training (`4GiB`, `512MiB`): a micro-batch whose estimated peak
+    /// exceeds it is split in halves, with accumulation raised so that every optimizer update
+    /// still sees the same samples. No budget: only a real out-of-memory failure splits.
+    pub max_memory: Option<String>,
     /// Write TensorBoard event files under logs/tensorboard.
     #[serde(default = "yes")]
     pub tensorboard: bool,
@@ -170,6 +174,20 @@ impl TrainingArgs {
             || self.metric_for_best_model.is_some()
     }
 
+    /// `max_memory` in bytes.
+    pub fn max_memory_bytes(&self) -> Result<Option<u64>, String> {
+        let Some(text) = &self.max_memory else {
+            return Ok(None);
+        };
+        let size: bytesize::ByteSize = text
+            .parse()
+            .map_err(|e| format!("`{text}` is not a size such as 4GiB or 512MiB: {e}"))?;
+        match size.as_u64() {
+            0 => Err("a budget of 0 bytes leaves nothing to train with".into()),
+            bytes => Ok(Some(bytes)),
+        }
+    }
+
     /// The checks Trainer makes when TrainingArguments are built, with the key at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let at =
@@ -194,6 +212,9 @@ impl TrainingArgs {
             if value == Some(0) {
                 return at(key, "must be at least 1".into());
             }
+        }
+        if let Err(message) = self.max_memory_bytes() {
+            return at("max_memory", message);
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return at("lr", format!("{} is not a positive learning rate", self.lr));

@@ -281,6 +281,16 @@ impl Callback for Progress<'_> {
         Ok(())
     }
     fn on_log(&mut self, state: &TrainerState, record: &Record, _: &mut Control) -> Result<()> {
+        if let Some(event) = record.get("event").and_then(Value::as_str) {
+            self.reporter.message(&format!(
+                "step {}: {event}: {}; now {} rows × {} accumulated",
+                state.global_step + 1,
+                record.get("reason").and_then(Value::as_str).unwrap_or(""),
+                record["micro_batch_size"],
+                record["grad_accum"]
+            ));
+            return Ok(());
+        }
         let Some(loss) = record.get("loss").and_then(Value::as_f64) else {
             return Ok(());
         };

@@ -101,6 +101,8 @@ pub struct Trainer<'a> {
     pub labels: &'a [String],
     /// The device, without autodiff (seeded before every update).
     pub device: Device,
+    /// Fault injection for tests: fail update N (1-based) once as if out of memory.
+    pub inject_oom_at: Option<usize>,
 }
 
 /// The loop's bookkeeping between log records.
@@ -165,6 +167,7 @@ impl<'a> Trainer<'a> {
                     max_steps: total,
                     updates_per_epoch: per_epoch,
                     train_batch_size: args.batch_size * args.grad_accum,
+                    micro_batch_size: args.batch_size,
                     ..TrainerState::default()
                 };
                 (model, optimizer, state)
@@ -183,6 +186,10 @@ impl<'a> Trainer<'a> {
                     state.max_steps,
                     state.updates_per_epoch
                 );
+                let mut state = state;
+                if state.micro_batch_size == 0 {
+                    state.micro_batch_size = args.batch_size;
+                }
                 for callback in &mut self.callbacks {
                     if let Some(saved) = state.callbacks.get(callback.name()) {
                         callback.load_state(saved)?;
@@ -220,25 +227,54 @@ impl<'a> Trainer<'a> {
                     break;
                 }
                 self.each(&state, &mut control, |c, s, k| c.on_step_begin(s, k))?;
-                self.device.seed(mix(args.seed, state.global_step as u64));
-                let micro: Vec<MicroBatch> = chunk
-                    .chunks(args.batch_size)
-                    .map(|ids| MicroBatch {
-                        rows: ids.iter().map(|&j| train[j].ids.clone()).collect(),
-                        labels: ids.iter().map(|&j| train[j].label).collect(),
-                    })
-                    .collect();
                 let lr = schedule.lr(state.global_step);
                 let started = Instant::now();
-                let (next, stats) = update(
-                    model,
-                    &mut optimizer,
-                    &micro,
-                    lr,
-                    args.max_grad_norm,
-                    self.pad_to,
-                    &model_device(&self.device),
-                );
+                let length = self.pad_to.unwrap_or_else(|| {
+                    chunk.iter().map(|&j| train[j].ids.len()).max().unwrap_or(1)
+                });
+                self.fit_budget(&model, &mut state, &mut control, length)?;
+                let (next, stats) = loop {
+                    // The same dropout masks on a retry: a split changes shapes, not the seed.
+                    self.device.seed(mix(args.seed, state.global_step as u64));
+                    let micro: Vec<MicroBatch> = chunk
+                        .chunks(state.micro_batch_size)
+                        .map(|ids| MicroBatch {
+                            rows: ids.iter().map(|&j| train[j].ids.clone()).collect(),
+                            labels: ids.iter().map(|&j| train[j].label).collect(),
+                        })
+                        .collect();
+                    if self
+                        .inject_oom_at
+                        .take_if(|at| *at == state.global_step + 1)
+                        .is_some()
+                    {
+                        let reason = "injected out-of-memory fault (FINETUNE_FAULT_OOM_AT_STEP)";
+                        self.split_micro_batch(&mut state, &mut control, length, reason)?;
+                        continue;
+                    }
+                    // The update consumes a clone: after an out-of-memory failure the model is
+                    // still the one of the last completed update, and the optimizer only steps
+                    // once every gradient exists.
+                    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        update(
+                            model.clone(),
+                            &mut optimizer,
+                            &micro,
+                            lr,
+                            args.max_grad_norm,
+                            self.pad_to,
+                            &model_device(&self.device),
+                        )
+                    }));
+                    match attempt {
+                        Ok(done) => break done,
+                        Err(payload) if is_out_of_memory(payload.as_ref()) => {
+                            let reason = "the device ran out of memory";
+                            self.split_micro_batch(&mut state, &mut control, length, reason)?;
+                        }
+                        Err(payload) => std::panic::resume_unwind(payload),
+                    }
+                };
                 model = next;
                 anyhow::ensure!(
                     stats.loss.is_finite(),
@@ -325,6 +361,58 @@ impl<'a> Trainer<'a> {
             model_step,
             last_evaluation,
         })
+    }
+
+    /// Splits micro-batches until the estimated peak of one fits `max_memory`.
+    fn fit_budget(
+        &mut self,
+        model: &Classifier,
+        state: &mut TrainerState,
+        control: &mut Control,
+        length: usize,
+    ) -> Result<()> {
+        let Some(budget) = self.args.max_memory_bytes().map_err(anyhow::Error::msg)? else {
+            return Ok(());
+        };
+        loop {
+            let need = model.config.training_bytes(state.micro_batch_size, length);
+            if need <= budget {
+                return Ok(());
+            }
+            let reason = format!(
+                "a micro-batch of {} × {length} tokens needs about {} MiB, over max_memory ({} MiB)",
+                state.micro_batch_size,
+                need >> 20,
+                budget >> 20
+            );
+            self.split_micro_batch(state, control, length, &reason)?;
+        }
+    }
+
+    /// Halves the micro-batch; accumulation grows so that an update sees the same samples. The
+    /// change is logged, and kept in checkpoints.
+    fn split_micro_batch(
+        &mut self,
+        state: &mut TrainerState,
+        control: &mut Control,
+        length: usize,
+        reason: &str,
+    ) -> Result<()> {
+        let budget = self.args.max_memory.as_deref().unwrap_or("none");
+        anyhow::ensure!(
+            state.micro_batch_size > 1,
+            "out of memory with a micro-batch of 1 at sequence length {length} (max_memory: {budget}): {reason}; lower tokenize's max_length or raise max_memory"
+        );
+        state.micro_batch_size = state.micro_batch_size.div_ceil(2);
+        let entry = record(json!({
+            "step": state.global_step,
+            "epoch": round4(state.epoch),
+            "event": "micro_batch_split",
+            "reason": reason,
+            "micro_batch_size": state.micro_batch_size,
+            "grad_accum": state.train_batch_size.div_ceil(state.micro_batch_size),
+        }));
+        self.push_log(state, control, entry)
     }
 
     /// Acts on the control flags: a log record, an evaluation, a checkpoint; then clears them.
@@ -438,6 +526,18 @@ impl<'a> Trainer<'a> {
         }
         Ok(())
     }
+}
+
+/// Whether a panic is an allocation failure (cubecl reports `OutOfMemory` through a panic from
+/// `into_data`/`into_scalar`).
+fn is_out_of_memory(payload: &(dyn std::any::Any + Send)) -> bool {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("");
+    let lower = text.to_ascii_lowercase();
+    lower.contains("out of memory") || lower.contains("outofmemory")
 }
 
 /// The device the model trains on: `device` with autodiff.

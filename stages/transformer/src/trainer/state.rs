@@ -21,6 +21,9 @@ pub struct TrainerState {
     pub updates_per_epoch: usize,
     /// Samples per optimizer update (batch × accumulation).
     pub train_batch_size: usize,
+    /// Rows per forward pass: `batch_size`, or less after an out-of-memory split.
+    #[serde(default)]
+    pub micro_batch_size: usize,
     /// The best value of the best-model metric so far.
     pub best_metric: Option<f64>,
     /// The checkpoint directory (name) that holds the best model.
