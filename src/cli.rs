@@ -119,6 +119,20 @@ pub fn main(registry: Registry) -> ExitCode {
     }
 }
 
+/// The first Ctrl-C asks running stages to stop at a safe point (training writes a checkpoint
+/// first) and starts no new stage; a second one exits at once.
+fn stop_on_ctrl_c() {
+    let installed = ctrlc::set_handler(|| {
+        if finetune_core::interrupt::request() {
+            std::process::exit(130);
+        }
+        eprintln!("stopping: running stages finish their step and save; Ctrl-C again to quit now");
+    });
+    if let Err(err) = installed {
+        eprintln!("warning: Ctrl-C will stop at once, without saving: {err}");
+    }
+}
+
 fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
     let workspace = Workspace::new(&cli.workspace)?;
     match cli.command {
@@ -148,8 +162,11 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 jobs: jobs
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             };
+            stop_on_ctrl_c();
             let summary = run(&plan, &workspace, &options, sink.as_ref())?;
-            Ok(if summary.failed > 0 {
+            Ok(if finetune_core::interrupt::requested() {
+                ExitCode::from(130)
+            } else if summary.failed > 0 {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS

@@ -102,6 +102,7 @@ pub fn run(
         let mut running = 0usize;
         let mut stop_dispatch = false;
         loop {
+            stop_dispatch |= finetune_core::interrupt::requested();
             for &index in plan.dag.order() {
                 if stop_dispatch || running >= jobs {
                     break;
@@ -280,9 +281,14 @@ pub fn run(
         if selected.contains(&index) && matches!(state, State::Pending) {
             *state = State::Skipped;
             summary.skipped += 1;
+            let reason = if finetune_core::interrupt::requested() {
+                "interrupted"
+            } else {
+                "an earlier stage failed"
+            };
             sink.emit(Event::StageSkipped {
                 stage: plan.pipeline.stages[index].id.clone(),
-                reason: "an earlier stage failed".into(),
+                reason: reason.into(),
             });
         }
     }

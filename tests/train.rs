@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -462,5 +463,74 @@ fn a_memory_budget_splits_micro_batches_before_they_run_and_too_small_a_budget_i
         stderr(&refused).contains("key `with.training.max_memory`: `lots` is not a size"),
         "{}",
         stderr(&refused)
+    );
+}
+
+#[test]
+fn ctrl_c_stops_training_with_a_checkpoint_and_the_rerun_finishes_the_same_run() {
+    let (whole, stopped) = (Ws::new(), Ws::new());
+    short_run(&whole);
+    short_run(&stopped);
+    whole.run_ok(&[]);
+
+    let child = stopped
+        .command(&["run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let scratch = stopped.file("artifacts/scratch");
+    let started = Instant::now();
+    while !std::fs::read_dir(&scratch).is_ok_and(|entries| {
+        entries.filter_map(|e| e.ok()).any(|e| {
+            e.path()
+                .join("checkpoints/checkpoint-10/trainer_state.json")
+                .is_file()
+        })
+    }) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint after 2 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let text = stderr(&out);
+    let at = text
+        .find("interrupted at step ")
+        .unwrap_or_else(|| panic!("no interruption message: {text}"));
+    let step: u64 = text[at + "interrupted at step ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((10..60).contains(&step), "{text}");
+    assert!(
+        !stopped.file("artifacts/runs/reviews/train").exists(),
+        "nothing published"
+    );
+
+    let events = stopped.run_ok(&[]);
+    let expected = format!("resuming from checkpoint-{step} ");
+    assert!(
+        events
+            .iter()
+            .filter_map(|e| e["text"].as_str())
+            .any(|t| t.starts_with(&expected)),
+        "the rerun did not resume at step {step}: {events:?}"
+    );
+    let weights = |ws: &Ws| {
+        std::fs::read(output_dir(ws, "reviews", "train").join("model/model.safetensors")).unwrap()
+    };
+    assert!(
+        weights(&whole) == weights(&stopped),
+        "the resumed model differs"
     );
 }

@@ -9,6 +9,7 @@
 
 mod context;
 mod error;
+pub mod interrupt;
 mod params;
 pub mod paths;
 pub mod rng;

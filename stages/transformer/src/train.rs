@@ -184,8 +184,8 @@ impl Job for TrainJob {
                     device: device.clone(),
                 }) as Box<dyn crate::trainer::Evaluator>
             }),
-            checkpoints: (args.save_strategy != crate::trainer::Strategy::No)
-                .then(|| checkpoints.clone()),
+            // Always a directory: even with `save_strategy: no`, Ctrl-C saves a checkpoint.
+            checkpoints: Some(checkpoints.clone()),
             pad_to: (args.padding == Padding::MaxLength).then_some(max_length),
             labels: &labels,
             device: device.clone(),

@@ -311,6 +311,9 @@ impl<'a> Trainer<'a> {
                     &mut pending_best,
                     &mut last_evaluation,
                 )?;
+                if finetune_core::interrupt::requested() {
+                    return self.stop_on_interrupt(&model, &optimizer, &schedule, &mut state);
+                }
                 if control.should_training_stop {
                     break;
                 }
@@ -361,6 +364,47 @@ impl<'a> Trainer<'a> {
             model_step,
             last_evaluation,
         })
+    }
+
+    /// Ctrl-C: saves a checkpoint of the update just made (whatever the save strategy), so
+    /// that the next run resumes here, and ends the run with an error that says so.
+    fn stop_on_interrupt(
+        &mut self,
+        model: &Classifier,
+        optimizer: &ModuleOptimizer,
+        schedule: &Schedule,
+        state: &mut TrainerState,
+    ) -> Result<Outcome> {
+        let Some(checkpoints) = self.checkpoints.clone() else {
+            anyhow::bail!(
+                "interrupted at step {}; nothing saved (no checkpoint directory)",
+                state.global_step
+            );
+        };
+        let dir = self.save_checkpoint(&checkpoints, model, optimizer, schedule, state)?;
+        anyhow::bail!(
+            "interrupted at step {} of {}: saved {}; run again to resume",
+            state.global_step,
+            state.max_steps,
+            dir.display()
+        )
+    }
+
+    /// Writes a checkpoint of the current update, with the callbacks' state.
+    fn save_checkpoint(
+        &self,
+        checkpoints: &Checkpoints,
+        model: &Classifier,
+        optimizer: &ModuleOptimizer,
+        schedule: &Schedule,
+        state: &mut TrainerState,
+    ) -> Result<std::path::PathBuf> {
+        state.callbacks = self
+            .callbacks
+            .iter()
+            .filter_map(|c| Some((c.name().to_string(), c.save_state()?)))
+            .collect();
+        checkpoints.save(model, optimizer, schedule, self.args.seed, state)
     }
 
     /// Splits micro-batches until the estimated peak of one fits `max_memory`.
@@ -485,12 +529,7 @@ impl<'a> Trainer<'a> {
             if std::mem::take(pending_best) {
                 state.best_model_checkpoint = Some(name.clone());
             }
-            state.callbacks = self
-                .callbacks
-                .iter()
-                .filter_map(|c| Some((c.name().to_string(), c.save_state()?)))
-                .collect();
-            let dir = checkpoints.save(model, optimizer, schedule, self.args.seed, state)?;
+            let dir = self.save_checkpoint(&checkpoints, model, optimizer, schedule, state)?;
             if let Some(limit) = self.args.save_total_limit {
                 checkpoints.rotate(limit, state.best_model_checkpoint.as_deref())?;
             }
