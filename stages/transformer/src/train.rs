@@ -26,7 +26,7 @@ use crate::config::ScratchSpec;
 use crate::data::{read_examples, read_labels, tokenizer_facts};
 use crate::model::Classifier;
 use crate::trainer::callbacks::{
-    EarlyStopping, JsonlLogger, Progress, RunHistory, TensorBoardLogger,
+    EarlyStopping, Progress, RunHistory, jsonl_logger, tensorboard_logger,
 };
 use crate::trainer::{
     Callback, Checkpoints, DatasetEvaluator, EvalSplit, Padding, Start, Trainer, TrainingArgs,
@@ -253,12 +253,10 @@ impl TrainJob {
         let logs = ctx.out_dir.join("logs");
         let mut callbacks: Vec<Box<dyn Callback + 'a>> = vec![
             Box::new(Progress::new(ctx.reporter)),
-            Box::new(JsonlLogger::create(&logs.join("train.jsonl"))?),
+            Box::new(jsonl_logger(&logs.join("train.jsonl"))?),
         ];
         if args.tensorboard {
-            callbacks.push(Box::new(TensorBoardLogger::create(
-                &logs.join("tensorboard"),
-            )?));
+            callbacks.push(Box::new(tensorboard_logger(&logs.join("tensorboard"))?));
         }
         if let Some(early) = &args.early_stopping {
             callbacks.push(Box::new(EarlyStopping::new(

@@ -152,25 +152,56 @@ impl Callback for EarlyStopping {
     }
 }
 
-/// Appends every log record to a JSON Lines file (a resumed run first writes the history).
-pub struct JsonlLogger {
+/// Where a [`Logger`] writes each log record.
+pub trait RecordSink {
+    fn write(&mut self, record: &Record) -> Result<()>;
+}
+
+/// Writes every log record to its sink; a resumed run first writes the history it carries, so
+/// the file holds the whole run.
+pub struct Logger<S> {
+    name: &'static str,
+    sink: S,
+}
+
+impl<S: RecordSink> Callback for Logger<S> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn on_train_begin(&mut self, state: &TrainerState, _: &mut Control) -> Result<()> {
+        state
+            .log_history
+            .iter()
+            .try_for_each(|r| self.sink.write(r))
+    }
+    fn on_log(&mut self, _: &TrainerState, record: &Record, _: &mut Control) -> Result<()> {
+        self.sink.write(record)
+    }
+}
+
+/// A JSON Lines file, one record a line.
+pub struct JsonlFile {
     path: PathBuf,
     out: BufWriter<File>,
 }
 
-impl JsonlLogger {
-    pub fn create(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file =
-            File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(JsonlLogger {
-            path: path.to_path_buf(),
-            out: BufWriter::new(file),
-        })
+/// The JSONL logger: every record into `path`.
+pub fn jsonl_logger(path: &Path) -> Result<Logger<JsonlFile>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
     }
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let sink = JsonlFile {
+        path: path.to_path_buf(),
+        out: BufWriter::new(file),
+    };
+    Ok(Logger {
+        name: "jsonl",
+        sink,
+    })
+}
 
+impl RecordSink for JsonlFile {
     fn write(&mut self, record: &Record) -> Result<()> {
         serde_json::to_writer(&mut self.out, record)?;
         self.out
@@ -180,31 +211,17 @@ impl JsonlLogger {
     }
 }
 
-impl Callback for JsonlLogger {
-    fn name(&self) -> &'static str {
-        "jsonl"
-    }
-    fn on_train_begin(&mut self, state: &TrainerState, _: &mut Control) -> Result<()> {
-        state.log_history.iter().try_for_each(|r| self.write(r))
-    }
-    fn on_log(&mut self, _: &TrainerState, record: &Record, _: &mut Control) -> Result<()> {
-        self.write(record)
-    }
+/// The TensorBoard logger: the scalars of every record into an event file in `dir`, tagged as
+/// HF's TensorBoardCallback tags them (`train/loss`, `train/learning_rate`, `train/grad_norm`,
+/// `train/samples_per_second`, `eval/accuracy`, …).
+pub fn tensorboard_logger(dir: &Path) -> Result<Logger<EventWriter>> {
+    Ok(Logger {
+        name: "tensorboard",
+        sink: EventWriter::create(dir)?,
+    })
 }
 
-/// Scalars of every log record into TensorBoard event files: `train/loss`, `train/learning_rate`,
-/// `train/grad_norm`, `train/samples_per_second`, `train/epoch`, `eval/accuracy`, …
-pub struct TensorBoardLogger {
-    writer: EventWriter,
-}
-
-impl TensorBoardLogger {
-    pub fn create(dir: &Path) -> Result<Self> {
-        Ok(TensorBoardLogger {
-            writer: EventWriter::create(dir)?,
-        })
-    }
-
+impl RecordSink for EventWriter {
     fn write(&mut self, record: &Record) -> Result<()> {
         let step = record.get("step").and_then(Value::as_u64).unwrap_or(0);
         let scalars: Vec<(String, f64)> = record
@@ -212,27 +229,15 @@ impl TensorBoardLogger {
             .filter(|(key, _)| key.as_str() != "step")
             .filter_map(|(key, value)| Some((tensorboard_tag(key), value.as_f64()?)))
             .collect();
-        self.writer.scalars(step, &scalars)
+        self.scalars(step, &scalars)
     }
 }
 
-/// HF's TensorBoardCallback tags: `eval_x` → `eval/x`, anything else → `train/x`.
+/// `eval_x` → `eval/x`, anything else → `train/x`.
 fn tensorboard_tag(key: &str) -> String {
     match key.strip_prefix("eval_") {
         Some(metric) => format!("eval/{metric}"),
         None => format!("train/{key}"),
-    }
-}
-
-impl Callback for TensorBoardLogger {
-    fn name(&self) -> &'static str {
-        "tensorboard"
-    }
-    fn on_train_begin(&mut self, state: &TrainerState, _: &mut Control) -> Result<()> {
-        state.log_history.iter().try_for_each(|r| self.write(r))
-    }
-    fn on_log(&mut self, _: &TrainerState, record: &Record, _: &mut Control) -> Result<()> {
-        self.write(record)
     }
 }
 
