@@ -10,6 +10,7 @@
 mod context;
 mod error;
 pub mod interrupt;
+pub mod output;
 mod params;
 pub mod paths;
 pub mod rng;

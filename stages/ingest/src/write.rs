@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use arrow::array::{Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
+use finetune_core::output::write_json;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
@@ -51,12 +52,6 @@ pub fn write_outputs(out: &Path, table: &Table, splits: &Splits, params: &Params
         "splits": split_stats,
     });
     write_json(&out.join("stats.json"), &stats)
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value)?;
-    text.push('\n');
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn write_split(path: &Path, table: &Table, rows: &[usize]) -> Result<()> {

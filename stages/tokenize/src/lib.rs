@@ -87,9 +87,6 @@ impl Job for TokenizeJob {
             self.params.max_length,
             ctx.reporter,
         )?;
-        let mut text = serde_json::to_string_pretty(&stats)?;
-        text.push('\n');
-        std::fs::write(ctx.out_dir.join("stats.json"), text).context("cannot write stats.json")?;
-        Ok(())
+        finetune_core::output::write_json(&ctx.out_dir.join("stats.json"), &stats)
     }
 }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
 use burn::module::Module;
+use finetune_core::output::write_json;
 use finetune_core::schemars::{self, JsonSchema};
 use finetune_core::{
     ConfigError, ConfigureContext, Job, RunContext, Stage, Value, parse_params, schema_for,
@@ -293,12 +294,6 @@ fn tokenize_max_length(tokenized: &Path) -> Result<usize> {
         .as_u64()
         .map(|n| n as usize)
         .with_context(|| format!("{} has no `max_length`", path.display()))
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value)?;
-    text.push('\n');
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Hard-links every file under `from` into `to` (same file system: the artifacts directory),

@@ -385,9 +385,6 @@ impl Callback for RunHistory {
             // Trainer's figure: samples over the whole loop's time, evaluations included.
             "train_samples_per_second": state.samples_seen as f64 / state.train_seconds.max(1e-9),
         });
-        let mut text = serde_json::to_string_pretty(&history)?;
-        text.push('\n');
-        std::fs::write(&self.path, text)
-            .with_context(|| format!("cannot write {}", self.path.display()))
+        finetune_core::output::write_json(&self.path, &history)
     }
 }

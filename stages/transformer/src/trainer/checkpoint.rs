@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow};
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
+use finetune_core::output::write_json;
 use serde_json::json;
 
 use super::state::TrainerState;
@@ -79,7 +80,7 @@ impl Checkpoints {
                 "next_step": state.global_step,
             }),
         )?;
-        write_json(&partial.join(TRAINER_STATE), &serde_json::to_value(state)?)?;
+        write_json(&partial.join(TRAINER_STATE), state)?;
         let _ = std::fs::remove_dir_all(&target);
         std::fs::rename(&partial, &target)
             .with_context(|| format!("cannot publish checkpoint {}", target.display()))?;
@@ -183,10 +184,4 @@ pub fn restore(
         optimizer,
         state,
     })
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value)?;
-    text.push('\n');
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
