@@ -154,7 +154,7 @@ impl Job for TrainJob {
             Some(dir) => {
                 let restored =
                     checkpoint::restore(&dir, &labels, &device.clone().autodiff(), |m| {
-                        trainer_optimizer(args, m)
+                        crate::trainer::optimizer(args, m)
                     })?;
                 ctx.reporter.message(&format!(
                     "resuming from {} (step {} of {})",
@@ -272,15 +272,6 @@ impl TrainJob {
         )));
         Ok(callbacks)
     }
-}
-
-fn trainer_optimizer(args: &TrainingArgs, model: &Classifier) -> burn::optim::ModuleOptimizer {
-    crate::optim::AdamW {
-        weight_decay: args.weight_decay,
-        epsilon: args.adam_epsilon,
-        ..Default::default()
-    }
-    .build(model)
 }
 
 /// tokenize's `max_length` (the length `padding: max_length` pads to).

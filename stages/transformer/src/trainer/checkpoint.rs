@@ -47,6 +47,11 @@ impl Checkpoints {
         &self.dir
     }
 
+    /// The name of the checkpoint made after update `step`.
+    pub fn name(step: usize) -> String {
+        format!("{PREFIX}{step}")
+    }
+
     /// Writes `checkpoint-<step>`; returns its directory.
     pub fn save(
         &self,
@@ -56,7 +61,7 @@ impl Checkpoints {
         seed: u64,
         state: &TrainerState,
     ) -> Result<PathBuf> {
-        let name = format!("{PREFIX}{}", state.global_step);
+        let name = Self::name(state.global_step);
         let target = self.dir.join(&name);
         let partial = self.dir.join(format!(".{name}.partial"));
         let _ = std::fs::remove_dir_all(&partial);

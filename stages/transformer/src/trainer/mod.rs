@@ -105,22 +105,35 @@ pub struct Trainer<'a> {
     pub inject_oom_at: Option<usize>,
 }
 
+/// Updates summed over a stretch of the run: since the last log record, or in this epoch.
+#[derive(Default)]
+struct Tally {
+    loss_sum: f64,
+    updates: usize,
+    samples: usize,
+    /// Seconds spent in the updates themselves.
+    seconds: f64,
+}
+
+impl Tally {
+    fn add(&mut self, loss: f64, samples: usize, seconds: f64) {
+        self.loss_sum += loss;
+        self.updates += 1;
+        self.samples += samples;
+        self.seconds += seconds;
+    }
+
+    fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.updates.max(1) as f64
+    }
+}
+
 /// The loop's bookkeeping between log records.
 #[derive(Default)]
 struct Pending {
-    loss_sum: f64,
-    updates: usize,
-    samples: usize,
-    seconds: f64,
+    tally: Tally,
+    /// Learning rate and gradient norm of the last update.
     last: Option<(f64, f64)>,
-}
-
-/// The bookkeeping of the epoch in progress.
-struct EpochClock {
-    started: Instant,
-    loss_sum: f64,
-    updates: usize,
-    samples: usize,
 }
 
 impl<'a> Trainer<'a> {
@@ -145,12 +158,7 @@ impl<'a> Trainer<'a> {
 
     /// The optimizer a run uses for `model`.
     pub fn optimizer(&self, model: &Classifier) -> ModuleOptimizer {
-        AdamW {
-            weight_decay: self.args.weight_decay,
-            epsilon: self.args.adam_epsilon,
-            ..AdamW::default()
-        }
-        .build(model)
+        optimizer(self.args, model)
     }
 
     /// Trains on `train` from `start` (the model must live on an autodiff device).
@@ -160,6 +168,7 @@ impl<'a> Trainer<'a> {
         let args = self.args;
         let (per_epoch, total) = self.plan(train.len());
         let schedule = self.schedule(total);
+        let budget = args.max_memory_bytes().map_err(anyhow::Error::msg)?;
         let (mut model, mut optimizer, mut state) = match start {
             Start::Fresh(model) => {
                 let optimizer = self.optimizer(&model);
@@ -177,7 +186,7 @@ impl<'a> Trainer<'a> {
                     name,
                     model,
                     optimizer,
-                    state,
+                    mut state,
                 } = restored;
                 anyhow::ensure!(
                     state.max_steps == total && state.updates_per_epoch == per_epoch,
@@ -186,7 +195,6 @@ impl<'a> Trainer<'a> {
                     state.max_steps,
                     state.updates_per_epoch
                 );
-                let mut state = state;
                 if state.micro_batch_size == 0 {
                     state.micro_batch_size = args.batch_size;
                 }
@@ -210,12 +218,8 @@ impl<'a> Trainer<'a> {
             if state.step_in_epoch() == 0 {
                 self.each(&state, &mut control, |c, s, k| c.on_epoch_begin(s, k))?;
             }
-            let mut clock = EpochClock {
-                started: Instant::now(),
-                loss_sum: 0.0,
-                updates: 0,
-                samples: 0,
-            };
+            let epoch_started = Instant::now();
+            let mut epoch_tally = Tally::default();
             let mut pending = Pending::default();
             let skip = state.step_in_epoch();
             for (i, chunk) in order
@@ -232,7 +236,7 @@ impl<'a> Trainer<'a> {
                 let length = self.pad_to.unwrap_or_else(|| {
                     chunk.iter().map(|&j| train[j].ids.len()).max().unwrap_or(1)
                 });
-                self.fit_budget(&model, &mut state, &mut control, length)?;
+                self.fit_budget(&model, &mut state, &mut control, length, budget)?;
                 let (next, stats) = loop {
                     // The same dropout masks on a retry: a split changes shapes, not the seed.
                     self.device.seed(mix(args.seed, state.global_step as u64));
@@ -285,14 +289,9 @@ impl<'a> Trainer<'a> {
                 let seconds = started.elapsed().as_secs_f64();
                 state.global_step += 1;
                 state.epoch = epoch as f64 + (i + 1) as f64 / per_epoch as f64;
-                pending.loss_sum += stats.loss;
-                pending.updates += 1;
-                pending.samples += chunk.len();
-                pending.seconds += seconds;
+                pending.tally.add(stats.loss, chunk.len(), seconds);
                 pending.last = Some((lr, stats.grad_norm));
-                clock.loss_sum += stats.loss;
-                clock.updates += 1;
-                clock.samples += chunk.len();
+                epoch_tally.add(stats.loss, chunk.len(), seconds);
                 state.samples_seen += chunk.len();
                 self.each(&state, &mut control, |c, s, k| c.on_step_end(s, k))?;
                 let step = state.global_step;
@@ -318,16 +317,17 @@ impl<'a> Trainer<'a> {
                     break;
                 }
             }
-            let seconds = clock.started.elapsed().as_secs_f64();
+            // An epoch's throughput counts its whole time, evaluations and saves included.
+            let seconds = epoch_started.elapsed().as_secs_f64();
             state.epochs.push(state::EpochSummary {
                 epoch: epoch + 1,
                 step: state.global_step,
-                train_loss: clock.loss_sum / clock.updates.max(1) as f64,
+                train_loss: epoch_tally.mean_loss(),
                 seconds,
-                samples_per_second: clock.samples as f64 / seconds.max(1e-9),
+                samples_per_second: epoch_tally.samples as f64 / seconds.max(1e-9),
             });
             self.each(&state, &mut control, |c, s, k| c.on_epoch_end(s, k))?;
-            control.should_log |= pending.updates > 0;
+            control.should_log |= pending.tally.updates > 0;
             control.should_evaluate |= args.eval_strategy == Strategy::Epoch;
             control.should_save |= args.save_strategy == Strategy::Epoch;
             state.train_seconds = train_seconds_before + session.elapsed().as_secs_f64();
@@ -414,8 +414,9 @@ impl<'a> Trainer<'a> {
         state: &mut TrainerState,
         control: &mut Control,
         length: usize,
+        budget: Option<u64>,
     ) -> Result<()> {
-        let Some(budget) = self.args.max_memory_bytes().map_err(anyhow::Error::msg)? else {
+        let Some(budget) = budget else {
             return Ok(());
         };
         loop {
@@ -472,15 +473,16 @@ impl<'a> Trainer<'a> {
         pending_best: &mut bool,
         last_evaluation: &mut Option<(usize, Value)>,
     ) -> Result<()> {
-        if control.should_log && pending.updates > 0 {
+        if control.should_log && pending.tally.updates > 0 {
             let (lr, grad_norm) = pending.last.unwrap_or_default();
+            let tally = &pending.tally;
             let record = record(json!({
                 "step": state.global_step,
                 "epoch": round4(state.epoch),
-                "loss": pending.loss_sum / pending.updates as f64,
+                "loss": tally.mean_loss(),
                 "learning_rate": lr,
                 "grad_norm": grad_norm,
-                "samples_per_second": pending.samples as f64 / pending.seconds.max(1e-9),
+                "samples_per_second": tally.samples as f64 / tally.seconds.max(1e-9),
             }));
             *pending = Pending::default();
             self.push_log(state, control, record)?;
@@ -525,9 +527,8 @@ impl<'a> Trainer<'a> {
         if control.should_save
             && let Some(checkpoints) = self.checkpoints.clone()
         {
-            let name = format!("checkpoint-{}", state.global_step);
             if std::mem::take(pending_best) {
-                state.best_model_checkpoint = Some(name.clone());
+                state.best_model_checkpoint = Some(Checkpoints::name(state.global_step));
             }
             let dir = self.save_checkpoint(&checkpoints, model, optimizer, schedule, state)?;
             if let Some(limit) = self.args.save_total_limit {
@@ -565,6 +566,16 @@ impl<'a> Trainer<'a> {
         }
         Ok(())
     }
+}
+
+/// The optimizer `args` describe, for `model` (also what a checkpoint's state is loaded into).
+pub fn optimizer(args: &TrainingArgs, model: &Classifier) -> ModuleOptimizer {
+    AdamW {
+        weight_decay: args.weight_decay,
+        epsilon: args.adam_epsilon,
+        ..AdamW::default()
+    }
+    .build(model)
 }
 
 /// Whether a panic is an allocation failure (cubecl reports `OutOfMemory` through a panic from
