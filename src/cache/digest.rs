@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use finetune_core::output::list_files;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -132,29 +133,6 @@ impl DigestMemo {
         let bytes = serde_json::to_vec(&self.stamps)?;
         super::write_atomic(&self.file, &bytes)
     }
-}
-
-/// Every regular file under `dir`, relative to it, sorted. Symlinks are followed.
-pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    let mut pending = vec![PathBuf::new()];
-    while let Some(relative) = pending.pop() {
-        let entries = std::fs::read_dir(dir.join(&relative))
-            .with_context(|| format!("cannot list {}", dir.join(&relative).display()))?;
-        for entry in entries {
-            let entry = entry?;
-            let child = relative.join(entry.file_name());
-            let meta = std::fs::metadata(entry.path())
-                .with_context(|| format!("cannot read {}", entry.path().display()))?;
-            if meta.is_dir() {
-                pending.push(child);
-            } else {
-                files.push(child);
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
 }
 
 #[cfg(test)]

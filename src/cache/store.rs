@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::digest::{list_files, sha256_bytes, sha256_file};
+use finetune_core::output::{list_files, sync_dir, sync_tree};
+
+use super::digest::{sha256_bytes, sha256_file};
 
 /// The manifest's name inside an entry; stages may not write a file by this name.
 pub const MANIFEST: &str = ".finetune-manifest.json";
@@ -186,19 +188,6 @@ impl Store {
             _ => Ok(()),
         }
     }
-}
-
-fn sync_tree(dir: &Path) -> Result<()> {
-    for relative in list_files(dir)? {
-        std::fs::File::open(dir.join(&relative))?.sync_all()?;
-    }
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)?
-        .sync_all()
-        .with_context(|| format!("cannot sync {}", dir.display()))
 }
 
 #[cfg(test)]

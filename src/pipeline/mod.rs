@@ -224,7 +224,22 @@ impl Reader<'_> {
         let get = |name: &str| entries.iter().find(|(k, _, _)| k == name);
 
         let name = match get("name") {
-            Some((_, _, node)) => self.string(node, None, "name")?,
+            Some((_, _, node)) => {
+                let name = self.string(node, None, "name")?;
+                // The name becomes `<name>.lock` and `artifacts/runs/<name>/`: it must stay a
+                // plain file name inside the workspace.
+                if !is_plain_name(&name) || name.starts_with('.') {
+                    return Err(self.error(
+                        node.mark,
+                        None,
+                        Some("name"),
+                        format!(
+                            "`{name}` would leave the workspace or hide its files; a pipeline name may use only letters, digits, `_`, `-` and `.`, and may not start with `.`"
+                        ),
+                    ));
+                }
+                name
+            }
             None => return Err(self.error(root.mark, None, Some("name"), "missing required key")),
         };
         let params = match get("params") {
@@ -273,10 +288,7 @@ impl Reader<'_> {
         node: &Node,
         scope: &Scope,
     ) -> Result<StageDecl, PipelineError> {
-        if !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
+        if !is_plain_name(id) || id.contains('.') {
             return Err(self.error(
                 mark,
                 Some(id),
@@ -406,6 +418,14 @@ impl Reader<'_> {
             }
         })
     }
+}
+
+/// Letters, digits, `_`, `-` and `.` only: safe as one path component on every platform.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! Writing a stage's small result files the same way in every plugin.
+//! Writing results durably and the same way everywhere: a stage's small JSON files, and the
+//! file-tree walks and fsyncs that the cache and the checkpoints rely on.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -10,4 +11,46 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Every regular file under `dir`, relative to it, sorted; symlinks are followed.
+pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let entries = std::fs::read_dir(dir.join(&relative))
+            .with_context(|| format!("cannot list {}", dir.join(&relative).display()))?;
+        for entry in entries {
+            let entry = entry?;
+            let child = relative.join(entry.file_name());
+            let meta = std::fs::metadata(entry.path())
+                .with_context(|| format!("cannot read {}", entry.path().display()))?;
+            if meta.is_dir() {
+                pending.push(child);
+            } else {
+                files.push(child);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Flushes every file under `dir`, then `dir` itself, so that a rename that publishes it
+/// can never expose data still in the page cache (or a write error a full disk reports late).
+pub fn sync_tree(dir: &Path) -> Result<()> {
+    for relative in list_files(dir)? {
+        let path = dir.join(&relative);
+        std::fs::File::open(&path)
+            .and_then(|file| file.sync_all())
+            .with_context(|| format!("cannot sync {}", path.display()))?;
+    }
+    sync_dir(dir)
+}
+
+/// Flushes a directory's entries (the names a rename created or removed).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|file| file.sync_all())
+        .with_context(|| format!("cannot sync {}", dir.display()))
 }

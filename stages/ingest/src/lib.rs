@@ -65,6 +65,14 @@ impl Job for IngestJob {
         ctx.reporter
             .message(&format!("reading {}", self.params.path.display()));
         let table = read::read_table(&path, &self.params.path, &self.params, ctx.reporter)?;
+        if table.dropped.total() > 0 {
+            ctx.reporter.message(&format!(
+                "dropped {} of {} rows: {}",
+                table.dropped.total(),
+                table.rows_read,
+                table.dropped
+            ));
+        }
         let splits = split::split(&table, &self.params.split)?;
         write::write_outputs(&ctx.out_dir, &table, &splits, &self.params)?;
         ctx.reporter.message(&format!(

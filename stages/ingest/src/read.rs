@@ -14,13 +14,75 @@ pub struct Row {
     pub label: u32,
 }
 
-/// Why rows were left out, by count.
+/// Why rows were left out, by count, with the first few line numbers of each reason so that a
+/// user can find them.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Dropped {
     pub empty_text: u64,
     pub duplicate_text: u64,
     pub empty_label: u64,
     pub bad_row: u64,
+    #[serde(skip)]
+    first_lines: BTreeMap<&'static str, Vec<u64>>,
+}
+
+/// How many line numbers per reason a message lists.
+const LINES_SHOWN: usize = 5;
+
+impl Dropped {
+    fn drop_row(&mut self, reason: &'static str, line: u64) {
+        let count = match reason {
+            EMPTY_TEXT => &mut self.empty_text,
+            DUPLICATE_TEXT => &mut self.duplicate_text,
+            EMPTY_LABEL => &mut self.empty_label,
+            _ => &mut self.bad_row,
+        };
+        *count += 1;
+        let lines = self.first_lines.entry(reason).or_default();
+        if lines.len() < LINES_SHOWN {
+            lines.push(line);
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.empty_text + self.duplicate_text + self.empty_label + self.bad_row
+    }
+}
+
+const EMPTY_TEXT: &str = "an empty or whitespace-only text";
+const DUPLICATE_TEXT: &str = "a duplicate text";
+const EMPTY_LABEL: &str = "an empty label";
+const BAD_ROW: &str = "a malformed row";
+
+/// `3 with an empty or whitespace-only text (lines 2, 4, 9), 1 with a duplicate text (line 7)`.
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let counts = [
+            (EMPTY_TEXT, self.empty_text),
+            (DUPLICATE_TEXT, self.duplicate_text),
+            (EMPTY_LABEL, self.empty_label),
+            (BAD_ROW, self.bad_row),
+        ];
+        let mut first = true;
+        for (reason, count) in counts.into_iter().filter(|(_, count)| *count > 0) {
+            let lines = self.first_lines.get(reason).cloned().unwrap_or_default();
+            let listed: Vec<String> = lines.iter().map(u64::to_string).collect();
+            let more = if count > lines.len() as u64 {
+                ", …"
+            } else {
+                ""
+            };
+            let noun = if lines.len() == 1 { "line" } else { "lines" };
+            write!(
+                f,
+                "{}{count} with {reason} ({noun} {}{more})",
+                if first { "" } else { ", " },
+                listed.join(", ")
+            )?;
+            first = false;
+        }
+        Ok(())
+    }
 }
 
 pub struct Table {
@@ -55,11 +117,11 @@ pub fn read_table(
     let mut seen_texts = HashSet::new();
     let mut dropped = Dropped::default();
     let mut rows_read = 0u64;
-    let bad_row = |dropped: &mut Dropped, message: String| -> Result<()> {
+    let bad_row = |dropped: &mut Dropped, line: u64, message: String| -> Result<()> {
         match params.on_bad_row {
             OnBadRow::Error => bail!("{message} (set `on_bad_row: skip` to skip such rows)"),
             OnBadRow::Skip => {
-                dropped.bad_row += 1;
+                dropped.drop_row(BAD_ROW, line);
                 Ok(())
             }
         }
@@ -105,6 +167,7 @@ pub fn read_table(
         if Some(record.len()) != fields_expected {
             bad_row(
                 &mut dropped,
+                line,
                 format!(
                     "{}:{line}: expected {} fields, found {}",
                     shown.display(),
@@ -131,6 +194,7 @@ pub fn read_table(
         if text.len() > params.max_text_bytes {
             bad_row(
                 &mut dropped,
+                line,
                 format!(
                     "{}:{line}: the text is {} bytes, over `max_text_bytes` ({})",
                     shown.display(),
@@ -141,15 +205,15 @@ pub fn read_table(
             continue;
         }
         if params.drop_empty && text.trim().is_empty() {
-            dropped.empty_text += 1;
+            dropped.drop_row(EMPTY_TEXT, line);
             continue;
         }
         if label.is_empty() {
-            dropped.empty_label += 1;
+            dropped.drop_row(EMPTY_LABEL, line);
             continue;
         }
         if params.drop_duplicates && !seen_texts.insert(text.clone()) {
-            dropped.duplicate_text += 1;
+            dropped.drop_row(DUPLICATE_TEXT, line);
             continue;
         }
         if let Some(allowed) = &params.labels
@@ -176,7 +240,7 @@ pub fn read_table(
     }
     if raw_rows.is_empty() {
         bail!(
-            "{}: all {rows_read} rows were dropped ({:?})",
+            "{}: all {rows_read} rows were dropped: {}",
             shown.display(),
             dropped
         );

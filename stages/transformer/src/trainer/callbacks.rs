@@ -288,7 +288,7 @@ impl Callback for Progress<'_> {
     fn on_log(&mut self, state: &TrainerState, record: &Record, _: &mut Control) -> Result<()> {
         if let Some(event) = record.get("event").and_then(Value::as_str) {
             self.reporter.message(&format!(
-                "step {}: {event}: {}; now {} rows × {} accumulated",
+                "step {}: {event}: {}; now micro-batches of {} accumulated {} times per update",
                 state.global_step + 1,
                 record.get("reason").and_then(Value::as_str).unwrap_or(""),
                 record["micro_batch_size"],

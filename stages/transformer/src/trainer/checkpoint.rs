@@ -10,7 +10,7 @@ use anyhow::{Context, Result, anyhow};
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
-use finetune_core::output::write_json;
+use finetune_core::output::{sync_dir, sync_tree, write_json};
 use serde_json::json;
 
 use super::state::TrainerState;
@@ -52,7 +52,9 @@ impl Checkpoints {
         format!("{PREFIX}{step}")
     }
 
-    /// Writes `checkpoint-<step>`; returns its directory.
+    /// Writes `checkpoint-<step>`; returns its directory. The files are flushed before the
+    /// rename that publishes them; a failed save (a full disk, say) removes what it wrote and
+    /// leaves every earlier checkpoint as it was.
     pub fn save(
         &self,
         model: &Classifier,
@@ -65,30 +67,26 @@ impl Checkpoints {
         let target = self.dir.join(&name);
         let partial = self.dir.join(format!(".{name}.partial"));
         let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(&partial)
-            .with_context(|| format!("cannot create {}", partial.display()))?;
-        crate::hf::save(&model.valid(), &partial)?;
-        optimizer
-            .save(partial.join(OPTIMIZER))
-            .map_err(|e| anyhow!("cannot save the optimizer state: {e:?}"))?;
-        write_json(
-            &partial.join(SCHEDULER),
-            &json!({ "schedule": schedule, "last_step": state.global_step }),
-        )?;
-        write_json(
-            &partial.join(RNG_STATE),
-            &json!({
-                "seed": seed,
-                "shuffle": "SplitMix64 seeded with mix(seed, epoch), one shuffle per epoch",
-                "dropout": "device RNG seeded with mix(seed, step) before every update",
-                "next_epoch": state.epoch_index(),
-                "next_step": state.global_step,
-            }),
-        )?;
-        write_json(&partial.join(TRAINER_STATE), state)?;
-        let _ = std::fs::remove_dir_all(&target);
-        std::fs::rename(&partial, &target)
-            .with_context(|| format!("cannot publish checkpoint {}", target.display()))?;
+        let written =
+            write_checkpoint(&partial, model, optimizer, schedule, seed, state).and_then(|()| {
+                let _ = std::fs::remove_dir_all(&target);
+                std::fs::rename(&partial, &target)
+                    .with_context(|| format!("cannot rename it to {}", target.display()))?;
+                sync_dir(&self.dir)
+            });
+        if let Err(err) = written {
+            let _ = std::fs::remove_dir_all(&partial);
+            let kept = match self.latest() {
+                Ok(Some(path)) => {
+                    format!("the last good checkpoint, {}, is intact", path.display())
+                }
+                _ => "there is no earlier checkpoint".to_string(),
+            };
+            return Err(err.context(format!(
+                "cannot save {name} in {} ({kept})",
+                self.dir.display()
+            )));
+        }
         Ok(target)
     }
 
@@ -189,4 +187,35 @@ pub fn restore(
         optimizer,
         state,
     })
+}
+
+fn write_checkpoint(
+    dir: &Path,
+    model: &Classifier,
+    optimizer: &ModuleOptimizer,
+    schedule: &Schedule,
+    seed: u64,
+    state: &TrainerState,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::hf::save(&model.valid(), dir)?;
+    optimizer
+        .save(dir.join(OPTIMIZER))
+        .map_err(|e| anyhow!("cannot save the optimizer state: {e:?}"))?;
+    write_json(
+        &dir.join(SCHEDULER),
+        &json!({ "schedule": schedule, "last_step": state.global_step }),
+    )?;
+    write_json(
+        &dir.join(RNG_STATE),
+        &json!({
+            "seed": seed,
+            "shuffle": "SplitMix64 seeded with mix(seed, epoch), one shuffle per epoch",
+            "dropout": "device RNG seeded with mix(seed, step) before every update",
+            "next_epoch": state.epoch_index(),
+            "next_step": state.global_step,
+        }),
+    )?;
+    write_json(&dir.join(TRAINER_STATE), state)?;
+    sync_tree(dir)
 }

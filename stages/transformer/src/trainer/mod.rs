@@ -247,19 +247,18 @@ impl<'a> Trainer<'a> {
                             labels: ids.iter().map(|&j| train[j].label).collect(),
                         })
                         .collect();
-                    if self
+                    let inject_oom = self
                         .inject_oom_at
                         .take_if(|at| *at == state.global_step + 1)
-                        .is_some()
-                    {
-                        let reason = "injected out-of-memory fault (FINETUNE_FAULT_OOM_AT_STEP)";
-                        self.split_micro_batch(&mut state, &mut control, length, reason)?;
-                        continue;
-                    }
+                        .is_some();
                     // The update consumes a clone: after an out-of-memory failure the model is
                     // still the one of the last completed update, and the optimizer only steps
                     // once every gradient exists.
                     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        if inject_oom {
+                            // As cubecl reports it: a panic whose payload names OutOfMemory.
+                            panic!("injected fault (FINETUNE_FAULT_OOM_AT_STEP): OutOfMemory");
+                        }
                         update(
                             model.clone(),
                             &mut optimizer,
