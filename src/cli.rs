@@ -85,6 +85,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the plugins' own code: the regularizers are written here, not borrowed (exit 1 if
+    /// a check fails). Prints a fingerprint of each implementation for review.
+    Audit,
     /// Delete cache entries that no lock file (pipelines/*.lock) references.
     Gc {
         /// More pipelines whose lock files keep their entries.
@@ -210,6 +213,28 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         Command::Stages { json } => {
             print_stages(registry, json)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit => {
+            let mut passed = true;
+            for stage in registry.iter() {
+                if let Some(audit) = stage.audit() {
+                    println!("== {} ==\n{}", stage.name(), audit.report);
+                    passed &= audit.passed;
+                }
+            }
+            println!(
+                "{}",
+                if passed {
+                    "audit passed"
+                } else {
+                    "audit FAILED"
+                }
+            );
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Gc { pipelines, dry_run } => {
             let _lock = workspace.lock(|| {

@@ -266,6 +266,49 @@ fn the_clothing_reviews_give_the_counts_in_their_provenance() {
     );
 }
 
+/// `split.sample` takes a seeded sample of exactly the asked size with the labels' shares
+/// (largest remainder), then splits it as usual; the same seed gives the same rows.
+#[test]
+fn a_stratified_sample_keeps_the_label_shares_and_its_size() {
+    let ws = Ws::new();
+    let csv = shared().join("data/womens_clothing_reviews/womens_clothing_ecommerce_reviews.csv");
+    let extra = "      text: Review Text\n      label: Rating\n      split: {sample: 3000, validation: 0.1, test: 0.2, seed: 42}\n";
+    let out = ingest(&ws, &csv.display().to_string(), extra).unwrap();
+    let stats = read_json(&out.join("stats.json"));
+    let count =
+        |split: &str, label: &str| stats["splits"][split]["labels"][label].as_u64().unwrap();
+    let per_label: Vec<u64> = ["1", "2", "3", "4", "5"]
+        .iter()
+        .map(|l| {
+            ["train", "validation", "test"]
+                .iter()
+                .map(|s| count(s, l))
+                .sum()
+        })
+        .collect();
+    // 22,641 reviews with text: 821, 1549, 2823, 4908, 12540 per rating.
+    assert_eq!(per_label.iter().sum::<u64>(), 3000);
+    assert_eq!(
+        per_label,
+        [109, 205, 374, 650, 1662],
+        "shares of 3000 by largest remainder"
+    );
+    let (train, _) = read_split(&out, "train");
+    assert_eq!(train.len(), 2100);
+    let again = ingest(&ws, &csv.display().to_string(), extra).unwrap();
+    assert_eq!(read_split(&again, "train").0, train);
+    let err = ingest(
+        &ws,
+        "data/raw/product_reviews.tsv",
+        &format!("{TSV}      split: {{sample: 5000}}\n"),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("split.sample (5000) must be between 1 and the 1000 rows read"),
+        "{err}"
+    );
+}
+
 #[test]
 fn like_datasets_picks_the_rows_of_hugging_face_train_test_split() {
     let ws = Ws::new();

@@ -38,6 +38,18 @@ pub trait Stage: Send + Sync {
     /// Validates `with:` (already interpolated) and returns the job to run. Must not touch the
     /// outside world beyond reading metadata: `finetune status` and `--dry-run` call it too.
     fn configure(&self, with: &Value, ctx: &ConfigureContext) -> Result<Box<dyn Job>, ConfigError>;
+
+    /// Evidence about the plugin's own code for `finetune audit` (what it checked, and whether
+    /// every check passed), or `None` when it has nothing to audit.
+    fn audit(&self) -> Option<Audit> {
+        None
+    }
+}
+
+/// A plugin's self-audit.
+pub struct Audit {
+    pub report: String,
+    pub passed: bool,
 }
 
 /// A configured stage, ready to run.

@@ -75,8 +75,12 @@ impl Job for IngestJob {
         }
         let splits = split::split(&table, &self.params.split)?;
         write::write_outputs(&ctx.out_dir, &table, &splits, &self.params)?;
+        let sampled = match self.params.split.sample {
+            Some(rows) => format!("; a sample of {rows}"),
+            None => String::new(),
+        };
         ctx.reporter.message(&format!(
-            "{} rows: {} train, {} validation, {} test",
+            "{} rows{sampled}: {} train, {} validation, {} test",
             table.rows.len(),
             splits.train.len(),
             splits.validation.len(),

@@ -66,6 +66,9 @@ pub struct SplitParams {
     pub seed: u64,
     /// Keep each label's share the same in every split (default: yes, unless `like` is set).
     pub stratify: Option<bool>,
+    /// Use only this many rows, a seeded sample (stratified when the split is), before
+    /// splitting: a smaller experiment on the same distribution.
+    pub sample: Option<usize>,
     /// `datasets`: the exact rows of Hugging Face datasets' `train_test_split(test_size=test,
     /// seed=seed)` (NumPy's PCG64 permutation; no validation split, no stratification), for
     /// results comparable row for row with a Python experiment.
@@ -91,6 +94,7 @@ impl Default for SplitParams {
             test: default_test(),
             seed: default_seed(),
             stratify: None,
+            sample: None,
             like: None,
         }
     }
@@ -203,6 +207,12 @@ impl Params {
                 return Err(ConfigError::at(
                     "split.stratify",
                     "`like: datasets` reproduces the unstratified train_test_split",
+                ));
+            }
+            if self.split.sample.is_some() {
+                return Err(ConfigError::at(
+                    "split.sample",
+                    "`like: datasets` splits every row, as train_test_split does",
                 ));
             }
         }

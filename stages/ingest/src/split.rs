@@ -13,6 +13,30 @@ pub struct Splits {
     pub test: Vec<usize>,
 }
 
+/// How many rows of each group a sample of `rows` takes: shares proportional to the group
+/// sizes, rounded by largest remainder so that they add up to `rows` exactly.
+fn sample_quotas(groups: &[Vec<usize>], rows: usize) -> Result<Vec<usize>> {
+    let total: usize = groups.iter().map(Vec::len).sum();
+    if rows == 0 || rows > total {
+        bail!("split.sample ({rows}) must be between 1 and the {total} rows read");
+    }
+    let exact: Vec<f64> = groups
+        .iter()
+        .map(|g| g.len() as f64 * rows as f64 / total as f64)
+        .collect();
+    let mut quotas: Vec<usize> = exact.iter().map(|e| e.floor() as usize).collect();
+    let mut by_remainder: Vec<usize> = (0..groups.len()).collect();
+    by_remainder.sort_by(|&a, &b| {
+        let remainder = |i: usize| exact[i] - exact[i].floor();
+        remainder(b).total_cmp(&remainder(a)).then(a.cmp(&b))
+    });
+    let missing = rows - quotas.iter().sum::<usize>();
+    for &i in by_remainder.iter().take(missing) {
+        quotas[i] += 1;
+    }
+    Ok(quotas)
+}
+
 /// With `stratify`, every label is split on its own (so each split keeps the label shares);
 /// per label, `round(n · fraction)` rows go to test and to validation. Rows are shuffled with
 /// SplitMix64 from `seed`, then each split is put back in file order.
@@ -31,14 +55,19 @@ pub fn split(table: &Table, params: &SplitParams) -> Result<Splits> {
     } else {
         vec![(0..table.rows.len()).collect()]
     };
+    let quotas = match params.sample {
+        Some(rows) => sample_quotas(&groups, rows)?,
+        None => groups.iter().map(Vec::len).collect(),
+    };
     let mut rng = SplitMix64::new(params.seed);
     let mut splits = Splits {
         train: Vec::new(),
         validation: Vec::new(),
         test: Vec::new(),
     };
-    for mut group in groups {
+    for (mut group, quota) in groups.into_iter().zip(quotas) {
         rng.shuffle(&mut group);
+        group.truncate(quota);
         let n = group.len() as f64;
         let n_test = (n * params.test).round() as usize;
         let n_validation = ((n * params.validation).round() as usize).min(group.len() - n_test);

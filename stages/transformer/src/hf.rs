@@ -222,6 +222,7 @@ impl Builder<'_> {
         Ok(Dense {
             weight: self.param(transpose(&weight, d_out, d_in), [d_in, d_out]),
             bias: self.param(bias, [d_out]),
+            mixout: None,
         })
     }
 
@@ -441,67 +442,108 @@ impl WeightSource for SkipHead<'_, '_> {
     }
 }
 
+/// A module of the model that holds parameters.
+#[derive(Clone, Copy)]
+pub enum Part<'a> {
+    Dense(&'a Dense),
+    Norm(&'a LayerNorm),
+    Embedding(&'a Embedding),
+}
+
+/// Every parameter-holding module of `model` under its checkpoint name, in checkpoint order.
+pub fn named_parts(model: &Classifier) -> Vec<(HfName, Part<'_>)> {
+    let names = Names(model.config.family);
+    let embeddings = &model.embeddings;
+    let mut parts = vec![
+        (names.word(), Part::Embedding(&embeddings.word)),
+        (names.position(), Part::Embedding(&embeddings.position)),
+    ];
+    if let Some(token_type) = &embeddings.token_type {
+        parts.push((names.token_type(), Part::Embedding(token_type)));
+    }
+    parts.push((names.embeddings_norm(), Part::Norm(&embeddings.norm)));
+    for (i, layer) in model.layers.iter().enumerate() {
+        let n = names.layer(i);
+        parts.extend([
+            (n.query, Part::Dense(&layer.query)),
+            (n.key, Part::Dense(&layer.key)),
+            (n.value, Part::Dense(&layer.value)),
+            (n.attention_output, Part::Dense(&layer.attention_output)),
+            (n.attention_norm, Part::Norm(&layer.attention_norm)),
+            (n.intermediate, Part::Dense(&layer.intermediate)),
+            (n.output, Part::Dense(&layer.output)),
+            (n.output_norm, Part::Norm(&layer.output_norm)),
+        ]);
+    }
+    parts.push((names.head_dense(), Part::Dense(&model.head.dense)));
+    parts.push((names.head_out(), Part::Dense(&model.head.out)));
+    parts
+}
+
+/// Every parameter's checkpoint key (family prefix included) and id, and whether it is a
+/// weight matrix of an encoder layer (AWP's default target).
+pub fn param_names(model: &Classifier) -> Vec<(String, ParamId, bool)> {
+    let family = model.config.family;
+    let mut out = Vec::new();
+    for (name, part) in named_parts(model) {
+        let in_layer = name.key.contains(".layer.");
+        let mut add = |leaf: &str, id: ParamId, layer_matrix: bool| {
+            out.push((name.tensor(leaf).full(family), id, layer_matrix));
+        };
+        match part {
+            Part::Dense(d) => {
+                add("weight", d.weight.id, in_layer);
+                add("bias", d.bias.id, false);
+            }
+            Part::Norm(n) => {
+                add("weight", n.gamma.id, false);
+                if let Some(beta) = &n.beta {
+                    add("bias", beta.id, false);
+                }
+            }
+            Part::Embedding(e) => add("weight", e.weight.id, false),
+        }
+    }
+    out
+}
+
 /// Every tensor of `model` under its checkpoint key, in Hugging Face's layout.
 pub fn named_tensors(model: &Classifier) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let family = model.config.family;
-    let names = Names(family);
-    let mut out = Vec::new();
     let values =
         |t: Tensor<2>| -> Vec<f32> { t.into_data().try_to_vec::<f32>().unwrap_or_default() };
     let vector =
         |t: Tensor<1>| -> Vec<f32> { t.into_data().try_to_vec::<f32>().unwrap_or_default() };
-    let dense = |name: &HfName, d: &Dense, out: &mut Vec<(String, Vec<usize>, Vec<f32>)>| {
-        let [d_in, d_out] = d.weight.val().dims();
-        out.push((
-            name.tensor("weight").full(family),
-            vec![d_out, d_in],
-            transpose(&values(d.weight.val()), d_in, d_out),
-        ));
-        out.push((
-            name.tensor("bias").full(family),
-            vec![d_out],
-            vector(d.bias.val()),
-        ));
-    };
-    let norm = |name: &HfName, n: &LayerNorm, out: &mut Vec<(String, Vec<usize>, Vec<f32>)>| {
-        let gamma = n.gamma.val();
-        let d = gamma.dims()[0];
-        out.push((name.tensor("weight").full(family), vec![d], vector(gamma)));
-        let beta = n
-            .beta
-            .as_ref()
-            .map(|b| vector(b.val()))
-            .unwrap_or_else(|| vec![0.0; d]);
-        out.push((name.tensor("bias").full(family), vec![d], beta));
-    };
-    let embedding =
-        |name: &HfName, e: &Embedding, out: &mut Vec<(String, Vec<usize>, Vec<f32>)>| {
-            let w = e.weight.val();
-            out.push((
-                name.tensor("weight").full(family),
-                w.dims().to_vec(),
-                values(w),
-            ));
-        };
-    embedding(&names.word(), &model.embeddings.word, &mut out);
-    embedding(&names.position(), &model.embeddings.position, &mut out);
-    if let Some(token_type) = &model.embeddings.token_type {
-        embedding(&names.token_type(), token_type, &mut out);
+    let mut out = Vec::new();
+    for (name, part) in named_parts(model) {
+        let key = |leaf: &str| name.tensor(leaf).full(family);
+        match part {
+            Part::Dense(d) => {
+                let [d_in, d_out] = d.weight.val().dims();
+                out.push((
+                    key("weight"),
+                    vec![d_out, d_in],
+                    transpose(&values(d.weight.val()), d_in, d_out),
+                ));
+                out.push((key("bias"), vec![d_out], vector(d.bias.val())));
+            }
+            Part::Norm(n) => {
+                let gamma = n.gamma.val();
+                let d = gamma.dims()[0];
+                out.push((key("weight"), vec![d], vector(gamma)));
+                let beta = n
+                    .beta
+                    .as_ref()
+                    .map(|b| vector(b.val()))
+                    .unwrap_or_else(|| vec![0.0; d]);
+                out.push((key("bias"), vec![d], beta));
+            }
+            Part::Embedding(e) => {
+                let w = e.weight.val();
+                out.push((key("weight"), w.dims().to_vec(), values(w)));
+            }
+        }
     }
-    norm(&names.embeddings_norm(), &model.embeddings.norm, &mut out);
-    for (i, layer) in model.layers.iter().enumerate() {
-        let n = names.layer(i);
-        dense(&n.query, &layer.query, &mut out);
-        dense(&n.key, &layer.key, &mut out);
-        dense(&n.value, &layer.value, &mut out);
-        dense(&n.attention_output, &layer.attention_output, &mut out);
-        norm(&n.attention_norm, &layer.attention_norm, &mut out);
-        dense(&n.intermediate, &layer.intermediate, &mut out);
-        dense(&n.output, &layer.output, &mut out);
-        norm(&n.output_norm, &layer.output_norm, &mut out);
-    }
-    dense(&names.head_dense(), &model.head.dense, &mut out);
-    dense(&names.head_out(), &model.head.out, &mut out);
     out
 }
 

@@ -6,6 +6,7 @@
 //! - [`init`]: seeded initialisation for models trained from scratch.
 //! - [`schedule`]: linear, cosine and constant learning-rate schedules with warmup (HF semantics).
 //! - [`trainer`]: the Trainer-style loop: callbacks, checkpoints, resume, logs.
+//! - [`regularizers`]: AWP and Mixout, written here, and the audit that shows it.
 //! - [`train`]: the `train` stage.
 //! - [`metrics`]: accuracy, precision/recall/F1 (macro, weighted, per class), confusion matrix.
 //!
@@ -19,6 +20,7 @@ pub mod init;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod regularizers;
 pub mod schedule;
 pub mod train;
 pub mod trainer;

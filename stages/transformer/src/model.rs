@@ -10,12 +10,15 @@ use burn::tensor::module::linear;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{Activation, Family, ModelConfig};
+use crate::regularizers::mixout::Mixout;
 
 /// A linear layer holding its weight as `[in, out]` (Hugging Face stores `[out, in]`).
 #[derive(Module, Debug)]
 pub struct Dense {
     pub weight: Param<Tensor<2>>,
     pub bias: Param<Tensor<1>>,
+    /// Mixout's state when the layer is regularised by it (training only).
+    pub mixout: Option<Mixout>,
 }
 
 impl Dense {
@@ -26,7 +29,11 @@ impl Dense {
         let rows = dims[..D - 1].iter().product();
         let [_, d_out] = self.weight.dims();
         let folded = input.reshape([rows, d_in]);
-        let out = linear(folded, self.weight.val(), Some(self.bias.val()));
+        let weight = match &self.mixout {
+            Some(mixout) => mixout.mix(self.weight.val()),
+            None => self.weight.val(),
+        };
+        let out = linear(folded, weight, Some(self.bias.val()));
         dims[D - 1] = d_out;
         out.reshape(dims)
     }
@@ -228,17 +235,41 @@ pub fn dropout(p: f64) -> Dropout {
 impl Classifier {
     /// The same model with every dropout probability set to 0 (for exact comparisons).
     pub fn without_dropout(mut self) -> Self {
+        self.disable_dropout();
+        self
+    }
+
+    /// Sets every dropout probability to 0.
+    pub fn disable_dropout(&mut self) {
         self.embeddings.dropout = dropout(0.0);
         for layer in &mut self.layers {
             layer.dropout = dropout(0.0);
             layer.attention_dropout = dropout(0.0);
         }
         self.head.dropout = dropout(0.0);
-        self
     }
 
-    /// Every Dense, LayerNorm and Embedding of the model with its role, for optimizers and
-    /// regularizers that treat parameters differently (no weight decay on biases and norms).
+    /// Every Dense layer, in the order of [`crate::hf::named_parts`].
+    pub fn dense_layers_mut(&mut self) -> Vec<&mut Dense> {
+        let mut all = Vec::new();
+        for layer in &mut self.layers {
+            let EncoderLayer {
+                query,
+                key,
+                value,
+                attention_output,
+                intermediate,
+                output,
+                ..
+            } = layer;
+            all.extend([query, key, value, attention_output, intermediate, output]);
+        }
+        all.push(&mut self.head.dense);
+        all.push(&mut self.head.out);
+        all
+    }
+
+    /// The ids of the parameters that get no weight decay: biases and LayerNorm weights.
     pub fn no_decay_ids(&self) -> Vec<burn::module::ParamId> {
         let mut ids = Vec::new();
         let mut norm = |n: &LayerNorm| {

@@ -10,6 +10,8 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOpti
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::model::{Batch, Classifier};
+use crate::regularizers::awp::Attack;
+use crate::regularizers::with_mixout_masks;
 
 /// AdamW's settings with PyTorch's defaults (burn's differ: epsilon 1e-5, decay 1e-4).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,6 +65,22 @@ pub struct UpdateStats {
     pub loss: f64,
     /// Global L2 norm of the gradient before clipping.
     pub grad_norm: f64,
+    /// With AWP: the loss at the perturbed weights.
+    pub awp_loss: Option<f64>,
+}
+
+/// How one update is made.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdatePlan<'a> {
+    pub lr: f64,
+    pub max_grad_norm: Option<f64>,
+    /// Fixed padding length, or `None` for dynamic padding.
+    pub pad_to: Option<usize>,
+    /// The device RNG's seed for this update's dropout (and Mixout) masks: set before every
+    /// pass, so that an AWP pass sees the masks of the clean one.
+    pub dropout_seed: u64,
+    /// Adversarial Weight Perturbation for this update.
+    pub attack: Option<&'a Attack>,
 }
 
 /// Applies one optimizer update from `micro_batches` (all of them: one update).
@@ -70,11 +88,54 @@ pub fn update(
     model: Classifier,
     optimizer: &mut ModuleOptimizer,
     micro_batches: &[MicroBatch],
-    lr: f64,
-    max_grad_norm: Option<f64>,
-    pad_to: Option<usize>,
+    plan: &UpdatePlan,
     device: &Device,
 ) -> (Classifier, UpdateStats) {
+    let gradients_of = |model: &Classifier| {
+        device.seed(plan.dropout_seed);
+        gradients(model, micro_batches, plan.pad_to, device)
+    };
+    let (clean, loss) = gradients_of(&model);
+    let (mut grads, awp_loss) = match plan.attack {
+        // The clean gradient only aims the attack; the update uses the perturbed one.
+        Some(attack) => {
+            let adversarial = attack.run(&model, &clean, gradients_of);
+            (adversarial.grads, Some(adversarial.loss))
+        }
+        None => (clean, None),
+    };
+    let grad_norm = global_norm(&model, &grads);
+    if let Some(max) = plan.max_grad_norm {
+        let coefficient = max / (grad_norm + 1e-6);
+        if coefficient < 1.0 {
+            model.visit(&mut Scale {
+                grads: &mut grads,
+                factor: coefficient,
+            });
+        }
+    }
+    let model = optimizer.step(plan.lr, model, grads);
+    (
+        model,
+        UpdateStats {
+            loss,
+            grad_norm,
+            awp_loss,
+        },
+    )
+}
+
+/// The gradient of the mean loss over all of `micro_batches` (accumulated, each micro-batch's
+/// mean weighted by its share of the samples, as one large batch computes it), and that loss.
+pub fn gradients(
+    model: &Classifier,
+    micro_batches: &[MicroBatch],
+    pad_to: Option<usize>,
+    device: &Device,
+) -> (GradientsParams, f64) {
+    // One Mixout mask per update, shared by its micro-batches, as one large batch would draw.
+    let masked = with_mixout_masks(model);
+    let model = masked.as_ref().unwrap_or(model);
     let total: usize = micro_batches.iter().map(|m| m.rows.len()).sum();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut accumulated = GradientsAccumulator::new();
@@ -85,35 +146,15 @@ pub fn update(
             TensorData::new(micro.labels.clone(), [micro.labels.len()]),
             device,
         );
-        // Mean over this micro-batch, weighted by its share of the update's samples: the sum
-        // over micro-batches is then the mean over all samples, as one large batch computes it.
         let share = micro.rows.len() as f64 / total as f64;
         let loss = loss_fn
             .forward(model.forward(&batch).logits, targets)
             .mul_scalar(share);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = GradientsParams::from_grads(loss.backward(), model);
         loss_sum += f64::from(loss.into_scalar::<f32>());
-        accumulated.accumulate(&model, grads);
+        accumulated.accumulate(model, grads);
     }
-    let mut grads = accumulated.grads();
-    let grad_norm = global_norm(&model, &grads);
-    if let Some(max) = max_grad_norm {
-        let coefficient = max / (grad_norm + 1e-6);
-        if coefficient < 1.0 {
-            model.visit(&mut Scale {
-                grads: &mut grads,
-                factor: coefficient,
-            });
-        }
-    }
-    let model = optimizer.step(lr, model, grads);
-    (
-        model,
-        UpdateStats {
-            loss: loss_sum,
-            grad_norm,
-        },
-    )
+    (accumulated.grads(), loss_sum)
 }
 
 /// The L2 norm of all gradients together.

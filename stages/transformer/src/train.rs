@@ -18,7 +18,7 @@ use burn::module::Module;
 use finetune_core::output::write_json;
 use finetune_core::schemars::{self, JsonSchema};
 use finetune_core::{
-    ConfigError, ConfigureContext, Job, RunContext, Stage, Value, parse_params, schema_for,
+    Audit, ConfigError, ConfigureContext, Job, RunContext, Stage, Value, parse_params, schema_for,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -26,6 +26,7 @@ use serde_json::json;
 use crate::config::ScratchSpec;
 use crate::data::{read_examples, read_labels, tokenizer_facts};
 use crate::model::Classifier;
+use crate::regularizers::Regularizers;
 use crate::trainer::callbacks::{
     EarlyStopping, Progress, RunHistory, jsonl_logger, tensorboard_logger,
 };
@@ -42,6 +43,9 @@ pub struct TrainParams {
     pub model: ModelSource,
     #[serde(default)]
     pub training: TrainingArgs,
+    /// `awp:` and `mixout:` (see the regularizers module).
+    #[serde(default)]
+    pub regularizers: Regularizers,
     /// Where to train: `cpu` (burn's flex backend).
     #[serde(default = "default_device")]
     pub device: String,
@@ -82,10 +86,16 @@ impl Stage for Train {
         schema_for::<TrainParams>()
     }
 
+    fn audit(&self) -> Option<Audit> {
+        let (report, passed) = crate::regularizers::audit::report();
+        Some(Audit { report, passed })
+    }
+
     fn configure(&self, with: &Value, ctx: &ConfigureContext) -> Result<Box<dyn Job>, ConfigError> {
         let params: TrainParams = parse_params(with)?;
         ctx.upstream_using("tokenize")?;
         params.training.validate()?;
+        params.regularizers.validate()?;
         crate::device(&params.device).map_err(|e| ConfigError::at("device", e.to_string()))?;
         match &params.model {
             ModelSource::From { from } => {
@@ -152,7 +162,7 @@ impl Job for TrainJob {
         }
         let start = match checkpoints.latest()?.filter(|_| args.resume) {
             Some(dir) => {
-                let restored =
+                let mut restored =
                     checkpoint::restore(&dir, &labels, &device.clone().autodiff(), |m| {
                         crate::trainer::optimizer(args, m)
                     })?;
@@ -160,9 +170,21 @@ impl Job for TrainJob {
                     "resuming from {} (step {} of {})",
                     restored.name, restored.state.global_step, restored.state.max_steps
                 ));
+                if self.params.regularizers.mixout.is_some() {
+                    // Mixout's targets are the starting weights, rebuilt exactly from their source.
+                    let initial = self.fresh_model(ctx, &labels, &tokenizer_json, &device)?;
+                    self.attach_mixout(ctx, &mut restored.model, &initial)?;
+                }
                 Start::Resume(restored)
             }
-            None => Start::Fresh(self.fresh_model(ctx, &labels, &tokenizer_json, &device)?),
+            None => {
+                let mut model = self.fresh_model(ctx, &labels, &tokenizer_json, &device)?;
+                if self.params.regularizers.mixout.is_some() {
+                    let initial = model.clone();
+                    self.attach_mixout(ctx, &mut model, &initial)?;
+                }
+                Start::Fresh(model)
+            }
         };
         let max_length = tokenize_max_length(tokenized)?;
         let model_positions = match &start {
@@ -193,6 +215,7 @@ impl Job for TrainJob {
             inject_oom_at: std::env::var("FINETUNE_FAULT_OOM_AT_STEP")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            awp: self.params.regularizers.awp.as_ref(),
         };
         let outcome = trainer.train(start, &train)?;
         drop(trainer);
@@ -247,6 +270,34 @@ impl TrainJob {
                 crate::scratch(&config, seed, &train_device)
             }
         })
+    }
+
+    /// Mixes the configured layers of `model` towards `initial`'s weights.
+    fn attach_mixout(
+        &self,
+        ctx: &RunContext,
+        model: &mut Classifier,
+        initial: &Classifier,
+    ) -> Result<()> {
+        let Some(mixout) = &self.params.regularizers.mixout else {
+            return Ok(());
+        };
+        let layers = mixout.attach(model, initial).map_err(|e| anyhow!(e))?;
+        let target = match self.params.model {
+            ModelSource::From { .. } => "the pretrained weights",
+            ModelSource::Scratch { .. } => "the initial weights",
+        };
+        ctx.reporter.message(&format!(
+            "mixout p={} on {} Linear layers, towards {target}{}",
+            mixout.p,
+            layers.len(),
+            if mixout.disable_dropout {
+                "; dropout off"
+            } else {
+                ""
+            }
+        ));
+        Ok(())
     }
 
     fn callbacks<'a>(&self, ctx: &'a RunContext) -> Result<Vec<Box<dyn Callback + 'a>>> {

@@ -51,6 +51,7 @@ fn trainer<'a>(args: &'a TrainingArgs, labels: &'a [String]) -> Trainer<'a> {
         labels,
         device: finetune_transformer::device("cpu").unwrap(),
         inject_oom_at: None,
+        awp: None,
     }
 }
 

@@ -4,7 +4,7 @@ mod common;
 use common::{minilm, repo, shared};
 
 use finetune_transformer::hf::{load, named_tensors};
-use finetune_transformer::optim::{AdamW, MicroBatch, update};
+use finetune_transformer::optim::{AdamW, MicroBatch, UpdatePlan, update};
 
 /// The first `n` Amazon sentences: MiniLM ids from the golden file, labels from the shipped data.
 fn samples(n: usize) -> (Vec<Vec<i32>>, Vec<i64>) {
@@ -55,15 +55,14 @@ fn batch_16_equals_batch_8_accumulated_twice() {
                 m
             })
             .collect();
-        let (model, stats) = update(
-            model,
-            &mut optimizer,
-            &micro,
-            5e-5,
-            Some(1.0),
-            None,
-            &device,
-        );
+        let plan = UpdatePlan {
+            lr: 5e-5,
+            max_grad_norm: Some(1.0),
+            pad_to: None,
+            dropout_seed: 0,
+            attack: None,
+        };
+        let (model, stats) = update(model, &mut optimizer, &micro, &plan, &device);
         (named_tensors(&model), stats)
     };
     let (one, one_stats) = run(&[16]);

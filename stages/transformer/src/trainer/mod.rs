@@ -36,7 +36,8 @@ pub use state::{Control, Record, TrainerState};
 use crate::data::Example;
 use crate::metrics::Metrics;
 use crate::model::{Batch, Classifier};
-use crate::optim::{AdamW, MicroBatch, update};
+use crate::optim::{AdamW, MicroBatch, UpdatePlan, update};
+use crate::regularizers::AwpConfig;
 use crate::schedule::Schedule;
 
 /// Scores a model; the trainer calls it at every evaluation.
@@ -103,6 +104,8 @@ pub struct Trainer<'a> {
     pub device: Device,
     /// Fault injection for tests: fail update N (1-based) once as if out of memory.
     pub inject_oom_at: Option<usize>,
+    /// Adversarial Weight Perturbation, from its start epoch or step on.
+    pub awp: Option<&'a AwpConfig>,
 }
 
 /// Updates summed over a stretch of the run: since the last log record, or in this epoch.
@@ -110,6 +113,9 @@ pub struct Trainer<'a> {
 struct Tally {
     loss_sum: f64,
     updates: usize,
+    /// AWP's loss at the perturbed weights, over the updates that attacked.
+    awp_loss_sum: f64,
+    awp_updates: usize,
     samples: usize,
     /// Seconds spent in the updates themselves.
     seconds: f64,
@@ -121,6 +127,17 @@ impl Tally {
         self.updates += 1;
         self.samples += samples;
         self.seconds += seconds;
+    }
+
+    fn add_awp(&mut self, awp_loss: Option<f64>) {
+        if let Some(loss) = awp_loss {
+            self.awp_loss_sum += loss;
+            self.awp_updates += 1;
+        }
+    }
+
+    fn mean_awp_loss(&self) -> Option<f64> {
+        (self.awp_updates > 0).then(|| self.awp_loss_sum / self.awp_updates as f64)
     }
 
     fn mean_loss(&self) -> f64 {
@@ -206,6 +223,11 @@ impl<'a> Trainer<'a> {
                 (model, optimizer, state)
             }
         };
+        let awp = self.awp;
+        let attack = awp
+            .map(|config| config.attack(&model))
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         let mut control = Control::default();
         let session = Instant::now();
         let train_seconds_before = state.train_seconds;
@@ -238,8 +260,6 @@ impl<'a> Trainer<'a> {
                 });
                 self.fit_budget(&model, &mut state, &mut control, length, budget)?;
                 let (next, stats) = loop {
-                    // The same dropout masks on a retry: a split changes shapes, not the seed.
-                    self.device.seed(mix(args.seed, state.global_step as u64));
                     let micro: Vec<MicroBatch> = chunk
                         .chunks(state.micro_batch_size)
                         .map(|ids| MicroBatch {
@@ -259,13 +279,21 @@ impl<'a> Trainer<'a> {
                             // As cubecl reports it: a panic whose payload names OutOfMemory.
                             panic!("injected fault (FINETUNE_FAULT_OOM_AT_STEP): OutOfMemory");
                         }
+                        // The same dropout masks on a retry: a split changes shapes, not the seed.
+                        let plan = UpdatePlan {
+                            lr,
+                            max_grad_norm: args.max_grad_norm,
+                            pad_to: self.pad_to,
+                            dropout_seed: mix(args.seed, state.global_step as u64),
+                            attack: attack.as_ref().filter(|_| {
+                                awp.is_some_and(|a| a.active(epoch, state.global_step))
+                            }),
+                        };
                         update(
                             model.clone(),
                             &mut optimizer,
                             &micro,
-                            lr,
-                            args.max_grad_norm,
-                            self.pad_to,
+                            &plan,
                             &model_device(&self.device),
                         )
                     }));
@@ -289,6 +317,7 @@ impl<'a> Trainer<'a> {
                 state.global_step += 1;
                 state.epoch = epoch as f64 + (i + 1) as f64 / per_epoch as f64;
                 pending.tally.add(stats.loss, chunk.len(), seconds);
+                pending.tally.add_awp(stats.awp_loss);
                 pending.last = Some((lr, stats.grad_norm));
                 epoch_tally.add(stats.loss, chunk.len(), seconds);
                 state.samples_seen += chunk.len();
@@ -475,7 +504,7 @@ impl<'a> Trainer<'a> {
         if control.should_log && pending.tally.updates > 0 {
             let (lr, grad_norm) = pending.last.unwrap_or_default();
             let tally = &pending.tally;
-            let record = record(json!({
+            let mut record = record(json!({
                 "step": state.global_step,
                 "epoch": round4(state.epoch),
                 "loss": tally.mean_loss(),
@@ -483,6 +512,9 @@ impl<'a> Trainer<'a> {
                 "grad_norm": grad_norm,
                 "samples_per_second": tally.samples as f64 / tally.seconds.max(1e-9),
             }));
+            if let Some(awp_loss) = tally.mean_awp_loss() {
+                record.insert("awp_loss".into(), json!(awp_loss));
+            }
             *pending = Pending::default();
             self.push_log(state, control, record)?;
         }
