@@ -711,3 +711,28 @@ fn ctrl_c_stops_training_with_a_checkpoint_and_the_rerun_finishes_the_same_run()
         "the resumed model differs"
     );
 }
+
+/// `finetune audit` checks the regularizers' sources compiled into the binary and prints one
+/// fingerprint per algorithm-carrying function.
+#[test]
+fn finetune_audit_passes_and_fingerprints_each_implementation() {
+    let ws = Ws::new();
+    let out = ws.run(&["audit"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("AWP (stages/transformer/src/regularizers/awp.rs)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Mixout (stages/transformer/src/regularizers/mixout.rs)"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("fingerprint sha256:").count(),
+        3 + 3 + 2,
+        "{text}"
+    );
+    assert!(text.contains("none named for AWP or Mixout"), "{text}");
+    assert!(text.trim_end().ends_with("audit passed"), "{text}");
+}

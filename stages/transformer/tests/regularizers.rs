@@ -61,7 +61,10 @@ fn awp(adv_lr: f64, adv_eps: f64) -> AwpConfig {
     serde_json::from_value(json!({ "adv_lr": adv_lr, "adv_eps": adv_eps })).unwrap()
 }
 
-fn tensors(model: &Classifier) -> Vec<(String, Vec<f32>)> {
+/// Every tensor by checkpoint key.
+type Weights = Vec<(String, Vec<f32>)>;
+
+fn tensors(model: &Classifier) -> Weights {
     named_tensors(model)
         .into_iter()
         .map(|(name, _, values)| (name, values))
@@ -125,12 +128,17 @@ fn awp_restores_bitwise_keeps_each_tensor_in_its_box_and_climbs_the_loss() {
     );
 }
 
+/// Accumulated micro-batches are one large batch with the regularizers too: AWP attacks along
+/// the whole update's clean gradient, and Mixout draws one mask per update.
 #[test]
-fn awp_with_accumulation_attacks_along_the_whole_update_gradient() {
+fn awp_and_mixout_with_accumulation_equal_one_large_batch() {
     let device = cpu().autodiff();
     let config = awp(1e-2, 1e-2);
+    let mixout: MixoutConfig = serde_json::from_value(json!({ "p": 0.1 })).unwrap();
     let run = |sizes: &[usize]| {
-        let model = minilm();
+        let mut model = minilm();
+        let start = model.clone();
+        mixout.attach(&mut model, &start).unwrap();
         let attack = config.attack(&model).unwrap();
         let mut optimizer = AdamW::default().build(&model);
         let plan = UpdatePlan {
@@ -170,13 +178,7 @@ fn training_args() -> TrainingArgs {
 
 /// Two epochs of the small model (dropout on), optionally with AWP; returns the final weights,
 /// the weights after epoch 1 (its checkpoint) and the state.
-fn train(
-    awp: Option<&AwpConfig>,
-) -> (
-    Vec<(String, Vec<f32>)>,
-    Vec<(String, Vec<f32>)>,
-    TrainerState,
-) {
+fn train(awp: Option<&AwpConfig>) -> (Weights, Weights, TrainerState) {
     let data = common::amazon_examples(96);
     let labels = labels();
     let args = training_args();

@@ -1,7 +1,7 @@
 //! Regularizers for fine-tuning, configured per train stage under `regularizers:`.
 //!
-//! - [`awp`]: Adversarial Weight Perturbation.
-//! - [`mixout`]: Mixout.
+//! - [`awp`]: Adversarial Weight Perturbation (Wu, Xia & Wang, 2020).
+//! - [`mixout`]: Mixout (Lee, Cho & Kang, 2020).
 //!
 //! Both algorithms are written in this crate from their papers, in files that use only std,
 //! burn's tensor and module API and this crate; `finetune audit` ([`audit`]) checks that, and
@@ -79,7 +79,7 @@ impl Regularizers {
     /// Checks values, reporting the key at fault (`regularizers.awp.adv_eps`).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let at =
-            |key: &str, message: String| ConfigError::at(&format!("regularizers.{key}"), message);
+            |key: &str, message: String| ConfigError::at(format!("regularizers.{key}"), message);
         if let Some(awp) = &self.awp {
             for (key, value) in [("adv_lr", awp.adv_lr), ("adv_eps", awp.adv_eps)] {
                 if !(value.is_finite() && value >= 0.0) {
