@@ -174,7 +174,7 @@ pub fn restore(
         .load(dir.join(OPTIMIZER))
         .map_err(|e| {
             anyhow!(
-                "{}: cannot load the optimizer state: {e:?}",
+                "{}: cannot load the optimizer state: {e}",
                 dir.join(OPTIMIZER).display()
             )
         })?;
@@ -201,7 +201,7 @@ fn write_checkpoint(
     crate::hf::save(&model.valid(), dir)?;
     optimizer
         .save(dir.join(OPTIMIZER))
-        .map_err(|e| anyhow!("cannot save the optimizer state: {e:?}"))?;
+        .map_err(|e| anyhow!("cannot save the optimizer state: {e}"))?;
     write_json(
         &dir.join(SCHEDULER),
         &json!({ "schedule": schedule, "last_step": state.global_step }),
