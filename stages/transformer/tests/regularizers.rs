@@ -17,6 +17,13 @@ use finetune_transformer::regularizers::{AwpConfig, MixoutConfig};
 use finetune_transformer::trainer::{Start, Trainer, TrainerState, TrainingArgs};
 use serde_json::{Value, json};
 
+/// The device RNG is process-wide and these tests seed it and draw from it (dropout, Mixout
+/// masks) outside the trainer's lock: one at a time, or a concurrent test changes the masks.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn labels() -> Vec<String> {
     vec!["0".into(), "1".into()]
 }
@@ -73,6 +80,7 @@ fn tensors(model: &Classifier) -> Weights {
 
 #[test]
 fn awp_restores_bitwise_keeps_each_tensor_in_its_box_and_climbs_the_loss() {
+    let _serial = one_at_a_time();
     let model = minilm();
     let before = tensors(&model);
     let batches = micro_batches(&[16]);
@@ -132,6 +140,7 @@ fn awp_restores_bitwise_keeps_each_tensor_in_its_box_and_climbs_the_loss() {
 /// the whole update's clean gradient, and Mixout draws one mask per update.
 #[test]
 fn awp_and_mixout_with_accumulation_equal_one_large_batch() {
+    let _serial = one_at_a_time();
     let device = cpu().autodiff();
     let config = awp(1e-2, 1e-2);
     let mixout: MixoutConfig = serde_json::from_value(json!({ "p": 0.1 })).unwrap();
@@ -221,6 +230,7 @@ fn logged(state: &TrainerState, key: &str) -> Vec<(u64, Option<f64>)> {
 
 #[test]
 fn awp_waits_for_its_start_epoch_keeps_the_schedule_and_is_a_no_op_at_adv_lr_0() {
+    let _serial = one_at_a_time();
     let (plain, plain_epoch_1, plain_state) = train(None);
 
     let zero = awp(0.0, 1e-2);
@@ -272,6 +282,7 @@ fn values(t: Tensor<2>) -> Vec<f32> {
 
 #[test]
 fn mixout_is_the_identity_at_p_0_and_at_evaluation_and_the_target_as_p_tends_to_1() {
+    let _serial = one_at_a_time();
     let (weight, target) = weight_and_target();
     let w = values(weight.clone());
     let at_zero = Mixout::new(target.clone(), 0.0).mix(weight.clone());
@@ -296,6 +307,7 @@ fn mixout_is_the_identity_at_p_0_and_at_evaluation_and_the_target_as_p_tends_to_
 
 #[test]
 fn mixout_has_the_weight_as_its_mean() {
+    let _serial = one_at_a_time();
     let (weight, target) = weight_and_target();
     let (w, u) = (values(weight.clone()), values(target.clone()));
     let p = 0.3;
@@ -331,6 +343,7 @@ fn mixout_has_the_weight_as_its_mean() {
 
 #[test]
 fn mixout_gradients_are_the_true_derivative() {
+    let _serial = one_at_a_time();
     let (weight, target) = weight_and_target();
     let p = 0.4;
     let device = cpu().autodiff();
@@ -374,6 +387,7 @@ impl ModuleVisitor for Collect {
 
 #[test]
 fn mixout_targets_are_the_starting_weights_and_the_optimizer_never_moves_them() {
+    let _serial = one_at_a_time();
     let mut model = small_model();
     let start = model.clone();
     let config: MixoutConfig = serde_json::from_value(json!({ "p": 0.2 })).unwrap();
