@@ -196,14 +196,15 @@ impl MixoutConfig {
 /// `model` with this update's Mixout masks drawn, one per mixed layer (from the device RNG, so
 /// a pass reseeded alike draws the same masks), or `None` when no layer is mixed.
 pub fn with_mixout_masks(model: &Classifier) -> Option<Classifier> {
-    let mixed = |dense: &&mut crate::model::Dense| dense.mixout.is_some();
-    let mut drawn = model.clone();
-    let mut layers = drawn.dense_layers_mut();
-    layers.retain(mixed);
-    if layers.is_empty() {
+    // Every update asks: a model without Mixout must not pay for a copy.
+    let any_mixed = named_parts(model)
+        .iter()
+        .any(|(_, part)| matches!(part, Part::Dense(dense) if dense.mixout.is_some()));
+    if !any_mixed {
         return None;
     }
-    for dense in layers {
+    let mut drawn = model.clone();
+    for dense in drawn.dense_layers_mut() {
         dense.mixout = dense.mixout.as_ref().map(mixout::Mixout::with_fresh_mask);
     }
     Some(drawn)
