@@ -8,6 +8,7 @@ fn plugins() -> Registry {
         .with(finetune_ingest::IngestCsv)
         .with(finetune_tokenize::Tokenize)
         .with(finetune_transformer::train::Train)
+        .with(finetune_transformer::evaluate::Evaluate)
         .with(finetune_command::Command)
 }
 

@@ -167,6 +167,80 @@ fn the_default_pipeline_trains_a_model_from_scratch_reproducibly() {
     assert!(report.newly_initialized.is_empty() && report.unexpected.is_empty());
     assert_eq!(model.config.labels, ["0", "1"]);
     assert!(out_a.join("model/tokenizer.json").is_file());
+
+    the_evaluate_stage_reports_on_the_saved_model(&a, &metrics["test"]);
+}
+
+/// The evaluate stage loads the saved model and agrees with the train stage's own test
+/// figures; its predictions, pictures and report are complete and valid.
+fn the_evaluate_stage_reports_on_the_saved_model(ws: &Ws, train_test: &Value) {
+    let out = output_dir(ws, "reviews", "evaluate");
+    let metrics = read_json(&out.join("metrics.json"));
+    assert_eq!(metrics["split"], "test");
+    assert_eq!(metrics["examples"], 200);
+    for key in ["accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro"] {
+        assert_eq!(metrics[key], train_test[key], "{key}");
+    }
+    let loss_gap = (metrics["loss"].as_f64().unwrap() - train_test["loss"].as_f64().unwrap()).abs();
+    assert!(loss_gap < 1e-6, "loss differs by {loss_gap}");
+    assert_eq!(metrics["per_class"][0]["label"], "0");
+    assert_eq!(metrics["confusion"], train_test["confusion"]);
+
+    let file = std::fs::File::open(out.join("predictions.parquet")).unwrap();
+    let batches: Vec<_> = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(rows, 200);
+    let batch = &batches[0];
+    let column = |name: &str| batch.column_by_name(name).unwrap_or_else(|| panic!("no {name}"));
+    let strings = |name: &str| {
+        column(name)
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap()
+            .clone()
+    };
+    let (labels, predictions) = (strings("label"), strings("prediction"));
+    let probabilities = column("probabilities")
+        .as_any()
+        .downcast_ref::<arrow::array::ListArray>()
+        .unwrap();
+    let mut correct = 0;
+    for row in 0..batch.num_rows() {
+        let p = probabilities.value(row);
+        let p = p
+            .as_any()
+            .downcast_ref::<arrow::array::Float32Array>()
+            .unwrap();
+        let sum: f32 = p.values().iter().sum();
+        assert!((sum - 1.0).abs() < 1e-5, "row {row}: probabilities sum to {sum}");
+        let argmax = if p.value(1) > p.value(0) { "1" } else { "0" };
+        assert_eq!(predictions.value(row), argmax, "row {row}");
+        correct += usize::from(labels.value(row) == predictions.value(row));
+    }
+    assert!(!strings("text").value(0).is_empty());
+    let accuracy = correct as f64 / batch.num_rows() as f64;
+    assert_eq!(Some(accuracy), metrics["accuracy"].as_f64());
+
+    for picture in ["confusion_matrix.svg", "training_curves.svg"] {
+        let data = std::fs::read(out.join(picture)).unwrap();
+        let tree = usvg::Tree::from_data(&data, &usvg::Options::default())
+            .unwrap_or_else(|e| panic!("{picture} is not a valid SVG: {e}"));
+        let size = tree.size();
+        assert!(size.width() > 100.0 && size.height() > 100.0, "{picture}: {size:?}");
+        assert!(tree.root().has_children(), "{picture} draws nothing");
+    }
+    for page in ["report.md", "report.html"] {
+        let text = std::fs::read_to_string(out.join(page)).unwrap();
+        for linked in ["confusion_matrix.svg", "training_curves.svg", "metrics.json"] {
+            assert!(text.contains(linked), "{page} does not link {linked}");
+        }
+        assert!(text.contains(&format!("{:.4}", metrics["accuracy"].as_f64().unwrap())));
+    }
 }
 
 /// The default pipeline cut to 60 updates with a checkpoint every 10.

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
-use arrow::array::{Array, Int32Array, Int64Array, ListArray};
+use arrow::array::{Array, Int32Array, Int64Array, ListArray, StringArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// One tokenized text.
@@ -45,6 +45,24 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
         }
     }
     Ok(examples)
+}
+
+/// The `text` column of a tokenize split.
+pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{} is not a Parquet file", path.display()))?
+        .build()?;
+    let mut texts = Vec::new();
+    for batch in reader {
+        let batch = batch.with_context(|| format!("cannot read {}", path.display()))?;
+        let column = batch
+            .column_by_name("text")
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .ok_or_else(|| anyhow!("{} has no `text` column", path.display()))?;
+        texts.extend(column.iter().map(|t| t.unwrap_or_default().to_string()));
+    }
+    Ok(texts)
 }
 
 /// Label names in id order, from labels.json.

@@ -8,6 +8,8 @@
 //! - [`trainer`]: the Trainer-style loop: callbacks, checkpoints, resume, logs.
 //! - [`regularizers`]: AWP and Mixout, written here, and the audit that shows it.
 //! - [`train`]: the `train` stage.
+//! - [`evaluate`]: the `evaluate` stage, with [`report`] for its pictures and pages.
+//! - [`predict`]: probabilities, loss and metrics without autodiff.
 //! - [`metrics`]: accuracy, precision/recall/F1 (macro, weighted, per class), confusion matrix.
 //!
 //! Nothing here assumes the CPU: every tensor is made on the device the caller passes, and
@@ -15,12 +17,15 @@
 
 pub mod config;
 pub mod data;
+pub mod evaluate;
 pub mod hf;
 pub mod init;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod predict;
 pub mod regularizers;
+pub mod report;
 pub mod schedule;
 pub mod train;
 pub mod trainer;

@@ -22,9 +22,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::module::Module;
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::ModuleOptimizer;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use finetune_core::rng::SplitMix64;
 use serde_json::{Value, json};
 
@@ -33,9 +32,10 @@ pub use callbacks::Callback;
 pub use checkpoint::{Checkpoints, Restored};
 pub use state::{Control, Record, TrainerState};
 
+pub use crate::predict::evaluate;
+
 use crate::data::Example;
-use crate::metrics::Metrics;
-use crate::model::{Batch, Classifier};
+use crate::model::Classifier;
 use crate::optim::{AdamW, MicroBatch, UpdatePlan, update};
 use crate::regularizers::AwpConfig;
 use crate::schedule::Schedule;
@@ -655,48 +655,3 @@ pub fn epoch_order(train: &[Example], args: &TrainingArgs, epoch: u64) -> Vec<us
     order
 }
 
-/// Loss and metrics of `model` on `examples`, without autodiff.
-pub fn evaluate(
-    model: &Classifier,
-    examples: &[Example],
-    labels: &[String],
-    batch_size: usize,
-    device: &Device,
-) -> Result<Value> {
-    if examples.is_empty() {
-        return Ok(json!({}));
-    }
-    let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let (mut predictions, mut truth, mut loss_sum) = (Vec::new(), Vec::new(), 0.0f64);
-    for chunk in examples.chunks(batch_size) {
-        let rows: Vec<Vec<i32>> = chunk.iter().map(|e| e.ids.clone()).collect();
-        let logits = model
-            .forward(&Batch::from_rows(&rows, &model.config, None, device))
-            .logits;
-        let targets = Tensor::<1, Int>::from_data(
-            TensorData::new(
-                chunk.iter().map(|e| e.label).collect::<Vec<_>>(),
-                [chunk.len()],
-            ),
-            device,
-        );
-        loss_sum += f64::from(
-            loss_fn
-                .forward(logits.clone(), targets)
-                .into_scalar::<f32>(),
-        ) * chunk.len() as f64;
-        let predicted: Vec<i64> = logits.argmax(1).into_data().iter::<i64>().collect();
-        predictions.extend(predicted.into_iter().map(|p| p as usize));
-        truth.extend(chunk.iter().map(|e| e.label as usize));
-    }
-    let metrics = Metrics::compute(&truth, &predictions, labels);
-    let mut value = json!({ "loss": loss_sum / examples.len() as f64 });
-    for (key, metric) in serde_json::to_value(&metrics)?
-        .as_object()
-        .into_iter()
-        .flatten()
-    {
-        value[key] = metric.clone();
-    }
-    Ok(value)
-}

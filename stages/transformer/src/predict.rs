@@ -1,0 +1,119 @@
+//! Inference without autodiff: class probabilities for token rows, and the loss and metrics
+//! of a model on labelled examples. Used by the trainer's evaluations, the `evaluate` stage
+//! and `finetune predict`.
+
+use anyhow::Result;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde_json::{Value, json};
+
+use crate::data::Example;
+use crate::metrics::Metrics;
+use crate::model::{Batch, Classifier};
+
+/// What a model said about a set of examples.
+pub struct Predictions {
+    /// Per example, the probability of each label.
+    pub probabilities: Vec<Vec<f32>>,
+    /// Per example, the most probable label (the first on a tie, as argmax).
+    pub predicted: Vec<usize>,
+    /// Mean cross-entropy against the examples' labels.
+    pub loss: f64,
+}
+
+/// Probabilities for `rows` of token ids, `batch_size` rows at a time.
+pub fn probabilities(
+    model: &Classifier,
+    rows: &[Vec<i32>],
+    batch_size: usize,
+    device: &Device,
+) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let logits = model
+            .forward(&Batch::from_rows(chunk, &model.config, None, device))
+            .logits;
+        let labels = logits.dims()[1];
+        let flat: Vec<f32> = softmax(logits, 1)
+            .into_data()
+            .iter::<f32>()
+            .collect();
+        out.extend(flat.chunks(labels).map(<[f32]>::to_vec));
+    }
+    out
+}
+
+/// Probabilities, predictions and loss of `model` on `examples`.
+pub fn predict(
+    model: &Classifier,
+    examples: &[Example],
+    batch_size: usize,
+    device: &Device,
+) -> Predictions {
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let (mut probabilities, mut predicted, mut loss_sum) = (Vec::new(), Vec::new(), 0.0f64);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let rows: Vec<Vec<i32>> = chunk.iter().map(|e| e.ids.clone()).collect();
+        let logits = model
+            .forward(&Batch::from_rows(&rows, &model.config, None, device))
+            .logits;
+        let targets = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                chunk.iter().map(|e| e.label).collect::<Vec<_>>(),
+                [chunk.len()],
+            ),
+            device,
+        );
+        loss_sum += f64::from(
+            loss_fn
+                .forward(logits.clone(), targets)
+                .into_scalar::<f32>(),
+        ) * chunk.len() as f64;
+        predicted.extend(
+            logits
+                .clone()
+                .argmax(1)
+                .into_data()
+                .iter::<i64>()
+                .map(|p| p as usize),
+        );
+        let labels = logits.dims()[1];
+        let flat: Vec<f32> = softmax(logits, 1).into_data().iter::<f32>().collect();
+        probabilities.extend(flat.chunks(labels).map(<[f32]>::to_vec));
+    }
+    Predictions {
+        probabilities,
+        predicted,
+        loss: loss_sum / examples.len().max(1) as f64,
+    }
+}
+
+/// Loss and metrics of `model` on `examples` as one JSON object (`{}` for no examples).
+pub fn evaluate(
+    model: &Classifier,
+    examples: &[Example],
+    labels: &[String],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Value> {
+    if examples.is_empty() {
+        return Ok(json!({}));
+    }
+    let predictions = predict(model, examples, batch_size, device);
+    let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
+    metrics_json(predictions.loss, &Metrics::compute(&truth, &predictions.predicted, labels))
+}
+
+/// `{"loss": …, "accuracy": …, …}`: the loss first, then every metric.
+pub fn metrics_json(loss: f64, metrics: &Metrics) -> Result<Value> {
+    let mut value = json!({ "loss": loss });
+    for (key, metric) in serde_json::to_value(metrics)?
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        value[key] = metric.clone();
+    }
+    Ok(value)
+}
