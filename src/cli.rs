@@ -1,11 +1,12 @@
-//! The command line: `run`, `status`, `dag`, `stages`, `gc`.
+//! The command line: `run`, `status`, `dag`, `stages`, `audit`, `verify`, `metrics`,
+//! `predict`, `gc`.
 //!
 //! Exit codes: 0 success, 1 a stage failed, 2 a bad pipeline file or bad usage.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::UsageError;
@@ -88,6 +89,51 @@ pub enum Command {
     /// Check the plugins' own code: the regularizers are written here, not borrowed (exit 1 if
     /// a check fails). Prints a fingerprint of each implementation for review.
     Audit,
+    /// Check fingerprints: rehash every file they cover and recompute the HMAC (compared in
+    /// constant time). Exit 1 on a changed, missing or extra file, a wrong key or no key.
+    /// An HMAC proves integrity to holders of the key, not authorship to anyone else.
+    Verify {
+        /// A pipeline file (default pipelines/reviews.yaml): every output of its latest run
+        /// that holds a fingerprint.json. Or a directory that holds one.
+        #[arg(value_name = "PIPELINE | DIR")]
+        target: Option<PathBuf>,
+        /// Take the key from this environment variable, not where each fingerprint says.
+        #[arg(long, value_name = "NAME")]
+        key_env: Option<String>,
+        /// Take the key from this file (mode 0600), not where each fingerprint says.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+    },
+    /// Show the metrics (every number in each stage's metrics.json) of the latest run.
+    Metrics {
+        #[arg(value_name = "PIPELINE")]
+        pipeline: Option<PathBuf>,
+        /// Compare with the run recorded by the lock file committed at git revision REV.
+        #[arg(long, value_name = "REV")]
+        diff: Option<String>,
+        /// With --diff, list unchanged metrics too.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Label texts with a trained model: the arguments, or stdin one text a line.
+    Predict {
+        /// A model directory (config.json, model.safetensors, tokenizer.json), or a train
+        /// stage's output holding one in model/ (e.g. artifacts/runs/reviews/train).
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// Texts to label; none reads stdin.
+        #[arg(value_name = "TEXT")]
+        texts: Vec<String>,
+        /// Texts per forward pass.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// One JSON object per text instead of `label<TAB>probability<TAB>text`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete cache entries that no lock file (pipelines/*.lock) references.
     Gc {
         /// More pipelines whose lock files keep their entries.
@@ -236,6 +282,60 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Verify {
+            target,
+            key_env,
+            key_file,
+        } => {
+            let key = crate::verify::key_override(&workspace, key_env, key_file)?;
+            let target = target.unwrap_or_else(|| DEFAULT_PIPELINE.into());
+            let resolved = workspace.root.join(&target);
+            let targets = if resolved.is_dir() {
+                vec![resolved]
+            } else {
+                let pipeline = load_pipeline(&workspace, &target)?;
+                crate::verify::pipeline_targets(&workspace, &pipeline)?
+            };
+            let passed = crate::verify::verify_all(&workspace, &targets, key.as_ref());
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Metrics {
+            pipeline,
+            diff,
+            all,
+            json,
+        } => {
+            let file = pipeline.unwrap_or_else(|| DEFAULT_PIPELINE.into());
+            let pipeline = load_pipeline(&workspace, &file)?;
+            let latest = crate::metrics::latest(&workspace, &pipeline)?;
+            match diff {
+                None if json => println!("{}", serde_json::to_string_pretty(&latest)?),
+                None => crate::metrics::print_latest(&latest),
+                Some(rev) => {
+                    let old = crate::metrics::at_revision(&workspace, &pipeline, &rev)?;
+                    if json {
+                        let both = serde_json::json!({ rev: old, "workspace": latest });
+                        println!("{}", serde_json::to_string_pretty(&both)?);
+                    } else {
+                        crate::metrics::print_diff(&rev, &old, &latest, all);
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Predict {
+            model,
+            texts,
+            batch_size,
+            json,
+        } => {
+            predict(registry, &workspace, &model, texts, batch_size, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Gc { pipelines, dry_run } => {
             let _lock = workspace.lock(|| {
                 eprintln!("waiting for another finetune to finish in this workspace...")
@@ -255,6 +355,67 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `finetune predict`: texts from the arguments or stdin, through the registered predictor.
+fn predict(
+    registry: &Registry,
+    workspace: &Workspace,
+    model: &Path,
+    mut texts: Vec<String>,
+    batch_size: usize,
+    json: bool,
+) -> Result<()> {
+    let predictor = registry
+        .predictor()
+        .ok_or_else(|| UsageError("this build of finetune has no model loader".into()))?;
+    let mut dir = workspace.root.join(model);
+    if !dir.join("config.json").exists() && dir.join("model/config.json").exists() {
+        dir = dir.join("model");
+    }
+    if !dir.join("config.json").exists() {
+        return Err(UsageError(format!(
+            "{} holds no model (no config.json); pass a train stage's output or its model/",
+            model.display()
+        ))
+        .into());
+    }
+    if texts.is_empty() {
+        texts = std::io::stdin()
+            .lines()
+            .collect::<std::io::Result<Vec<String>>>()
+            .context("cannot read texts from stdin")?
+            .into_iter()
+            .filter(|line| !line.trim().is_empty())
+            .collect();
+    }
+    if texts.is_empty() {
+        return Err(UsageError("no texts: give them as arguments or on stdin".into()).into());
+    }
+    let predictions = predictor.predict(&dir, &texts, batch_size)?;
+    for (text, prediction) in texts.iter().zip(&predictions) {
+        let probability = prediction
+            .probabilities
+            .iter()
+            .find(|(label, _)| *label == prediction.label)
+            .map_or(0.0, |(_, p)| *p);
+        if json {
+            let probabilities: serde_json::Map<String, serde_json::Value> = prediction
+                .probabilities
+                .iter()
+                .map(|(label, p)| (label.clone(), serde_json::json!(p)))
+                .collect();
+            let line = serde_json::json!({
+                "text": text,
+                "label": prediction.label,
+                "probabilities": probabilities,
+            });
+            println!("{line}");
+        } else {
+            println!("{}\t{probability:.4}\t{text}", prediction.label);
+        }
+    }
+    Ok(())
 }
 
 /// `run [PIPELINE] [STAGE...]`: the first argument is the pipeline if it looks like a file.

@@ -63,6 +63,14 @@ pub fn why_stale(recorded: Option<&LockEntry>, now: &KeyInputs, key: &str) -> St
     {
         reasons.push(format!("no longer needs `{stage}`"));
     }
+    if old.inputs.extra != now.extra {
+        let show = |v: &Option<Value>| v.as_ref().map_or("(none)".into(), Value::to_string);
+        reasons.push(format!(
+            "changed: {} -> {}",
+            show(&old.inputs.extra),
+            show(&now.extra)
+        ));
+    }
     if reasons.is_empty() {
         reasons.push("the order of `needs` changed".into());
     }
@@ -104,6 +112,7 @@ mod tests {
 
     fn inputs(params: Value, read_digest: &str) -> KeyInputs {
         KeyInputs {
+            extra: None,
             uses: "ingest_csv".into(),
             version: 1,
             params,

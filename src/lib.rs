@@ -8,12 +8,14 @@ pub mod cli;
 pub mod dag;
 mod explain;
 pub mod gc;
+pub mod metrics;
 pub mod pipeline;
 pub mod plan;
 pub mod registry;
 pub mod report;
 pub mod runner;
 pub mod status;
+pub mod verify;
 pub mod workspace;
 
 /// A mistake in how finetune was called (unknown stage on the command line): exit code 2.

@@ -9,7 +9,9 @@ fn plugins() -> Registry {
         .with(finetune_tokenize::Tokenize)
         .with(finetune_transformer::train::Train)
         .with(finetune_transformer::evaluate::Evaluate)
+        .with(finetune_fingerprint::Fingerprint)
         .with(finetune_command::Command)
+        .with_predictor(finetune_transformer::predict::ModelPredictor)
 }
 
 fn main() -> std::process::ExitCode {

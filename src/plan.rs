@@ -105,6 +105,7 @@ impl<'r> Plan<'r> {
             params: decl.with.clone(),
             needs,
             reads,
+            extra: planned.job.key_extra(),
         })
     }
 }

@@ -1,12 +1,14 @@
-//! The set of installed stage plugins, looked up by `uses:` name.
+//! The set of installed stage plugins, looked up by `uses:` name, and the model loader that
+//! `finetune predict` uses.
 
 use std::collections::BTreeMap;
 
-use finetune_core::Stage;
+use finetune_core::{Predictor, Stage};
 
 #[derive(Default)]
 pub struct Registry {
     stages: BTreeMap<&'static str, Box<dyn Stage>>,
+    predictor: Option<Box<dyn Predictor>>,
 }
 
 impl Registry {
@@ -20,6 +22,16 @@ impl Registry {
         let previous = self.stages.insert(name, Box::new(stage));
         assert!(previous.is_none(), "two stage plugins are named `{name}`");
         self
+    }
+
+    /// Sets what loads models for `finetune predict`.
+    pub fn with_predictor(mut self, predictor: impl Predictor + 'static) -> Self {
+        self.predictor = Some(Box::new(predictor));
+        self
+    }
+
+    pub fn predictor(&self) -> Option<&dyn Predictor> {
+        self.predictor.as_deref()
     }
 
     pub fn get(&self, name: &str) -> Option<&dyn Stage> {

@@ -47,6 +47,11 @@ pub enum Event {
         stage: String,
         text: String,
     },
+    /// A message that must stay on screen (printed as a line, not a bar's status).
+    Notice {
+        stage: String,
+        text: String,
+    },
     Waiting {
         text: String,
     },
@@ -98,6 +103,12 @@ pub struct StageReporter<'a> {
 impl Reporter for StageReporter<'_> {
     fn message(&self, text: &str) {
         self.sink.emit(Event::Message {
+            stage: self.stage.clone(),
+            text: text.to_string(),
+        });
+    }
+    fn notice(&self, text: &str) {
+        self.sink.emit(Event::Notice {
             stage: self.stage.clone(),
             text: text.to_string(),
         });
@@ -161,7 +172,9 @@ fn plain_line(event: &Event) -> Option<String> {
         Event::StageFailed { stage, error, .. } => format!("[{stage}] FAILED: {error}"),
         Event::StageSkipped { stage, reason } => format!("[{stage}] skipped: {reason}"),
         Event::StageWouldRun { stage, reason } => format!("[{stage}] would run: {reason}"),
-        Event::Message { stage, text } => format!("[{stage}] {text}"),
+        Event::Message { stage, text } | Event::Notice { stage, text } => {
+            format!("[{stage}] {text}")
+        }
         Event::Waiting { text } => text.clone(),
         Event::RunFinished {
             ran,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -215,6 +215,8 @@ pub fn run(
                                 stage: need.clone(),
                                 uses: plan.pipeline.stages[i].uses.clone(),
                                 dir: entry.dir.clone(),
+                                cache_key: entry_key(entry),
+                                params: plan.pipeline.stages[i].with.clone(),
                             }),
                             _ => None,
                         }
@@ -347,6 +349,7 @@ fn run_stage(
     let ctx = RunContext {
         workspace: workspace.root.clone(),
         stage: decl.id.clone(),
+        cache_key: key.to_string(),
         out_dir: staged.clone(),
         scratch_dir: store.scratch_dir(key)?,
         upstream,
@@ -371,6 +374,15 @@ fn run_stage(
     result
 }
 
+/// The key an entry was published under: its directory's name.
+fn entry_key(entry: &Entry) -> String {
+    entry
+        .dir
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Points `artifacts/runs/<pipeline>/<stage>` at each finished stage's cache entry, so users
 /// find outputs by name. Links are replaced atomically and left alone when already right.
 fn link_outputs(plan: &Plan, workspace: &Workspace, states: &[State]) -> Result<()> {
@@ -379,8 +391,7 @@ fn link_outputs(plan: &Plan, workspace: &Workspace, states: &[State]) -> Result<
         let State::Done(entry) = state else { continue };
         std::fs::create_dir_all(&run_dir)
             .with_context(|| format!("cannot create {}", run_dir.display()))?;
-        let key = entry.dir.file_name().map(PathBuf::from).unwrap_or_default();
-        let target = Path::new("../../cache").join(key);
+        let target = Path::new("../../cache").join(entry_key(entry));
         let link = run_dir.join(&plan.pipeline.stages[index].id);
         if std::fs::read_link(&link).ok().as_deref() == Some(target.as_path()) {
             continue;

@@ -178,7 +178,13 @@ fn the_evaluate_stage_reports_on_the_saved_model(ws: &Ws, train_test: &Value) {
     let metrics = read_json(&out.join("metrics.json"));
     assert_eq!(metrics["split"], "test");
     assert_eq!(metrics["examples"], 200);
-    for key in ["accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro"] {
+    for key in [
+        "accuracy",
+        "f1_macro",
+        "f1_weighted",
+        "precision_macro",
+        "recall_macro",
+    ] {
         assert_eq!(metrics[key], train_test[key], "{key}");
     }
     let loss_gap = (metrics["loss"].as_f64().unwrap() - train_test["loss"].as_f64().unwrap()).abs();
@@ -187,16 +193,21 @@ fn the_evaluate_stage_reports_on_the_saved_model(ws: &Ws, train_test: &Value) {
     assert_eq!(metrics["confusion"], train_test["confusion"]);
 
     let file = std::fs::File::open(out.join("predictions.parquet")).unwrap();
-    let batches: Vec<_> = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let batches: Vec<_> =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     assert_eq!(rows, 200);
     let batch = &batches[0];
-    let column = |name: &str| batch.column_by_name(name).unwrap_or_else(|| panic!("no {name}"));
+    let column = |name: &str| {
+        batch
+            .column_by_name(name)
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
     let strings = |name: &str| {
         column(name)
             .as_any()
@@ -217,7 +228,10 @@ fn the_evaluate_stage_reports_on_the_saved_model(ws: &Ws, train_test: &Value) {
             .downcast_ref::<arrow::array::Float32Array>()
             .unwrap();
         let sum: f32 = p.values().iter().sum();
-        assert!((sum - 1.0).abs() < 1e-5, "row {row}: probabilities sum to {sum}");
+        assert!(
+            (sum - 1.0).abs() < 1e-5,
+            "row {row}: probabilities sum to {sum}"
+        );
         let argmax = if p.value(1) > p.value(0) { "1" } else { "0" };
         assert_eq!(predictions.value(row), argmax, "row {row}");
         correct += usize::from(labels.value(row) == predictions.value(row));
@@ -231,26 +245,23 @@ fn the_evaluate_stage_reports_on_the_saved_model(ws: &Ws, train_test: &Value) {
         let tree = usvg::Tree::from_data(&data, &usvg::Options::default())
             .unwrap_or_else(|e| panic!("{picture} is not a valid SVG: {e}"));
         let size = tree.size();
-        assert!(size.width() > 100.0 && size.height() > 100.0, "{picture}: {size:?}");
+        assert!(
+            size.width() > 100.0 && size.height() > 100.0,
+            "{picture}: {size:?}"
+        );
         assert!(tree.root().has_children(), "{picture} draws nothing");
     }
     for page in ["report.md", "report.html"] {
         let text = std::fs::read_to_string(out.join(page)).unwrap();
-        for linked in ["confusion_matrix.svg", "training_curves.svg", "metrics.json"] {
+        for linked in [
+            "confusion_matrix.svg",
+            "training_curves.svg",
+            "metrics.json",
+        ] {
             assert!(text.contains(linked), "{page} does not link {linked}");
         }
         assert!(text.contains(&format!("{:.4}", metrics["accuracy"].as_f64().unwrap())));
     }
-}
-
-/// The default pipeline cut to 60 updates with a checkpoint every 10.
-fn short_run(ws: &Ws) {
-    let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
-    let yaml = yaml
-        .replace("        epochs: 8\n", "        epochs: 8\n        max_steps: 60\n        save_strategy: steps\n        save_steps: 10\n        eval_strategy: steps\n        eval_steps: 10\n")
-        .replace("        save_total_limit: 1\n", "");
-    assert!(yaml.contains("max_steps: 60"));
-    ws.write("pipelines/reviews.yaml", yaml);
 }
 
 #[test]

@@ -2,41 +2,14 @@
 //! with nothing changed hashes nothing, and a `touch` without a content change costs one hash.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use finetune_core::output::list_files;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-/// Reading in large blocks keeps the SHA-256 unit busy; 1 MiB measured as fast as larger ones.
-const READ_BLOCK: usize = 1 << 20;
-
-/// SHA-256 of a whole file, as lowercase hex, with its size.
-pub fn sha256_file(path: &Path) -> io::Result<(u64, String)> {
-    let mut file = File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; READ_BLOCK];
-    let mut size = 0u64;
-    loop {
-        let n = match file.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(err),
-        };
-        hasher.update(&buffer[..n]);
-        size += n as u64;
-    }
-    Ok((size, hex::encode(hasher.finalize())))
-}
-
-pub fn sha256_bytes(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
+pub use finetune_core::digest::{sha256_bytes, sha256_file};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Stamp {

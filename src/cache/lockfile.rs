@@ -22,6 +22,9 @@ pub struct KeyInputs {
     pub needs: BTreeMap<String, String>,
     /// Workspace path as declared by the stage -> content digest.
     pub reads: BTreeMap<String, String>,
+    /// What else the job says its output depends on (`Job::key_extra`), e.g. a key id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<Value>,
 }
 
 impl KeyInputs {
@@ -33,13 +36,17 @@ impl KeyInputs {
             .iter()
             .filter_map(|id| self.needs.get(id))
             .collect();
-        let material = json!({
+        let mut material = json!({
             "uses": self.uses,
             "version": self.version,
             "params": self.params,
             "needs": upstream,
             "reads": self.reads,
         });
+        // Only when present, so that the keys of every other stage stay as they were.
+        if let Some(extra) = &self.extra {
+            material["extra"] = extra.clone();
+        }
         sha256_bytes(canonical_json(&material).as_bytes())
     }
 }

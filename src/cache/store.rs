@@ -12,8 +12,7 @@ use finetune_core::output::{list_files, sync_dir, sync_tree};
 
 use super::digest::{sha256_bytes, sha256_file};
 
-/// The manifest's name inside an entry; stages may not write a file by this name.
-pub const MANIFEST: &str = ".finetune-manifest.json";
+pub use finetune_core::output::ENGINE_MANIFEST as MANIFEST;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestFile {

@@ -178,3 +178,13 @@ pub fn read_json(path: &Path) -> Value {
     )
     .unwrap()
 }
+
+/// The default pipeline cut to 60 updates with a checkpoint every 10.
+pub fn short_run(ws: &Ws) {
+    let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
+    let yaml = yaml
+        .replace("        epochs: 8\n", "        epochs: 8\n        max_steps: 60\n        save_strategy: steps\n        save_steps: 10\n        eval_strategy: steps\n        eval_steps: 10\n")
+        .replace("        save_total_limit: 1\n", "");
+    assert!(yaml.contains("max_steps: 60"));
+    ws.write("pipelines/reviews.yaml", yaml);
+}

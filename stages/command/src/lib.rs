@@ -259,6 +259,7 @@ mod tests {
         let ctx = RunContext {
             workspace: dir.path().to_path_buf(),
             stage: "c".into(),
+            cache_key: "test".into(),
             out_dir: out.clone(),
             scratch_dir: dir.path().join("scratch"),
             upstream: vec![],

@@ -41,12 +41,21 @@ pub struct Upstream {
     pub uses: String,
     /// The read-only, complete output directory of that stage.
     pub dir: PathBuf,
+    /// The cache key that output was made under.
+    pub cache_key: String,
+    /// Its `with:` params, after interpolation.
+    pub params: serde_json::Value,
 }
 
 /// Receives progress from a running job; the engine draws bars, plain lines or JSON from it.
 pub trait Reporter: Send + Sync {
     /// A human-readable status line ("reading data/raw/x.tsv", "epoch 2/3").
     fn message(&self, text: &str);
+    /// Something the user must still see after the run (a key was created, a fallback was
+    /// taken): printed on a line of its own, never overwritten by progress.
+    fn notice(&self, text: &str) {
+        self.message(text)
+    }
     /// Units of work done out of `total` (rows, steps). May be called often; keep it cheap.
     fn progress(&self, done: u64, total: u64);
 }
@@ -63,6 +72,8 @@ impl Reporter for SilentReporter {
 pub struct RunContext<'a> {
     pub workspace: PathBuf,
     pub stage: String,
+    /// The cache key this run's output will be published under.
+    pub cache_key: String,
     /// An empty directory to write results into; published atomically on success.
     pub out_dir: PathBuf,
     /// A directory that survives a crash of this stage with these exact inputs (same cache

@@ -8,7 +8,9 @@
 //! This crate has no ML dependencies on purpose: every plugin and the engine depend on it.
 
 mod context;
+pub mod digest;
 mod error;
+pub mod integrity;
 pub mod interrupt;
 pub mod output;
 mod params;
@@ -52,11 +54,36 @@ pub struct Audit {
     pub passed: bool,
 }
 
+/// Loads a trained model from a directory and labels texts with it: what `finetune predict`
+/// calls, so that the engine needs no ML code. The `train` plugin provides one.
+pub trait Predictor: Send + Sync {
+    /// Labels and class probabilities for each text, `batch_size` texts per forward pass.
+    fn predict(
+        &self,
+        model_dir: &std::path::Path,
+        texts: &[String],
+        batch_size: usize,
+    ) -> anyhow::Result<Vec<Prediction>>;
+}
+
+/// One text's predicted label, and the probability of every label in the model's order.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Prediction {
+    pub label: String,
+    pub probabilities: Vec<(String, f32)>,
+}
+
 /// A configured stage, ready to run.
 pub trait Job: Send + Sync {
     /// Files or directories the job reads from the workspace (relative to it, or absolute).
     /// Their content digests enter the cache key; a directory counts with every file in it.
     fn reads(&self) -> Vec<std::path::PathBuf>;
+
+    /// What else, besides params and files, makes the output differ: the id of the key a job
+    /// signs with, say. It enters the cache key and the lock file, so never return a secret.
+    fn key_extra(&self) -> Option<Value> {
+        None
+    }
 
     /// Writes the stage's results into `ctx.out_dir`. The engine publishes that directory
     /// atomically only if this returns `Ok`; on error it is thrown away.

@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+/// The engine's own manifest inside every cache entry; stages may not write a file by this
+/// name, and fingerprints leave it out (the engine writes it after the stage has run).
+pub const ENGINE_MANIFEST: &str = ".finetune-manifest.json";
+
 /// `value` as pretty-printed JSON with a final newline (stable, diff-friendly bytes).
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value)?;

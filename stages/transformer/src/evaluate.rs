@@ -77,7 +77,10 @@ impl Stage for Evaluate {
         if !["test", "validation"].contains(&params.split.as_str()) {
             return Err(ConfigError::at(
                 "split",
-                format!("`{}` is not a split; one of: test, validation", params.split),
+                format!(
+                    "`{}` is not a split; one of: test, validation",
+                    params.split
+                ),
             ));
         }
         if params.batch_size == 0 {
@@ -168,8 +171,8 @@ fn write_predictions(
         ("prediction", names(predicted)),
         ("probabilities", Arc::new(lists.finish()) as ArrayRef),
     ])?;
-    let file = std::fs::File::create(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
     writer.write(&batch)?;
     writer.close()?;

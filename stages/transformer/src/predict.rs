@@ -2,10 +2,13 @@
 //! of a model on labelled examples. Used by the trainer's evaluations, the `evaluate` stage
 //! and `finetune predict`.
 
-use anyhow::Result;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use finetune_core::Prediction;
 use serde_json::{Value, json};
 
 use crate::data::Example;
@@ -35,10 +38,7 @@ pub fn probabilities(
             .forward(&Batch::from_rows(chunk, &model.config, None, device))
             .logits;
         let labels = logits.dims()[1];
-        let flat: Vec<f32> = softmax(logits, 1)
-            .into_data()
-            .iter::<f32>()
-            .collect();
+        let flat: Vec<f32> = softmax(logits, 1).into_data().iter::<f32>().collect();
         out.extend(flat.chunks(labels).map(<[f32]>::to_vec));
     }
     out
@@ -102,7 +102,10 @@ pub fn evaluate(
     }
     let predictions = predict(model, examples, batch_size, device);
     let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
-    metrics_json(predictions.loss, &Metrics::compute(&truth, &predictions.predicted, labels))
+    metrics_json(
+        predictions.loss,
+        &Metrics::compute(&truth, &predictions.predicted, labels),
+    )
 }
 
 /// `{"loss": …, "accuracy": …, …}`: the loss first, then every metric.
@@ -116,4 +119,47 @@ pub fn metrics_json(loss: f64, metrics: &Metrics) -> Result<Value> {
         value[key] = metric.clone();
     }
     Ok(value)
+}
+
+/// `finetune predict`: a saved model directory (`config.json`, `model.safetensors` and the
+/// `tokenizer.json` it was trained with, as `train` writes to `model/`) applied to raw texts.
+pub struct ModelPredictor;
+
+impl finetune_core::Predictor for ModelPredictor {
+    fn predict(
+        &self,
+        model_dir: &Path,
+        texts: &[String],
+        batch_size: usize,
+    ) -> Result<Vec<Prediction>> {
+        let tokenizer_file = model_dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_file)
+            .map_err(|err| anyhow!("cannot load {}: {err}", tokenizer_file.display()))?;
+        let device = Device::flex();
+        let (model, _) = crate::hf::load(model_dir, None, 0, &device)
+            .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
+        let rows = texts
+            .iter()
+            .map(|text| {
+                let encoding = tokenizer
+                    .encode(text.as_str(), true)
+                    .map_err(|err| anyhow!("cannot tokenize {text:?}: {err}"))?;
+                Ok(encoding.get_ids().iter().map(|&id| id as i32).collect())
+            })
+            .collect::<Result<Vec<Vec<i32>>>>()?;
+        let labels = &model.config.labels;
+        Ok(probabilities(&model, &rows, batch_size, &device)
+            .into_iter()
+            .map(|row| {
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold(0, |best, (i, p)| if *p > row[best] { i } else { best });
+                Prediction {
+                    label: labels[best].clone(),
+                    probabilities: labels.iter().cloned().zip(row).collect(),
+                }
+            })
+            .collect())
+    }
 }

@@ -107,7 +107,10 @@ fn confusion_matrix(path: &Path, metrics: &Metrics) -> Result<()> {
                 .draw_series([Rectangle::new(
                     [
                         (SegmentValue::Exact(predicted), SegmentValue::Exact(y)),
-                        (SegmentValue::Exact(predicted + 1), SegmentValue::Exact(y + 1)),
+                        (
+                            SegmentValue::Exact(predicted + 1),
+                            SegmentValue::Exact(y + 1),
+                        ),
                     ],
                     shade.filled(),
                 )])
@@ -238,10 +241,7 @@ impl Page {
             .collect();
         let updates = log.iter().filter(|r| r.get("loss").is_some()).count();
         let evaluations = log.iter().filter(|r| r.get("eval_loss").is_some()).count();
-        let last_step = log
-            .iter()
-            .filter_map(|r| r.get("step")?.as_u64())
-            .max();
+        let last_step = log.iter().filter_map(|r| r.get("step")?.as_u64()).max();
         let training = last_step.map(|step| {
             format!(
                 "{step} optimizer updates, {updates} log records, {evaluations} evaluations during training"
@@ -280,9 +280,8 @@ impl Page {
     }
 
     fn html(&self) -> String {
-        let mut out = String::from(
-            "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
-        );
+        let mut out =
+            String::from("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
         out.push_str(&format!(
             "<title>Evaluation on the {} split</title>\n",
             escape(&self.split)
@@ -293,11 +292,17 @@ impl Page {
             escape(&self.split)
         ));
         for (name, value) in &self.headline {
-            out.push_str(&format!("<tr><th>{name}</th><td>{}</td></tr>\n", escape(value)));
+            out.push_str(&format!(
+                "<tr><th>{name}</th><td>{}</td></tr>\n",
+                escape(value)
+            ));
         }
         out.push_str("</table>\n<h2>Per class</h2>\n<table>\n<tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>\n");
         for row in &self.classes {
-            let cells: Vec<String> = row.iter().map(|c| format!("<td>{}</td>", escape(c))).collect();
+            let cells: Vec<String> = row
+                .iter()
+                .map(|c| format!("<td>{}</td>", escape(c)))
+                .collect();
             out.push_str(&format!("<tr>{}</tr>\n", cells.concat()));
         }
         out.push_str(&format!(

@@ -12,9 +12,11 @@
 //! injection switch for tests of the micro-batch split).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use burn::module::Module;
+use finetune_core::integrity::{self, KeyConfig};
 use finetune_core::output::write_json;
 use finetune_core::schemars::{self, JsonSchema};
 use finetune_core::{
@@ -49,6 +51,11 @@ pub struct TrainParams {
     /// Where to train: `cpu` (burn's flex backend).
     #[serde(default = "default_device")]
     pub device: String,
+    /// When this key is configured (`key_env` set, or `key_file` given), every checkpoint and
+    /// the output carry a `fingerprint.json` (HMAC-SHA256 over their files), and a resume
+    /// refuses a checkpoint that no longer matches it.
+    #[serde(default)]
+    pub fingerprint: KeyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -115,8 +122,14 @@ impl Stage for Train {
                     .map_err(|e| ConfigError::at("model.scratch", e))?;
             }
         }
+        let key_id = params
+            .fingerprint
+            .configured(&ctx.workspace)
+            .map_err(|e| ConfigError::at("fingerprint", e.to_string()))?
+            .map(|key| key.id().to_string());
         Ok(Box::new(TrainJob {
             params,
+            key_id,
             with: with.clone(),
         }))
     }
@@ -130,6 +143,8 @@ struct TrainJob {
     params: TrainParams,
     /// The `with:` as the pipeline gave it, for run_history.json.
     with: Value,
+    /// The id of the key that signs the output, when one is configured.
+    key_id: Option<String>,
 }
 
 impl Job for TrainJob {
@@ -140,6 +155,11 @@ impl Job for TrainJob {
             }
             ModelSource::Scratch { .. } => Vec::new(),
         }
+    }
+
+    /// A signed output differs with the key; an unsigned one keeps its old cache key.
+    fn key_extra(&self) -> Option<Value> {
+        self.key_id.as_ref().map(|id| json!({ "key_id": id }))
     }
 
     fn run(&self, ctx: &RunContext) -> Result<()> {
@@ -156,12 +176,19 @@ impl Job for TrainJob {
         let tokenizer_json = tokenized.join("tokenizer.json");
         let device = crate::device(&self.params.device)?;
         device.seed(args.seed);
-        let checkpoints = Checkpoints::new(ctx.scratch_dir.join("checkpoints"));
+        let signing = self
+            .params
+            .fingerprint
+            .configured(&ctx.workspace)?
+            .map(Arc::new);
+        let checkpoints =
+            Checkpoints::new(ctx.scratch_dir.join("checkpoints")).signed_with(signing.clone());
         if !args.resume {
             checkpoints.clear()?;
         }
         let start = match checkpoints.latest()?.filter(|_| args.resume) {
             Some(dir) => {
+                checkpoints.check(&dir)?;
                 let mut restored =
                     checkpoint::restore(&dir, &labels, &device.clone().autodiff(), |m| {
                         crate::trainer::optimizer(args, m)
@@ -236,7 +263,19 @@ impl Job for TrainJob {
             metrics["test"] = evaluate(&model, &test, &labels, args.eval_batch_size, &device)?;
         }
         write_json(&ctx.out_dir.join("metrics.json"), &metrics)?;
-        link_tree(checkpoints.dir(), &ctx.out_dir.join("checkpoints"))
+        link_tree(checkpoints.dir(), &ctx.out_dir.join("checkpoints"))?;
+        if let Some(key) = &signing {
+            let context = json!({
+                "stage": ctx.stage,
+                "uses": "train",
+                "params": self.with,
+                "cache_key": ctx.cache_key,
+            });
+            integrity::sign_dir(&ctx.out_dir, context, key)?;
+            ctx.reporter
+                .message(&format!("signed the output with key id {}", key.id()));
+        }
+        Ok(())
     }
 }
 

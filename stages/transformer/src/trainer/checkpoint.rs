@@ -2,14 +2,17 @@
 //! (config.json + model.safetensors), the optimizer state (optimizer.bpk, burn's format), the
 //! schedule (scheduler.json), the RNG state (rng_state.json) and trainer_state.json. A
 //! checkpoint is written under a temporary name and renamed when complete, so a crash never
-//! leaves one that a resume would trust.
+//! leaves one that a resume would trust. With a signing key, each checkpoint also holds a
+//! `fingerprint.json` (HMAC-SHA256 over its files), checked before a resume trusts it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
+use finetune_core::integrity::{self, SigningKey};
 use finetune_core::output::{sync_dir, sync_tree, write_json};
 use serde_json::json;
 
@@ -27,6 +30,7 @@ const TRAINER_STATE: &str = "trainer_state.json";
 #[derive(Debug, Clone)]
 pub struct Checkpoints {
     dir: PathBuf,
+    signing: Option<Arc<SigningKey>>,
 }
 
 /// A checkpoint read back: the model on the training device, the optimizer with its state,
@@ -40,7 +44,35 @@ pub struct Restored {
 
 impl Checkpoints {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Checkpoints { dir: dir.into() }
+        Checkpoints {
+            dir: dir.into(),
+            signing: None,
+        }
+    }
+
+    /// Signs every checkpoint saved from now on, and checks a checkpoint before a resume.
+    pub fn signed_with(mut self, key: Option<Arc<SigningKey>>) -> Self {
+        self.signing = key;
+        self
+    }
+
+    /// Refuses a checkpoint whose files differ from its fingerprint (when signing is on).
+    pub fn check(&self, dir: &Path) -> Result<()> {
+        let Some(key) = &self.signing else {
+            return Ok(());
+        };
+        let result = integrity::verify(dir, &self.dir, Some(key))
+            .with_context(|| format!("cannot check {} against its fingerprint", dir.display()))?;
+        if result.passed() {
+            return Ok(());
+        }
+        let problems: Vec<String> = result.problems.iter().map(ToString::to_string).collect();
+        Err(anyhow!(
+            "{} does not match its fingerprint, so it is not resumed from: {}; delete it to \
+             resume from an earlier one, or set `resume: false`",
+            dir.display(),
+            problems.join("; ")
+        ))
     }
 
     pub fn dir(&self) -> &Path {
@@ -69,6 +101,10 @@ impl Checkpoints {
         let _ = std::fs::remove_dir_all(&partial);
         let written =
             write_checkpoint(&partial, model, optimizer, schedule, seed, state).and_then(|()| {
+                if let Some(key) = &self.signing {
+                    let context = json!({ "checkpoint": name, "step": state.global_step });
+                    integrity::sign_dir(&partial, context, key)?;
+                }
                 let _ = std::fs::remove_dir_all(&target);
                 std::fs::rename(&partial, &target)
                     .with_context(|| format!("cannot rename it to {}", target.display()))?;

@@ -654,4 +654,3 @@ pub fn epoch_order(train: &[Example], args: &TrainingArgs, epoch: u64) -> Vec<us
     }
     order
 }
-

@@ -1,0 +1,99 @@
+//! `finetune verify`: recomputes the fingerprints (`fingerprint.json`) of a pipeline's latest
+//! outputs, or of one directory, and names every changed, missing or extra file. The checks
+//! themselves are `finetune_core::integrity`'s; this module finds what to check and reports.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use finetune_core::integrity::{self, FINGERPRINT_FILE, KeySource, SigningKey};
+
+use crate::pipeline::Pipeline;
+use crate::workspace::Workspace;
+
+/// Where `verify` takes the key from when told (`--key-env`, `--key-file`); otherwise each
+/// fingerprint names its own source.
+pub fn key_override(
+    workspace: &Workspace,
+    key_env: Option<String>,
+    key_file: Option<PathBuf>,
+) -> Result<Option<SigningKey>> {
+    let source = match (key_env, key_file) {
+        (Some(_), Some(_)) => bail!("give --key-env or --key-file, not both"),
+        (Some(name), None) => KeySource::Env { name },
+        (None, Some(path)) => KeySource::File { path },
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(integrity::load(&source, &workspace.root)?))
+}
+
+/// The fingerprinted outputs of `pipeline`'s latest run (`artifacts/runs/<name>/<stage>`).
+pub fn pipeline_targets(workspace: &Workspace, pipeline: &Pipeline) -> Result<Vec<PathBuf>> {
+    let run_dir = workspace.run_dir(&pipeline.name);
+    let mut targets = Vec::new();
+    let mut never_ran = Vec::new();
+    for stage in &pipeline.stages {
+        let dir = run_dir.join(&stage.id);
+        if !dir.exists() {
+            never_ran.push(stage.id.as_str());
+        } else if dir.join(FINGERPRINT_FILE).exists() {
+            targets.push(dir);
+        }
+    }
+    if targets.is_empty() {
+        if !never_ran.is_empty() {
+            bail!(
+                "nothing to verify: {} has no output of stage {} yet; run `finetune run {}` first",
+                pipeline.file.display(),
+                never_ran.join(", "),
+                pipeline.file.display()
+            );
+        }
+        bail!(
+            "nothing to verify: no stage of {} writes a {FINGERPRINT_FILE}; add a stage that \
+             uses `fingerprint` and needs the stages to sign",
+            pipeline.file.display()
+        );
+    }
+    Ok(targets)
+}
+
+/// Checks each target and prints one verdict per target, then each problem under it.
+/// Returns whether all passed.
+pub fn verify_all(workspace: &Workspace, targets: &[PathBuf], key: Option<&SigningKey>) -> bool {
+    let mut all_passed = true;
+    for dir in targets {
+        let shown = display(workspace, dir);
+        match integrity::verify(dir, &workspace.root, key) {
+            Ok(result) if result.passed() => {
+                println!(
+                    "ok      {shown}: {} files, key id {}",
+                    result.files, result.key_id
+                );
+            }
+            Ok(result) => {
+                all_passed = false;
+                println!(
+                    "FAILED  {shown}: {} of {} files differ from the fingerprint (key id {})",
+                    result.problems.len(),
+                    result.files,
+                    result.key_id
+                );
+                for problem in &result.problems {
+                    println!("        {problem}");
+                }
+            }
+            Err(err) => {
+                all_passed = false;
+                println!("FAILED  {shown}: {err:#}");
+            }
+        }
+    }
+    all_passed
+}
+
+fn display(workspace: &Workspace, dir: &Path) -> String {
+    dir.strip_prefix(&workspace.root)
+        .unwrap_or(dir)
+        .display()
+        .to_string()
+}

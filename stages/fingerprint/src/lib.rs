@@ -1,0 +1,197 @@
+//! The `fingerprint` stage: an HMAC-SHA256 over everything the stages it `needs` produced
+//! (checkpoints, logs, metrics, reports), their params and cache keys, the fingerprints they
+//! carry themselves, and the environment that made them. It writes `fingerprint.json`;
+//! `finetune verify` recomputes it. The primitives live in `finetune_core::integrity`.
+//!
+//! The key comes from `key_file`, else the environment variable `key_env`; with neither, the
+//! workspace key (`.finetune/hmac.key`, created on first use, mode 0600) signs, and the run
+//! says so.
+
+mod environment;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use finetune_core::integrity::{
+    self, Covered, FINGERPRINT_FILE, KeyConfig, SigningKey, WORKSPACE_KEY,
+};
+use finetune_core::schemars::{self, JsonSchema};
+use finetune_core::{
+    ConfigError, ConfigureContext, Job, RunContext, Stage, Upstream, Value, parse_params,
+    schema_for,
+};
+use serde::Deserialize;
+use serde_json::json;
+
+pub struct Fingerprint;
+
+/// `with:` of a `fingerprint` stage.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FingerprintParams {
+    /// The environment variable that holds the HMAC key (at least 16 bytes).
+    #[serde(default = "default_key_env")]
+    pub key_env: String,
+    /// A file holding the key, readable by its owner only; used instead of `key_env`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+fn default_key_env() -> String {
+    integrity::DEFAULT_KEY_ENV.to_string()
+}
+
+impl FingerprintParams {
+    fn key_config(&self) -> KeyConfig {
+        KeyConfig {
+            key_env: self.key_env.clone(),
+            key_file: self.key_file.clone(),
+        }
+    }
+}
+
+impl Stage for Fingerprint {
+    fn name(&self) -> &'static str {
+        "fingerprint"
+    }
+
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn summary(&self) -> &'static str {
+        "HMAC-SHA256 over the outputs of the stages it needs; `finetune verify` checks it"
+    }
+
+    fn params_schema(&self) -> schemars::Schema {
+        schema_for::<FingerprintParams>()
+    }
+
+    fn configure(&self, with: &Value, ctx: &ConfigureContext) -> Result<Box<dyn Job>, ConfigError> {
+        let params: FingerprintParams = parse_params(with)?;
+        if ctx.upstream.is_empty() {
+            return Err(ConfigError::needs(format!(
+                "stage `{}` signs the outputs of the stages it needs; list them in `needs:`",
+                ctx.stage
+            )));
+        }
+        // A bad key fails here, before any stage runs; a missing one means the workspace key.
+        let key_id = params
+            .key_config()
+            .configured(&ctx.workspace)
+            .map_err(|err| {
+                let key = if params.key_file.is_some() {
+                    "key_file"
+                } else {
+                    "key_env"
+                };
+                ConfigError::at(key, err.to_string())
+            })?
+            .map(|key| key.id().to_string());
+        Ok(Box::new(FingerprintJob {
+            params: with.clone(),
+            key: params.key_config(),
+            key_id,
+        }))
+    }
+}
+
+struct FingerprintJob {
+    params: Value,
+    key: KeyConfig,
+    /// The configured key's id; `None` when the workspace key will sign.
+    key_id: Option<String>,
+}
+
+impl Job for FingerprintJob {
+    fn reads(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    /// Another key means another fingerprint. The workspace key is named by its place, not
+    /// its id: it may not exist yet, and its first run must not make the next one rerun.
+    fn key_extra(&self) -> Option<Value> {
+        Some(match &self.key_id {
+            Some(id) => json!({ "key_id": id }),
+            None => json!({ "key": WORKSPACE_KEY }),
+        })
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<()> {
+        let key = self.signing_key(ctx)?;
+        ctx.reporter.message("hashing the outputs it covers");
+        let mut covers = vec![(Covered::home(), ctx.out_dir.clone())];
+        for upstream in &ctx.upstream {
+            covers.push((covered(upstream)?, upstream.dir.clone()));
+        }
+        let context = json!({
+            "stage": ctx.stage,
+            "uses": "fingerprint",
+            "params": self.params,
+            "cache_key": ctx.cache_key,
+            "upstream": ctx.upstream.iter().map(upstream_record).collect::<Result<Vec<_>>>()?,
+            "environment": environment::describe(&ctx.workspace),
+        });
+        let fingerprint = integrity::sign(covers, context, &key)?;
+        let files = fingerprint.manifest.files.len();
+        finetune_core::output::write_json(&ctx.out_dir.join(FINGERPRINT_FILE), &fingerprint)?;
+        ctx.reporter.message(&format!(
+            "signed {files} files with key id {} ({})",
+            key.id(),
+            key.source()
+        ));
+        Ok(())
+    }
+}
+
+impl FingerprintJob {
+    fn signing_key(&self, ctx: &RunContext) -> Result<SigningKey> {
+        if let Some(key) = self.key.configured(&ctx.workspace)? {
+            return Ok(key);
+        }
+        let (key, created) = integrity::workspace_key(&ctx.workspace, true)?;
+        if created {
+            ctx.reporter.notice(&format!(
+                "no HMAC key configured ({} is not set): created the workspace key {} \
+                 (key id {}, readable by you only). Keep it: `finetune verify` needs it. \
+                 Set {} to sign with a key of your own.",
+                self.key.key_env,
+                WORKSPACE_KEY,
+                key.id(),
+                self.key.key_env
+            ));
+        }
+        Ok(key)
+    }
+}
+
+/// Upstream outputs are cache entries, siblings of this stage's own once it is published.
+fn covered(upstream: &Upstream) -> Result<Covered> {
+    let name = upstream
+        .dir
+        .file_name()
+        .with_context(|| format!("odd output directory {}", upstream.dir.display()))?;
+    Ok(Covered {
+        name: upstream.stage.clone(),
+        dir: Path::new("..").join(name).to_string_lossy().into_owned(),
+    })
+}
+
+/// An upstream stage as the manifest records it, with the MAC of its own fingerprint if it
+/// carries one (a `train` stage run with a key does).
+fn upstream_record(upstream: &Upstream) -> Result<Value> {
+    let own = upstream.dir.join(FINGERPRINT_FILE);
+    let fingerprint = if own.exists() {
+        let carried = integrity::read(&upstream.dir)?;
+        json!({ "mac": carried.mac, "key_id": carried.manifest.key_id })
+    } else {
+        Value::Null
+    };
+    Ok(json!({
+        "stage": upstream.stage,
+        "uses": upstream.uses,
+        "cache_key": upstream.cache_key,
+        "params": upstream.params,
+        "fingerprint": fingerprint,
+    }))
+}

@@ -1,0 +1,412 @@
+//! Fingerprints through the binary: the default pipeline signs its outputs, `finetune verify`
+//! passes on them and names every change (a flipped byte in a checkpoint, a truncated log, an
+//! added file, a deleted file), a wrong key and a missing key; the key is never written or
+//! printed. Also `predict` and `metrics` on the same run.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Output, Stdio};
+
+use common::*;
+use serde_json::Value;
+
+const KEY: &str = "a-team-key-for-tests-0123456789";
+const OTHER_KEY: &str = "somebody-elses-key-9876543210";
+
+fn with_key(ws: &Ws, key: Option<&str>, args: &[&str]) -> Output {
+    let mut command = ws.command(args);
+    if let Some(key) = key {
+        command.env("FINETUNE_HMAC_KEY", key);
+    }
+    command.output().expect("run finetune")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `finetune verify` with `key`; returns (passed, stdout).
+fn verify(ws: &Ws, key: Option<&str>, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["verify"];
+    all.extend_from_slice(args);
+    let out = with_key(ws, key, &all);
+    assert!(
+        out.status.code().is_some_and(|c| c <= 1),
+        "{}",
+        stderr(&out)
+    );
+    (out.status.success(), stdout(&out) + &stderr(&out))
+}
+
+/// Lets the test change a published (read-only) output file; returns its bytes to restore.
+fn writable(path: &Path) -> Vec<u8> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::read(path).unwrap()
+}
+
+/// Every file under `dir`, with its bytes.
+fn all_files(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            all_files(&path, out);
+        } else {
+            out.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+        }
+    }
+}
+
+fn assert_secret_absent(ws: &Ws, secret: &str, outputs: &[&str]) {
+    let mut files = Vec::new();
+    all_files(&ws.file("artifacts"), &mut files);
+    all_files(&ws.file("pipelines"), &mut files);
+    assert!(files.len() > 30, "{} files", files.len());
+    for (path, bytes) in &files {
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the key is written in {path}"
+        );
+    }
+    for text in outputs {
+        assert!(!text.contains(secret), "the key is printed: {text}");
+    }
+}
+
+#[test]
+fn verify_passes_on_a_signed_run_and_names_every_change_and_key_problem() {
+    let ws = Ws::new();
+    short_run(&ws);
+    let run = with_key(&ws, Some(KEY), &["run"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let train = output_dir(&ws, "reviews", "train");
+    let evaluate = output_dir(&ws, "reviews", "evaluate");
+
+    // The train stage signs each checkpoint and its whole output; the fingerprint stage signs
+    // train's and evaluate's outputs together.
+    assert!(train.join("fingerprint.json").is_file());
+    assert!(
+        train
+            .join("checkpoints/checkpoint-60/fingerprint.json")
+            .is_file()
+    );
+    let fingerprint =
+        read_json(&output_dir(&ws, "reviews", "fingerprint").join("fingerprint.json"));
+    let manifest = &fingerprint["manifest"];
+    let paths: Vec<&str> = manifest["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "train/checkpoints/checkpoint-60/model.safetensors",
+        "train/logs/train.jsonl",
+        "train/metrics.json",
+        "evaluate/metrics.json",
+        "evaluate/confusion_matrix.svg",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "{expected} not covered: {paths:?}"
+        );
+    }
+    assert_eq!(fingerprint["key_source"]["name"], "FINETUNE_HMAC_KEY");
+    let context = &manifest["context"];
+    assert_eq!(context["upstream"][0]["stage"], "train");
+    assert_eq!(
+        context["upstream"][0]["params"]["training"]["max_steps"],
+        60
+    );
+    assert_eq!(
+        context["upstream"][0]["fingerprint"]["mac"],
+        read_json(&train.join("fingerprint.json"))["mac"]
+    );
+    assert!(context["environment"]["cpu"].is_string());
+    assert_eq!(
+        context["environment"]["finetune_version"],
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let (passed, report) = verify(&ws, Some(KEY), &[]);
+    assert!(passed, "{report}");
+    assert!(
+        report.contains("ok      artifacts/runs/reviews/train:"),
+        "{report}"
+    );
+    assert!(
+        report.contains("ok      artifacts/runs/reviews/fingerprint:"),
+        "{report}"
+    );
+    let checkpoint = "artifacts/runs/reviews/train/checkpoints/checkpoint-30";
+    let (passed, report) = verify(&ws, Some(KEY), &[checkpoint]);
+    assert!(passed && report.contains("ok "), "{report}");
+
+    // Each change, then put back: verify fails naming the file.
+    let flip = train.join("checkpoints/checkpoint-60/optimizer.bpk");
+    let original = writable(&flip);
+    let mut flipped = original.clone();
+    flipped[original.len() / 2] ^= 0x01;
+    std::fs::write(&flip, &flipped).unwrap();
+    let (passed, report) = verify(&ws, Some(KEY), &[]);
+    assert!(!passed);
+    assert!(
+        report.contains(
+            "changed  train/checkpoints/checkpoint-60/optimizer.bpk (same size, other content)"
+        ),
+        "{report}"
+    );
+    assert!(
+        report.contains("changed  checkpoints/checkpoint-60/optimizer.bpk"),
+        "train's own fingerprint catches it too: {report}"
+    );
+    std::fs::write(&flip, &original).unwrap();
+
+    let log = train.join("logs/train.jsonl");
+    let original = writable(&log);
+    std::fs::write(&log, &original[..original.len() / 2]).unwrap();
+    let (passed, report) = verify(&ws, Some(KEY), &[]);
+    assert!(!passed);
+    let truncated = format!(
+        "changed  train/logs/train.jsonl (size {} -> {})",
+        original.len(),
+        original.len() / 2
+    );
+    assert!(report.contains(&truncated), "{report}");
+    std::fs::write(&log, &original).unwrap();
+
+    std::fs::set_permissions(&evaluate, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(evaluate.join("notes.txt"), "added").unwrap();
+    let (passed, report) = verify(&ws, Some(KEY), &[]);
+    assert!(
+        !passed && report.contains("extra    evaluate/notes.txt"),
+        "{report}"
+    );
+    std::fs::remove_file(evaluate.join("notes.txt")).unwrap();
+
+    let report_md = evaluate.join("report.md");
+    let original = writable(&report_md);
+    std::fs::remove_file(&report_md).unwrap();
+    let (passed, report) = verify(&ws, Some(KEY), &[]);
+    assert!(
+        !passed && report.contains("missing  evaluate/report.md"),
+        "{report}"
+    );
+    std::fs::write(&report_md, &original).unwrap();
+
+    let (passed, report) = verify(&ws, Some(KEY), &[]);
+    assert!(passed, "everything put back verifies again: {report}");
+
+    let (passed, other) = verify(&ws, Some(OTHER_KEY), &[]);
+    assert!(!passed);
+    assert!(
+        other.contains("wrong key") && other.contains(manifest["key_id"].as_str().unwrap()),
+        "{other}"
+    );
+    let (passed, unset) = verify(&ws, None, &[]);
+    assert!(!passed);
+    assert!(
+        unset.contains("no HMAC key: environment variable FINETUNE_HMAC_KEY is not set"),
+        "{unset}"
+    );
+
+    let texts = [stdout(&run), stderr(&run), report, other, unset];
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    assert_secret_absent(&ws, KEY, &texts);
+
+    predict_agrees_with_evaluate(&ws, &evaluate);
+    metrics_show_and_diff_the_runs(&ws);
+}
+
+/// `finetune predict` on the trained model labels texts as the evaluate stage did.
+fn predict_agrees_with_evaluate(ws: &Ws, evaluate: &Path) {
+    let file = std::fs::File::open(evaluate.join("predictions.parquet")).unwrap();
+    let batch = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let strings = |name: &str| {
+        batch
+            .column_by_name(name)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap()
+            .clone()
+    };
+    let (texts, predicted) = (strings("text"), strings("prediction"));
+    let rows = 40;
+    let input: String = (0..rows).map(|i| format!("{}\n", texts.value(i))).collect();
+    let mut child = ws
+        .command(&[
+            "predict",
+            "--model",
+            "artifacts/runs/reviews/train",
+            "--json",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), rows);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["text"], texts.value(i));
+        assert_eq!(line["label"], predicted.value(i), "row {i}: {line}");
+        let p = &line["probabilities"];
+        let sum = p["0"].as_f64().unwrap() + p["1"].as_f64().unwrap();
+        assert!((sum - 1.0).abs() < 1e-5, "{line}");
+    }
+
+    let out = ws.run(&[
+        "predict",
+        "--model",
+        "artifacts/runs/reviews/train/model",
+        texts.value(0),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let line = stdout(&out);
+    let fields: Vec<&str> = line.trim_end().split('\t').collect();
+    assert_eq!(fields[0], predicted.value(0), "{line}");
+    assert_eq!(fields[2], texts.value(0));
+
+    let out = ws.run(&["predict", "--model", "data", "text"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("data holds no model (no config.json)"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `finetune metrics` shows evaluate's numbers; `--diff HEAD` compares with the run whose
+/// lock file is committed.
+fn metrics_show_and_diff_the_runs(ws: &Ws) {
+    let out = ws.run(&["metrics", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let evaluate = read_json(&output_dir(ws, "reviews", "evaluate").join("metrics.json"));
+    assert_eq!(shown["evaluate"]["accuracy"], evaluate["accuracy"]);
+    assert_eq!(shown["evaluate"]["examples"].as_f64(), Some(200.0));
+
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .current_dir(ws.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+    };
+    git(&["init", "-q"]);
+    git(&["add", "pipelines"]);
+    git(&["commit", "-q", "-m", "the run on the test split"]);
+    let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
+    ws.write(
+        "pipelines/reviews.yaml",
+        yaml.replace("with: { split: test }", "with: { split: validation }"),
+    );
+    let run = with_key(ws, Some(KEY), &["run"]);
+    assert!(run.status.success(), "{}", stderr(&run));
+
+    let out = ws.run(&["metrics", "--diff", "HEAD"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let table = stdout(&out);
+    let examples = table
+        .lines()
+        .find(|l| l.starts_with("evaluate") && l.contains(" examples "))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = examples.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        ["evaluate", "examples", "200", "100", "-100.0000"],
+        "{table}"
+    );
+    assert!(
+        !table.lines().any(|l| l.starts_with("train ")),
+        "train did not change: {table}"
+    );
+
+    let out = ws.run(&["metrics", "--diff", "no-such-rev"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("at git revision no-such-rev"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_first_run_without_a_key_creates_a_workspace_key_once_and_verify_uses_it() {
+    let ws = Ws::new();
+    short_run(&ws);
+    let first = ws.run(&["run"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let said = stderr(&first) + &stdout(&first);
+    assert!(
+        said.contains("no HMAC key configured (FINETUNE_HMAC_KEY is not set): created the workspace key .finetune/hmac.key"),
+        "{said}"
+    );
+    let key_file = ws.file(".finetune/hmac.key");
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let secret = std::fs::read_to_string(&key_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(secret.len(), 64);
+    assert!(
+        !output_dir(&ws, "reviews", "train")
+            .join("fingerprint.json")
+            .exists(),
+        "train signs only with a configured key"
+    );
+
+    let again = ws.run_ok(&[]);
+    assert!(
+        stages_with(&again, "stage_started").is_empty(),
+        "a second run reruns nothing: {again:?}"
+    );
+    let (passed, report) = verify(&ws, None, &[]);
+    assert!(passed, "{report}");
+    assert_secret_absent(&ws, &secret, &[&said, &report]);
+
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (passed, report) = verify(&ws, None, &[]);
+    assert!(!passed);
+    assert!(
+        report.contains("is readable by group or others (mode 644); run `chmod 600"),
+        "{report}"
+    );
+    std::fs::remove_file(&key_file).unwrap();
+    let (passed, report) = verify(&ws, None, &[]);
+    assert!(!passed);
+    assert!(
+        report.contains("no HMAC key: workspace key .finetune/hmac.key does not exist"),
+        "{report}"
+    );
+}
