@@ -102,8 +102,9 @@ fn read_metrics(file: &Path) -> Result<Option<BTreeMap<String, f64>>> {
     Ok(Some(flat))
 }
 
-/// Numbers at any depth of objects, under dotted names; lists (confusion matrices,
-/// histories) are left out: they are not one metric.
+/// Numbers at any depth of objects, under dotted names. A list of objects that name their
+/// `label` (per-class figures) is keyed by label; other lists (confusion matrices, histories)
+/// are left out: they are not one metric.
 fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, f64>) {
     match value {
         Value::Number(number) => {
@@ -119,6 +120,13 @@ fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, f64>) {
                     format!("{prefix}.{key}")
                 };
                 flatten(&name, child, out);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                if let Some(label) = item.get("label").and_then(Value::as_str) {
+                    flatten(&format!("{prefix}.{label}"), item, out);
+                }
             }
         }
         _ => {}

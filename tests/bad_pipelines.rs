@@ -51,7 +51,7 @@ fn an_unknown_need_is_named() {
 #[test]
 fn an_unknown_plugin_lists_the_installed_ones() {
     let err = fails_with_2("name: x\nstages:\n  a:\n    uses: ingest_tsv\n");
-    assert!(err.contains("bad.yaml:4:5: stage `a`, key `uses`: unknown plugin `ingest_tsv`; installed: command, ingest_csv"), "{err}");
+    assert!(err.contains("bad.yaml:4:5: stage `a`, key `uses`: unknown plugin `ingest_tsv`; installed: command, evaluate, fingerprint, ingest_csv, tokenize, train"), "{err}");
 }
 
 #[test]

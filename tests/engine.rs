@@ -16,7 +16,7 @@ fn a_second_run_executes_nothing_and_changes_no_byte() {
     let first = ws.run_ok(&[]);
     assert_eq!(
         stages_with(&first, "stage_finished"),
-        ["ingest", "tokenize", "train"]
+        ["evaluate", "fingerprint", "ingest", "tokenize", "train"]
     );
     let before = ws.snapshot();
     assert!(before.keys().any(|p| p.ends_with("reviews.lock")));
@@ -27,7 +27,7 @@ fn a_second_run_executes_nothing_and_changes_no_byte() {
     );
     assert_eq!(
         stages_with(&second, "stage_cached"),
-        ["ingest", "tokenize", "train"]
+        ["evaluate", "fingerprint", "ingest", "tokenize", "train"]
     );
     assert_eq!(ws.snapshot(), before);
 }

@@ -410,3 +410,66 @@ fn a_first_run_without_a_key_creates_a_workspace_key_once_and_verify_uses_it() {
         "{report}"
     );
 }
+
+#[test]
+fn a_resume_refuses_a_signed_checkpoint_that_was_changed() {
+    let ws = Ws::new();
+    short_run(&ws);
+    let mut child = ws
+        .command(&["run", "--json"])
+        .env("FINETUNE_HMAC_KEY", KEY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let scratch = ws.file("artifacts/scratch");
+    let started = std::time::Instant::now();
+    let checkpoint = loop {
+        let found = std::fs::read_dir(&scratch).ok().and_then(|entries| {
+            entries
+                .filter_map(|e| Some(e.ok()?.path().join("checkpoints/checkpoint-20")))
+                .find(|p| p.join("fingerprint.json").is_file())
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its second checkpoint"
+        );
+        assert!(
+            started.elapsed().as_secs() < 300,
+            "no checkpoint-20 after 5 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Whichever checkpoint is newest now is the one a resume starts from: change that one.
+    let newest = std::fs::read_dir(checkpoint.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("fingerprint.json").is_file())
+        .max_by_key(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.trim_start_matches("checkpoint-")
+                .parse::<usize>()
+                .unwrap_or(0)
+        })
+        .unwrap();
+    let weights = newest.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x80;
+    std::fs::write(&weights, bytes).unwrap();
+
+    let out = with_key(&ws, Some(KEY), &["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out) + &stdout(&out);
+    let name = newest.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        err.contains(&format!("{name} does not match its fingerprint"))
+            && err.contains("changed  model.safetensors (same size, other content)"),
+        "{err}"
+    );
+}

@@ -136,6 +136,9 @@ fn series(log: &[Value], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// One curve of a panel: its log key, colour and (step, value) points.
+type Line<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
 /// Three panels over the steps: train and eval loss; the learning rate; eval accuracy and
 /// macro F1.
 fn training_curves(path: &Path, log: &[Value]) -> Result<()> {
@@ -154,7 +157,7 @@ fn training_curves(path: &Path, log: &[Value]) -> Result<()> {
         ),
     ];
     for (panel, (title, keys)) in panels.iter().zip(groups) {
-        let lines: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = keys
+        let lines: Vec<Line> = keys
             .iter()
             .map(|(key, color)| (*key, *color, series(log, key)))
             .filter(|(_, _, points)| !points.is_empty())

@@ -121,7 +121,7 @@ impl Covered {
 /// Every file of one covered directory (now at `dir`), with manifest paths.
 fn hash_covered(dir: &Path, covered: &Covered) -> Result<Vec<FileRecord>> {
     let mut records = Vec::new();
-    for relative in list_files(&dir)? {
+    for relative in list_files(dir)? {
         if relative == Path::new(ENGINE_MANIFEST)
             || (covered.dir == "." && relative == Path::new(FINGERPRINT_FILE))
         {
