@@ -526,6 +526,13 @@ fn resolve_ref<'a>(
                     .and_then(|a| a.get(0))
                     .and_then(|a| a.get("$ref"))
             })
+            // An optional section (`anyOf: [{$ref}, {type: null}]`) lists its fields too.
+            .or_else(|| {
+                current
+                    .get("anyOf")
+                    .and_then(|a| a.as_array())
+                    .and_then(|a| a.iter().find_map(|v| v.get("$ref")))
+            })
             .and_then(|r| r.as_str())
             .and_then(|r| r.strip_prefix("#/"))
             .and_then(|path| path.split('/').try_fold(root, |node, part| node.get(part)));

@@ -164,6 +164,7 @@ pub fn print_diff(rev: &str, old: &StageMetrics, new: &StageMetrics, all: bool) 
                 continue;
             }
             let change = match (a, b) {
+                (Some(a), Some(b)) if (b - a).fract() == 0.0 => format!("{:+}", (b - a) as i64),
                 (Some(a), Some(b)) => format!("{:+.4}", b - a),
                 _ => "-".into(),
             };

@@ -277,35 +277,11 @@ fn a_run_killed_mid_training_resumes_from_its_last_checkpoint_with_the_same_resu
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let scratch = killed.file("artifacts/scratch");
-    let started = Instant::now();
-    let checkpoint_20 = loop {
-        let found = std::fs::read_dir(&scratch).ok().and_then(|entries| {
-            entries
-                .filter_map(|e| {
-                    Some(
-                        e.ok()?
-                            .path()
-                            .join("checkpoints/checkpoint-20/trainer_state.json"),
-                    )
-                })
-                .find(|p| p.is_file())
-        });
-        if let Some(found) = found {
-            break found;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before its second checkpoint"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no checkpoint after 2 minutes"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let checkpoint_20 = kill_once_scratch_has(
+        &killed,
+        &mut child,
+        "checkpoints/checkpoint-20/trainer_state.json",
+    );
     assert!(checkpoint_20.is_file());
     assert!(
         !killed.file("artifacts/runs/reviews/train").exists(),

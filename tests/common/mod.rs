@@ -188,3 +188,33 @@ pub fn short_run(ws: &Ws) {
     assert!(yaml.contains("max_steps: 60"));
     ws.write("pipelines/reviews.yaml", yaml);
 }
+
+/// Waits until the running `child` has written `relative` (e.g.
+/// `checkpoints/checkpoint-20/trainer_state.json`) in its scratch directory, then kills it.
+/// Returns that file's path. Fails if the run ends first or takes over two minutes.
+pub fn kill_once_scratch_has(ws: &Ws, child: &mut std::process::Child, relative: &str) -> PathBuf {
+    let scratch = ws.file("artifacts/scratch");
+    let started = std::time::Instant::now();
+    let found = loop {
+        let found = std::fs::read_dir(&scratch).ok().and_then(|entries| {
+            entries
+                .filter_map(|e| Some(e.ok()?.path().join(relative)))
+                .find(|p| p.exists())
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it wrote {relative}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no {relative} after 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    found
+}

@@ -15,40 +15,17 @@ use anyhow::{Context, Result};
 use finetune_core::integrity::{
     self, Covered, FINGERPRINT_FILE, KeyConfig, SigningKey, WORKSPACE_KEY,
 };
-use finetune_core::schemars::{self, JsonSchema};
+use finetune_core::schemars;
 use finetune_core::{
     ConfigError, ConfigureContext, Job, RunContext, Stage, Upstream, Value, parse_params,
     schema_for,
 };
-use serde::Deserialize;
 use serde_json::json;
 
 pub struct Fingerprint;
 
-/// `with:` of a `fingerprint` stage.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FingerprintParams {
-    /// The environment variable that holds the HMAC key (at least 16 bytes).
-    #[serde(default = "default_key_env")]
-    pub key_env: String,
-    /// A file holding the key, readable by its owner only; used instead of `key_env`.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-}
-
-fn default_key_env() -> String {
-    integrity::DEFAULT_KEY_ENV.to_string()
-}
-
-impl FingerprintParams {
-    fn key_config(&self) -> KeyConfig {
-        KeyConfig {
-            key_env: self.key_env.clone(),
-            key_file: self.key_file.clone(),
-        }
-    }
-}
+/// `with:` of a `fingerprint` stage: where its key comes from (`key_env`, `key_file`).
+pub type FingerprintParams = KeyConfig;
 
 impl Stage for Fingerprint {
     fn name(&self) -> &'static str {
@@ -77,7 +54,6 @@ impl Stage for Fingerprint {
         }
         // A bad key fails here, before any stage runs; a missing one means the workspace key.
         let key_id = params
-            .key_config()
             .configured(&ctx.workspace)
             .map_err(|err| {
                 let key = if params.key_file.is_some() {
@@ -90,7 +66,7 @@ impl Stage for Fingerprint {
             .map(|key| key.id().to_string());
         Ok(Box::new(FingerprintJob {
             params: with.clone(),
-            key: params.key_config(),
+            key: params,
             key_id,
         }))
     }

@@ -45,7 +45,7 @@ pub struct TrainParams {
     pub model: ModelSource,
     #[serde(default)]
     pub training: TrainingArgs,
-    /// `awp:` and `mixout:` (see the regularizers module).
+    /// `awp:` (Adversarial Weight Perturbation) and `mixout:`; either, both or neither.
     #[serde(default)]
     pub regularizers: Regularizers,
     /// Where to train: `cpu` (burn's flex backend).
