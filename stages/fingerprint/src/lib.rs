@@ -52,31 +52,25 @@ impl Stage for Fingerprint {
                 ctx.stage
             )));
         }
-        // A bad key fails here, before any stage runs; a missing one means the workspace key.
-        let key_id = params
+        // Loaded once: a bad key fails here, before any stage runs, and the key that signs is
+        // the one whose id is in the cache key. None means the workspace key.
+        let configured = params
             .configured(&ctx.workspace)
-            .map_err(|err| {
-                let key = if params.key_file.is_some() {
-                    "key_file"
-                } else {
-                    "key_env"
-                };
-                ConfigError::at(key, err.to_string())
-            })?
-            .map(|key| key.id().to_string());
+            .map_err(|err| ConfigError::at(params.param(), err.to_string()))?;
         Ok(Box::new(FingerprintJob {
             params: with.clone(),
-            key: params,
-            key_id,
+            key_env: params.key_env,
+            configured,
         }))
     }
 }
 
 struct FingerprintJob {
     params: Value,
-    key: KeyConfig,
-    /// The configured key's id; `None` when the workspace key will sign.
-    key_id: Option<String>,
+    /// The variable a user would set, for the notice when the workspace key is created.
+    key_env: String,
+    /// The configured key; `None` when the workspace key will sign.
+    configured: Option<SigningKey>,
 }
 
 impl Job for FingerprintJob {
@@ -87,14 +81,21 @@ impl Job for FingerprintJob {
     /// Another key means another fingerprint. The workspace key is named by its place, not
     /// its id: it may not exist yet, and its first run must not make the next one rerun.
     fn key_extra(&self) -> Option<Value> {
-        Some(match &self.key_id {
-            Some(id) => json!({ "key_id": id }),
+        Some(match &self.configured {
+            Some(key) => json!({ "key_id": key.id() }),
             None => json!({ "key": WORKSPACE_KEY }),
         })
     }
 
     fn run(&self, ctx: &RunContext) -> Result<()> {
-        let key = self.signing_key(ctx)?;
+        let workspace_key;
+        let key = match &self.configured {
+            Some(key) => key,
+            None => {
+                workspace_key = self.workspace_key(ctx)?;
+                &workspace_key
+            }
+        };
         ctx.reporter.message("hashing the outputs it covers");
         let mut covers = vec![(Covered::home(), ctx.out_dir.clone())];
         for upstream in &ctx.upstream {
@@ -108,7 +109,7 @@ impl Job for FingerprintJob {
             "upstream": ctx.upstream.iter().map(upstream_record).collect::<Result<Vec<_>>>()?,
             "environment": environment::describe(&ctx.workspace),
         });
-        let fingerprint = integrity::sign(covers, context, &key)?;
+        let fingerprint = integrity::sign(covers, context, key)?;
         let files = fingerprint.manifest.files.len();
         finetune_core::output::write_json(&ctx.out_dir.join(FINGERPRINT_FILE), &fingerprint)?;
         ctx.reporter.message(&format!(
@@ -121,20 +122,18 @@ impl Job for FingerprintJob {
 }
 
 impl FingerprintJob {
-    fn signing_key(&self, ctx: &RunContext) -> Result<SigningKey> {
-        if let Some(key) = self.key.configured(&ctx.workspace)? {
-            return Ok(key);
-        }
+    /// The workspace key, created (and announced) on first use.
+    fn workspace_key(&self, ctx: &RunContext) -> Result<SigningKey> {
         let (key, created) = integrity::workspace_key(&ctx.workspace, true)?;
         if created {
             ctx.reporter.notice(&format!(
                 "no HMAC key configured ({} is not set): created the workspace key {} \
                  (key id {}, readable by you only). Keep it: `finetune verify` needs it. \
                  Set {} to sign with a key of your own.",
-                self.key.key_env,
+                self.key_env,
                 WORKSPACE_KEY,
                 key.id(),
-                self.key.key_env
+                self.key_env
             ));
         }
         Ok(key)

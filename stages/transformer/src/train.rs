@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use burn::module::Module;
-use finetune_core::integrity::{self, KeyConfig};
+use finetune_core::integrity::{self, KeyConfig, SigningKey};
 use finetune_core::output::write_json;
 use finetune_core::schemars::{self, JsonSchema};
 use finetune_core::{
@@ -122,14 +122,20 @@ impl Stage for Train {
                     .map_err(|e| ConfigError::at("model.scratch", e))?;
             }
         }
-        let key_id = params
+        // Loaded once, so that the key that signs is the one whose id is in the cache key.
+        let signing = params
             .fingerprint
             .configured(&ctx.workspace)
-            .map_err(|e| ConfigError::at("fingerprint", e.to_string()))?
-            .map(|key| key.id().to_string());
+            .map_err(|e| {
+                ConfigError::at(
+                    format!("fingerprint.{}", params.fingerprint.param()),
+                    e.to_string(),
+                )
+            })?
+            .map(Arc::new);
         Ok(Box::new(TrainJob {
             params,
-            key_id,
+            signing,
             with: with.clone(),
         }))
     }
@@ -143,8 +149,8 @@ struct TrainJob {
     params: TrainParams,
     /// The `with:` as the pipeline gave it, for run_history.json.
     with: Value,
-    /// The id of the key that signs the output, when one is configured.
-    key_id: Option<String>,
+    /// The key that signs checkpoints and the output, when one is configured.
+    signing: Option<Arc<SigningKey>>,
 }
 
 impl Job for TrainJob {
@@ -159,7 +165,9 @@ impl Job for TrainJob {
 
     /// A signed output differs with the key; an unsigned one keeps its old cache key.
     fn key_extra(&self) -> Option<Value> {
-        self.key_id.as_ref().map(|id| json!({ "key_id": id }))
+        self.signing
+            .as_ref()
+            .map(|key| json!({ "key_id": key.id() }))
     }
 
     fn run(&self, ctx: &RunContext) -> Result<()> {
@@ -176,13 +184,8 @@ impl Job for TrainJob {
         let tokenizer_json = tokenized.join("tokenizer.json");
         let device = crate::device(&self.params.device)?;
         device.seed(args.seed);
-        let signing = self
-            .params
-            .fingerprint
-            .configured(&ctx.workspace)?
-            .map(Arc::new);
         let checkpoints =
-            Checkpoints::new(ctx.scratch_dir.join("checkpoints")).signed_with(signing.clone());
+            Checkpoints::new(ctx.scratch_dir.join("checkpoints")).signed_with(self.signing.clone());
         if !args.resume {
             checkpoints.clear()?;
         }
@@ -264,7 +267,7 @@ impl Job for TrainJob {
         }
         write_json(&ctx.out_dir.join("metrics.json"), &metrics)?;
         link_tree(checkpoints.dir(), &ctx.out_dir.join("checkpoints"))?;
-        if let Some(key) = &signing {
+        if let Some(key) = &self.signing {
             let context = json!({
                 "stage": ctx.stage,
                 "uses": "train",

@@ -171,6 +171,15 @@ impl KeyConfig {
         };
         load(&source, workspace).map(Some)
     }
+
+    /// The param a key problem is reported at: `key_file` when given, else `key_env`.
+    pub fn param(&self) -> &'static str {
+        if self.key_file.is_some() {
+            "key_file"
+        } else {
+            "key_env"
+        }
+    }
 }
 
 /// Loads the key from `source` (relative paths are relative to `workspace`).
