@@ -61,24 +61,16 @@ pub fn at_revision(workspace: &Workspace, pipeline: &Pipeline, rev: &str) -> Res
     let lock: LockFile = serde_json::from_slice(&output.stdout)
         .with_context(|| format!("{} at {rev} is not a valid lock file", lock_path.display()))?;
     let store = Store::new(&workspace.artifacts());
+    let run_dir = workspace.run_dir(&pipeline.name);
     let mut all = StageMetrics::new();
     for (stage, entry) in &lock.stages {
         let dir = store.entry_dir(&entry.key);
-        if !dir.exists() {
-            // Only a stage with metrics matters; its absence is reported if it has any now.
-            continue;
-        }
-        if let Some(metrics) = read_metrics(&dir.join(METRICS_FILE))? {
-            all.insert(stage.clone(), metrics);
-        }
-    }
-    for (stage, entry) in &lock.stages {
-        let now_has_metrics = workspace
-            .run_dir(&pipeline.name)
-            .join(stage)
-            .join(METRICS_FILE)
-            .exists();
-        if now_has_metrics && !all.contains_key(stage) && !store.entry_dir(&entry.key).exists() {
+        if dir.exists() {
+            if let Some(metrics) = read_metrics(&dir.join(METRICS_FILE))? {
+                all.insert(stage.clone(), metrics);
+            }
+        } else if run_dir.join(stage).join(METRICS_FILE).exists() {
+            // Gone from the cache, and a stage that has metrics now: the comparison would lie.
             bail!(
                 "the output of stage `{stage}` at {rev} (key {}) is no longer in the cache \
                  (removed by `finetune gc`?); check out {rev} and run the pipeline to rebuild it",
