@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
 use arrow::array::{Array, Int32Array, Int64Array, ListArray, StringArray};
+use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// One tokenized text.
@@ -15,23 +16,35 @@ pub struct Example {
     pub label: i64,
 }
 
-/// The `input_ids` and `label` columns of a tokenize split.
-pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
+/// The record batches of a tokenize split, each read error naming the file.
+fn batches(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>> + '_> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .with_context(|| format!("{} is not a Parquet file", path.display()))?
         .build()?;
+    Ok(reader.map(move |batch| batch.with_context(|| format!("cannot read {}", path.display()))))
+}
+
+/// Column `name` of `batch` as array type `T`; `what` describes it for the error.
+fn column<'b, T: 'static>(
+    batch: &'b RecordBatch,
+    name: &str,
+    what: &str,
+    path: &Path,
+) -> Result<&'b T> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| anyhow!("{} has no `{name}` {what}", path.display()))
+}
+
+/// The `input_ids` and `label` columns of a tokenize split.
+pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
     let mut examples = Vec::new();
-    for batch in reader {
-        let batch = batch.with_context(|| format!("cannot read {}", path.display()))?;
-        let ids = batch
-            .column_by_name("input_ids")
-            .and_then(|c| c.as_any().downcast_ref::<ListArray>())
-            .ok_or_else(|| anyhow!("{} has no `input_ids` list column", path.display()))?;
-        let labels = batch
-            .column_by_name("label")
-            .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
-            .ok_or_else(|| anyhow!("{} has no `label` column", path.display()))?;
+    for batch in batches(path)? {
+        let batch = batch?;
+        let ids: &ListArray = column(&batch, "input_ids", "list column", path)?;
+        let labels: &Int64Array = column(&batch, "label", "column", path)?;
         for row in 0..batch.num_rows() {
             let values = ids.value(row);
             let values = values
@@ -49,17 +62,10 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
 
 /// The `text` column of a tokenize split.
 pub fn read_texts(path: &Path) -> Result<Vec<String>> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{} is not a Parquet file", path.display()))?
-        .build()?;
     let mut texts = Vec::new();
-    for batch in reader {
-        let batch = batch.with_context(|| format!("cannot read {}", path.display()))?;
-        let column = batch
-            .column_by_name("text")
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            .ok_or_else(|| anyhow!("{} has no `text` column", path.display()))?;
+    for batch in batches(path)? {
+        let batch = batch?;
+        let column: &StringArray = column(&batch, "text", "column", path)?;
         texts.extend(column.iter().map(|t| t.unwrap_or_default().to_string()));
     }
     Ok(texts)

@@ -37,11 +37,16 @@ pub fn probabilities(
         let logits = model
             .forward(&Batch::from_rows(chunk, &model.config, None, device))
             .logits;
-        let labels = logits.dims()[1];
-        let flat: Vec<f32> = softmax(logits, 1).into_data().iter::<f32>().collect();
-        out.extend(flat.chunks(labels).map(<[f32]>::to_vec));
+        out.extend(softmax_rows(logits));
     }
     out
+}
+
+/// Each row of `logits` (batch × labels) as label probabilities.
+fn softmax_rows(logits: Tensor<2>) -> Vec<Vec<f32>> {
+    let labels = logits.dims()[1];
+    let flat: Vec<f32> = softmax(logits, 1).into_data().iter::<f32>().collect();
+    flat.chunks(labels).map(<[f32]>::to_vec).collect()
 }
 
 /// Probabilities, predictions and loss of `model` on `examples`.
@@ -78,9 +83,7 @@ pub fn predict(
                 .iter::<i64>()
                 .map(|p| p as usize),
         );
-        let labels = logits.dims()[1];
-        let flat: Vec<f32> = softmax(logits, 1).into_data().iter::<f32>().collect();
-        probabilities.extend(flat.chunks(labels).map(<[f32]>::to_vec));
+        probabilities.extend(softmax_rows(logits));
     }
     Predictions {
         probabilities,
