@@ -9,15 +9,18 @@ use std::time::{Duration, Instant};
 
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use finetune_transformer::{Batch, Classifier, hf};
 
 const BATCH: usize = 16;
-const SEQ: usize = 64;
 const RUNS: usize = 5;
 
 fn main() {
+    let seq: usize = std::env::var("FINETUNE_BENCH_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let shared = std::env::var_os("FINETUNE_SHARED")
         .map(PathBuf::from)
@@ -35,15 +38,14 @@ fn main() {
     let train_device = device.clone().autodiff();
 
     let (model, _) = hf::load(&model_dir, Some(&labels), 42, &device).expect("load MiniLM");
-    let batch = Batch::from_rows(&rows, &model.config, Some(SEQ), &device);
+    let batch = Batch::from_rows(&rows, &model.config, Some(seq), &device);
     let forward = median(|| {
-        let out = model.forward(&batch);
-        let _ = out.logits.into_data();
+        let _ = model.logits(&batch).into_data();
     });
 
     let (mut model, _) =
         hf::load(&model_dir, Some(&labels), 42, &train_device).expect("load MiniLM");
-    let batch = Batch::from_rows(&rows, &model.config, Some(SEQ), &train_device);
+    let batch = Batch::from_rows(&rows, &model.config, Some(seq), &train_device);
     let targets = Tensor::<1, Int>::from_data(
         TensorData::new(
             (0..BATCH as i64).map(|i| i % 2).collect::<Vec<_>>(),
@@ -52,22 +54,37 @@ fn main() {
         &train_device,
     );
     let loss_fn = CrossEntropyLossConfig::new().init(&train_device);
-    let mut optimizer = AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(0.01)
-        .init();
+    let mut optimizer = finetune_transformer::optim::AdamW {
+        weight_decay: 0.01,
+        ..Default::default()
+    }
+    .build(&model);
+    let mut phases = [Duration::ZERO; 3];
     let mut step = || {
-        let out = model.clone().forward(&batch);
-        let loss = loss_fn.forward(out.logits, targets.clone());
+        let t0 = Instant::now();
+        let loss = loss_fn.forward(model.logits(&batch), targets.clone());
+        let _ = loss.clone().into_data();
+        let t1 = Instant::now();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let t2 = Instant::now();
         model = optimizer.step(5e-5, model.clone(), grads);
-        let _ = loss.into_data();
+        let _ = model.embeddings.word.weight.val().into_data();
+        let t3 = Instant::now();
+        phases[0] += t1 - t0;
+        phases[1] += t2 - t1;
+        phases[2] += t3 - t2;
     };
     step(); // warm-up: allocations, optimizer state
     let train_step = median(&mut step);
-    let matmuls = matmul_time(&model.valid(), &device);
+    eprintln!(
+        "phases (mean): forward {:?} backward {:?} optimizer {:?}",
+        phases[0] / (RUNS as u32 + 1),
+        phases[1] / (RUNS as u32 + 1),
+        phases[2] / (RUNS as u32 + 1)
+    );
+    let matmuls = matmul_time(&model.valid(), &device, seq);
 
-    println!("MiniLM-L6, batch {BATCH} x {SEQ} tokens, flex CPU backend, median of {RUNS}:");
+    println!("MiniLM-L6, batch {BATCH} x {seq} tokens, flex CPU backend, median of {RUNS}:");
     println!("  forward (eval):                  {:7.1} ms", ms(forward));
     println!(
         "  forward + backward + AdamW step: {:7.1} ms | ratio to the {reference} s reference: {:.2}",
@@ -84,9 +101,9 @@ fn main() {
 
 /// The matmuls of one training step, run alone: each linear's forward product and its two
 /// backward products, and attention's four batched products per layer (forward and backward).
-fn matmul_time(model: &Classifier, device: &Device) -> Duration {
+fn matmul_time(model: &Classifier, device: &Device, seq: usize) -> Duration {
     let c = &model.config;
-    let tokens = BATCH * SEQ;
+    let tokens = BATCH * seq;
     let (h, i, heads, dh) = (
         c.hidden_size,
         c.intermediate_size,
@@ -107,8 +124,8 @@ fn matmul_time(model: &Classifier, device: &Device) -> Duration {
         linear(&mut shapes, i, h);
         let bh = BATCH * heads;
         for _ in 0..3 {
-            shapes.push(([bh, SEQ, dh], [bh, dh, SEQ]));
-            shapes.push(([bh, SEQ, SEQ], [bh, SEQ, dh]));
+            shapes.push(([bh, seq, dh], [bh, dh, seq]));
+            shapes.push(([bh, seq, seq], [bh, seq, dh]));
         }
     }
     let operands: Vec<(Tensor<3>, Tensor<3>)> = shapes

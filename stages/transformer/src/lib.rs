@@ -15,6 +15,7 @@
 //! Nothing here assumes the CPU: every tensor is made on the device the caller passes, and
 //! [`device`] turns a pipeline's `device:` string into one.
 
+pub mod adamw;
 pub mod config;
 pub mod data;
 pub mod evaluate;
@@ -74,8 +75,31 @@ impl ModelError {
 /// added here, and only here, when they can be built.
 pub fn device(name: &str) -> Result<Device, ModelError> {
     match name {
-        "cpu" | "flex" => Ok(Device::flex()),
+        "cpu" | "flex" => {
+            keep_freed_tensor_buffers();
+            Ok(Device::flex())
+        }
         other => Err(ModelError::Device(other.to_string())),
+    }
+}
+
+/// burn's CPU backend allocates a fresh buffer for every tensor, many of them megabytes. glibc
+/// serves allocations above its mmap threshold (at most 32 MiB) with fresh pages and returns
+/// freed heap tops to the OS, so every step paid page faults and zeroing for the same buffers
+/// again (a tenth of a training step's CPU time). Keeping freed memory in the heap for reuse
+/// costs no peak memory: the peak is reached either way.
+fn keep_freed_tensor_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes glibc's allocation thresholds; it is called once,
+            // before this process allocates any tensor.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 512 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            }
+        });
     }
 }
 

@@ -6,9 +6,10 @@
 use burn::module::ParamGroup;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::adamw::FusedAdamW;
 use crate::model::{Batch, Classifier};
 use crate::regularizers::awp::Attack;
 use crate::regularizers::with_mixout_masks;
@@ -36,16 +37,15 @@ impl Default for AdamW {
 impl AdamW {
     /// The optimizer for `model`: decay on weights and embeddings, none on biases and norms.
     pub fn build(&self, model: &Classifier) -> ModuleOptimizer {
-        let config = |decay: f64| {
-            AdamWConfig::new()
-                .with_beta_1(self.beta1 as f32)
-                .with_beta_2(self.beta2 as f32)
-                .with_epsilon(self.epsilon as f32)
-                .with_weight_decay(decay as f32)
+        let config = |decay: f64| FusedAdamW {
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            epsilon: self.epsilon as f32,
+            weight_decay: decay as f32,
         };
-        ModuleOptimizer::from(config(self.weight_decay).build()).with_group(
+        ModuleOptimizer::from(config(self.weight_decay)).with_group(
             ParamGroup::from_ids(model.no_decay_ids()),
-            config(0.0).build(),
+            config(0.0),
             None,
         )
     }
@@ -148,7 +148,7 @@ pub fn gradients(
         );
         let share = micro.rows.len() as f64 / total as f64;
         let loss = loss_fn
-            .forward(model.forward(&batch).logits, targets)
+            .forward(model.logits(&batch), targets)
             .mul_scalar(share);
         let grads = GradientsParams::from_grads(loss.backward(), model);
         loss_sum += f64::from(loss.into_scalar::<f32>());

@@ -34,9 +34,7 @@ pub fn probabilities(
 ) -> Vec<Vec<f32>> {
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch_size.max(1)) {
-        let logits = model
-            .forward(&Batch::from_rows(chunk, &model.config, None, device))
-            .logits;
+        let logits = model.logits(&Batch::from_rows(chunk, &model.config, None, device));
         out.extend(softmax_rows(logits));
     }
     out
@@ -60,9 +58,7 @@ pub fn predict(
     let (mut probabilities, mut predicted, mut loss_sum) = (Vec::new(), Vec::new(), 0.0f64);
     for chunk in examples.chunks(batch_size.max(1)) {
         let rows: Vec<Vec<i32>> = chunk.iter().map(|e| e.ids.clone()).collect();
-        let logits = model
-            .forward(&Batch::from_rows(&rows, &model.config, None, device))
-            .logits;
+        let logits = model.logits(&Batch::from_rows(&rows, &model.config, None, device));
         let targets = Tensor::<1, Int>::from_data(
             TensorData::new(
                 chunk.iter().map(|e| e.label).collect::<Vec<_>>(),

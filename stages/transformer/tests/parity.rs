@@ -91,14 +91,20 @@ fn check_tiny(name: &str) {
     let rows = rows(&expected);
     let (hidden, logits, _) = unpadded_hidden(&model, &rows);
     let hidden_diff = max_abs_diff(&hidden, &floats(&expected["last_hidden_state"]));
-    let logits_diff = max_abs_diff(
-        &logits.into_data().try_to_vec::<f32>().unwrap(),
-        &floats(&expected["logits"]),
-    );
+    let logits: Vec<f32> = logits.into_data().try_to_vec().unwrap();
+    let logits_diff = max_abs_diff(&logits, &floats(&expected["logits"]));
     eprintln!("{name}: max |diff| hidden {hidden_diff:e}, logits {logits_diff:e}");
     assert!(
         hidden_diff <= 1e-4 && logits_diff <= 1e-4,
         "{name}: hidden {hidden_diff:e}, logits {logits_diff:e}"
+    );
+    // The classification path computes the last layer for the first token only.
+    let batch = Batch::from_rows(&rows, &model.config, None, &device());
+    let first_only: Vec<f32> = model.logits(&batch).into_data().try_to_vec().unwrap();
+    let path_diff = max_abs_diff(&first_only, &logits);
+    assert!(
+        path_diff <= 1e-6,
+        "{name}: logits() differs from forward() by {path_diff:e}"
     );
 }
 
