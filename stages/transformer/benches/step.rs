@@ -1,8 +1,11 @@
 //! MiniLM-L6 step benchmark (`cargo bench -p finetune-transformer --bench step`): forward, and
-//! forward + backward + AdamW, at batch 16 × 64 tokens on the CPU (burn's flex backend), on real
-//! token ids (the first 16 Amazon sentences, padded to 64). Prints each median against a
-//! reference step time (`FINETUNE_BENCH_REFERENCE_S`, default 0.5 s: PyTorch 2 + MKL here), and
-//! a profile split: the time the step's matmuls take alone, by shape, against the whole step.
+//! forward + backward + AdamW as the trainer makes it, at batch 16 × 64 tokens on the CPU
+//! (burn's flex backend), on real token ids (the first 16 Amazon sentences, padded to 64; set
+//! `FINETUNE_BENCH_TOKENS` for another width, rows longer than it are cut). Prints each median
+//! against a reference step time (`FINETUNE_BENCH_REFERENCE_S`, default 0.5 s: PyTorch 2 + MKL
+//! on this machine type in ../shared/BURN_NOTES.md; measure it in the same sitting, e.g. the
+//! `step_time_median_s` of ../shared/bench/hf_trainer), the step's split into forward, backward
+//! and AdamW, and the time the step's matmuls take alone, by shape.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -32,7 +35,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.5);
-    let rows = golden_rows(&shared, BATCH);
+    // Real sentences, cut to `seq` tokens when shorter widths are asked for.
+    let rows: Vec<Vec<i32>> = golden_rows(&shared, BATCH)
+        .into_iter()
+        .map(|row| row[..row.len().min(seq)].to_vec())
+        .collect();
     let labels = vec!["negative".to_string(), "positive".to_string()];
     let device = finetune_transformer::device("cpu").expect("cpu");
     let train_device = device.clone().autodiff();
@@ -59,29 +66,26 @@ fn main() {
         ..Default::default()
     }
     .build(&model);
-    let mut phases = [Duration::ZERO; 3];
+    // flex runs each operation to completion before returning, so the clock needs no sync.
+    let mut phases: Vec<[Duration; 3]> = Vec::new();
     let mut step = || {
-        let t0 = Instant::now();
+        let started = Instant::now();
         let loss = loss_fn.forward(model.logits(&batch), targets.clone());
-        let _ = loss.clone().into_data();
-        let t1 = Instant::now();
+        let forward = started.elapsed();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let t2 = Instant::now();
+        let backward = started.elapsed() - forward;
+        // A clone, as the trainer keeps the model from before the update to retry it.
         model = optimizer.step(5e-5, model.clone(), grads);
-        let _ = model.embeddings.word.weight.val().into_data();
-        let t3 = Instant::now();
-        phases[0] += t1 - t0;
-        phases[1] += t2 - t1;
-        phases[2] += t3 - t2;
+        let _ = loss.into_data();
+        phases.push([forward, backward, started.elapsed() - forward - backward]);
     };
     step(); // warm-up: allocations, optimizer state
     let train_step = median(&mut step);
-    eprintln!(
-        "phases (mean): forward {:?} backward {:?} optimizer {:?}",
-        phases[0] / (RUNS as u32 + 1),
-        phases[1] / (RUNS as u32 + 1),
-        phases[2] / (RUNS as u32 + 1)
-    );
+    let phase = |i: usize| {
+        let mut all: Vec<Duration> = phases[1..].iter().map(|p| p[i]).collect();
+        all.sort();
+        all[all.len() / 2]
+    };
     let matmuls = matmul_time(&model.valid(), &device, seq);
 
     println!("MiniLM-L6, batch {BATCH} x {seq} tokens, flex CPU backend, median of {RUNS}:");
@@ -90,6 +94,12 @@ fn main() {
         "  forward + backward + AdamW step: {:7.1} ms | ratio to the {reference} s reference: {:.2}",
         ms(train_step),
         train_step.as_secs_f64() / reference
+    );
+    println!(
+        "    of which forward {:.1} ms, backward {:.1} ms, AdamW {:.1} ms (medians)",
+        ms(phase(0)),
+        ms(phase(1)),
+        ms(phase(2))
     );
     println!(
         "  profile: the step's matmuls alone take {:.1} ms ({:.0}% of the step); everything else {:.1} ms",
@@ -111,22 +121,31 @@ fn matmul_time(model: &Classifier, device: &Device, seq: usize) -> Duration {
         c.head_dim(),
     );
     let mut shapes: Vec<([usize; 3], [usize; 3])> = Vec::new();
-    let linear = |shapes: &mut Vec<_>, d_in: usize, d_out: usize| {
-        shapes.push(([1, tokens, d_in], [1, d_in, d_out])); // forward
-        shapes.push(([1, tokens, d_out], [1, d_out, d_in])); // input gradient
-        shapes.push(([1, d_in, tokens], [1, tokens, d_out])); // weight gradient
+    let linear = |shapes: &mut Vec<_>, rows: usize, d_in: usize, d_out: usize| {
+        shapes.push(([1, rows, d_in], [1, d_in, d_out])); // forward
+        shapes.push(([1, rows, d_out], [1, d_out, d_in])); // input gradient
+        shapes.push(([1, d_in, rows], [1, rows, d_out])); // weight gradient
     };
-    for _ in 0..c.num_layers {
-        for _ in 0..4 {
-            linear(&mut shapes, h, h);
-        }
-        linear(&mut shapes, h, i);
-        linear(&mut shapes, i, h);
-        let bh = BATCH * heads;
-        for _ in 0..3 {
-            shapes.push(([bh, seq, dh], [bh, dh, seq]));
-            shapes.push(([bh, seq, seq], [bh, seq, dh]));
-        }
+    let bh = BATCH * heads;
+    for layer in 0..c.num_layers {
+        // The last layer computes the first token's row only (`Classifier::logits`).
+        let (rows, queries) = match layer + 1 == c.num_layers {
+            true => (BATCH, 1),
+            false => (tokens, seq),
+        };
+        linear(&mut shapes, tokens, h, h); // key
+        linear(&mut shapes, tokens, h, h); // value
+        linear(&mut shapes, rows, h, h); // query
+        linear(&mut shapes, rows, h, h); // attention output
+        linear(&mut shapes, rows, h, i);
+        linear(&mut shapes, rows, i, h);
+        // scores = q·kᵀ and context = p·v, forward and both gradients of each.
+        shapes.push(([bh, queries, dh], [bh, dh, seq]));
+        shapes.push(([bh, queries, seq], [bh, seq, dh]));
+        shapes.push(([bh, dh, queries], [bh, queries, seq]));
+        shapes.push(([bh, queries, seq], [bh, seq, dh]));
+        shapes.push(([bh, queries, dh], [bh, dh, seq]));
+        shapes.push(([bh, seq, queries], [bh, queries, dh]));
     }
     let operands: Vec<(Tensor<3>, Tensor<3>)> = shapes
         .iter()

@@ -15,9 +15,11 @@
 //! Nothing here assumes the CPU: every tensor is made on the device the caller passes, and
 //! [`device`] turns a pipeline's `device:` string into one.
 
+pub mod activation;
 pub mod adamw;
 pub mod config;
 pub mod data;
+pub mod dropout;
 pub mod evaluate;
 pub mod hf;
 pub mod init;

@@ -4,12 +4,14 @@
 //! device they were built on.
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Embedding, LayerNorm};
-use burn::tensor::activation::{gelu, relu, softmax};
+use burn::nn::{Embedding, LayerNorm};
+use burn::tensor::activation::{relu, softmax};
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::activation::gelu;
 use crate::config::{Activation, Family, ModelConfig};
+use crate::dropout::Dropout;
 use crate::regularizers::mixout::Mixout;
 
 /// A linear layer holding its weight as `[in, out]` (Hugging Face stores `[out, in]`).
@@ -270,7 +272,7 @@ impl Head {
 
 /// Dropout modules for a config (identity in `valid()` mode, as `model.eval()` in PyTorch).
 pub fn dropout(p: f64) -> Dropout {
-    DropoutConfig::new(p).init()
+    Dropout::new(p)
 }
 
 impl Classifier {
