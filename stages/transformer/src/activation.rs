@@ -23,9 +23,11 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         let values = data
             .as_mut_slice::<f32>()
             .expect("GELU works on f32 tensors");
-        values
-            .par_chunks_mut(CHUNK)
-            .for_each(|chunk| chunk.iter_mut().for_each(|v| *v = value(*v)));
+        values.par_chunks_mut(CHUNK).for_each(|chunk| {
+            chunk
+                .iter_mut()
+                .for_each(|v| *v = value_from(*v, erf_scaled(*v)))
+        });
         return Tensor::from_data(data, &device);
     }
     let input = x.clone().into_data();
@@ -38,8 +40,9 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         .zip(input.par_chunks(CHUNK))
         .for_each(|((values, slopes), input)| {
             for ((value_out, slope_out), &x) in values.iter_mut().zip(slopes).zip(input) {
-                *value_out = value(x);
-                *slope_out = slope(x);
+                let erf = erf_scaled(x);
+                *value_out = value_from(x, erf);
+                *slope_out = slope_from(x, erf);
             }
         });
     let constant = |v: Vec<f32>| Tensor::<D>::from_data(TensorData::new(v, shape.clone()), &device);
@@ -47,14 +50,19 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     constant(values) + zero * constant(slopes)
 }
 
+/// `erf(x / √2)`, shared by the value and the slope (burn-flex evaluates it twice).
+fn erf_scaled(x: f32) -> f32 {
+    libm::erff(x / core::f32::consts::SQRT_2)
+}
+
 /// burn-flex's GELU expression.
-fn value(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x / core::f32::consts::SQRT_2))
+fn value_from(x: f32, erf: f32) -> f32 {
+    0.5 * x * (1.0 + erf)
 }
 
 /// burn-flex's GELU derivative expression: `Φ(x) + x·φ(x)`.
-fn slope(x: f32) -> f32 {
-    let cdf = 0.5 * (1.0 + libm::erff(x / core::f32::consts::SQRT_2));
+fn slope_from(x: f32, erf: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + erf);
     let inv_sqrt_2pi = 1.0 / (2.0 * core::f32::consts::PI).sqrt();
     let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();
     cdf + x * pdf
