@@ -8,6 +8,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 use crate::adamw::FusedAdamW;
 use crate::model::{Batch, Classifier};
@@ -104,13 +105,13 @@ pub fn update(
         }
         None => (clean, None),
     };
-    let grad_norm = global_norm(&model, &grads);
+    let grad_norm = global_norm(&model, &mut grads);
     if let Some(max) = plan.max_grad_norm {
         let coefficient = max / (grad_norm + 1e-6);
         if coefficient < 1.0 {
-            model.visit(&mut Scale {
+            model.visit(&mut InPlace {
                 grads: &mut grads,
-                factor: coefficient,
+                apply: |values: &mut [f32]| scale(values, coefficient as f32),
             });
         }
     }
@@ -157,36 +158,54 @@ pub fn gradients(
     (accumulated.grads(), loss_sum)
 }
 
-/// The L2 norm of all gradients together.
-pub fn global_norm(model: &Classifier, grads: &GradientsParams) -> f64 {
-    let mut visitor = SquaredNorm { grads, sum: 0.0 };
-    model.visit(&mut visitor);
-    visitor.sum.sqrt()
+/// The L2 norm of all gradients together (accumulated in f64).
+pub fn global_norm(model: &Classifier, grads: &mut GradientsParams) -> f64 {
+    let mut sum = 0.0f64;
+    model.visit(&mut InPlace {
+        grads,
+        apply: |values: &mut [f32]| sum += squared_norm(values),
+    });
+    sum.sqrt()
 }
 
-struct SquaredNorm<'a> {
-    grads: &'a GradientsParams,
-    sum: f64,
+/// Elements per parallel task over a gradient.
+const CHUNK: usize = 1 << 15;
+
+fn squared_norm(values: &[f32]) -> f64 {
+    values
+        .par_chunks(CHUNK)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+        })
+        .sum()
 }
 
-impl ModuleVisitor for SquaredNorm<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(grad) = self.grads.get::<D>(param.id) {
-            self.sum += f64::from(grad.powi_scalar(2).sum().into_scalar::<f32>());
-        }
-    }
+/// torch's `clip_grad_norm_` multiplies by the f32 coefficient, as this does.
+fn scale(values: &mut [f32], factor: f32) {
+    values
+        .par_chunks_mut(CHUNK)
+        .for_each(|chunk| chunk.iter_mut().for_each(|v| *v *= factor));
 }
 
-struct Scale<'a> {
+/// Runs `apply` over each parameter's gradient values where they lie: a gradient is taken out
+/// of `grads` (so its buffer has one owner and reading it copies nothing) and put back.
+struct InPlace<'a, F: FnMut(&mut [f32])> {
     grads: &'a mut GradientsParams,
-    factor: f64,
+    apply: F,
 }
 
-impl ModuleVisitor for Scale<'_> {
+impl<F: FnMut(&mut [f32])> ModuleVisitor for InPlace<'_, F> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let id: ParamId = param.id;
         if let Some(grad) = self.grads.remove::<D>(id) {
-            self.grads.register(id, grad.mul_scalar(self.factor));
+            let device = grad.device();
+            let mut data = grad.into_data();
+            (self.apply)(data.as_mut_slice::<f32>().expect("f32 gradients"));
+            self.grads
+                .register(id, Tensor::<D>::from_data(data, &device));
         }
     }
 }
