@@ -2,12 +2,14 @@
 //! ../shared/bench/hf_trainer: all-MiniLM-L6-v2 on the 1,000 Amazon sentences, 80/20 split,
 //! batch 16, 3 epochs, max 64 tokens. Runs `finetune run pipelines/reviews-minilm.yaml` in a
 //! fresh workspace with `padding: max_length` (the reference's fixed padding: equal work), with
-//! `padding: dynamic` (the default), and with length grouping on top, and prints Trainer's figure (training samples/s over
-//! the whole loop, evaluations included), the process's peak RSS, and the test accuracy.
+//! `padding: dynamic` (the default), and with length grouping on top, and prints Trainer's figure
+//! (training samples/s over the whole loop, evaluations included), the wall time of the run,
+//! the process's peak RSS, and the test accuracy.
 //!
 //! With `HF_PYTHON` pointing at a Python that has torch and transformers
 //! (../shared/bench/hf_trainer/requirements.txt), the reference runs in the same sitting and
-//! the ratios are printed. `BENCH_RUNS` (default 1) repeats each and reports medians.
+//! the ratios are printed; benches/reference/hf_trainer_best.py runs Trainer with its best CPU
+//! settings (dynamic padding, `group_by_length`) against ours with length grouping. `BENCH_RUNS` (default 1) repeats each and reports medians.
 //! Needs the real model (FINETUNE_MODEL_DIR or models/all-MiniLM-L6-v2). Time on an idle
 //! machine: a build on the other core makes every figure meaningless.
 
@@ -18,7 +20,12 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_finetune");
 
+/// 800 training rows, 3 epochs.
+const TRAINING_SAMPLES: f64 = 2400.0;
+
 struct Figures {
+    /// Process start to the trained model (ours: the whole `finetune run`).
+    wall_seconds: f64,
     samples_per_second: f64,
     peak_rss_mib: f64,
     test_accuracy: f64,
@@ -55,15 +62,28 @@ fn main() {
             r.samples_per_second, r.peak_rss_mib, r.test_accuracy
         );
     }
-    for padding in ["max_length", "dynamic"] {
+    let best_reference = std::env::var_os("HF_PYTHON").map(|python| {
+        median_figures(
+            (0..runs)
+                .map(|_| run_best_reference(Path::new(&python), &shared, &model))
+                .collect(),
+        )
+    });
+    if let Some(r) = &best_reference {
+        println!(
+            "HF Trainer, dynamic padding + group_by_length: {:.1} s to the trained model, peak RSS {:.0} MiB, test accuracy {:.3}",
+            r.wall_seconds, r.peak_rss_mib, r.test_accuracy
+        );
+    }
+    for padding in ["max_length", "dynamic", "dynamic + group_by_length"] {
         let ours = median_figures(
             (0..runs)
                 .map(|_| run_ours(&repo, &model, padding))
                 .collect(),
         );
         let mut line = format!(
-            "finetune, padding {padding:<26} {:.1} samples/s, peak RSS {:.0} MiB, test accuracy {:.3}",
-            ours.samples_per_second, ours.peak_rss_mib, ours.test_accuracy
+            "finetune, padding {padding:<26} {:.1} samples/s, {:.1} s in all, peak RSS {:.0} MiB, test accuracy {:.3}",
+            ours.samples_per_second, ours.wall_seconds, ours.peak_rss_mib, ours.test_accuracy
         );
         if let Some(r) = &reference {
             line += &format!(
@@ -73,6 +93,13 @@ fn main() {
             );
         }
         println!("{line}");
+        if let (Some(best), "dynamic + group_by_length") = (&best_reference, padding) {
+            println!(
+                "  each tool's best settings: wall time ratio {:.2} (target <= 0.5), memory ratio {:.2} (target <= 0.6)",
+                ours.wall_seconds / best.wall_seconds,
+                ours.peak_rss_mib / best.peak_rss_mib
+            );
+        }
     }
 }
 
@@ -91,6 +118,7 @@ fn run_ours(repo: &Path, model: &Path, padding: &str) -> Figures {
     };
     let yaml = yaml.replace("padding: dynamic", &settings);
     std::fs::write(&pipeline, yaml).expect("write pipeline");
+    let started = std::time::Instant::now();
     let out = Command::new(BIN)
         .args(["run", "--json", "pipelines/reviews-minilm.yaml"])
         .current_dir(ws.path())
@@ -114,6 +142,7 @@ fn run_ours(repo: &Path, model: &Path, padding: &str) -> Figures {
     let history = read_json(&train.join("run_history.json"));
     let metrics = read_json(&train.join("metrics.json"));
     Figures {
+        wall_seconds: started.elapsed().as_secs_f64(),
         samples_per_second: history["train_samples_per_second"]
             .as_f64()
             .expect("samples/s"),
@@ -146,9 +175,46 @@ fn run_reference(python: &Path, shared: &Path, model: &Path) -> Figures {
             .unwrap_or_else(|| panic!("the reference reported no {pointer}"))
     };
     Figures {
+        wall_seconds: number("/t_to_first_step_begin_s") + number("/train_wall_s"),
         samples_per_second: number("/train_metrics/train_samples_per_second"),
         peak_rss_mib: number("/rss_peak_mib"),
         test_accuracy: number("/final_eval/eval_accuracy"),
+    }
+}
+
+/// benches/reference/hf_trainer_best.py: the same protocol with Trainer's best CPU settings.
+fn run_best_reference(python: &Path, shared: &Path, model: &Path) -> Figures {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/reference/hf_trainer_best.py");
+    let work = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(python)
+        .arg(&script)
+        .arg("--data")
+        .arg(shared.join("data/uci_sentiment/amazon_cells_labelled.txt"))
+        .arg("--model")
+        .arg(model)
+        .current_dir(work.path())
+        .env("OMP_NUM_THREADS", "2")
+        .output()
+        .expect("run the best-settings reference");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result: Value = stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| panic!("{} printed no JSON line", script.display()));
+    let number = |key: &str| result[key].as_f64().unwrap_or_else(|| panic!("no {key}"));
+    Figures {
+        wall_seconds: number("wall_to_trained_model_s"),
+        samples_per_second: TRAINING_SAMPLES / number("train_loop_s"),
+        peak_rss_mib: number("peak_rss_mib"),
+        test_accuracy: number("test_accuracy"),
     }
 }
 
@@ -159,6 +225,7 @@ fn median_figures(mut all: Vec<Figures>) -> Figures {
         values[values.len() / 2]
     };
     let figures = Figures {
+        wall_seconds: median(|f| f.wall_seconds),
         samples_per_second: median(|f| f.samples_per_second),
         peak_rss_mib: median(|f| f.peak_rss_mib),
         test_accuracy: median(|f| f.test_accuracy),
