@@ -50,8 +50,7 @@ fn main() {
         let _ = model.logits(&batch).into_data();
     });
 
-    let (mut model, _) =
-        hf::load(&model_dir, Some(&labels), 42, &train_device).expect("load MiniLM");
+    let (model, _) = hf::load(&model_dir, Some(&labels), 42, &train_device).expect("load MiniLM");
     let batch = Batch::from_rows(&rows, &model.config, Some(seq), &train_device);
     let targets = Tensor::<1, Int>::from_data(
         TensorData::new(
@@ -68,14 +67,15 @@ fn main() {
     .build(&model);
     // flex runs each operation to completion before returning, so the clock needs no sync.
     let mut phases: Vec<[Duration; 3]> = Vec::new();
+    let mut slot = Some(model);
     let mut step = || {
         let started = Instant::now();
+        let model = slot.take().expect("the model of the last step");
         let loss = loss_fn.forward(model.logits(&batch), targets.clone());
         let forward = started.elapsed();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let backward = started.elapsed() - forward;
-        // A clone, as the trainer keeps the model from before the update to retry it.
-        model = optimizer.step(5e-5, model.clone(), grads);
+        slot = Some(optimizer.step(5e-5, model, grads));
         let _ = loss.into_data();
         phases.push([forward, backward, started.elapsed() - forward - backward]);
     };
@@ -86,6 +86,7 @@ fn main() {
         all.sort();
         all[all.len() / 2]
     };
+    let model = slot.expect("the trained model");
     let matmuls = matmul_time(&model.valid(), &device, seq);
 
     println!("MiniLM-L6, batch {BATCH} x {seq} tokens, flex CPU backend, median of {RUNS}:");

@@ -79,6 +79,8 @@ mod tests {
 
     #[test]
     fn values_and_gradients_are_burns_bit_for_bit() {
+        // The CPU backend's RNG is the process's: no other test may draw between seed and use.
+        let _device = crate::exclusive_device();
         let device = Device::flex().autodiff();
         device.seed(11);
         let x = Tensor::<2>::random([300, 700], Distribution::Normal(0.0, 3.0), &device);

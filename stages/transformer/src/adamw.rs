@@ -151,6 +151,8 @@ mod tests {
     /// without decay: the weights must agree bit for bit, and so must the moments.
     #[test]
     fn matches_burns_adamw_bit_for_bit() {
+        // The CPU backend's RNG is the process's: no other test may draw between seed and use.
+        let _device = crate::exclusive_device();
         let device = Device::flex().autodiff();
         for weight_decay in [0.0f32, 0.01] {
             let mut theirs = AdamWConfig::new()

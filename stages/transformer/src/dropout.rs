@@ -107,6 +107,8 @@ mod tests {
 
     #[test]
     fn the_device_seed_fixes_the_mask_and_eval_is_the_identity() {
+        // The CPU backend's RNG is the process's: no other test may draw between seed and use.
+        let _device = crate::exclusive_device();
         let device = Device::flex().autodiff();
         let dropout = Dropout::new(0.1);
         let x = Tensor::<2>::ones([64, 384], &device);

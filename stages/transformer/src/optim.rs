@@ -92,20 +92,33 @@ pub fn update(
     plan: &UpdatePlan,
     device: &Device,
 ) -> (Classifier, UpdateStats) {
+    let (grads, stats) = update_gradients(&model, micro_batches, plan, device);
+    (optimizer.step(plan.lr, model, grads), stats)
+}
+
+/// Everything of an update up to the optimizer step: the gradients (with AWP's attack, and
+/// clipped to the global norm) and what the update measured. It borrows the model, so a
+/// failure here (out of memory) leaves the model as it was, with no copy of it kept.
+pub fn update_gradients(
+    model: &Classifier,
+    micro_batches: &[MicroBatch],
+    plan: &UpdatePlan,
+    device: &Device,
+) -> (GradientsParams, UpdateStats) {
     let gradients_of = |model: &Classifier| {
         device.seed(plan.dropout_seed);
         gradients(model, micro_batches, plan.pad_to, device)
     };
-    let (clean, loss) = gradients_of(&model);
+    let (clean, loss) = gradients_of(model);
     let (mut grads, awp_loss) = match plan.attack {
         // The clean gradient only aims the attack; the update uses the perturbed one.
         Some(attack) => {
-            let adversarial = attack.run(&model, &clean, gradients_of);
+            let adversarial = attack.run(model, &clean, gradients_of);
             (adversarial.grads, Some(adversarial.loss))
         }
         None => (clean, None),
     };
-    let grad_norm = global_norm(&model, &mut grads);
+    let grad_norm = global_norm(model, &mut grads);
     if let Some(max) = plan.max_grad_norm {
         let coefficient = max / (grad_norm + 1e-6);
         if coefficient < 1.0 {
@@ -115,15 +128,12 @@ pub fn update(
             });
         }
     }
-    let model = optimizer.step(plan.lr, model, grads);
-    (
-        model,
-        UpdateStats {
-            loss,
-            grad_norm,
-            awp_loss,
-        },
-    )
+    let stats = UpdateStats {
+        loss,
+        grad_norm,
+        awp_loss,
+    };
+    (grads, stats)
 }
 
 /// The gradient of the mean loss over all of `micro_batches` (accumulated, each micro-batch's

@@ -36,7 +36,7 @@ pub use crate::predict::evaluate;
 
 use crate::data::Example;
 use crate::model::Classifier;
-use crate::optim::{AdamW, MicroBatch, UpdatePlan, update};
+use crate::optim::{AdamW, MicroBatch, UpdatePlan, update_gradients};
 use crate::regularizers::AwpConfig;
 use crate::schedule::Schedule;
 
@@ -259,7 +259,7 @@ impl<'a> Trainer<'a> {
                     chunk.iter().map(|&j| train[j].ids.len()).max().unwrap_or(1)
                 });
                 self.fit_budget(&model, &mut state, &mut control, length, budget)?;
-                let (next, stats) = loop {
+                let (grads, stats) = loop {
                     let micro: Vec<MicroBatch> = chunk
                         .chunks(state.micro_batch_size)
                         .map(|ids| MicroBatch {
@@ -271,9 +271,9 @@ impl<'a> Trainer<'a> {
                         .inject_oom_at
                         .take_if(|at| *at == state.global_step + 1)
                         .is_some();
-                    // The update consumes a clone: after an out-of-memory failure the model is
-                    // still the one of the last completed update, and the optimizer only steps
-                    // once every gradient exists.
+                    // The gradients borrow the model: after an out-of-memory failure it is still
+                    // the one of the last completed update, and the optimizer only steps (and
+                    // takes the model, without a copy) once every gradient exists.
                     let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         if inject_oom {
                             // As cubecl reports it: a panic whose payload names OutOfMemory.
@@ -289,13 +289,7 @@ impl<'a> Trainer<'a> {
                                 awp.is_some_and(|a| a.active(epoch, state.global_step))
                             }),
                         };
-                        update(
-                            model.clone(),
-                            &mut optimizer,
-                            &micro,
-                            &plan,
-                            &model_device(&self.device),
-                        )
+                        update_gradients(&model, &micro, &plan, &model_device(&self.device))
                     }));
                     match attempt {
                         Ok(done) => break done,
@@ -306,7 +300,7 @@ impl<'a> Trainer<'a> {
                         Err(payload) => std::panic::resume_unwind(payload),
                     }
                 };
-                model = next;
+                model = optimizer.step(lr, model, grads);
                 anyhow::ensure!(
                     stats.loss.is_finite(),
                     "the loss became {} at step {} (learning rate {lr:.3e}): training diverged",
