@@ -49,30 +49,26 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join("../shared"));
 
-    let reference = std::env::var_os("HF_PYTHON").map(|python| {
-        median_figures(
-            (0..runs)
-                .map(|_| run_reference(Path::new(&python), &shared, &model))
-                .collect(),
-        )
-    });
+    let python = std::env::var_os("HF_PYTHON").map(PathBuf::from);
+    // Trainer with the reference's fixed padding, and with its best settings for this data.
+    let reference_runs = |run: fn(&Path, &Path, &Path) -> Figures| {
+        let python = python.as_deref()?;
+        Some(median_figures(
+            (0..runs).map(|_| run(python, &shared, &model)).collect(),
+        ))
+    };
+    let reference = reference_runs(run_reference);
     if let Some(r) = &reference {
         println!(
-            "HF Trainer, padding 64 (fixed):             {:.1} samples/s, peak RSS {:.0} MiB, test accuracy {:.3}",
-            r.samples_per_second, r.peak_rss_mib, r.test_accuracy
+            "HF Trainer, padding 64 (fixed):             {:.1} samples/s, {:.1} s to the trained model, peak RSS {:.0} MiB, test accuracy {:.3}",
+            r.samples_per_second, r.wall_seconds, r.peak_rss_mib, r.test_accuracy
         );
     }
-    let best_reference = std::env::var_os("HF_PYTHON").map(|python| {
-        median_figures(
-            (0..runs)
-                .map(|_| run_best_reference(Path::new(&python), &shared, &model))
-                .collect(),
-        )
-    });
+    let best_reference = reference_runs(run_best_reference);
     if let Some(r) = &best_reference {
         println!(
-            "HF Trainer, dynamic padding + group_by_length: {:.1} s to the trained model, peak RSS {:.0} MiB, test accuracy {:.3}",
-            r.wall_seconds, r.peak_rss_mib, r.test_accuracy
+            "HF Trainer, dynamic padding + group_by_length: {:.1} samples/s, {:.1} s to the trained model, peak RSS {:.0} MiB, test accuracy {:.3}",
+            r.samples_per_second, r.wall_seconds, r.peak_rss_mib, r.test_accuracy
         );
     }
     for padding in ["max_length", "dynamic", "dynamic + group_by_length"] {
@@ -154,16 +150,9 @@ fn run_ours(repo: &Path, model: &Path, padding: &str) -> Figures {
 fn run_reference(python: &Path, shared: &Path, model: &Path) -> Figures {
     let out_file = tempfile::NamedTempFile::new().expect("temp file");
     let bench = shared.join("bench/hf_trainer/bench_hf.py");
-    let status = Command::new(python)
-        .arg(&bench)
-        .arg("--data")
-        .arg(shared.join("data/uci_sentiment/amazon_cells_labelled.txt"))
-        .arg("--model")
-        .arg(model)
+    let status = reference_command(python, &bench, shared, model)
         .args(["--bs", "16", "--ga", "1", "--tag", "A", "--json"])
         .arg(out_file.path())
-        .env("HF_HUB_OFFLINE", "1")
-        .env("OMP_NUM_THREADS", "2")
         .status()
         .expect("run the reference benchmark");
     assert!(status.success(), "{} failed", bench.display());
@@ -182,19 +171,27 @@ fn run_reference(python: &Path, shared: &Path, model: &Path) -> Figures {
     }
 }
 
+/// A Python reference script on the Amazon sentences, offline, on two threads.
+fn reference_command(python: &Path, script: &Path, shared: &Path, model: &Path) -> Command {
+    let mut command = Command::new(python);
+    command
+        .arg(script)
+        .arg("--data")
+        .arg(shared.join("data/uci_sentiment/amazon_cells_labelled.txt"))
+        .arg("--model")
+        .arg(model)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("OMP_NUM_THREADS", "2");
+    command
+}
+
 /// benches/reference/hf_trainer_best.py: the same protocol with Trainer's best CPU settings.
 fn run_best_reference(python: &Path, shared: &Path, model: &Path) -> Figures {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/reference/hf_trainer_best.py");
     let work = tempfile::tempdir().expect("temp dir");
-    let out = Command::new(python)
-        .arg(&script)
-        .arg("--data")
-        .arg(shared.join("data/uci_sentiment/amazon_cells_labelled.txt"))
-        .arg("--model")
-        .arg(model)
+    let out = reference_command(python, &script, shared, model)
         .current_dir(work.path())
-        .env("OMP_NUM_THREADS", "2")
         .output()
         .expect("run the best-settings reference");
     assert!(
