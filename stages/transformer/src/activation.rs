@@ -11,8 +11,7 @@
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-/// Elements per parallel task.
-const CHUNK: usize = 1 << 14;
+use crate::PARALLEL_CHUNK;
 
 /// `x · Φ(x)` elementwise.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
@@ -23,7 +22,7 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         let values = data
             .as_mut_slice::<f32>()
             .expect("GELU works on f32 tensors");
-        values.par_chunks_mut(CHUNK).for_each(|chunk| {
+        values.par_chunks_mut(PARALLEL_CHUNK).for_each(|chunk| {
             chunk
                 .iter_mut()
                 .for_each(|v| *v = value_from(*v, erf_scaled(*v)))
@@ -35,9 +34,9 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let mut values = vec![0f32; input.len()];
     let mut slopes = vec![0f32; input.len()];
     values
-        .par_chunks_mut(CHUNK)
-        .zip(slopes.par_chunks_mut(CHUNK))
-        .zip(input.par_chunks(CHUNK))
+        .par_chunks_mut(PARALLEL_CHUNK)
+        .zip(slopes.par_chunks_mut(PARALLEL_CHUNK))
+        .zip(input.par_chunks(PARALLEL_CHUNK))
         .for_each(|((values, slopes), input)| {
             for ((value_out, slope_out), &x) in values.iter_mut().zip(slopes).zip(input) {
                 let erf = erf_scaled(x);

@@ -10,9 +10,7 @@ use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
-/// Elements per parallel task: large enough that scheduling is noise, small enough that a
-/// 384-wide bias runs on one core without a task at all.
-const CHUNK: usize = 1 << 15;
+use crate::PARALLEL_CHUNK;
 
 /// AdamW with decoupled weight decay, updated in place.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -112,14 +110,14 @@ fn slice_mut(data: &mut TensorData) -> &mut [f32] {
 }
 
 fn update(c: Coefficients, weights: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
-    if weights.len() <= CHUNK {
+    if weights.len() <= PARALLEL_CHUNK {
         return update_chunk(&c, weights, grad, m, v);
     }
     weights
-        .par_chunks_mut(CHUNK)
-        .zip(grad.par_chunks(CHUNK))
-        .zip(m.par_chunks_mut(CHUNK))
-        .zip(v.par_chunks_mut(CHUNK))
+        .par_chunks_mut(PARALLEL_CHUNK)
+        .zip(grad.par_chunks(PARALLEL_CHUNK))
+        .zip(m.par_chunks_mut(PARALLEL_CHUNK))
+        .zip(v.par_chunks_mut(PARALLEL_CHUNK))
         .for_each(|(((w, g), m), v)| update_chunk(&c, w, g, m, v));
 }
 

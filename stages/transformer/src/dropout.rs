@@ -12,8 +12,7 @@ use burn::module::Module;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-/// Elements per parallel task.
-const CHUNK: usize = 1 << 16;
+use crate::PARALLEL_CHUNK;
 
 /// Zeroes each element with probability `prob` while training (on an autodiff device), and is
 /// the identity otherwise, as `model.eval()` makes it in PyTorch.
@@ -46,13 +45,10 @@ impl Dropout {
 
 /// 64 bits from the device RNG, four 16-bit draws.
 fn draw_seed(device: &burn::tensor::Device) -> u64 {
-    let draws = Tensor::<1, Int>::random([4], Distribution::Uniform(0.0, 65536.0), device)
+    Tensor::<1, Int>::random([4], Distribution::Uniform(0.0, 65536.0), device)
         .into_data()
         .iter::<i64>()
-        .collect::<Vec<_>>();
-    draws
-        .iter()
-        .fold(0u64, |seed, &d| (seed << 16) | (d as u64 & 0xffff))
+        .fold(0u64, |seed, d| (seed << 16) | (d as u64 & 0xffff))
 }
 
 /// `len` mask values: `1 / keep` (as f32) with probability `keep`, else 0.
@@ -62,10 +58,10 @@ fn mask(seed: u64, len: usize, keep: f64) -> Vec<f32> {
     let threshold = (keep * 4_294_967_296.0) as u64;
     let mut values = vec![0f32; len];
     values
-        .par_chunks_mut(CHUNK)
+        .par_chunks_mut(PARALLEL_CHUNK)
         .enumerate()
         .for_each(|(chunk, out)| {
-            let first = (chunk * CHUNK) as u64;
+            let first = (chunk * PARALLEL_CHUNK) as u64;
             for (offset, value) in out.iter_mut().enumerate() {
                 let bits = splitmix64(seed ^ (first + offset as u64).wrapping_mul(0x9e37_79b9));
                 if (bits >> 32) < threshold {

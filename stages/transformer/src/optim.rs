@@ -15,6 +15,8 @@ use crate::model::{Batch, Classifier};
 use crate::regularizers::awp::Attack;
 use crate::regularizers::with_mixout_masks;
 
+use crate::PARALLEL_CHUNK;
+
 /// AdamW's settings with PyTorch's defaults (burn's differ: epsilon 1e-5, decay 1e-4).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {
@@ -178,12 +180,9 @@ pub fn global_norm(model: &Classifier, grads: &mut GradientsParams) -> f64 {
     sum.sqrt()
 }
 
-/// Elements per parallel task over a gradient.
-const CHUNK: usize = 1 << 15;
-
 fn squared_norm(values: &[f32]) -> f64 {
     values
-        .par_chunks(CHUNK)
+        .par_chunks(PARALLEL_CHUNK)
         .map(|chunk| {
             chunk
                 .iter()
@@ -196,7 +195,7 @@ fn squared_norm(values: &[f32]) -> f64 {
 /// torch's `clip_grad_norm_` multiplies by the f32 coefficient, as this does.
 fn scale(values: &mut [f32], factor: f32) {
     values
-        .par_chunks_mut(CHUNK)
+        .par_chunks_mut(PARALLEL_CHUNK)
         .for_each(|chunk| chunk.iter_mut().for_each(|v| *v *= factor));
 }
 
