@@ -15,7 +15,6 @@
 //! Nothing here assumes the CPU: every tensor is made on the device the caller passes, and
 //! [`device`] turns a pipeline's `device:` string into one.
 
-pub mod activation;
 pub mod adamw;
 pub mod config;
 pub mod data;
@@ -23,6 +22,7 @@ pub mod dropout;
 pub mod evaluate;
 pub mod hf;
 pub mod init;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod optim;

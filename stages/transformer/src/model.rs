@@ -5,13 +5,12 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm};
-use burn::tensor::activation::{relu, softmax};
-use burn::tensor::module::linear;
+use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::activation::gelu;
 use crate::config::{Activation, Family, ModelConfig};
 use crate::dropout::Dropout;
+use crate::kernels::{dense, gelu, masked_softmax};
 use crate::regularizers::mixout::Mixout;
 
 /// A linear layer holding its weight as `[in, out]` (Hugging Face stores `[out, in]`).
@@ -35,7 +34,7 @@ impl Dense {
             Some(mixout) => mixout.mix(self.weight.val()),
             None => self.weight.val(),
         };
-        let out = linear(folded, weight, Some(self.bias.val()));
+        let out = dense(folded, weight, self.bias.val());
         dims[D - 1] = d_out;
         out.reshape(dims)
     }
@@ -229,8 +228,9 @@ impl EncoderLayer {
         let q = split(self.query.forward(queries.clone()), rows);
         let k = split(self.key.forward(x.clone()), seq);
         let v = split(self.value.forward(x), seq);
-        let scores = q.matmul(k.transpose()).div_scalar((head_dim as f64).sqrt()) + mask_bias;
-        let probs = self.attention_dropout.forward(softmax(scores, 3));
+        let divisor = (head_dim as f64).sqrt() as f32;
+        let probs = masked_softmax(q.matmul(k.transpose()), mask_bias, divisor);
+        let probs = self.attention_dropout.forward(probs);
         let context = probs
             .matmul(v)
             .swap_dims(1, 2)

@@ -32,12 +32,27 @@ pub fn probabilities(
     batch_size: usize,
     device: &Device,
 ) -> Vec<Vec<f32>> {
-    let mut out = Vec::with_capacity(rows.len());
-    for chunk in rows.chunks(batch_size.max(1)) {
-        let logits = model.logits(&Batch::from_rows(chunk, &model.config, None, device));
-        out.extend(softmax_rows(logits));
+    let mut out = vec![Vec::new(); rows.len()];
+    for batch in batches_by_length(rows.iter().map(Vec::len), batch_size) {
+        let chunk: Vec<Vec<i32>> = batch.iter().map(|&i| rows[i].clone()).collect();
+        let logits = model.logits(&Batch::from_rows(&chunk, &model.config, None, device));
+        for (&i, probabilities) in batch.iter().zip(softmax_rows(logits)) {
+            out[i] = probabilities;
+        }
     }
     out
+}
+
+/// The indices of the rows in batches of `batch_size`, shortest rows first. Each batch is
+/// padded only to its longest row, so batching rows of like length does the least padded work;
+/// the mask makes every row's result independent of its batch.
+fn batches_by_length(lengths: impl Iterator<Item = usize>, batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<(usize, usize)> = lengths.enumerate().map(|(i, len)| (len, i)).collect();
+    order.sort();
+    order
+        .chunks(batch_size.max(1))
+        .map(|chunk| chunk.iter().map(|&(_, i)| i).collect())
+        .collect()
 }
 
 /// Each row of `logits` (batch × labels) as label probabilities.
@@ -55,14 +70,16 @@ pub fn predict(
     device: &Device,
 ) -> Predictions {
     let loss_fn = CrossEntropyLossConfig::new().init(device);
-    let (mut probabilities, mut predicted, mut loss_sum) = (Vec::new(), Vec::new(), 0.0f64);
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let rows: Vec<Vec<i32>> = chunk.iter().map(|e| e.ids.clone()).collect();
+    let mut probabilities = vec![Vec::new(); examples.len()];
+    let mut predicted = vec![0; examples.len()];
+    let mut loss_sum = 0.0f64;
+    for batch in batches_by_length(examples.iter().map(|e| e.ids.len()), batch_size) {
+        let rows: Vec<Vec<i32>> = batch.iter().map(|&i| examples[i].ids.clone()).collect();
         let logits = model.logits(&Batch::from_rows(&rows, &model.config, None, device));
         let targets = Tensor::<1, Int>::from_data(
             TensorData::new(
-                chunk.iter().map(|e| e.label).collect::<Vec<_>>(),
-                [chunk.len()],
+                batch.iter().map(|&i| examples[i].label).collect::<Vec<_>>(),
+                [batch.len()],
             ),
             device,
         );
@@ -70,16 +87,14 @@ pub fn predict(
             loss_fn
                 .forward(logits.clone(), targets)
                 .into_scalar::<f32>(),
-        ) * chunk.len() as f64;
-        predicted.extend(
-            logits
-                .clone()
-                .argmax(1)
-                .into_data()
-                .iter::<i64>()
-                .map(|p| p as usize),
-        );
-        probabilities.extend(softmax_rows(logits));
+        ) * batch.len() as f64;
+        let argmax = logits.clone().argmax(1).into_data();
+        for (&i, p) in batch.iter().zip(argmax.iter::<i64>()) {
+            predicted[i] = p as usize;
+        }
+        for (&i, row) in batch.iter().zip(softmax_rows(logits)) {
+            probabilities[i] = row;
+        }
     }
     Predictions {
         probabilities,
@@ -160,5 +175,18 @@ impl finetune_core::Predictor for ModelPredictor {
                 }
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batches_by_length;
+
+    #[test]
+    fn batches_cover_every_row_once_shortest_first() {
+        let lengths = [5, 1, 9, 3, 3, 7, 2];
+        let batches = batches_by_length(lengths.iter().copied(), 3);
+        assert_eq!(batches, vec![vec![1, 6, 3], vec![4, 0, 5], vec![2]]);
+        assert!(batches_by_length(std::iter::empty(), 4).is_empty());
     }
 }

@@ -1,0 +1,122 @@
+//! The fused operations under burn's autodiff: each is one graph node whose backward calls the
+//! backend's [`Kernels`]. States hold the backend tensors the backward needs (the layer's
+//! input and weight, GELU's slope, the softmax's output), not checkpoints: these operations
+//! are the ones worth keeping.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+use burn::backend::tensor::FloatTensor;
+
+use super::FusedOps;
+use super::cpu::Kernels;
+
+#[derive(Debug)]
+struct DenseBackward;
+
+impl<B: Kernels> Backward<B, 3> for DenseBackward {
+    /// The layer's input and weight.
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, weight) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let wanted = ops.parents.each_ref().map(Option::is_some);
+        let computed = B::dense_backward(x, weight, grad, wanted);
+        for (parent, grad) in ops.parents.into_iter().zip(computed) {
+            if let (Some(parent), Some(grad)) = (parent, grad) {
+                grads.register::<B>(parent.id, grad);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct GeluBackward;
+
+impl<B: Kernels> Backward<B, 1> for GeluBackward {
+    /// GELU's slope at the input.
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let slope = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| B::scale(grad, slope));
+    }
+}
+
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl<B: Kernels> Backward<B, 1> for SoftmaxBackward {
+    /// The probabilities and the divisor.
+    type State = (FloatTensor<B>, f32);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (probs, divisor) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::softmax_backward(probs, grad, divisor)
+        });
+    }
+}
+
+impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn fused_dense(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let prep = DenseBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful();
+        let (x, weight, bias) = (
+            x.into_primitive(),
+            weight.into_primitive(),
+            bias.into_primitive(),
+        );
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let state = (x.clone(), weight.clone());
+                prep.finish(state, B::dense_forward(x, weight, bias))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::dense_forward(x, weight, bias)),
+        }
+    }
+
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = GeluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful();
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let (value, slope) = B::gelu_forward(x.into_primitive(), true);
+                let slope = slope.expect("the slope was asked for");
+                prep.finish(slope, value)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gelu_forward(x.into_primitive(), false).0),
+        }
+    }
+
+    fn fused_masked_softmax(
+        scores: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        divisor: f32,
+    ) -> FloatTensor<Self> {
+        assert!(
+            !mask.is_tracked(),
+            "the attention mask is a constant: it gets no gradient"
+        );
+        let prep = SoftmaxBackward
+            .prepare::<C>([scores.node()])
+            .compute_bound()
+            .stateful();
+        let probs = B::softmax_forward(scores.into_primitive(), mask.into_primitive(), divisor);
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((probs.clone(), divisor), probs),
+            OpsKind::UnTracked(prep) => prep.finish(probs),
+        }
+    }
+}

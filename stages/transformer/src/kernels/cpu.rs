@@ -1,0 +1,366 @@
+//! The kernels on burn's flex backend: raw f32 loops and gemm calls over `FlexTensor` storage,
+//! parallel over the rayon pool.
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Backend, Flex};
+use burn::tensor::{DType, Shape};
+use rayon::prelude::*;
+
+use super::{FusedOps, erf};
+use crate::PARALLEL_CHUNK;
+
+/// The forward and backward pieces that the fused operations are made of, on one backend.
+pub trait Kernels: Backend {
+    fn dense_forward(
+        x: Self::FloatTensorPrimitive,
+        weight: Self::FloatTensorPrimitive,
+        bias: Self::FloatTensorPrimitive,
+    ) -> Self::FloatTensorPrimitive;
+    /// The gradients of `x`, `weight` and `bias` that are asked for.
+    fn dense_backward(
+        x: Self::FloatTensorPrimitive,
+        weight: Self::FloatTensorPrimitive,
+        grad: Self::FloatTensorPrimitive,
+        wanted: [bool; 3],
+    ) -> [Option<Self::FloatTensorPrimitive>; 3];
+    /// GELU's value, and its slope when asked for (sharing one erf per element).
+    fn gelu_forward(
+        x: Self::FloatTensorPrimitive,
+        with_slope: bool,
+    ) -> (
+        Self::FloatTensorPrimitive,
+        Option<Self::FloatTensorPrimitive>,
+    );
+    /// `grad ⊙ slope`.
+    fn scale(
+        grad: Self::FloatTensorPrimitive,
+        slope: Self::FloatTensorPrimitive,
+    ) -> Self::FloatTensorPrimitive;
+    fn softmax_forward(
+        scores: Self::FloatTensorPrimitive,
+        mask: Self::FloatTensorPrimitive,
+        divisor: f32,
+    ) -> Self::FloatTensorPrimitive;
+    /// The scores' gradient from the probabilities and theirs.
+    fn softmax_backward(
+        probs: Self::FloatTensorPrimitive,
+        grad: Self::FloatTensorPrimitive,
+        divisor: f32,
+    ) -> Self::FloatTensorPrimitive;
+}
+
+impl FusedOps for Flex {
+    fn fused_dense(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        Self::dense_forward(x, weight, bias)
+    }
+
+    fn fused_gelu(x: FlexTensor) -> FlexTensor {
+        Self::gelu_forward(x, false).0
+    }
+
+    fn fused_masked_softmax(scores: FlexTensor, mask: FlexTensor, divisor: f32) -> FlexTensor {
+        Self::softmax_forward(scores, mask, divisor)
+    }
+}
+
+impl Kernels for Flex {
+    fn dense_forward(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        let (x, weight, bias) = (contiguous(x), contiguous(weight), contiguous(bias));
+        let [rows, d_in] = dims2(&x);
+        let [w_in, d_out] = dims2(&weight);
+        assert_eq!(
+            d_in, w_in,
+            "dense: input width {d_in} against weight rows {w_in}"
+        );
+        assert_eq!(values(&bias).len(), d_out, "dense: bias length");
+        let mut out = FlexTensor::empty(Shape::new([rows, d_out]), DType::F32);
+        let dst = out.storage_mut::<f32>();
+        let bias = values(&bias);
+        dst.par_chunks_mut(d_out.max(1) * 64).for_each(|block| {
+            block
+                .chunks_exact_mut(d_out)
+                .for_each(|row| row.copy_from_slice(bias))
+        });
+        let x = Operand::row_major(values(&x), d_in);
+        let w = Operand::row_major(values(&weight), d_out);
+        matmul(rows, d_out, d_in, dst, true, x, w);
+        out
+    }
+
+    fn dense_backward(
+        x: FlexTensor,
+        weight: FlexTensor,
+        grad: FlexTensor,
+        [want_x, want_weight, want_bias]: [bool; 3],
+    ) -> [Option<FlexTensor>; 3] {
+        let (x, weight, grad) = (contiguous(x), contiguous(weight), contiguous(grad));
+        let [rows, d_in] = dims2(&x);
+        let [_, d_out] = dims2(&weight);
+        let g = Operand::row_major(values(&grad), d_out);
+        let grad_x = want_x.then(|| {
+            // g · Wᵀ: Wᵀ is W read with its strides swapped.
+            let mut out = FlexTensor::empty(Shape::new([rows, d_in]), DType::F32);
+            let w = Operand::row_major(values(&weight), d_out).transposed();
+            matmul(rows, d_in, d_out, out.storage_mut::<f32>(), false, g, w);
+            out
+        });
+        let grad_weight = want_weight.then(|| {
+            let mut out = FlexTensor::empty(Shape::new([d_in, d_out]), DType::F32);
+            let xt = Operand::row_major(values(&x), d_in).transposed();
+            matmul(d_in, d_out, rows, out.storage_mut::<f32>(), false, xt, g);
+            out
+        });
+        let grad_bias = want_bias.then(|| {
+            let sums = column_sums(values(&grad), d_out);
+            FlexTensor::from_data(burn::tensor::TensorData::new(sums, [d_out]))
+        });
+        [grad_x, grad_weight, grad_bias]
+    }
+
+    fn gelu_forward(x: FlexTensor, with_slope: bool) -> (FlexTensor, Option<FlexTensor>) {
+        let x = contiguous(x);
+        let shape = x.layout().shape().clone();
+        let input = values(&x);
+        let mut value = FlexTensor::empty(shape.clone(), DType::F32);
+        if !with_slope {
+            value
+                .storage_mut::<f32>()
+                .par_chunks_mut(PARALLEL_CHUNK)
+                .zip(input.par_chunks(PARALLEL_CHUNK))
+                .for_each(|(out, input)| {
+                    erf::erf_scaled(input, out);
+                    for (out, &x) in out.iter_mut().zip(input) {
+                        *out = gelu_value(x, *out);
+                    }
+                });
+            return (value, None);
+        }
+        let mut slope = FlexTensor::empty(shape, DType::F32);
+        value
+            .storage_mut::<f32>()
+            .par_chunks_mut(PARALLEL_CHUNK)
+            .zip(slope.storage_mut::<f32>().par_chunks_mut(PARALLEL_CHUNK))
+            .zip(input.par_chunks(PARALLEL_CHUNK))
+            .for_each(|((values, slopes), input)| {
+                erf::erf_scaled(input, values);
+                for ((value, slope), &x) in values.iter_mut().zip(slopes).zip(input) {
+                    let erf = *value;
+                    *value = gelu_value(x, erf);
+                    *slope = gelu_slope(x, erf);
+                }
+            });
+        (value, Some(slope))
+    }
+
+    fn scale(grad: FlexTensor, slope: FlexTensor) -> FlexTensor {
+        let (grad, slope) = (contiguous(grad), contiguous(slope));
+        let mut out = FlexTensor::empty(grad.layout().shape().clone(), DType::F32);
+        out.storage_mut::<f32>()
+            .par_chunks_mut(PARALLEL_CHUNK)
+            .zip(values(&grad).par_chunks(PARALLEL_CHUNK))
+            .zip(values(&slope).par_chunks(PARALLEL_CHUNK))
+            .for_each(|((out, grad), slope)| {
+                for ((out, &g), &s) in out.iter_mut().zip(grad).zip(slope) {
+                    *out = g * s;
+                }
+            });
+        out
+    }
+
+    fn softmax_forward(scores: FlexTensor, mask: FlexTensor, divisor: f32) -> FlexTensor {
+        let (scores, mask) = (contiguous(scores), contiguous(mask));
+        let shape = scores.layout().shape().clone();
+        let [batch, heads, queries, keys] = [shape[0], shape[1], shape[2], shape[3]];
+        let mask = values(&mask);
+        assert_eq!(mask.len(), batch * keys, "masked softmax: mask shape");
+        let mut out = FlexTensor::empty(shape, DType::F32);
+        let rows_per_item = heads * queries;
+        out.storage_mut::<f32>()
+            .par_chunks_mut(keys * queries)
+            .zip(values(&scores).par_chunks(keys * queries))
+            .enumerate()
+            .for_each(|(block, (out, scores))| {
+                let item = block / heads;
+                let mask = &mask[item * keys..(item + 1) * keys];
+                for (out, scores) in out.chunks_exact_mut(keys).zip(scores.chunks_exact(keys)) {
+                    softmax_row(out, scores, mask, divisor);
+                }
+            });
+        debug_assert_eq!(rows_per_item * batch * keys, values(&scores).len());
+        out
+    }
+
+    fn softmax_backward(probs: FlexTensor, grad: FlexTensor, divisor: f32) -> FlexTensor {
+        let (probs, grad) = (contiguous(probs), contiguous(grad));
+        let shape = probs.layout().shape().clone();
+        let keys = shape[shape.num_dims() - 1];
+        let mut out = FlexTensor::empty(shape, DType::F32);
+        let rows_per_task = (PARALLEL_CHUNK / keys.max(1)).max(1) * keys;
+        out.storage_mut::<f32>()
+            .par_chunks_mut(rows_per_task)
+            .zip(values(&probs).par_chunks(rows_per_task))
+            .zip(values(&grad).par_chunks(rows_per_task))
+            .for_each(|((out, probs), grad)| {
+                for ((out, p), g) in out
+                    .chunks_exact_mut(keys)
+                    .zip(probs.chunks_exact(keys))
+                    .zip(grad.chunks_exact(keys))
+                {
+                    let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+                    for ((out, &p), &g) in out.iter_mut().zip(p).zip(g) {
+                        *out = p * (g - dot) / divisor;
+                    }
+                }
+            });
+        out
+    }
+}
+
+/// One row of `softmax(scores / divisor + mask)`, as burn computes it: shift by the maximum,
+/// exponentiate, divide by the sum.
+fn softmax_row(out: &mut [f32], scores: &[f32], mask: &[f32], divisor: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for ((out, &s), &m) in out.iter_mut().zip(scores).zip(mask) {
+        *out = s / divisor + m;
+        max = max.max(*out);
+    }
+    let mut sum = 0.0f32;
+    for out in out.iter_mut() {
+        *out = (*out - max).exp();
+        sum += *out;
+    }
+    for out in out.iter_mut() {
+        *out /= sum;
+    }
+}
+
+/// `Σ_rows grad[row, j]` for each column `j`, in f32 like burn's `sum_dim`. Blocks of rows are
+/// summed in parallel and the block sums added in order, so the result does not depend on
+/// scheduling.
+fn column_sums(grad: &[f32], width: usize) -> Vec<f32> {
+    let rows_per_task = (PARALLEL_CHUNK / width.max(1)).max(1);
+    let partial: Vec<Vec<f32>> = grad
+        .par_chunks(rows_per_task * width)
+        .map(|block| {
+            let mut sums = vec![0f32; width];
+            for row in block.chunks_exact(width) {
+                sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            sums
+        })
+        .collect();
+    let mut sums = vec![0f32; width];
+    for block in partial {
+        sums.iter_mut().zip(&block).for_each(|(s, b)| *s += b);
+    }
+    sums
+}
+
+/// burn-flex's GELU expression.
+pub(crate) fn gelu_value(x: f32, erf: f32) -> f32 {
+    0.5 * x * (1.0 + erf)
+}
+
+/// burn-flex's GELU derivative expression: `Φ(x) + x·φ(x)`.
+pub(crate) fn gelu_slope(x: f32, erf: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + erf);
+    let inv_sqrt_2pi = 1.0 / (2.0 * core::f32::consts::PI).sqrt();
+    let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();
+    cdf + x * pdf
+}
+
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    assert_eq!(t.dtype(), DType::F32, "the fused kernels take f32 tensors");
+    if t.is_contiguous() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// The elements of a contiguous tensor, from its start offset.
+fn values(t: &FlexTensor) -> &[f32] {
+    let start = t.layout().start_offset();
+    &t.storage::<f32>()[start..start + t.layout().num_elements()]
+}
+
+fn dims2(t: &FlexTensor) -> [usize; 2] {
+    let shape = t.layout().shape();
+    assert_eq!(
+        shape.num_dims(),
+        2,
+        "a matrix was expected, got shape {shape:?}"
+    );
+    [shape[0], shape[1]]
+}
+
+/// A read-only matrix: element `(i, j)` at `ptr + i·row_stride + j·col_stride`.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl Operand {
+    fn row_major(values: &[f32], width: usize) -> Self {
+        Operand {
+            ptr: values.as_ptr(),
+            row_stride: width as isize,
+            col_stride: 1,
+        }
+    }
+
+    fn transposed(self) -> Self {
+        Operand {
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// From this many multiply-adds on, gemm splits a product over the cores (burn's threshold).
+const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
+
+/// `dst (m × n, row-major) = [dst +] lhs (m × k) · rhs (k × n)`.
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+) {
+    assert_eq!(dst.len(), m * n, "matmul output size");
+    let parallelism = match m * n * k >= PARALLEL_THRESHOLD {
+        true => gemm::Parallelism::Rayon(0),
+        false => gemm::Parallelism::None,
+    };
+    // SAFETY: `dst` holds m × n elements; the operands view matrices of the sizes passed
+    // (the callers derive both from the tensors' shapes).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.col_stride,
+            lhs.row_stride,
+            rhs.ptr,
+            rhs.col_stride,
+            rhs.row_stride,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
