@@ -2,10 +2,12 @@
 //! forward + backward + AdamW as the trainer makes it, at batch 16 × 64 tokens on the CPU
 //! (burn's flex backend), on real token ids (the first 16 Amazon sentences, padded to 64; set
 //! `FINETUNE_BENCH_TOKENS` for another width, rows longer than it are cut). Prints each median
-//! against a reference step time (`FINETUNE_BENCH_REFERENCE_S`, default 0.5 s: PyTorch 2 + MKL
-//! on this machine type in ../shared/BURN_NOTES.md; measure it in the same sitting, e.g. the
-//! `step_time_median_s` of ../shared/bench/hf_trainer), the step's split into forward, backward
-//! and AdamW, and the time the step's matmuls take alone, by shape.
+//! against PyTorch's step on the same batch, measured in the same run when `HF_PYTHON` names a
+//! Python with the reference's packages (../shared/bench/hf_trainer/requirements.txt; it runs
+//! `benches/reference/torch_step.py`), else against `FINETUNE_BENCH_REFERENCE_S` (default 0.5 s:
+//! PyTorch 2 + MKL on this machine type in ../shared/BURN_NOTES.md). Also prints the step's split
+//! into forward, backward and AdamW, and the time the step's matmuls take alone.
+//! `FINETUNE_BENCH_RUNS` sets the number of timed runs of each (default 5).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,7 +19,6 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use finetune_transformer::{Batch, Classifier, hf};
 
 const BATCH: usize = 16;
-const RUNS: usize = 5;
 
 fn main() {
     let seq: usize = std::env::var("FINETUNE_BENCH_TOKENS")
@@ -31,10 +32,19 @@ fn main() {
     let model_dir = std::env::var_os("FINETUNE_MODEL_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| shared.join("models/all-MiniLM-L6-v2"));
-    let reference: f64 = std::env::var("FINETUNE_BENCH_REFERENCE_S")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.5);
+    let (reference, reference_name) = match std::env::var_os("HF_PYTHON") {
+        Some(python) => (
+            torch_step(&PathBuf::from(python), &model_dir, &shared, seq),
+            "PyTorch's (measured now)",
+        ),
+        None => (
+            std::env::var("FINETUNE_BENCH_REFERENCE_S")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.5),
+            "the given reference",
+        ),
+    };
     // Real sentences, cut to `seq` tokens when shorter widths are asked for.
     let rows: Vec<Vec<i32>> = golden_rows(&shared, BATCH)
         .into_iter()
@@ -89,11 +99,15 @@ fn main() {
     let model = slot.expect("the trained model");
     let matmuls = matmul_time(&model.valid(), &device, seq);
 
-    println!("MiniLM-L6, batch {BATCH} x {seq} tokens, flex CPU backend, median of {RUNS}:");
+    println!(
+        "MiniLM-L6, batch {BATCH} x {seq} tokens, flex CPU backend, median of {}:",
+        runs()
+    );
     println!("  forward (eval):                  {:7.1} ms", ms(forward));
     println!(
-        "  forward + backward + AdamW step: {:7.1} ms | ratio to the {reference} s reference: {:.2}",
+        "  forward + backward + AdamW step: {:7.1} ms | {reference_name} {:.1} ms | ratio {:.2}",
         ms(train_step),
+        reference * 1e3,
         train_step.as_secs_f64() / reference
     );
     println!(
@@ -176,8 +190,48 @@ fn golden_rows(shared: &std::path::Path, n: usize) -> Vec<Vec<i32>> {
         .collect()
 }
 
+/// PyTorch's median step on the same rows (`benches/reference/torch_step.py`), in seconds.
+fn torch_step(
+    python: &std::path::Path,
+    model_dir: &std::path::Path,
+    shared: &std::path::Path,
+    seq: usize,
+) -> f64 {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../benches/reference/torch_step.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg("--model")
+        .arg(model_dir)
+        .arg("--golden")
+        .arg(shared.join("golden/tokenize_minilm.jsonl"))
+        .args(["--tokens", &seq.to_string(), "--runs", &runs().to_string()])
+        .env("OMP_NUM_THREADS", "2")
+        .output()
+        .expect("run the PyTorch reference");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let result: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or_default())
+        .expect("the reference's JSON line");
+    result["step_median_s"].as_f64().expect("step_median_s")
+}
+
+fn runs() -> usize {
+    std::env::var("FINETUNE_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or(5)
+}
+
 fn median(mut work: impl FnMut()) -> Duration {
-    let mut samples: Vec<Duration> = (0..RUNS)
+    let runs = runs();
+    let mut samples: Vec<Duration> = (0..runs)
         .map(|_| {
             let start = Instant::now();
             work();
@@ -185,7 +239,7 @@ fn median(mut work: impl FnMut()) -> Duration {
         })
         .collect();
     samples.sort();
-    samples[RUNS / 2]
+    samples[runs / 2]
 }
 
 fn ms(d: Duration) -> f64 {

@@ -73,7 +73,7 @@ impl Kernels for Flex {
             "dense: input width {d_in} against weight rows {w_in}"
         );
         assert_eq!(values(&bias).len(), d_out, "dense: bias length");
-        let mut out = FlexTensor::empty(Shape::new([rows, d_out]), DType::F32);
+        let mut out = empty(Shape::new([rows, d_out]));
         let dst = out.storage_mut::<f32>();
         let bias = values(&bias);
         dst.par_chunks_mut(d_out.max(1) * 64).for_each(|block| {
@@ -99,13 +99,13 @@ impl Kernels for Flex {
         let g = Operand::row_major(values(&grad), d_out);
         let grad_x = want_x.then(|| {
             // g · Wᵀ: Wᵀ is W read with its strides swapped.
-            let mut out = FlexTensor::empty(Shape::new([rows, d_in]), DType::F32);
+            let mut out = empty(Shape::new([rows, d_in]));
             let w = Operand::row_major(values(&weight), d_out).transposed();
             matmul(rows, d_in, d_out, out.storage_mut::<f32>(), false, g, w);
             out
         });
         let grad_weight = want_weight.then(|| {
-            let mut out = FlexTensor::empty(Shape::new([d_in, d_out]), DType::F32);
+            let mut out = empty(Shape::new([d_in, d_out]));
             let xt = Operand::row_major(values(&x), d_in).transposed();
             matmul(d_in, d_out, rows, out.storage_mut::<f32>(), false, xt, g);
             out
@@ -121,7 +121,7 @@ impl Kernels for Flex {
         let x = contiguous(x);
         let shape = x.layout().shape().clone();
         let input = values(&x);
-        let mut value = FlexTensor::empty(shape.clone(), DType::F32);
+        let mut value = empty(shape.clone());
         if !with_slope {
             value
                 .storage_mut::<f32>()
@@ -135,7 +135,7 @@ impl Kernels for Flex {
                 });
             return (value, None);
         }
-        let mut slope = FlexTensor::empty(shape, DType::F32);
+        let mut slope = empty(shape);
         value
             .storage_mut::<f32>()
             .par_chunks_mut(PARALLEL_CHUNK)
@@ -154,7 +154,7 @@ impl Kernels for Flex {
 
     fn scale(grad: FlexTensor, slope: FlexTensor) -> FlexTensor {
         let (grad, slope) = (contiguous(grad), contiguous(slope));
-        let mut out = FlexTensor::empty(grad.layout().shape().clone(), DType::F32);
+        let mut out = empty(grad.layout().shape().clone());
         out.storage_mut::<f32>()
             .par_chunks_mut(PARALLEL_CHUNK)
             .zip(values(&grad).par_chunks(PARALLEL_CHUNK))
@@ -173,7 +173,7 @@ impl Kernels for Flex {
         let [batch, heads, queries, keys] = [shape[0], shape[1], shape[2], shape[3]];
         let mask = values(&mask);
         assert_eq!(mask.len(), batch * keys, "masked softmax: mask shape");
-        let mut out = FlexTensor::empty(shape, DType::F32);
+        let mut out = empty(shape);
         let rows_per_item = heads * queries;
         out.storage_mut::<f32>()
             .par_chunks_mut(keys * queries)
@@ -194,7 +194,7 @@ impl Kernels for Flex {
         let (probs, grad) = (contiguous(probs), contiguous(grad));
         let shape = probs.layout().shape().clone();
         let keys = shape[shape.num_dims() - 1];
-        let mut out = FlexTensor::empty(shape, DType::F32);
+        let mut out = empty(shape);
         let rows_per_task = (PARALLEL_CHUNK / keys.max(1)).max(1) * keys;
         out.storage_mut::<f32>()
             .par_chunks_mut(rows_per_task)
@@ -267,6 +267,13 @@ pub(crate) fn gelu_slope(x: f32, erf: f32) -> f32 {
     let inv_sqrt_2pi = 1.0 / (2.0 * core::f32::consts::PI).sqrt();
     let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();
     cdf + x * pdf
+}
+
+/// A zeroed f32 tensor. burn-flex's `FlexTensor::empty` allocates bytes and then copies them
+/// into an aligned buffer (two passes over every new tensor); a `Vec<f32>` is aligned already.
+fn empty(shape: Shape) -> FlexTensor {
+    let values = vec![0f32; shape.num_elements()];
+    FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
 }
 
 fn contiguous(t: FlexTensor) -> FlexTensor {
