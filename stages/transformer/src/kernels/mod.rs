@@ -6,8 +6,9 @@
 //! and more backward. Here each of them is one operation with its own backward:
 //!
 //! - [`dense`]: `x · W + b`, the bias written into the product's output before the matmul
-//!   accumulates onto it, and the matmuls split over the cores by output block;
-//! - [`gelu`]: value and slope in one pass, the backward one multiplication;
+//!   accumulates onto it, and the backward's three products and bias sum in one node;
+//! - [`gelu`]: value and slope in one pass over a vectorised erf ([`erf`], bit for bit libm's),
+//!   the backward one multiplication;
 //! - [`masked_softmax`]: `softmax(scores / divisor + mask)` row by row, the backward
 //!   `p ⊙ (g − Σ g⊙p) / divisor` in one pass.
 //!
