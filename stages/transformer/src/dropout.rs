@@ -1,15 +1,17 @@
-//! Dropout whose masks cost one pass instead of one random-number draw per element.
+//! Dropout whose masks cost no memory and no random-number draw per element.
 //!
 //! burn's `Dropout` samples a Bernoulli tensor through the device RNG (ChaCha, one float per
 //! element) and multiplies twice; on the CPU that is 15 ms for one layer's attention
 //! probabilities at 16 × 64 tokens, a tenth of a training step over the model. This one draws
 //! a single 64-bit seed from the device RNG, so `device.seed(..)` still fixes every mask (AWP's
-//! second pass sees the clean pass's masks), and expands it with a counter-based generator
-//! (SplitMix64 of the element's index) on both cores. Kept elements are scaled by
-//! `1 / (1 - p)` in the same single rounding burn's `x * mask * scale` makes.
+//! second pass sees the clean pass's masks), and derives each element's mask value from it with
+//! a counter-based generator (SplitMix64 of the element's index). The forward and the backward
+//! are one fused pass each ([`crate::kernels::dropout`]) that recompute the mask instead of
+//! storing it. Kept elements are scaled by `1 / (1 - p)` in the same single rounding burn's
+//! `x * mask * scale` makes.
 
 use burn::module::Module;
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Distribution, Int, Tensor};
 use rayon::prelude::*;
 
 use crate::PARALLEL_CHUNK;
@@ -36,10 +38,7 @@ impl Dropout {
             return input;
         }
         let seed = draw_seed(&device);
-        let keep = 1.0 - self.prob;
-        let mask = mask(seed, input.shape().num_elements(), keep);
-        let mask = Tensor::<D>::from_data(TensorData::new(mask, input.shape()), &device);
-        input * mask
+        crate::kernels::dropout(input, Mask::new(seed, 1.0 - self.prob))
     }
 }
 
@@ -51,25 +50,48 @@ fn draw_seed(device: &burn::tensor::Device) -> u64 {
         .fold(0u64, |seed, d| (seed << 16) | (d as u64 & 0xffff))
 }
 
-/// `len` mask values: `1 / keep` (as f32) with probability `keep`, else 0.
-fn mask(seed: u64, len: usize, keep: f64) -> Vec<f32> {
-    let scale = (1.0 / keep) as f32;
-    // Keep when a uniform 32-bit draw falls below keep · 2³².
-    let threshold = (keep * 4_294_967_296.0) as u64;
-    let mut values = vec![0f32; len];
-    values
-        .par_chunks_mut(PARALLEL_CHUNK)
-        .enumerate()
-        .for_each(|(chunk, out)| {
-            let first = (chunk * PARALLEL_CHUNK) as u64;
-            for (offset, value) in out.iter_mut().enumerate() {
-                let bits = splitmix64(seed ^ (first + offset as u64).wrapping_mul(0x9e37_79b9));
-                if (bits >> 32) < threshold {
-                    *value = scale;
+/// A dropout mask: element `i` is `1 / keep` (as f32) with probability `keep`, else 0, the
+/// same for the same seed and index.
+#[derive(Clone, Copy, Debug)]
+pub struct Mask {
+    seed: u64,
+    /// Keep when a uniform 32-bit draw falls below keep · 2³².
+    threshold: u64,
+    scale: f32,
+}
+
+impl Mask {
+    pub fn new(seed: u64, keep: f64) -> Self {
+        Mask {
+            seed,
+            threshold: (keep * 4_294_967_296.0) as u64,
+            scale: (1.0 / keep) as f32,
+        }
+    }
+
+    /// The mask's value at element `index`.
+    #[inline]
+    pub fn value(&self, index: u64) -> f32 {
+        let bits = splitmix64(self.seed ^ index.wrapping_mul(0x9e37_79b9));
+        if (bits >> 32) < self.threshold {
+            self.scale
+        } else {
+            0.0
+        }
+    }
+
+    /// `out[i] = input[i] · mask(first + i)`, on both cores.
+    pub fn apply(&self, input: &[f32], out: &mut [f32]) {
+        out.par_chunks_mut(PARALLEL_CHUNK)
+            .zip(input.par_chunks(PARALLEL_CHUNK))
+            .enumerate()
+            .for_each(|(chunk, (out, input))| {
+                let first = (chunk * PARALLEL_CHUNK) as u64;
+                for (offset, (out, &x)) in out.iter_mut().zip(input).enumerate() {
+                    *out = x * self.value(first + offset as u64);
                 }
-            }
-        });
-    values
+            });
+    }
 }
 
 /// One SplitMix64 output for a given state: a well-mixed 64-bit hash of the counter.
@@ -84,6 +106,12 @@ fn splitmix64(state: u64) -> u64 {
 mod tests {
     use super::*;
     use burn::tensor::Device;
+
+    fn mask(seed: u64, len: usize, keep: f64) -> Vec<f32> {
+        let mut values = vec![0f32; len];
+        Mask::new(seed, keep).apply(&vec![1f32; len], &mut values);
+        values
+    }
 
     #[test]
     fn keeps_the_expected_share_and_scales_kept_elements() {

@@ -12,6 +12,7 @@ use burn::backend::tensor::FloatTensor;
 
 use super::FusedOps;
 use super::cpu::Kernels;
+use crate::dropout::Mask;
 
 #[derive(Debug)]
 struct DenseBackward;
@@ -58,6 +59,19 @@ impl<B: Kernels> Backward<B, 1> for SoftmaxBackward {
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             B::softmax_backward(probs, grad, divisor)
         });
+    }
+}
+
+#[derive(Debug)]
+struct DropoutBackward;
+
+impl<B: Kernels> Backward<B, 1> for DropoutBackward {
+    /// The mask, recomputed from its seed rather than stored.
+    type State = Mask;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let mask = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| B::dropout(grad, mask));
     }
 }
 
@@ -117,6 +131,18 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         match prep {
             OpsKind::Tracked(prep) => prep.finish((probs.clone(), divisor), probs),
             OpsKind::UnTracked(prep) => prep.finish(probs),
+        }
+    }
+
+    fn fused_dropout(x: FloatTensor<Self>, mask: Mask) -> FloatTensor<Self> {
+        let prep = DropoutBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful();
+        let out = B::dropout(x.into_primitive(), mask);
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish(mask, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 }

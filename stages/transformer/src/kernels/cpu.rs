@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use super::{FusedOps, erf};
 use crate::PARALLEL_CHUNK;
+use crate::dropout::Mask;
 
 /// The forward and backward pieces that the fused operations are made of, on one backend.
 pub trait Kernels: Backend {
@@ -41,6 +42,8 @@ pub trait Kernels: Backend {
         mask: Self::FloatTensorPrimitive,
         divisor: f32,
     ) -> Self::FloatTensorPrimitive;
+    /// `x ⊙ mask` in row-major order.
+    fn dropout(x: Self::FloatTensorPrimitive, mask: Mask) -> Self::FloatTensorPrimitive;
     /// The scores' gradient from the probabilities and theirs.
     fn softmax_backward(
         probs: Self::FloatTensorPrimitive,
@@ -60,6 +63,10 @@ impl FusedOps for Flex {
 
     fn fused_masked_softmax(scores: FlexTensor, mask: FlexTensor, divisor: f32) -> FlexTensor {
         Self::softmax_forward(scores, mask, divisor)
+    }
+
+    fn fused_dropout(x: FlexTensor, mask: Mask) -> FlexTensor {
+        Self::dropout(x, mask)
     }
 }
 
@@ -164,6 +171,13 @@ impl Kernels for Flex {
                     *out = g * s;
                 }
             });
+        out
+    }
+
+    fn dropout(x: FlexTensor, mask: Mask) -> FlexTensor {
+        let x = contiguous(x);
+        let mut out = empty(x.layout().shape().clone());
+        mask.apply(values(&x), out.storage_mut::<f32>());
         out
     }
 

@@ -10,7 +10,9 @@
 //! - [`gelu`]: value and slope in one pass over a vectorised erf ([`erf`], bit for bit libm's),
 //!   the backward one multiplication;
 //! - [`masked_softmax`]: `softmax(scores / divisor + mask)` row by row, the backward
-//!   `p ⊙ (g − Σ g⊙p) / divisor` in one pass.
+//!   `p ⊙ (g − Σ g⊙p) / divisor` in one pass;
+//! - [`dropout`]: the input times a [`Mask`] computed from its seed, forward and backward,
+//!   so that no mask is stored.
 //!
 //! [`FusedOps`] is the extension trait: implemented by the flex backend ([`cpu`]) and by burn's
 //! autodiff decorator over any backend that has the [`cpu::Kernels`] ([`autodiff`]). Results equal
@@ -23,6 +25,8 @@ pub mod erf;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::Tensor;
+
+use crate::dropout::Mask;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
@@ -41,6 +45,8 @@ pub trait FusedOps: Backend {
         mask: FloatTensor<Self>,
         divisor: f32,
     ) -> FloatTensor<Self>;
+    /// `x ⊙ mask`, elementwise in row-major order.
+    fn fused_dropout(x: FloatTensor<Self>, mask: Mask) -> FloatTensor<Self>;
 }
 
 /// `x · weight + bias`, `x: [rows, in]`, `weight: [in, out]`.
@@ -64,6 +70,14 @@ pub fn masked_softmax(scores: Tensor<4>, mask: Tensor<4>, divisor: f32) -> Tenso
         scores.into_dispatch(),
         mask.into_dispatch(),
         divisor,
+    ))
+}
+
+/// `x ⊙ mask`: dropout with the mask's seed; the gradient is masked the same way.
+pub fn dropout<const D: usize>(x: Tensor<D>, mask: Mask) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dropout(
+        x.into_dispatch(),
+        mask,
     ))
 }
 
@@ -184,6 +198,23 @@ mod tests {
                 "eval output",
             );
         }
+    }
+
+    #[test]
+    fn dropout_masks_the_gradient_as_it_masks_the_values() {
+        let device = Device::flex().autodiff();
+        let mask = Mask::new(99, 0.8);
+        let x = Tensor::<2>::ones([70, 900], &device).require_grad();
+        let y = dropout(x.clone(), mask);
+        let upstream = values([70, 900], 9, 1.0, &device);
+        let grads = (y.clone() * upstream.clone()).sum().backward();
+        let grad = x.grad(&grads).expect("a gradient");
+        // With ones in, the output is the mask itself.
+        let expected: Vec<f32> = (0..70 * 900).map(|i| mask.value(i)).collect();
+        let y = y.inner().into_data();
+        assert_eq!(y.as_slice::<f32>().expect("f32"), expected.as_slice());
+        let masked_upstream = upstream.inner() * Tensor::from_data(y, &Device::flex());
+        assert_eq!(bits(grad), bits(masked_upstream));
     }
 
     #[test]
