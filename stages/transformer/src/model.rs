@@ -10,7 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{Activation, Family, ModelConfig};
 use crate::dropout::Dropout;
-use crate::kernels::{dense, gelu, masked_softmax};
+use crate::kernels::{dense, embedding, gelu, masked_softmax};
 use crate::regularizers::mixout::Mixout;
 
 /// A linear layer holding its weight as `[in, out]` (Hugging Face stores `[out, in]`).
@@ -203,10 +203,12 @@ fn first_token(x: Tensor<3>) -> Tensor<2> {
 
 impl Embeddings {
     fn forward(&self, batch: &Batch) -> Tensor<3> {
-        let mut x = self.word.forward(batch.input_ids.clone())
-            + self.position.forward(batch.position_ids.clone());
+        let lookup =
+            |table: &Embedding, ids: &Tensor<2, Int>| embedding(table.weight.val(), ids.clone());
+        let mut x =
+            lookup(&self.word, &batch.input_ids) + lookup(&self.position, &batch.position_ids);
         if let Some(token_type) = &self.token_type {
-            x = x + token_type.forward(batch.token_type_ids.clone());
+            x = x + lookup(token_type, &batch.token_type_ids);
         }
         self.dropout.forward(self.norm.forward(x))
     }

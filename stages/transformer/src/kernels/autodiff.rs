@@ -3,12 +3,12 @@
 //! input and weight, GELU's slope, the softmax's output), not checkpoints: these operations
 //! are the ones worth keeping.
 
-use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Autodiff, TensorMetadata};
 
 use super::FusedOps;
 use super::cpu::Kernels;
@@ -72,6 +72,21 @@ impl<B: Kernels> Backward<B, 1> for DropoutBackward {
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let mask = ops.state;
         unary::<B, _>(ops.parents, ops.node, grads, |grad| B::dropout(grad, mask));
+    }
+}
+
+#[derive(Debug)]
+struct EmbeddingBackward;
+
+impl<B: Kernels> Backward<B, 1> for EmbeddingBackward {
+    /// The ids and the table's number of rows.
+    type State = (IntTensor<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (ids, rows) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::embedding_grad(ids, grad, rows)
+        });
     }
 }
 
@@ -143,6 +158,22 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         match prep {
             OpsKind::Tracked(prep) => prep.finish(mask, out),
             OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn fused_embedding(table: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self> {
+        let prep = EmbeddingBackward
+            .prepare::<C>([table.node()])
+            .compute_bound()
+            .stateful();
+        let table = table.into_primitive();
+        let rows = table.shape().dims::<2>()[0];
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let out = B::embedding_rows(table, ids.clone());
+                prep.finish((ids, rows), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::embedding_rows(table, ids)),
         }
     }
 }

@@ -44,6 +44,17 @@ pub trait Kernels: Backend {
     ) -> Self::FloatTensorPrimitive;
     /// `x ⊙ mask` in row-major order.
     fn dropout(x: Self::FloatTensorPrimitive, mask: Mask) -> Self::FloatTensorPrimitive;
+    fn embedding_rows(
+        table: Self::FloatTensorPrimitive,
+        ids: Self::IntTensorPrimitive,
+    ) -> Self::FloatTensorPrimitive;
+    /// The table's gradient: each id's row of `grad` added into a zeroed `[rows, dim]` table,
+    /// in id order.
+    fn embedding_grad(
+        ids: Self::IntTensorPrimitive,
+        grad: Self::FloatTensorPrimitive,
+        rows: usize,
+    ) -> Self::FloatTensorPrimitive;
     /// The scores' gradient from the probabilities and theirs.
     fn softmax_backward(
         probs: Self::FloatTensorPrimitive,
@@ -67,6 +78,10 @@ impl FusedOps for Flex {
 
     fn fused_dropout(x: FlexTensor, mask: Mask) -> FlexTensor {
         Self::dropout(x, mask)
+    }
+
+    fn fused_embedding(table: FlexTensor, ids: FlexTensor) -> FlexTensor {
+        Self::embedding_rows(table, ids)
     }
 }
 
@@ -179,6 +194,35 @@ impl Kernels for Flex {
         let mut out = empty(x.layout().shape().clone());
         mask.apply(values(&x), out.storage_mut::<f32>());
         out
+    }
+
+    fn embedding_rows(table: FlexTensor, ids: FlexTensor) -> FlexTensor {
+        let table = contiguous(table);
+        let [rows, dim] = dims2(&table);
+        let (ids, [batch, seq]) = ids_of(ids);
+        let mut out = empty(Shape::new([batch, seq, dim]));
+        let table = values(&table);
+        for (out, &id) in out.storage_mut::<f32>().chunks_exact_mut(dim).zip(&ids) {
+            assert!(
+                id < rows,
+                "embedding: id {id} is outside the table's {rows} rows"
+            );
+            out.copy_from_slice(&table[id * dim..(id + 1) * dim]);
+        }
+        out
+    }
+
+    fn embedding_grad(ids: FlexTensor, grad: FlexTensor, rows: usize) -> FlexTensor {
+        let grad = contiguous(grad);
+        let (ids, _) = ids_of(ids);
+        let dim = values(&grad).len() / ids.len().max(1);
+        let mut table = empty(Shape::new([rows, dim]));
+        let sums = table.storage_mut::<f32>();
+        for (&id, row) in ids.iter().zip(values(&grad).chunks_exact(dim)) {
+            let sum = &mut sums[id * dim..(id + 1) * dim];
+            sum.iter_mut().zip(row).for_each(|(s, g)| *s += g);
+        }
+        table
     }
 
     fn softmax_forward(scores: FlexTensor, mask: FlexTensor, divisor: f32) -> FlexTensor {
@@ -303,6 +347,35 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
 fn values(t: &FlexTensor) -> &[f32] {
     let start = t.layout().start_offset();
     &t.storage::<f32>()[start..start + t.layout().num_elements()]
+}
+
+/// Token ids (`[batch, seq]`, any integer type burn stores them as) as row indices.
+fn ids_of(ids: FlexTensor) -> (Vec<usize>, [usize; 2]) {
+    let ids = if ids.is_contiguous() {
+        ids
+    } else {
+        ids.to_contiguous()
+    };
+    let shape = ids.layout().shape();
+    assert_eq!(
+        shape.num_dims(),
+        2,
+        "token ids must be [batch, seq], got {shape:?}"
+    );
+    let dims = [shape[0], shape[1]];
+    let (start, len) = (ids.layout().start_offset(), ids.layout().num_elements());
+    let rows: Vec<usize> = match ids.dtype() {
+        DType::I64 => ids.storage::<i64>()[start..start + len]
+            .iter()
+            .map(|&i| i as usize)
+            .collect(),
+        DType::I32 => ids.storage::<i32>()[start..start + len]
+            .iter()
+            .map(|&i| i as usize)
+            .collect(),
+        other => panic!("token ids of type {other:?}"),
+    };
+    (rows, dims)
 }
 
 fn dims2(t: &FlexTensor) -> [usize; 2] {
