@@ -180,16 +180,28 @@ pub fn global_norm(model: &Classifier, grads: &mut GradientsParams) -> f64 {
     sum.sqrt()
 }
 
+/// `Σ v²` in f64. Each chunk keeps eight running sums, so the additions do not wait on each
+/// other (one f64 sum is one add latency per element: 15 ms of every step over MiniLM's 22.7M
+/// gradients); chunks and lanes are combined in a fixed order, so the norm is deterministic.
 fn squared_norm(values: &[f32]) -> f64 {
-    values
+    const LANES: usize = 8;
+    let chunk_sums: Vec<f64> = values
         .par_chunks(PARALLEL_CHUNK)
         .map(|chunk| {
-            chunk
-                .iter()
-                .map(|&v| f64::from(v) * f64::from(v))
-                .sum::<f64>()
+            let mut lanes = [0f64; LANES];
+            let mut groups = chunk.chunks_exact(LANES);
+            for group in &mut groups {
+                for (lane, &v) in lanes.iter_mut().zip(group) {
+                    *lane += f64::from(v) * f64::from(v);
+                }
+            }
+            for (lane, &v) in lanes.iter_mut().zip(groups.remainder()) {
+                *lane += f64::from(v) * f64::from(v);
+            }
+            lanes.iter().sum::<f64>()
         })
-        .sum()
+        .collect();
+    chunk_sums.iter().sum()
 }
 
 /// torch's `clip_grad_norm_` multiplies by the f32 coefficient, as this does.
@@ -216,5 +228,26 @@ impl<F: FnMut(&mut [f32])> ModuleVisitor for InPlace<'_, F> {
             self.grads
                 .register(id, Tensor::<D>::from_data(data, &device));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::squared_norm;
+
+    #[test]
+    fn squared_norm_is_the_plain_sum_of_squares() {
+        // Two and a bit chunks, and a length that leaves a remainder in every lane group.
+        let values: Vec<f32> = (0..2 * crate::PARALLEL_CHUNK + 13)
+            .map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5)
+            .collect();
+        let plain: f64 = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let ours = squared_norm(&values);
+        assert!(
+            (ours - plain).abs() <= 1e-12 * plain,
+            "{ours} against {plain}"
+        );
+        assert_eq!(squared_norm(&[3.0, 4.0]), 25.0);
+        assert_eq!(squared_norm(&[]), 0.0);
     }
 }
