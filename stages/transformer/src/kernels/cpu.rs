@@ -232,10 +232,11 @@ impl Kernels for Flex {
         let mask = values(&mask);
         assert_eq!(mask.len(), batch * keys, "masked softmax: mask shape");
         let mut out = empty(shape);
-        let rows_per_item = heads * queries;
+        // One task per (item, head): its rows share the item's mask.
+        let per_head = (keys * queries).max(1);
         out.storage_mut::<f32>()
-            .par_chunks_mut(keys * queries)
-            .zip(values(&scores).par_chunks(keys * queries))
+            .par_chunks_mut(per_head)
+            .zip(values(&scores).par_chunks(per_head))
             .enumerate()
             .for_each(|(block, (out, scores))| {
                 let item = block / heads;
@@ -244,7 +245,6 @@ impl Kernels for Flex {
                     softmax_row(out, scores, mask, divisor);
                 }
             });
-        debug_assert_eq!(rows_per_item * batch * keys, values(&scores).len());
         out
     }
 
