@@ -80,7 +80,7 @@ impl Mask {
         }
     }
 
-    /// `out[i] = input[i] · mask(first + i)`, on both cores.
+    /// `out[i] = input[i] · value(i)`, on both cores.
     pub fn apply(&self, input: &[f32], out: &mut [f32]) {
         out.par_chunks_mut(PARALLEL_CHUNK)
             .zip(input.par_chunks(PARALLEL_CHUNK))

@@ -106,9 +106,9 @@ fn keep_freed_tensor_buffers() {
     }
 }
 
-/// Elements per rayon task in this crate's hand-written CPU passes (AdamW, GELU, dropout masks,
-/// gradient norm and clipping): large enough that scheduling is noise next to the work, small
-/// enough that both cores share a 384-wide layer's tensors.
+/// Elements per rayon task in this crate's hand-written CPU passes (the fused kernels, AdamW,
+/// dropout, gradient norm and clipping): large enough that scheduling is noise next to the work,
+/// small enough that both cores share a 384-wide layer's tensors.
 pub(crate) const PARALLEL_CHUNK: usize = 1 << 15;
 
 /// A model with fresh weights from `seed`.

@@ -33,14 +33,38 @@ pub fn probabilities(
     device: &Device,
 ) -> Vec<Vec<f32>> {
     let mut out = vec![Vec::new(); rows.len()];
-    for batch in batches_by_length(rows.iter().map(Vec::len), batch_size) {
-        let chunk: Vec<Vec<i32>> = batch.iter().map(|&i| rows[i].clone()).collect();
-        let logits = model.logits(&Batch::from_rows(&chunk, &model.config, None, device));
-        for (&i, probabilities) in batch.iter().zip(softmax_rows(logits)) {
-            out[i] = probabilities;
-        }
-    }
+    logits_by_length(
+        model,
+        rows.len(),
+        |i| &rows[i],
+        batch_size,
+        device,
+        |batch, logits| {
+            for (&i, probabilities) in batch.iter().zip(softmax_rows(logits)) {
+                out[i] = probabilities;
+            }
+        },
+    );
     out
+}
+
+/// `model.logits` of `count` rows (`ids(i)` for row `i`) in [`batches_by_length`], each batch
+/// handed to `each` with the indices of its rows.
+fn logits_by_length<'a>(
+    model: &Classifier,
+    count: usize,
+    ids: impl Fn(usize) -> &'a [i32],
+    batch_size: usize,
+    device: &Device,
+    mut each: impl FnMut(&[usize], Tensor<2>),
+) {
+    for batch in batches_by_length((0..count).map(|i| ids(i).len()), batch_size) {
+        let rows: Vec<Vec<i32>> = batch.iter().map(|&i| ids(i).to_vec()).collect();
+        each(
+            &batch,
+            model.logits(&Batch::from_rows(&rows, &model.config, None, device)),
+        );
+    }
 }
 
 /// The indices of the rows in batches of `batch_size`, shortest rows first. Each batch is
@@ -73,29 +97,35 @@ pub fn predict(
     let mut probabilities = vec![Vec::new(); examples.len()];
     let mut predicted = vec![0; examples.len()];
     let mut loss_sum = 0.0f64;
-    for batch in batches_by_length(examples.iter().map(|e| e.ids.len()), batch_size) {
-        let rows: Vec<Vec<i32>> = batch.iter().map(|&i| examples[i].ids.clone()).collect();
-        let logits = model.logits(&Batch::from_rows(&rows, &model.config, None, device));
-        let targets = Tensor::<1, Int>::from_data(
-            TensorData::new(
-                batch.iter().map(|&i| examples[i].label).collect::<Vec<_>>(),
-                [batch.len()],
-            ),
-            device,
-        );
-        loss_sum += f64::from(
-            loss_fn
-                .forward(logits.clone(), targets)
-                .into_scalar::<f32>(),
-        ) * batch.len() as f64;
-        let argmax = logits.clone().argmax(1).into_data();
-        for (&i, p) in batch.iter().zip(argmax.iter::<i64>()) {
-            predicted[i] = p as usize;
-        }
-        for (&i, row) in batch.iter().zip(softmax_rows(logits)) {
-            probabilities[i] = row;
-        }
-    }
+    let ids = |i: usize| examples[i].ids.as_slice();
+    logits_by_length(
+        model,
+        examples.len(),
+        ids,
+        batch_size,
+        device,
+        |batch, logits| {
+            let targets = Tensor::<1, Int>::from_data(
+                TensorData::new(
+                    batch.iter().map(|&i| examples[i].label).collect::<Vec<_>>(),
+                    [batch.len()],
+                ),
+                device,
+            );
+            loss_sum += f64::from(
+                loss_fn
+                    .forward(logits.clone(), targets)
+                    .into_scalar::<f32>(),
+            ) * batch.len() as f64;
+            let argmax = logits.clone().argmax(1).into_data();
+            for (&i, p) in batch.iter().zip(argmax.iter::<i64>()) {
+                predicted[i] = p as usize;
+            }
+            for (&i, row) in batch.iter().zip(softmax_rows(logits)) {
+                probabilities[i] = row;
+            }
+        },
+    );
     Predictions {
         probabilities,
         predicted,

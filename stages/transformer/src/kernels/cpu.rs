@@ -37,9 +37,16 @@ pub trait Kernels: Backend {
         grad: Self::FloatTensorPrimitive,
         slope: Self::FloatTensorPrimitive,
     ) -> Self::FloatTensorPrimitive;
+    /// `softmax(scores / divisor + mask)` over the last dimension.
     fn softmax_forward(
         scores: Self::FloatTensorPrimitive,
         mask: Self::FloatTensorPrimitive,
+        divisor: f32,
+    ) -> Self::FloatTensorPrimitive;
+    /// The scores' gradient from the probabilities and theirs.
+    fn softmax_backward(
+        probs: Self::FloatTensorPrimitive,
+        grad: Self::FloatTensorPrimitive,
         divisor: f32,
     ) -> Self::FloatTensorPrimitive;
     /// `x ⊙ mask` in row-major order.
@@ -54,12 +61,6 @@ pub trait Kernels: Backend {
         ids: Self::IntTensorPrimitive,
         grad: Self::FloatTensorPrimitive,
         rows: usize,
-    ) -> Self::FloatTensorPrimitive;
-    /// The scores' gradient from the probabilities and theirs.
-    fn softmax_backward(
-        probs: Self::FloatTensorPrimitive,
-        grad: Self::FloatTensorPrimitive,
-        divisor: f32,
     ) -> Self::FloatTensorPrimitive;
 }
 
@@ -315,12 +316,12 @@ fn column_sums(grad: &[f32], width: usize) -> Vec<f32> {
 }
 
 /// burn-flex's GELU expression.
-pub(crate) fn gelu_value(x: f32, erf: f32) -> f32 {
+fn gelu_value(x: f32, erf: f32) -> f32 {
     0.5 * x * (1.0 + erf)
 }
 
 /// burn-flex's GELU derivative expression: `Φ(x) + x·φ(x)`.
-pub(crate) fn gelu_slope(x: f32, erf: f32) -> f32 {
+fn gelu_slope(x: f32, erf: f32) -> f32 {
     let cdf = 0.5 * (1.0 + erf);
     let inv_sqrt_2pi = 1.0 / (2.0 * core::f32::consts::PI).sqrt();
     let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();

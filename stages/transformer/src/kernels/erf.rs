@@ -115,7 +115,7 @@ fn select(condition: bool, a: f32, b: f32) -> f32 {
 
 /// libm's `erff` (FreeBSD's `s_erff.c`), every piece evaluated and one selected.
 #[inline(always)]
-pub(crate) fn erff(x: f32) -> f32 {
+fn erff(x: f32) -> f32 {
     let bits = x.to_bits();
     let negative = bits >> 31 != 0;
     let ix = bits & 0x7fff_ffff;
