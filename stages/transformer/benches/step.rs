@@ -1,21 +1,20 @@
 //! MiniLM-L6 step benchmark (`cargo bench -p finetune-transformer --bench step`): forward, and
-//! forward + backward + AdamW as the trainer makes it, at batch 16 × 64 tokens on the CPU
+//! the whole update as the trainer makes it (clipping to norm 1, weight decay 0.01), at batch 16 × 64 tokens on the CPU
 //! (burn's flex backend), on real token ids (the first 16 Amazon sentences, padded to 64; set
 //! `FINETUNE_BENCH_TOKENS` for another width, rows longer than it are cut). Prints each median
 //! against PyTorch's step on the same batch, measured in the same run when `HF_PYTHON` names a
 //! Python with the reference's packages (../shared/bench/hf_trainer/requirements.txt; it runs
 //! `benches/reference/torch_step.py`), else against `FINETUNE_BENCH_REFERENCE_S` (default 0.5 s:
 //! PyTorch 2 + MKL on this machine type in ../shared/BURN_NOTES.md). Also prints the step's split
-//! into forward, backward and AdamW, and the time the step's matmuls take alone.
+//! into gradients (forward, backward, norm and clipping) and AdamW, and the time the step's matmuls take alone.
 //! `FINETUNE_BENCH_RUNS` sets the number of timed runs of each (default 5).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use burn::module::Module;
-use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::GradientsParams;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
+use finetune_transformer::optim::{AdamW, MicroBatch, UpdatePlan, update_gradients};
 use finetune_transformer::{Batch, Classifier, hf};
 
 const BATCH: usize = 16;
@@ -61,33 +60,33 @@ fn main() {
     });
 
     let (model, _) = hf::load(&model_dir, Some(&labels), 42, &train_device).expect("load MiniLM");
-    let batch = Batch::from_rows(&rows, &model.config, Some(seq), &train_device);
-    let targets = Tensor::<1, Int>::from_data(
-        TensorData::new(
-            (0..BATCH as i64).map(|i| i % 2).collect::<Vec<_>>(),
-            [BATCH],
-        ),
-        &train_device,
-    );
-    let loss_fn = CrossEntropyLossConfig::new().init(&train_device);
-    let mut optimizer = finetune_transformer::optim::AdamW {
+    let micro = [MicroBatch {
+        rows: rows.clone(),
+        labels: (0..BATCH as i64).map(|i| i % 2).collect(),
+    }];
+    let mut optimizer = AdamW {
         weight_decay: 0.01,
         ..Default::default()
     }
     .build(&model);
+    let plan = UpdatePlan {
+        lr: 5e-5,
+        max_grad_norm: Some(1.0),
+        pad_to: Some(seq),
+        dropout_seed: 0,
+        attack: None,
+        words: optimizer.word_gradient(),
+    };
     // flex runs each operation to completion before returning, so the clock needs no sync.
-    let mut phases: Vec<[Duration; 3]> = Vec::new();
+    let mut phases: Vec<[Duration; 2]> = Vec::new();
     let mut slot = Some(model);
     let mut step = || {
         let started = Instant::now();
         let model = slot.take().expect("the model of the last step");
-        let loss = loss_fn.forward(model.logits(&batch), targets.clone());
-        let forward = started.elapsed();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let backward = started.elapsed() - forward;
-        slot = Some(optimizer.step(5e-5, model, grads));
-        let _ = loss.into_data();
-        phases.push([forward, backward, started.elapsed() - forward - backward]);
+        let (grads, _) = update_gradients(&model, &micro, &plan, &train_device);
+        let gradients = started.elapsed();
+        slot = Some(optimizer.step(plan.lr, model, grads));
+        phases.push([gradients, started.elapsed() - gradients]);
     };
     step(); // warm-up: allocations, optimizer state
     let train_step = median(&mut step);
@@ -111,10 +110,9 @@ fn main() {
         train_step.as_secs_f64() / reference
     );
     println!(
-        "    of which forward {:.1} ms, backward {:.1} ms, AdamW {:.1} ms (medians)",
+        "    of which forward + backward + gradient norm and clipping {:.1} ms, AdamW {:.1} ms (medians)",
         ms(phase(0)),
-        ms(phase(1)),
-        ms(phase(2))
+        ms(phase(1))
     );
     println!(
         "  profile: the step's matmuls alone take {:.1} ms ({:.0}% of the step); everything else {:.1} ms",

@@ -23,7 +23,7 @@ pub struct FusedAdamW {
 
 /// The per-step constants of the update, as burn's AdamW rounds them.
 #[derive(Debug, Clone, Copy)]
-struct Coefficients {
+pub(crate) struct Coefficients {
     beta1: f32,
     beta2: f32,
     one_minus_beta1: f32,
@@ -37,7 +37,7 @@ struct Coefficients {
 }
 
 impl FusedAdamW {
-    fn coefficients(&self, lr: LearningRate, time: usize) -> Coefficients {
+    pub(crate) fn coefficients(&self, lr: LearningRate, time: usize) -> Coefficients {
         let decay_rate = lr * f64::from(self.weight_decay);
         Coefficients {
             beta1: self.beta1,
@@ -123,7 +123,13 @@ fn update(c: Coefficients, weights: &mut [f32], grad: &[f32], m: &mut [f32], v: 
 
 /// burn's operation order, element by element: the moments, their bias corrections, the
 /// decay of the weight, then the step.
-fn update_chunk(c: &Coefficients, weights: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+pub(crate) fn update_chunk(
+    c: &Coefficients,
+    weights: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
     for (((w, &g), m), v) in weights.iter_mut().zip(grad).zip(m).zip(v) {
         *m = *m * c.beta1 + g * c.one_minus_beta1;
         *v = *v * c.beta2 + (g * g) * c.one_minus_beta2;
@@ -135,6 +141,15 @@ fn update_chunk(c: &Coefficients, weights: &mut [f32], grad: &[f32], m: &mut [f3
             None => *w,
         };
         *w = decayed - delta * c.lr;
+    }
+}
+
+/// [`update_chunk`] where the gradient and both moments are zero: the moments stay zero and the
+/// step `0 / (√0 + ε) · lr` is zero, so only the decay is left, and `decayed - 0` is `decayed`
+/// bit for bit. Reads and writes the weights alone.
+pub(crate) fn decay_chunk(c: &Coefficients, weights: &mut [f32]) {
+    if let Some(factor) = c.decay_factor {
+        weights.iter_mut().for_each(|w| *w *= factor);
     }
 }
 

@@ -30,6 +30,7 @@ pub mod predict;
 pub mod regularizers;
 pub mod report;
 pub mod schedule;
+pub mod sparse;
 pub mod train;
 pub mod trainer;
 

@@ -148,7 +148,7 @@ impl Batch {
 impl Classifier {
     /// Every position's hidden state, the pooler output and the logits.
     pub fn forward(&self, batch: &Batch) -> Output {
-        let x = self.encode(batch, Positions::All);
+        let x = self.encode(self.words(batch), batch, Positions::All);
         let first = first_token(x.clone());
         let (pooler_output, logits) = self.head.forward(first);
         Output {
@@ -164,13 +164,31 @@ impl Classifier {
     /// in `seq` (a sixth of the encoder's multiply-adds at 64 tokens). With dropout on, the last
     /// layer draws masks for that row only: the same distribution, another random stream.
     pub fn logits(&self, batch: &Batch) -> Tensor<2> {
-        let first = first_token(self.encode(batch, Positions::FirstAtLastLayer));
+        self.logits_from_words(self.words(batch), batch)
+    }
+
+    /// The batch's word embeddings `[batch, seq, hidden]`, looked up in the table.
+    fn words(&self, batch: &Batch) -> Tensor<3> {
+        embedding(self.embeddings.word.weight.val(), batch.input_ids.clone())
+    }
+
+    /// The word embeddings as a leaf of the autodiff graph, cut from the table: the backward
+    /// pass then leaves the table's gradient as the gradient of this lookup, one row per token
+    /// ([`crate::sparse::RowGradient`]), instead of summing it into a zeroed copy of the table.
+    pub fn word_leaf(&self, batch: &Batch) -> Tensor<3> {
+        let table = self.embeddings.word.weight.val().set_require_grad(false);
+        embedding(table, batch.input_ids.clone()).require_grad()
+    }
+
+    /// [`Classifier::logits`] from the batch's word embeddings (see [`Classifier::word_leaf`]).
+    pub fn logits_from_words(&self, words: Tensor<3>, batch: &Batch) -> Tensor<2> {
+        let first = first_token(self.encode(words, batch, Positions::FirstAtLastLayer));
         self.head.forward(first).1
     }
 
-    fn encode(&self, batch: &Batch, positions: Positions) -> Tensor<3> {
+    fn encode(&self, words: Tensor<3>, batch: &Batch, positions: Positions) -> Tensor<3> {
         let [batch_size, seq_len] = batch.input_ids.dims();
-        let mut x = self.embeddings.forward(batch);
+        let mut x = self.embeddings.forward(words, batch);
         // 0 where attended, a large negative number at padding: exp() of it is exactly 0.
         let mask_bias = (batch.attention_mask.clone().float() - 1.0)
             .mul_scalar(1e9)
@@ -202,11 +220,12 @@ fn first_token(x: Tensor<3>) -> Tensor<2> {
 }
 
 impl Embeddings {
-    fn forward(&self, batch: &Batch) -> Tensor<3> {
+    /// From the batch's word embeddings: the sum with position and token-type embeddings,
+    /// normalised.
+    fn forward(&self, words: Tensor<3>, batch: &Batch) -> Tensor<3> {
         let lookup =
             |table: &Embedding, ids: &Tensor<2, Int>| embedding(table.weight.val(), ids.clone());
-        let mut x =
-            lookup(&self.word, &batch.input_ids) + lookup(&self.position, &batch.position_ids);
+        let mut x = words + lookup(&self.position, &batch.position_ids);
         if let Some(token_type) = &self.token_type {
             x = x + lookup(token_type, &batch.token_type_ids);
         }

@@ -2,11 +2,17 @@
 //! (none on biases and LayerNorm weights), gradients accumulated over micro-batches with the
 //! loss scaled so that the update equals one large batch of the same samples, and clipping by
 //! the global gradient norm (torch's `clip_grad_norm_`, not burn's per-tensor clipping).
+//!
+//! The word-embedding table trains by rows ([`crate::sparse`]) unless AWP perturbs it: the
+//! same update, bit for bit, without a dense gradient of half the model's weights.
 
+use std::path::Path;
+
+use anyhow::{Result, anyhow, bail};
 use burn::module::ParamGroup;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, LearningRate, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
@@ -14,8 +20,13 @@ use crate::adamw::FusedAdamW;
 use crate::model::{Batch, Classifier};
 use crate::regularizers::awp::Attack;
 use crate::regularizers::with_mixout_masks;
+use crate::sparse::{self, RowAdamW, RowGradient};
 
 use crate::PARALLEL_CHUNK;
+
+/// The file, in a checkpoint, of burn's optimizer record (every parameter's AdamW state but a
+/// word-embedding table trained by rows, which is in [`sparse::STATE_FILE`]).
+pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 
 /// AdamW's settings with PyTorch's defaults (burn's differ: epsilon 1e-5, decay 1e-4).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -24,6 +35,9 @@ pub struct AdamW {
     pub beta1: f64,
     pub beta2: f64,
     pub epsilon: f64,
+    /// Train the word-embedding table by rows (the default). Off when something needs its
+    /// dense gradient (AWP on the word embeddings).
+    pub word_rows: bool,
 }
 
 impl Default for AdamW {
@@ -33,24 +47,134 @@ impl Default for AdamW {
             beta1: 0.9,
             beta2: 0.999,
             epsilon: 1e-8,
+            word_rows: true,
         }
     }
 }
 
 impl AdamW {
     /// The optimizer for `model`: decay on weights and embeddings, none on biases and norms.
-    pub fn build(&self, model: &Classifier) -> ModuleOptimizer {
+    pub fn build(&self, model: &Classifier) -> Optimizer {
         let config = |decay: f64| FusedAdamW {
             beta1: self.beta1 as f32,
             beta2: self.beta2 as f32,
             epsilon: self.epsilon as f32,
             weight_decay: decay as f32,
         };
-        ModuleOptimizer::from(config(self.weight_decay)).with_group(
+        let params = ModuleOptimizer::from(config(self.weight_decay)).with_group(
             ParamGroup::from_ids(model.no_decay_ids()),
             config(0.0),
             None,
-        )
+        );
+        Optimizer {
+            params,
+            word_rows: self
+                .word_rows
+                .then(|| RowAdamW::new(config(self.weight_decay))),
+        }
+    }
+}
+
+/// A run's optimizer: [`FusedAdamW`] on every parameter through burn's `ModuleOptimizer`, but
+/// on the word-embedding table through [`RowAdamW`] when it trains by rows.
+#[derive(Clone)]
+pub struct Optimizer {
+    params: ModuleOptimizer,
+    word_rows: Option<RowAdamW>,
+}
+
+/// How the word-embedding table's gradient is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WordGradient {
+    /// As a gradient of the table's shape, like every other parameter's.
+    Dense,
+    /// As the rows the batch looked up ([`RowGradient`]).
+    Rows,
+}
+
+/// An update's gradients.
+pub struct Gradients {
+    /// Every parameter's, the word-embedding table's too unless it is in `word_rows`.
+    pub params: GradientsParams,
+    pub word_rows: Option<RowGradient>,
+}
+
+impl Optimizer {
+    /// The gradient this optimizer steps the word-embedding table with.
+    pub fn word_gradient(&self) -> WordGradient {
+        match self.word_rows {
+            Some(_) => WordGradient::Rows,
+            None => WordGradient::Dense,
+        }
+    }
+
+    /// One update of `model` from `grads` (taken as [`Optimizer::word_gradient`] says).
+    pub fn step(&mut self, lr: LearningRate, model: Classifier, grads: Gradients) -> Classifier {
+        let mut model = self.params.step(lr, model, grads.params);
+        match (&mut self.word_rows, grads.word_rows) {
+            (Some(optimizer), Some(rows)) => {
+                let table = model.embeddings.word.weight;
+                model.embeddings.word.weight = table.map(|table| {
+                    let tracked = table.is_require_grad();
+                    let table = Tensor::from_inner(optimizer.step(lr, table.inner(), &rows));
+                    if tracked { table.require_grad() } else { table }
+                });
+            }
+            (None, None) => {}
+            (expected, _) => panic!(
+                "the word embeddings' gradient was taken {} but this optimizer steps them {}",
+                if expected.is_some() {
+                    "densely"
+                } else {
+                    "by rows"
+                },
+                if expected.is_some() {
+                    "by rows"
+                } else {
+                    "densely"
+                },
+            ),
+        }
+        model
+    }
+
+    /// Writes the state into checkpoint directory `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(OPTIMIZER_FILE);
+        self.params
+            .save(&path)
+            .map_err(|e| anyhow!("{}: cannot save the optimizer state: {e}", path.display()))?;
+        match &self.word_rows {
+            Some(rows) => rows.save(dir),
+            None => Ok(()),
+        }
+    }
+
+    /// Loads the state a checkpoint of `model` saved in `dir`. A checkpoint that kept the word
+    /// embeddings' state with the others' (written before they trained by rows) goes on
+    /// training them densely, from that state.
+    pub fn load(mut self, dir: &Path, model: &Classifier) -> Result<Self> {
+        let path = dir.join(OPTIMIZER_FILE);
+        self.params = self
+            .params
+            .load(&path)
+            .map_err(|e| anyhow!("{}: cannot load the optimizer state: {e}", path.display()))?;
+        let [rows, dim] = model.embeddings.word.weight.dims();
+        let kept_apart = match &mut self.word_rows {
+            Some(word_rows) => word_rows.load(dir, rows, dim)?,
+            None => dir.join(sparse::STATE_FILE).exists(),
+        };
+        match (&self.word_rows, kept_apart) {
+            (Some(_), false) => self.word_rows = None,
+            (None, true) => bail!(
+                "{}: this checkpoint trained the word embeddings by rows, and this run needs \
+                 their dense gradient (AWP on the word embeddings); resume without AWP on them, \
+                 or start from the checkpoint's model",
+                dir.display()
+            ),
+            _ => {}
+        }
+        Ok(self)
     }
 }
 
@@ -84,12 +208,15 @@ pub struct UpdatePlan<'a> {
     pub dropout_seed: u64,
     /// Adversarial Weight Perturbation for this update.
     pub attack: Option<&'a Attack>,
+    /// How to take the word embeddings' gradient: as the optimizer steps them
+    /// ([`Optimizer::word_gradient`]).
+    pub words: WordGradient,
 }
 
 /// Applies one optimizer update from `micro_batches` (all of them: one update).
 pub fn update(
     model: Classifier,
-    optimizer: &mut ModuleOptimizer,
+    optimizer: &mut Optimizer,
     micro_batches: &[MicroBatch],
     plan: &UpdatePlan,
     device: &Device,
@@ -106,17 +233,31 @@ pub fn update_gradients(
     micro_batches: &[MicroBatch],
     plan: &UpdatePlan,
     device: &Device,
-) -> (GradientsParams, UpdateStats) {
+) -> (Gradients, UpdateStats) {
     let gradients_of = |model: &Classifier| {
         device.seed(plan.dropout_seed);
-        gradients(model, micro_batches, plan.pad_to, device)
+        gradients_taking(model, micro_batches, plan.pad_to, plan.words, device)
     };
     let (clean, loss) = gradients_of(model);
     let (mut grads, awp_loss) = match plan.attack {
         // The clean gradient only aims the attack; the update uses the perturbed one.
         Some(attack) => {
-            let adversarial = attack.run(model, &clean, gradients_of);
-            (adversarial.grads, Some(adversarial.loss))
+            assert!(
+                plan.words == WordGradient::Dense
+                    || !attack.targets.contains(&model.embeddings.word.weight.id),
+                "AWP on the word embeddings needs their dense gradient"
+            );
+            let mut word_rows = None;
+            let adversarial = attack.run(model, &clean.params, |model| {
+                let (grads, loss) = gradients_of(model);
+                word_rows = grads.word_rows;
+                (grads.params, loss)
+            });
+            let grads = Gradients {
+                params: adversarial.grads,
+                word_rows,
+            };
+            (grads, Some(adversarial.loss))
         }
         None => (clean, None),
     };
@@ -124,9 +265,13 @@ pub fn update_gradients(
     if let Some(max) = plan.max_grad_norm {
         let coefficient = max / (grad_norm + 1e-6);
         if coefficient < 1.0 {
+            let apply = |values: &mut [f32]| scale(values, coefficient as f32);
+            if let Some(rows) = &mut grads.word_rows {
+                apply(rows.values_mut());
+            }
             model.visit(&mut InPlace {
-                grads: &mut grads,
-                apply: |values: &mut [f32]| scale(values, coefficient as f32),
+                grads: &mut grads.params,
+                apply,
             });
         }
     }
@@ -146,12 +291,25 @@ pub fn gradients(
     pad_to: Option<usize>,
     device: &Device,
 ) -> (GradientsParams, f64) {
+    let (grads, loss) = gradients_taking(model, micro_batches, pad_to, WordGradient::Dense, device);
+    (grads.params, loss)
+}
+
+/// [`gradients`], with the word embeddings' gradient taken as `words` says.
+pub fn gradients_taking(
+    model: &Classifier,
+    micro_batches: &[MicroBatch],
+    pad_to: Option<usize>,
+    words: WordGradient,
+    device: &Device,
+) -> (Gradients, f64) {
     // One Mixout mask per update, shared by its micro-batches, as one large batch would draw.
     let masked = with_mixout_masks(model);
     let model = masked.as_ref().unwrap_or(model);
     let total: usize = micro_batches.iter().map(|m| m.rows.len()).sum();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut accumulated = GradientsAccumulator::new();
+    let mut word_rows: Option<RowGradient> = None;
     let mut loss_sum = 0.0;
     for micro in micro_batches {
         let batch = Batch::from_rows(&micro.rows, &model.config, pad_to, device);
@@ -160,21 +318,64 @@ pub fn gradients(
             device,
         );
         let share = micro.rows.len() as f64 / total as f64;
-        let loss = loss_fn
-            .forward(model.logits(&batch), targets)
-            .mul_scalar(share);
-        let grads = GradientsParams::from_grads(loss.backward(), model);
+        let (logits, leaf) = match words {
+            WordGradient::Dense => (model.logits(&batch), None),
+            WordGradient::Rows => {
+                let leaf = model.word_leaf(&batch);
+                (model.logits_from_words(leaf.clone(), &batch), Some(leaf))
+            }
+        };
+        let loss = loss_fn.forward(logits, targets).mul_scalar(share);
+        let mut backward = loss.backward();
+        if let Some(leaf) = leaf {
+            let rows = lookup_gradient(model, &batch, &leaf, &mut backward);
+            match &mut word_rows {
+                Some(sum) => sum.accumulate(&rows),
+                None => word_rows = Some(rows),
+            }
+        }
+        let grads = GradientsParams::from_grads(backward, model);
         loss_sum += f64::from(loss.into_scalar::<f32>());
         accumulated.accumulate(model, grads);
     }
-    (accumulated.grads(), loss_sum)
+    let grads = Gradients {
+        params: accumulated.grads(),
+        word_rows,
+    };
+    (grads, loss_sum)
+}
+
+/// The word-embedding table's gradient from that of its lookup `leaf` (see
+/// [`Classifier::word_leaf`]).
+fn lookup_gradient(
+    model: &Classifier,
+    batch: &Batch,
+    leaf: &Tensor<3>,
+    backward: &mut burn::tensor::Gradients,
+) -> RowGradient {
+    let [rows, dim] = model.embeddings.word.weight.dims();
+    let grad = leaf
+        .grad_remove(backward)
+        .expect("the word lookup is a leaf of the graph")
+        .into_data();
+    let ids: Vec<usize> = batch
+        .input_ids
+        .to_data()
+        .iter::<i64>()
+        .map(|id| id as usize)
+        .collect();
+    let grad = grad.as_slice::<f32>().expect("f32 gradients");
+    RowGradient::from_lookup(rows, dim, &ids, grad)
 }
 
 /// The L2 norm of all gradients together (accumulated in f64).
-pub fn global_norm(model: &Classifier, grads: &mut GradientsParams) -> f64 {
-    let mut sum = 0.0f64;
+pub fn global_norm(model: &Classifier, grads: &mut Gradients) -> f64 {
+    let mut sum = grads
+        .word_rows
+        .as_ref()
+        .map_or(0.0, |rows| squared_norm(rows.values()));
     model.visit(&mut InPlace {
-        grads,
+        grads: &mut grads.params,
         apply: |values: &mut [f32]| sum += squared_norm(values),
     });
     sum.sqrt()

@@ -194,7 +194,7 @@ impl Job for TrainJob {
                 checkpoints.check(&dir)?;
                 let mut restored =
                     checkpoint::restore(&dir, &labels, &device.clone().autodiff(), |m| {
-                        crate::trainer::optimizer(args, m)
+                        crate::trainer::optimizer(args, self.params.regularizers.awp.as_ref(), m)
                     })?;
                 ctx.reporter.message(&format!(
                     "resuming from {} (step {} of {})",

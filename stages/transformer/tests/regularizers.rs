@@ -156,6 +156,7 @@ fn awp_and_mixout_with_accumulation_equal_one_large_batch() {
             pad_to: None,
             dropout_seed: 7,
             attack: Some(&attack),
+            words: optimizer.word_gradient(),
         };
         let (model, stats) = update(model, &mut optimizer, &micro_batches(sizes), &plan, &device);
         (tensors(&model), stats)
@@ -420,6 +421,7 @@ fn mixout_targets_are_the_starting_weights_and_the_optimizer_never_moves_them() 
             pad_to: None,
             dropout_seed: step,
             attack: None,
+            words: optimizer.word_gradient(),
         };
         (model, _) = update(model, &mut optimizer, &batches, &plan, &device);
     }

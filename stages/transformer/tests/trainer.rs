@@ -255,3 +255,75 @@ fn the_best_checkpoint_survives_rotation_and_becomes_the_output_model() {
     .unwrap();
     assert!(weights(&outcome.model) != weights(&last.model));
 }
+
+/// The word embeddings' AdamW state lives in its own checkpoint file when they train by rows. A
+/// checkpoint without it (the state kept in optimizer.bpk, as before rows) resumes them densely
+/// from that state; a run that needs their dense gradient refuses a checkpoint with it, naming
+/// the checkpoint.
+#[test]
+fn word_embedding_state_round_trips_and_falls_back_to_dense() {
+    use finetune_transformer::optim::{AdamW, MicroBatch, UpdatePlan, WordGradient, update};
+    use finetune_transformer::sparse::STATE_FILE;
+    let _device = finetune_transformer::exclusive_device();
+    let device = finetune_transformer::device("cpu").unwrap().autodiff();
+    let micro = [MicroBatch {
+        rows: vec![vec![101, 2307, 102], vec![101, 2919, 2307, 102]],
+        labels: vec![0, 1],
+    }];
+    let step = |model: Classifier, optimizer: &mut finetune_transformer::optim::Optimizer| {
+        let plan = UpdatePlan {
+            lr: 1e-3,
+            max_grad_norm: None,
+            pad_to: None,
+            dropout_seed: 3,
+            attack: None,
+            words: optimizer.word_gradient(),
+        };
+        update(model, optimizer, &micro, &plan, &device).0
+    };
+    let by_rows = AdamW {
+        weight_decay: 0.01,
+        ..AdamW::default()
+    };
+    let dense = AdamW {
+        word_rows: false,
+        ..by_rows
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let model = fresh_model(5);
+    let mut optimizer = by_rows.build(&model);
+    let model = step(model, &mut optimizer);
+    optimizer.save(dir.path()).unwrap();
+    assert!(dir.path().join(STATE_FILE).is_file());
+
+    // Saved and loaded, the next step is the one the optimizer in memory takes.
+    let mut loaded = by_rows.build(&model).load(dir.path(), &model).unwrap();
+    assert_eq!(loaded.word_gradient(), WordGradient::Rows);
+    let expected = weights(&step(model.clone(), &mut optimizer));
+    assert!(weights(&step(model.clone(), &mut loaded)) == expected);
+
+    let refused = dense.build(&model).load(dir.path(), &model).err().unwrap();
+    assert!(
+        refused
+            .to_string()
+            .contains("trained the word embeddings by rows")
+            && refused
+                .to_string()
+                .contains(&dir.path().display().to_string()),
+        "{refused:#}"
+    );
+
+    // A checkpoint of a dense run has no rows file: a rows run resumes it densely.
+    let dense_dir = tempfile::tempdir().unwrap();
+    let mut dense_optimizer = dense.build(&model);
+    let model = step(model, &mut dense_optimizer);
+    dense_optimizer.save(dense_dir.path()).unwrap();
+    assert!(!dense_dir.path().join(STATE_FILE).exists());
+    let mut resumed = by_rows
+        .build(&model)
+        .load(dense_dir.path(), &model)
+        .unwrap();
+    assert_eq!(resumed.word_gradient(), WordGradient::Dense);
+    let expected = weights(&step(model.clone(), &mut dense_optimizer));
+    assert!(weights(&step(model, &mut resumed)) == expected);
+}

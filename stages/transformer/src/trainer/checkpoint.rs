@@ -1,6 +1,6 @@
 //! Checkpoints, laid out as Trainer lays them out: `checkpoint-<step>/` with the model
-//! (config.json + model.safetensors), the optimizer state (optimizer.bpk, burn's format), the
-//! schedule (scheduler.json), the RNG state (rng_state.json) and trainer_state.json. A
+//! (config.json + model.safetensors), the optimizer state (optimizer.bpk, burn's format, and
+//! word_embeddings_adamw.safetensors when the word embeddings train by rows), the schedule (scheduler.json), the RNG state (rng_state.json) and trainer_state.json. A
 //! checkpoint is written under a temporary name and renamed when complete, so a crash never
 //! leaves one that a resume would trust. With a signing key, each checkpoint also holds a
 //! `fingerprint.json` (HMAC-SHA256 over its files), checked before a resume trusts it.
@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use burn::module::Module;
-use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use finetune_core::integrity::{self, SigningKey};
 use finetune_core::output::{sync_dir, sync_tree, write_json};
@@ -18,10 +17,10 @@ use serde_json::json;
 
 use super::state::TrainerState;
 use crate::model::Classifier;
+use crate::optim::Optimizer;
 use crate::schedule::Schedule;
 
 const PREFIX: &str = "checkpoint-";
-const OPTIMIZER: &str = "optimizer.bpk";
 const SCHEDULER: &str = "scheduler.json";
 const RNG_STATE: &str = "rng_state.json";
 const TRAINER_STATE: &str = "trainer_state.json";
@@ -38,7 +37,7 @@ pub struct Checkpoints {
 pub struct Restored {
     pub name: String,
     pub model: Classifier,
-    pub optimizer: ModuleOptimizer,
+    pub optimizer: Optimizer,
     pub state: TrainerState,
 }
 
@@ -90,7 +89,7 @@ impl Checkpoints {
     pub fn save(
         &self,
         model: &Classifier,
-        optimizer: &ModuleOptimizer,
+        optimizer: &Optimizer,
         schedule: &Schedule,
         seed: u64,
         state: &TrainerState,
@@ -193,7 +192,7 @@ pub fn restore(
     dir: &Path,
     labels: &[String],
     device: &Device,
-    fresh_optimizer: impl FnOnce(&Classifier) -> ModuleOptimizer,
+    fresh_optimizer: impl FnOnce(&Classifier) -> Optimizer,
 ) -> Result<Restored> {
     let state: TrainerState = serde_json::from_slice(
         &std::fs::read(dir.join(TRAINER_STATE))
@@ -206,14 +205,7 @@ pub fn restore(
         )
     })?;
     let (model, _) = crate::hf::load(dir, Some(labels), 0, device)?;
-    let optimizer = fresh_optimizer(&model)
-        .load(dir.join(OPTIMIZER))
-        .map_err(|e| {
-            anyhow!(
-                "{}: cannot load the optimizer state: {e}",
-                dir.join(OPTIMIZER).display()
-            )
-        })?;
+    let optimizer = fresh_optimizer(&model).load(dir, &model)?;
     Ok(Restored {
         name: dir
             .file_name()
@@ -228,16 +220,14 @@ pub fn restore(
 fn write_checkpoint(
     dir: &Path,
     model: &Classifier,
-    optimizer: &ModuleOptimizer,
+    optimizer: &Optimizer,
     schedule: &Schedule,
     seed: u64,
     state: &TrainerState,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     crate::hf::save(&model.valid(), dir)?;
-    optimizer
-        .save(dir.join(OPTIMIZER))
-        .map_err(|e| anyhow!("cannot save the optimizer state: {e}"))?;
+    optimizer.save(dir)?;
     write_json(
         &dir.join(SCHEDULER),
         &json!({ "schedule": schedule, "last_step": state.global_step }),

@@ -22,7 +22,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::module::Module;
-use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 use finetune_core::rng::SplitMix64;
 use serde_json::{Value, json};
@@ -36,12 +35,12 @@ pub use crate::predict::evaluate;
 
 use crate::data::Example;
 use crate::model::Classifier;
-use crate::optim::{AdamW, MicroBatch, UpdatePlan, update_gradients};
+use crate::optim::{AdamW, MicroBatch, Optimizer, UpdatePlan, update_gradients};
 use crate::regularizers::AwpConfig;
 use crate::schedule::Schedule;
 
 /// Scores a model; the trainer calls it at every evaluation.
-pub trait Evaluator {
+pub trait Evaluator: Send {
     /// Full metrics as JSON (`loss`, `accuracy`, `f1_macro`, …, `per_class`, `confusion`).
     fn evaluate(&mut self, model: &Classifier) -> Result<Value>;
     /// Examples scored per evaluation (for eval samples/s).
@@ -174,14 +173,21 @@ impl<'a> Trainer<'a> {
     }
 
     /// The optimizer a run uses for `model`.
-    pub fn optimizer(&self, model: &Classifier) -> ModuleOptimizer {
-        optimizer(self.args, model)
+    pub fn optimizer(&self, model: &Classifier) -> Optimizer {
+        optimizer(self.args, self.awp, model)
     }
 
     /// Trains on `train` from `start` (the model must live on an autodiff device).
     pub fn train(&mut self, start: Start, train: &[Example]) -> Result<Outcome> {
         // The device's RNG is process-wide: one training at a time keeps runs reproducible.
         let _device = crate::exclusive_device();
+        // On a pool worker, the loop's serial work and the kernels' parallel work share the
+        // pool's threads; from outside, every kernel call wakes both workers and the loop's own
+        // thread makes three busy threads on two cores.
+        rayon::scope(|_| self.train_on_pool(start, train))
+    }
+
+    fn train_on_pool(&mut self, start: Start, train: &[Example]) -> Result<Outcome> {
         let args = self.args;
         let (per_epoch, total) = self.plan(train.len());
         let schedule = self.schedule(total);
@@ -288,6 +294,7 @@ impl<'a> Trainer<'a> {
                             attack: attack.as_ref().filter(|_| {
                                 awp.is_some_and(|a| a.active(epoch, state.global_step))
                             }),
+                            words: optimizer.word_gradient(),
                         };
                         update_gradients(&model, &micro, &plan, &model_device(&self.device))
                     }));
@@ -393,7 +400,7 @@ impl<'a> Trainer<'a> {
     fn stop_on_interrupt(
         &mut self,
         model: &Classifier,
-        optimizer: &ModuleOptimizer,
+        optimizer: &Optimizer,
         schedule: &Schedule,
         state: &mut TrainerState,
     ) -> Result<Outcome> {
@@ -417,7 +424,7 @@ impl<'a> Trainer<'a> {
         &self,
         checkpoints: &Checkpoints,
         model: &Classifier,
-        optimizer: &ModuleOptimizer,
+        optimizer: &Optimizer,
         schedule: &Schedule,
         state: &mut TrainerState,
     ) -> Result<std::path::PathBuf> {
@@ -487,7 +494,7 @@ impl<'a> Trainer<'a> {
     fn log_evaluate_save(
         &mut self,
         model: &Classifier,
-        optimizer: &ModuleOptimizer,
+        optimizer: &Optimizer,
         schedule: &Schedule,
         state: &mut TrainerState,
         control: &mut Control,
@@ -594,10 +601,17 @@ impl<'a> Trainer<'a> {
 }
 
 /// The optimizer `args` describe, for `model` (also what a checkpoint's state is loaded into).
-pub fn optimizer(args: &TrainingArgs, model: &Classifier) -> ModuleOptimizer {
+/// The word embeddings train by rows unless `awp` perturbs them, which takes their dense
+/// gradient.
+pub fn optimizer(args: &TrainingArgs, awp: Option<&AwpConfig>, model: &Classifier) -> Optimizer {
+    let word_table = model.embeddings.word.weight.id;
+    let attacks_words = awp
+        .and_then(|config| config.attack(model).ok())
+        .is_some_and(|attack| attack.targets.contains(&word_table));
     AdamW {
         weight_decay: args.weight_decay,
         epsilon: args.adam_epsilon,
+        word_rows: !attacks_words,
         ..AdamW::default()
     }
     .build(model)
