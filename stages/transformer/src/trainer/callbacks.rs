@@ -17,7 +17,7 @@ use super::tensorboard::EventWriter;
 /// Hooks into the training loop. Every method has a no-op default; set flags on `control` to
 /// stop training or to ask for an evaluation, a checkpoint or a log record now.
 #[allow(unused_variables)]
-pub trait Callback: Send {
+pub trait Callback {
     /// A stable name, under which `save_state` is kept in checkpoints.
     fn name(&self) -> &'static str;
     fn on_train_begin(&mut self, state: &TrainerState, control: &mut Control) -> Result<()> {
@@ -153,7 +153,7 @@ impl Callback for EarlyStopping {
 }
 
 /// Where a [`Logger`] writes each log record.
-pub trait RecordSink: Send {
+pub trait RecordSink {
     fn write(&mut self, record: &Record) -> Result<()>;
 }
 

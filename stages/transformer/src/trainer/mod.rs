@@ -40,7 +40,7 @@ use crate::regularizers::AwpConfig;
 use crate::schedule::Schedule;
 
 /// Scores a model; the trainer calls it at every evaluation.
-pub trait Evaluator: Send {
+pub trait Evaluator {
     /// Full metrics as JSON (`loss`, `accuracy`, `f1_macro`, …, `per_class`, `confusion`).
     fn evaluate(&mut self, model: &Classifier) -> Result<Value>;
     /// Examples scored per evaluation (for eval samples/s).
@@ -181,13 +181,6 @@ impl<'a> Trainer<'a> {
     pub fn train(&mut self, start: Start, train: &[Example]) -> Result<Outcome> {
         // The device's RNG is process-wide: one training at a time keeps runs reproducible.
         let _device = crate::exclusive_device();
-        // On a pool worker, the loop's serial work and the kernels' parallel work share the
-        // pool's threads; from outside, every kernel call wakes both workers and the loop's own
-        // thread makes three busy threads on two cores.
-        rayon::scope(|_| self.train_on_pool(start, train))
-    }
-
-    fn train_on_pool(&mut self, start: Start, train: &[Example]) -> Result<Outcome> {
         let args = self.args;
         let (per_epoch, total) = self.plan(train.len());
         let schedule = self.schedule(total);
