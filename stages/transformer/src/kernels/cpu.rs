@@ -119,24 +119,59 @@ impl Kernels for Flex {
         let (x, weight, grad) = (contiguous(x), contiguous(weight), contiguous(grad));
         let [rows, d_in] = dims2(&x);
         let [_, d_out] = dims2(&weight);
-        let g = Operand::row_major(values(&grad), d_out);
-        let grad_x = want_x.then(|| {
-            // g · Wᵀ: Wᵀ is W read with its strides swapped.
-            let mut out = empty(Shape::new([rows, d_in]));
-            let w = Operand::row_major(values(&weight), d_out).transposed();
-            matmul(rows, d_in, d_out, out.storage_mut::<f32>(), false, g, w);
-            out
-        });
-        let grad_weight = want_weight.then(|| {
-            let mut out = empty(Shape::new([d_in, d_out]));
-            let xt = Operand::row_major(values(&x), d_in).transposed();
-            matmul(d_in, d_out, rows, out.storage_mut::<f32>(), false, xt, g);
-            out
-        });
-        let grad_bias = want_bias.then(|| {
-            let sums = column_sums(values(&grad), d_out);
-            FlexTensor::from_data(burn::tensor::TensorData::new(sums, [d_out]))
-        });
+        let (x, weight, grad) = (values(&x), values(&weight), values(&grad));
+        // With both wanted, the two products (equal in multiply-adds) run side by side, each
+        // on one core: at a few hundred rows that beats splitting each product over both.
+        let cores = match want_x && want_weight {
+            true => Cores::One,
+            false => Cores::All,
+        };
+        let grad_x = || {
+            want_x.then(|| {
+                // g · Wᵀ: Wᵀ is W read with its strides swapped.
+                let mut out = empty(Shape::new([rows, d_in]));
+                let g = Operand::row_major(grad, d_out);
+                let w = Operand::row_major(weight, d_out).transposed();
+                matmul_on(
+                    cores,
+                    rows,
+                    d_in,
+                    d_out,
+                    out.storage_mut::<f32>(),
+                    false,
+                    g,
+                    w,
+                );
+                out
+            })
+        };
+        let grad_weight_and_bias = || {
+            let grad_weight = want_weight.then(|| {
+                let mut out = empty(Shape::new([d_in, d_out]));
+                let xt = Operand::row_major(x, d_in).transposed();
+                let g = Operand::row_major(grad, d_out);
+                matmul_on(
+                    cores,
+                    d_in,
+                    d_out,
+                    rows,
+                    out.storage_mut::<f32>(),
+                    false,
+                    xt,
+                    g,
+                );
+                out
+            });
+            let grad_bias = want_bias.then(|| {
+                let sums = column_sums(grad, d_out);
+                FlexTensor::from_data(burn::tensor::TensorData::new(sums, [d_out]))
+            });
+            (grad_weight, grad_bias)
+        };
+        let (grad_x, (grad_weight, grad_bias)) = match cores {
+            Cores::One => rayon::join(grad_x, grad_weight_and_bias),
+            Cores::All => (grad_x(), grad_weight_and_bias()),
+        };
         [grad_x, grad_weight, grad_bias]
     }
 
@@ -418,6 +453,15 @@ impl Operand {
 /// From this many multiply-adds on, gemm splits a product over the cores (burn's threshold).
 const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
 
+/// Which cores a product may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cores {
+    /// The calling thread's alone (another product runs beside it).
+    One,
+    /// All of the pool's, for products of [`PARALLEL_THRESHOLD`] multiply-adds or more.
+    All,
+}
+
 /// `dst (m × n, row-major) = [dst +] lhs (m × k) · rhs (k × n)`.
 fn matmul(
     m: usize,
@@ -428,8 +472,24 @@ fn matmul(
     lhs: Operand,
     rhs: Operand,
 ) {
+    matmul_on(Cores::All, m, n, k, dst, accumulate, lhs, rhs);
+}
+
+/// [`matmul`] on the cores given. gemm splits a product by output blocks, never along `k`, so
+/// the result is the same bit for bit on one core or all.
+#[allow(clippy::too_many_arguments)]
+fn matmul_on(
+    cores: Cores,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: Operand,
+    rhs: Operand,
+) {
     assert_eq!(dst.len(), m * n, "matmul output size");
-    let parallelism = match m * n * k >= PARALLEL_THRESHOLD {
+    let parallelism = match cores == Cores::All && m * n * k >= PARALLEL_THRESHOLD {
         true => gemm::Parallelism::Rayon(0),
         false => gemm::Parallelism::None,
     };

@@ -160,6 +160,34 @@ mod tests {
         );
     }
 
+    /// With both gradients wanted, the backward runs its two products side by side on one core
+    /// each; alone, each is split over the cores. The results agree bit for bit.
+    #[test]
+    fn dense_gradients_are_the_same_on_one_core_or_all() {
+        let device = Device::flex().autodiff();
+        let (rows, d_in, d_out) = (200, 96, 384);
+        let x = values([rows, d_in], 13, 1.0, &device);
+        let weight = values([d_in, d_out], 14, 0.1, &device);
+        let bias = values([d_out], 15, 0.1, &device);
+        let upstream = values([rows, d_out], 16, 1.0, &device);
+        let run = |track_x: bool, track_weight: bool| {
+            let track = |t: &Tensor<2>, on: bool| match on {
+                true => t.clone().require_grad(),
+                false => t.clone(),
+            };
+            let (x, w) = (track(&x, track_x), track(&weight, track_weight));
+            let y = dense(x.clone(), w.clone(), bias.clone().require_grad());
+            let grads = (y * upstream.clone()).sum().backward();
+            (x.grad(&grads).map(bits), w.grad(&grads).map(bits))
+        };
+        let (both_x, both_weight) = run(true, true);
+        let (alone_x, _) = run(true, false);
+        let (_, alone_weight) = run(false, true);
+        assert!(both_x.is_some() && both_weight.is_some());
+        assert_eq!(both_x, alone_x, "input gradient");
+        assert_eq!(both_weight, alone_weight, "weight gradient");
+    }
+
     #[test]
     fn dense_matches_burns_linear_with_all_three_gradients() {
         let device = Device::flex().autodiff();
