@@ -106,7 +106,7 @@ impl Kernels for Flex {
         });
         let x = Operand::row_major(values(&x), d_in);
         let w = Operand::row_major(values(&weight), d_out);
-        matmul(rows, d_out, d_in, dst, true, x, w);
+        matmul(Cores::All, rows, d_out, d_in, dst, true, x, w);
         out
     }
 
@@ -132,7 +132,7 @@ impl Kernels for Flex {
                 let mut out = empty(Shape::new([rows, d_in]));
                 let g = Operand::row_major(grad, d_out);
                 let w = Operand::row_major(weight, d_out).transposed();
-                matmul_on(
+                matmul(
                     cores,
                     rows,
                     d_in,
@@ -150,7 +150,7 @@ impl Kernels for Flex {
                 let mut out = empty(Shape::new([d_in, d_out]));
                 let xt = Operand::row_major(x, d_in).transposed();
                 let g = Operand::row_major(grad, d_out);
-                matmul_on(
+                matmul(
                     cores,
                     d_in,
                     d_out,
@@ -462,23 +462,11 @@ enum Cores {
     All,
 }
 
-/// `dst (m × n, row-major) = [dst +] lhs (m × k) · rhs (k × n)`.
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: Operand,
-    rhs: Operand,
-) {
-    matmul_on(Cores::All, m, n, k, dst, accumulate, lhs, rhs);
-}
-
-/// [`matmul`] on the cores given. gemm splits a product by output blocks, never along `k`, so
-/// the result is the same bit for bit on one core or all.
+/// `dst (m × n, row-major) = [dst +] lhs (m × k) · rhs (k × n)` on the cores given. gemm splits
+/// a product by output blocks, never along `k`, so the result is the same bit for bit on one
+/// core or all.
 #[allow(clippy::too_many_arguments)]
-fn matmul_on(
+fn matmul(
     cores: Cores,
     m: usize,
     n: usize,
