@@ -1,9 +1,10 @@
 //! Checkpoints, laid out as Trainer lays them out: `checkpoint-<step>/` with the model
 //! (config.json + model.safetensors), the optimizer state (optimizer.bpk, burn's format, and
-//! word_embeddings_adamw.safetensors when the word embeddings train by rows), the schedule (scheduler.json), the RNG state (rng_state.json) and trainer_state.json. A
-//! checkpoint is written under a temporary name and renamed when complete, so a crash never
-//! leaves one that a resume would trust. With a signing key, each checkpoint also holds a
-//! `fingerprint.json` (HMAC-SHA256 over its files), checked before a resume trusts it.
+//! word_embeddings_adamw.safetensors when the word embeddings train by rows), the schedule
+//! (scheduler.json), the RNG state (rng_state.json) and trainer_state.json. A checkpoint is
+//! written under a temporary name and renamed when complete, so a crash never leaves one that
+//! a resume would trust. With a signing key, each checkpoint also holds a `fingerprint.json`
+//! (HMAC-SHA256 over its files), checked before a resume trusts it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
