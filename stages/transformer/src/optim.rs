@@ -121,19 +121,16 @@ impl Optimizer {
                 });
             }
             (None, None) => {}
-            (expected, _) => panic!(
-                "the word embeddings' gradient was taken {} but this optimizer steps them {}",
-                if expected.is_some() {
-                    "densely"
-                } else {
-                    "by rows"
-                },
-                if expected.is_some() {
-                    "by rows"
-                } else {
-                    "densely"
-                },
-            ),
+            (Some(_), None) => {
+                panic!(
+                    "the word embeddings' gradient was taken densely; this optimizer steps them by rows"
+                )
+            }
+            (None, Some(_)) => {
+                panic!(
+                    "the word embeddings' gradient was taken by rows; this optimizer steps them densely"
+                )
+            }
         }
         model
     }
@@ -159,21 +156,20 @@ impl Optimizer {
             .params
             .load(&path)
             .map_err(|e| anyhow!("{}: cannot load the optimizer state: {e}", path.display()))?;
-        let [rows, dim] = model.embeddings.word.weight.dims();
-        let kept_apart = match &mut self.word_rows {
-            Some(word_rows) => word_rows.load(dir, rows, dim)?,
-            None => dir.join(sparse::STATE_FILE).exists(),
-        };
-        match (&self.word_rows, kept_apart) {
-            (Some(_), false) => self.word_rows = None,
-            (None, true) => bail!(
+        if !dir.join(sparse::STATE_FILE).exists() {
+            self.word_rows = None;
+            return Ok(self);
+        }
+        let Some(word_rows) = &mut self.word_rows else {
+            bail!(
                 "{}: this checkpoint trained the word embeddings by rows, and this run needs \
                  their dense gradient (AWP on the word embeddings); resume without AWP on them, \
                  or start from the checkpoint's model",
                 dir.display()
-            ),
-            _ => {}
-        }
+            );
+        };
+        let [rows, dim] = model.embeddings.word.weight.dims();
+        word_rows.load(dir, rows, dim)?;
         Ok(self)
     }
 }

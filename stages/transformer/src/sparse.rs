@@ -123,7 +123,7 @@ impl RowGradient {
         &mut self.values
     }
 
-    /// The dense `[table_rows × dim]` gradient, row-major (for tests and comparisons).
+    /// The dense `[table_rows × dim]` gradient, row-major.
     pub fn to_dense(&self) -> Vec<f32> {
         let mut dense = vec![0.0; self.slots.len() * self.dim];
         for (id, row) in self.rows() {
@@ -223,15 +223,11 @@ impl RowAdamW {
             .with_context(|| format!("cannot write {}", path.display()))
     }
 
-    /// Reads what [`RowAdamW::save`] wrote into `dir`, for a `[rows, dim]` table. `Ok(false)`
-    /// when `dir` has no such file (a checkpoint that kept the table's state with the others).
-    pub fn load(&mut self, dir: &Path, rows: usize, dim: usize) -> Result<bool> {
+    /// Reads what [`RowAdamW::save`] wrote into `dir`, for a `[rows, dim]` table.
+    pub fn load(&mut self, dir: &Path, rows: usize, dim: usize) -> Result<()> {
         let path = dir.join(STATE_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let at = |message: String| anyhow!("{}: {message}", path.display());
         let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| at(e.to_string()))?;
         let time = metadata
@@ -271,7 +267,7 @@ impl RowAdamW {
             moment_2,
             moved,
         });
-        Ok(true)
+        Ok(())
     }
 }
 

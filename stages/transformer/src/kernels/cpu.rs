@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::{FusedOps, erf};
 use crate::PARALLEL_CHUNK;
 use crate::dropout::Mask;
+use crate::sparse::RowGradient;
 
 /// The forward and backward pieces that the fused operations are made of, on one backend.
 pub trait Kernels: Backend {
@@ -252,13 +253,10 @@ impl Kernels for Flex {
         let grad = contiguous(grad);
         let (ids, _) = ids_of(ids);
         let dim = values(&grad).len() / ids.len().max(1);
-        let mut table = empty(Shape::new([rows, dim]));
-        let sums = table.storage_mut::<f32>();
-        for (&id, row) in ids.iter().zip(values(&grad).chunks_exact(dim)) {
-            let sum = &mut sums[id * dim..(id + 1) * dim];
-            sum.iter_mut().zip(row).for_each(|(s, g)| *s += g);
-        }
-        table
+        // The rows' sums as training by rows makes them, laid out densely: the two ways of
+        // training a table share one summation.
+        let sums = RowGradient::from_lookup(rows, dim, &ids, values(&grad)).to_dense();
+        FlexTensor::from_data(burn::tensor::TensorData::new(sums, [rows, dim]))
     }
 
     fn softmax_forward(scores: FlexTensor, mask: FlexTensor, divisor: f32) -> FlexTensor {
