@@ -130,38 +130,16 @@ impl Kernels for Flex {
         let grad_x = || {
             want_x.then(|| {
                 // g · Wᵀ: Wᵀ is W read with its strides swapped.
-                let mut out = empty(Shape::new([rows, d_in]));
                 let g = Operand::row_major(grad, d_out);
                 let w = Operand::row_major(weight, d_out).transposed();
-                matmul(
-                    cores,
-                    rows,
-                    d_in,
-                    d_out,
-                    out.storage_mut::<f32>(),
-                    false,
-                    g,
-                    w,
-                );
-                out
+                product(cores, [rows, d_in], d_out, g, w)
             })
         };
         let grad_weight_and_bias = || {
             let grad_weight = want_weight.then(|| {
-                let mut out = empty(Shape::new([d_in, d_out]));
                 let xt = Operand::row_major(x, d_in).transposed();
                 let g = Operand::row_major(grad, d_out);
-                matmul(
-                    cores,
-                    d_in,
-                    d_out,
-                    rows,
-                    out.storage_mut::<f32>(),
-                    false,
-                    xt,
-                    g,
-                );
-                out
+                product(cores, [d_in, d_out], rows, xt, g)
             });
             let grad_bias = want_bias.then(|| {
                 let sums = column_sums(grad, d_out);
@@ -458,6 +436,13 @@ enum Cores {
     One,
     /// All of the pool's, for products of [`PARALLEL_THRESHOLD`] multiply-adds or more.
     All,
+}
+
+/// `lhs (m × k) · rhs (k × n)` as a new `[m, n]` tensor, on the cores given.
+fn product(cores: Cores, [m, n]: [usize; 2], k: usize, lhs: Operand, rhs: Operand) -> FlexTensor {
+    let mut out = empty(Shape::new([m, n]));
+    matmul(cores, m, n, k, out.storage_mut::<f32>(), false, lhs, rhs);
+    out
 }
 
 /// `dst (m × n, row-major) = [dst +] lhs (m × k) · rhs (k × n)` on the cores given. gemm splits
