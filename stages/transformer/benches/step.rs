@@ -96,7 +96,8 @@ fn main() {
         all[all.len() / 2]
     };
     let model = slot.expect("the trained model");
-    let matmuls = matmul_time(&model.valid(), &device, seq);
+    let [linear, attention] = matmul_time(&model.valid(), &device, seq);
+    let matmuls = linear + attention;
 
     println!(
         "MiniLM-L6, batch {BATCH} x {seq} tokens, flex CPU backend, median of {}:",
@@ -120,11 +121,16 @@ fn main() {
         100.0 * matmuls.as_secs_f64() / train_step.as_secs_f64(),
         ms(train_step.saturating_sub(matmuls))
     );
+    println!(
+        "    the linear layers' {:.1} ms, attention's batched products {:.1} ms",
+        ms(linear),
+        ms(attention)
+    );
 }
 
 /// The matmuls of one training step, run alone: each linear's forward product and its two
 /// backward products, and attention's four batched products per layer (forward and backward).
-fn matmul_time(model: &Classifier, device: &Device, seq: usize) -> Duration {
+fn matmul_time(model: &Classifier, device: &Device, seq: usize) -> [Duration; 2] {
     let c = &model.config;
     let tokens = BATCH * seq;
     let (h, i, heads, dh) = (
@@ -134,6 +140,7 @@ fn matmul_time(model: &Classifier, device: &Device, seq: usize) -> Duration {
         c.head_dim(),
     );
     let mut shapes: Vec<([usize; 3], [usize; 3])> = Vec::new();
+    let mut attention: Vec<([usize; 3], [usize; 3])> = Vec::new();
     let linear = |shapes: &mut Vec<_>, rows: usize, d_in: usize, d_out: usize| {
         shapes.push(([1, rows, d_in], [1, d_in, d_out])); // forward
         shapes.push(([1, rows, d_out], [1, d_out, d_in])); // input gradient
@@ -153,22 +160,25 @@ fn matmul_time(model: &Classifier, device: &Device, seq: usize) -> Duration {
         linear(&mut shapes, rows, h, i);
         linear(&mut shapes, rows, i, h);
         // scores = q·kᵀ and context = p·v, forward and both gradients of each.
-        shapes.push(([bh, queries, dh], [bh, dh, seq]));
-        shapes.push(([bh, queries, seq], [bh, seq, dh]));
-        shapes.push(([bh, dh, queries], [bh, queries, seq]));
-        shapes.push(([bh, queries, seq], [bh, seq, dh]));
-        shapes.push(([bh, queries, dh], [bh, dh, seq]));
-        shapes.push(([bh, seq, queries], [bh, queries, dh]));
+        attention.push(([bh, queries, dh], [bh, dh, seq]));
+        attention.push(([bh, queries, seq], [bh, seq, dh]));
+        attention.push(([bh, dh, queries], [bh, queries, seq]));
+        attention.push(([bh, queries, seq], [bh, seq, dh]));
+        attention.push(([bh, queries, dh], [bh, dh, seq]));
+        attention.push(([bh, seq, queries], [bh, queries, dh]));
     }
-    let operands: Vec<(Tensor<3>, Tensor<3>)> = shapes
-        .iter()
-        .map(|(a, b)| (Tensor::<3>::ones(*a, device), Tensor::<3>::ones(*b, device)))
-        .collect();
-    median(|| {
-        for (a, b) in &operands {
-            let _ = a.clone().matmul(b.clone()).into_data();
-        }
-    })
+    let time = |shapes: &[([usize; 3], [usize; 3])]| {
+        let operands: Vec<(Tensor<3>, Tensor<3>)> = shapes
+            .iter()
+            .map(|(a, b)| (Tensor::<3>::ones(*a, device), Tensor::<3>::ones(*b, device)))
+            .collect();
+        median(|| {
+            for (a, b) in &operands {
+                let _ = a.clone().matmul(b.clone()).into_data();
+            }
+        })
+    };
+    [time(&shapes), time(&attention)]
 }
 
 fn golden_rows(shared: &std::path::Path, n: usize) -> Vec<Vec<i32>> {

@@ -6,7 +6,7 @@ use burn::backend::{Backend, Flex};
 use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
-use super::{FusedOps, erf};
+use super::{FusedOps, erf, expf};
 use crate::PARALLEL_CHUNK;
 use crate::dropout::Mask;
 use crate::sparse::RowGradient;
@@ -180,10 +180,14 @@ impl Kernels for Flex {
             .zip(input.par_chunks(PARALLEL_CHUNK))
             .for_each(|((values, slopes), input)| {
                 erf::erf_scaled(input, values);
+                for (slope, &x) in slopes.iter_mut().zip(input) {
+                    *slope = -0.5 * x * x;
+                }
+                expf::exp_in_place(slopes);
                 for ((value, slope), &x) in values.iter_mut().zip(slopes).zip(input) {
                     let erf = *value;
                     *value = gelu_value(x, erf);
-                    *slope = gelu_slope(x, erf);
+                    *slope = gelu_slope(x, erf, *slope);
                 }
             });
         (value, Some(slope))
@@ -331,11 +335,12 @@ fn gelu_value(x: f32, erf: f32) -> f32 {
     0.5 * x * (1.0 + erf)
 }
 
-/// burn-flex's GELU derivative expression: `Φ(x) + x·φ(x)`.
-fn gelu_slope(x: f32, erf: f32) -> f32 {
+/// burn-flex's GELU derivative expression: `Φ(x) + x·φ(x)`, given `erf(x/√2)` and
+/// `exp(-x²/2)`.
+fn gelu_slope(x: f32, erf: f32, exp: f32) -> f32 {
     let cdf = 0.5 * (1.0 + erf);
     let inv_sqrt_2pi = 1.0 / (2.0 * core::f32::consts::PI).sqrt();
-    let pdf = inv_sqrt_2pi * (-0.5 * x * x).exp();
+    let pdf = inv_sqrt_2pi * exp;
     cdf + x * pdf
 }
 

@@ -7,8 +7,8 @@
 //!
 //! - [`dense`]: `x · W + b`, the bias written into the product's output before the matmul
 //!   accumulates onto it, and the backward's three products and bias sum in one node;
-//! - [`gelu`]: value and slope in one pass over a vectorised erf ([`erf`], bit for bit libm's),
-//!   the backward one multiplication;
+//! - [`gelu`]: value and slope in one pass over a vectorised erf ([`erf`], bit for bit libm's)
+//!   and exp ([`expf`], bit for bit glibc's), the backward one multiplication;
 //! - [`masked_softmax`]: `softmax(scores / divisor + mask)` row by row, the backward
 //!   `p ⊙ (g − Σ g⊙p) / divisor` in one pass;
 //! - [`dropout`]: the input times a [`Mask`] computed from its seed, forward and backward,
@@ -23,6 +23,7 @@
 pub mod autodiff;
 pub mod cpu;
 pub mod erf;
+pub mod expf;
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, backend_extension};
