@@ -10,7 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{Activation, Family, ModelConfig};
 use crate::dropout::Dropout;
-use crate::kernels::{dense, embedding, gelu, masked_softmax};
+use crate::kernels::{add_norm, dense, embedding, gelu, masked_softmax};
 use crate::regularizers::mixout::Mixout;
 
 /// A linear layer holding its weight as `[in, out]` (Hugging Face stores `[out, in]`).
@@ -188,7 +188,8 @@ impl Classifier {
 
     fn encode(&self, words: Tensor<3>, batch: &Batch, positions: Positions) -> Tensor<3> {
         let [batch_size, seq_len] = batch.input_ids.dims();
-        let mut x = self.embeddings.forward(words, batch);
+        let epsilon = self.config.layer_norm_eps;
+        let mut x = self.embeddings.forward(words, batch, epsilon);
         // 0 where attended, a large negative number at padding: exp() of it is exactly 0.
         let mask_bias = (batch.attention_mask.clone().float() - 1.0)
             .mul_scalar(1e9)
@@ -197,9 +198,9 @@ impl Classifier {
         for (index, layer) in self.layers.iter().enumerate() {
             x = match positions {
                 Positions::FirstAtLastLayer if index == last => {
-                    layer.forward_queries(x.clone().narrow(1, 0, 1), x, mask_bias.clone())
+                    layer.forward_queries(x.clone().narrow(1, 0, 1), x, mask_bias.clone(), epsilon)
                 }
-                _ => layer.forward(x, mask_bias.clone()),
+                _ => layer.forward(x, mask_bias.clone(), epsilon),
             };
         }
         x
@@ -222,24 +223,35 @@ fn first_token(x: Tensor<3>) -> Tensor<2> {
 impl Embeddings {
     /// From the batch's word embeddings: the sum with position and token-type embeddings,
     /// normalised.
-    fn forward(&self, words: Tensor<3>, batch: &Batch) -> Tensor<3> {
+    fn forward(&self, words: Tensor<3>, batch: &Batch, epsilon: f64) -> Tensor<3> {
         let lookup =
             |table: &Embedding, ids: &Tensor<2, Int>| embedding(table.weight.val(), ids.clone());
-        let mut x = words + lookup(&self.position, &batch.position_ids);
-        if let Some(token_type) = &self.token_type {
-            x = x + lookup(token_type, &batch.token_type_ids);
-        }
-        self.dropout.forward(self.norm.forward(x))
+        let positions = lookup(&self.position, &batch.position_ids);
+        // The last addition is the norm's own.
+        let sum = match &self.token_type {
+            Some(token_type) => {
+                let token_types = lookup(token_type, &batch.token_type_ids);
+                norm_of_sum(&self.norm, words + positions, token_types, epsilon)
+            }
+            None => norm_of_sum(&self.norm, words, positions, epsilon),
+        };
+        self.dropout.forward(sum)
     }
 }
 
 impl EncoderLayer {
-    fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
-        self.forward_queries(x.clone(), x, mask_bias)
+    fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>, epsilon: f64) -> Tensor<3> {
+        self.forward_queries(x.clone(), x, mask_bias, epsilon)
     }
 
     /// The layer's output at the positions of `queries` (rows of `x`), attending over all of `x`.
-    fn forward_queries(&self, queries: Tensor<3>, x: Tensor<3>, mask_bias: Tensor<4>) -> Tensor<3> {
+    fn forward_queries(
+        &self,
+        queries: Tensor<3>,
+        x: Tensor<3>,
+        mask_bias: Tensor<4>,
+        epsilon: f64,
+    ) -> Tensor<3> {
         let [batch, seq, hidden] = x.dims();
         let rows = queries.dims()[1];
         let heads = self.num_heads;
@@ -257,7 +269,7 @@ impl EncoderLayer {
             .swap_dims(1, 2)
             .reshape([batch, rows, hidden]);
         let attended = self.dropout.forward(self.attention_output.forward(context));
-        let x = self.attention_norm.forward(attended + queries);
+        let x = norm_of_sum(&self.attention_norm, attended, queries, epsilon);
         let inner = match self.activation {
             Activation::Gelu => gelu(self.intermediate.forward(x.clone())),
             Activation::GeluTanh => {
@@ -266,7 +278,16 @@ impl EncoderLayer {
             Activation::Relu => relu(self.intermediate.forward(x.clone())),
         };
         let out = self.dropout.forward(self.output.forward(inner));
-        self.output_norm.forward(out + x)
+        norm_of_sum(&self.output_norm, out, x, epsilon)
+    }
+}
+
+/// `norm(x + residual)`, fused where the norm has a bias (every family's does). `epsilon` is
+/// the config's `layer_norm_eps`, which every norm is built with (burn keeps its own private).
+fn norm_of_sum(norm: &LayerNorm, x: Tensor<3>, residual: Tensor<3>, epsilon: f64) -> Tensor<3> {
+    match &norm.beta {
+        Some(beta) => add_norm(x, residual, norm.gamma.val(), beta.val(), epsilon),
+        None => norm.forward(x + residual),
     }
 }
 

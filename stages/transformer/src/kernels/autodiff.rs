@@ -90,6 +90,33 @@ impl<B: Kernels> Backward<B, 1> for EmbeddingBackward {
     }
 }
 
+#[derive(Debug)]
+struct AddNormBackward;
+
+impl<B: Kernels> Backward<B, 4> for AddNormBackward {
+    /// The normalized rows, their deviations and gamma.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (normalized, deviation, gamma) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [input, grad_gamma, grad_beta] =
+            B::add_norm_backward(normalized, deviation, gamma, grad);
+        // The sum's two terms both get the gradient of the sum.
+        let [x, residual, gamma, beta] = ops.parents;
+        for (parent, grad) in [
+            (x, Some(input.clone())),
+            (residual, Some(input)),
+            (gamma, Some(grad_gamma)),
+            (beta, Some(grad_beta)),
+        ] {
+            if let (Some(parent), Some(grad)) = (parent, grad) {
+                grads.register::<B>(parent.id, grad);
+            }
+        }
+    }
+}
+
 impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn fused_dense(
         x: FloatTensor<Self>,
@@ -157,6 +184,31 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         let out = B::dropout(x.into_primitive(), mask);
         match prep {
             OpsKind::Tracked(prep) => prep.finish(mask, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn fused_add_norm(
+        x: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f32,
+    ) -> FloatTensor<Self> {
+        let prep = AddNormBackward
+            .prepare::<C>([x.node(), residual.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful();
+        let gamma = gamma.into_primitive();
+        let [out, normalized, deviation] = B::add_norm_forward(
+            x.into_primitive(),
+            residual.into_primitive(),
+            gamma.clone(),
+            beta.into_primitive(),
+            epsilon,
+        );
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((normalized, deviation, gamma), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }

@@ -63,6 +63,22 @@ pub trait Kernels: Backend {
         grad: Self::FloatTensorPrimitive,
         rows: usize,
     ) -> Self::FloatTensorPrimitive;
+    /// `LayerNorm(x + residual)`, and what its backward needs: the normalized rows (before
+    /// `gamma` and `beta`) and each row's standard deviation `√(var + ε)`.
+    fn add_norm_forward(
+        x: Self::FloatTensorPrimitive,
+        residual: Self::FloatTensorPrimitive,
+        gamma: Self::FloatTensorPrimitive,
+        beta: Self::FloatTensorPrimitive,
+        epsilon: f32,
+    ) -> [Self::FloatTensorPrimitive; 3];
+    /// The gradients of the norm's input (the sum `x + residual`), `gamma` and `beta`.
+    fn add_norm_backward(
+        normalized: Self::FloatTensorPrimitive,
+        deviation: Self::FloatTensorPrimitive,
+        gamma: Self::FloatTensorPrimitive,
+        grad: Self::FloatTensorPrimitive,
+    ) -> [Self::FloatTensorPrimitive; 3];
 }
 
 impl FusedOps for Flex {
@@ -84,6 +100,17 @@ impl FusedOps for Flex {
 
     fn fused_embedding(table: FlexTensor, ids: FlexTensor) -> FlexTensor {
         Self::embedding_rows(table, ids)
+    }
+
+    fn fused_add_norm(
+        x: FlexTensor,
+        residual: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f32,
+    ) -> FlexTensor {
+        let [out, _, _] = Self::add_norm_forward(x, residual, gamma, beta, epsilon);
+        out
     }
 }
 
@@ -241,6 +268,108 @@ impl Kernels for Flex {
         FlexTensor::from_data(burn::tensor::TensorData::new(sums, [rows, dim]))
     }
 
+    fn add_norm_forward(
+        x: FlexTensor,
+        residual: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f32,
+    ) -> [FlexTensor; 3] {
+        let (x, residual) = (contiguous(x), contiguous(residual));
+        let (gamma, beta) = (contiguous(gamma), contiguous(beta));
+        let shape = x.layout().shape().clone();
+        assert_eq!(
+            &shape,
+            residual.layout().shape(),
+            "add_norm: residual shape"
+        );
+        let (gamma, beta) = (values(&gamma), values(&beta));
+        let width = gamma.len();
+        assert!(
+            width > 0 && shape[shape.num_dims() - 1] == width && beta.len() == width,
+            "add_norm: gamma and beta must have the input's last dimension"
+        );
+        let rows = shape.num_elements() / width;
+        let (mut out, mut normalized) = (empty(shape.clone()), empty(shape));
+        let mut deviation = empty(Shape::new([rows]));
+        let block = rows_per_task(width);
+        out.storage_mut::<f32>()
+            .par_chunks_mut(block * width)
+            .zip(
+                normalized
+                    .storage_mut::<f32>()
+                    .par_chunks_mut(block * width),
+            )
+            .zip(deviation.storage_mut::<f32>().par_chunks_mut(block))
+            .zip(values(&x).par_chunks(block * width))
+            .zip(values(&residual).par_chunks(block * width))
+            .for_each(|((((out, normalized), deviation), x), residual)| {
+                let rows = out
+                    .chunks_exact_mut(width)
+                    .zip(normalized.chunks_exact_mut(width))
+                    .zip(x.chunks_exact(width).zip(residual.chunks_exact(width)));
+                for (((out, normalized), (x, residual)), deviation) in rows.zip(deviation) {
+                    *deviation = norm_row(x, residual, epsilon, normalized);
+                    for (((out, &n), &g), &b) in
+                        out.iter_mut().zip(&*normalized).zip(gamma).zip(beta)
+                    {
+                        *out = n * g + b;
+                    }
+                }
+            });
+        [out, normalized, deviation]
+    }
+
+    fn add_norm_backward(
+        normalized: FlexTensor,
+        deviation: FlexTensor,
+        gamma: FlexTensor,
+        grad: FlexTensor,
+    ) -> [FlexTensor; 3] {
+        let (normalized, deviation) = (contiguous(normalized), contiguous(deviation));
+        let (gamma, grad) = (contiguous(gamma), contiguous(grad));
+        let shape = normalized.layout().shape().clone();
+        let gamma = values(&gamma);
+        let width = gamma.len();
+        let block = rows_per_task(width);
+        let mut grad_input = empty(shape);
+        // Each task's sums over its rows for gamma and beta, added in task order afterwards.
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = grad_input
+            .storage_mut::<f32>()
+            .par_chunks_mut(block * width)
+            .zip(values(&normalized).par_chunks(block * width))
+            .zip(values(&deviation).par_chunks(block))
+            .zip(values(&grad).par_chunks(block * width))
+            .map(|(((grad_input, normalized), deviation), grad)| {
+                let (mut grad_gamma, mut grad_beta) = (vec![0f32; width], vec![0f32; width]);
+                let rows = grad_input
+                    .chunks_exact_mut(width)
+                    .zip(normalized.chunks_exact(width))
+                    .zip(grad.chunks_exact(width));
+                for (((grad_input, normalized), grad), &deviation) in rows.zip(deviation) {
+                    norm_row_backward(normalized, deviation, gamma, grad, grad_input);
+                    for (((gg, gb), &n), &g) in grad_gamma
+                        .iter_mut()
+                        .zip(&mut grad_beta)
+                        .zip(normalized)
+                        .zip(grad)
+                    {
+                        *gg += g * n;
+                        *gb += g;
+                    }
+                }
+                (grad_gamma, grad_beta)
+            })
+            .collect();
+        let (mut grad_gamma, mut grad_beta) = (vec![0f32; width], vec![0f32; width]);
+        for (gg, gb) in partial {
+            grad_gamma.iter_mut().zip(gg).for_each(|(s, v)| *s += v);
+            grad_beta.iter_mut().zip(gb).for_each(|(s, v)| *s += v);
+        }
+        let vector = |v: Vec<f32>| FlexTensor::from_data(burn::tensor::TensorData::new(v, [width]));
+        [grad_input, vector(grad_gamma), vector(grad_beta)]
+    }
+
     fn softmax_forward(scores: FlexTensor, mask: FlexTensor, divisor: f32) -> FlexTensor {
         let (scores, mask) = (contiguous(scores), contiguous(mask));
         let shape = scores.layout().shape().clone();
@@ -306,6 +435,77 @@ fn softmax_row(out: &mut [f32], scores: &[f32], mask: &[f32], divisor: f32) {
     for out in out.iter_mut() {
         *out /= sum;
     }
+}
+
+/// Whole rows of `width` per parallel task, about [`PARALLEL_CHUNK`] elements.
+fn rows_per_task(width: usize) -> usize {
+    (PARALLEL_CHUNK / width.max(1)).max(1)
+}
+
+/// One row of LayerNorm as burn's decomposition computes it: `normalized = (s − mean) / √(var
+/// + ε)` for `s = x + residual`, with the mean and the (biased) variance over the row. Returns
+/// `√(var + ε)`.
+fn norm_row(x: &[f32], residual: &[f32], epsilon: f32, normalized: &mut [f32]) -> f32 {
+    let width = x.len() as f32;
+    for ((n, &x), &r) in normalized.iter_mut().zip(x).zip(residual) {
+        *n = x + r;
+    }
+    let mean = lane_sum(normalized) / width;
+    normalized.iter_mut().for_each(|n| *n -= mean);
+    let variance = lane_dot(normalized, normalized) / width;
+    let deviation = (variance + epsilon).sqrt();
+    normalized.iter_mut().for_each(|n| *n /= deviation);
+    deviation
+}
+
+/// The gradient of one row's LayerNorm input: with `d = grad ⊙ gamma`,
+/// `(d − mean(d) − normalized · mean(d ⊙ normalized)) / deviation`.
+fn norm_row_backward(
+    normalized: &[f32],
+    deviation: f32,
+    gamma: &[f32],
+    grad: &[f32],
+    grad_input: &mut [f32],
+) {
+    let width = normalized.len() as f32;
+    for ((d, &g), &gamma) in grad_input.iter_mut().zip(grad).zip(gamma) {
+        *d = g * gamma;
+    }
+    let mean = lane_sum(grad_input) / width;
+    let projection = lane_dot(grad_input, normalized) / width;
+    for (d, &n) in grad_input.iter_mut().zip(normalized) {
+        *d = (*d - mean - n * projection) / deviation;
+    }
+}
+
+/// `Σ a ⊙ b` in eight interleaved lanes, so that the additions vectorise (one running sum
+/// waits on each addition in turn).
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a_groups, b_groups) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_groups
+        .remainder()
+        .iter()
+        .zip(b_groups.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in a_groups.zip(b_groups) {
+        for ((lane, a), b) in lanes.iter_mut().zip(a).zip(b) {
+            *lane += a * b;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `Σ values` in eight interleaved lanes (see [`lane_dot`]).
+fn lane_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let groups = values.chunks_exact(8);
+    let tail: f32 = groups.remainder().iter().sum();
+    for group in groups {
+        lanes.iter_mut().zip(group).for_each(|(lane, v)| *lane += v);
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// `Σ_rows grad[row, j]` for each column `j`, in f32 like burn's `sum_dim`. Blocks of rows are
