@@ -6,7 +6,7 @@
 //! Python with the reference's packages (../shared/bench/hf_trainer/requirements.txt; it runs
 //! `benches/reference/torch_step.py`), else against `FINETUNE_BENCH_REFERENCE_S` (default 0.5 s:
 //! PyTorch 2 + MKL on this machine type in ../shared/BURN_NOTES.md). Also prints the step's split
-//! into gradients (forward, backward, norm and clipping) and AdamW, and the time the step's matmuls take alone.
+//! into gradients (forward, backward, norm and clipping) and AdamW, and the time the linear layers' matmuls take alone.
 //! `FINETUNE_BENCH_RUNS` sets the number of timed runs of each (default 5).
 
 use std::path::PathBuf;
@@ -96,8 +96,7 @@ fn main() {
         all[all.len() / 2]
     };
     let model = slot.expect("the trained model");
-    let [linear, attention] = matmul_time(&model.valid(), &device, seq);
-    let matmuls = linear + attention;
+    let matmuls = matmul_time(&model.valid(), &device, seq);
 
     println!(
         "MiniLM-L6, batch {BATCH} x {seq} tokens, flex CPU backend, median of {}:",
@@ -116,69 +115,47 @@ fn main() {
         ms(phase(1))
     );
     println!(
-        "  profile: the step's matmuls alone take {:.1} ms ({:.0}% of the step); everything else {:.1} ms",
+        "  profile: the linear layers' matmuls alone take {:.1} ms ({:.0}% of the step); everything else {:.1} ms",
         ms(matmuls),
         100.0 * matmuls.as_secs_f64() / train_step.as_secs_f64(),
         ms(train_step.saturating_sub(matmuls))
     );
-    println!(
-        "    the linear layers' {:.1} ms, attention's batched products {:.1} ms",
-        ms(linear),
-        ms(attention)
-    );
 }
 
-/// The matmuls of one training step, run alone: each linear's forward product and its two
-/// backward products, and attention's four batched products per layer (forward and backward).
-fn matmul_time(model: &Classifier, device: &Device, seq: usize) -> [Duration; 2] {
+/// The linear layers' matmuls of one training step, run alone: each layer's forward product
+/// and its two backward products (attention is a fused kernel, not matmuls).
+fn matmul_time(model: &Classifier, device: &Device, seq: usize) -> Duration {
     let c = &model.config;
     let tokens = BATCH * seq;
-    let (h, i, heads, dh) = (
-        c.hidden_size,
-        c.intermediate_size,
-        c.num_heads,
-        c.head_dim(),
-    );
-    let mut shapes: Vec<([usize; 3], [usize; 3])> = Vec::new();
-    let mut attention: Vec<([usize; 3], [usize; 3])> = Vec::new();
-    let linear = |shapes: &mut Vec<_>, rows: usize, d_in: usize, d_out: usize| {
-        shapes.push(([1, rows, d_in], [1, d_in, d_out])); // forward
-        shapes.push(([1, rows, d_out], [1, d_out, d_in])); // input gradient
-        shapes.push(([1, d_in, rows], [1, rows, d_out])); // weight gradient
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let mut shapes: Vec<([usize; 2], [usize; 2])> = Vec::new();
+    let mut linear = |rows: usize, d_in: usize, d_out: usize| {
+        shapes.push(([rows, d_in], [d_in, d_out])); // forward
+        shapes.push(([rows, d_out], [d_out, d_in])); // input gradient
+        shapes.push(([d_in, rows], [rows, d_out])); // weight gradient
     };
-    let bh = BATCH * heads;
     for layer in 0..c.num_layers {
         // The last layer computes the first token's row only (`Classifier::logits`).
-        let (rows, queries) = match layer + 1 == c.num_layers {
-            true => (BATCH, 1),
-            false => (tokens, seq),
+        let rows = match layer + 1 == c.num_layers {
+            true => BATCH,
+            false => tokens,
         };
-        linear(&mut shapes, tokens, h, h); // key
-        linear(&mut shapes, tokens, h, h); // value
-        linear(&mut shapes, rows, h, h); // query
-        linear(&mut shapes, rows, h, h); // attention output
-        linear(&mut shapes, rows, h, i);
-        linear(&mut shapes, rows, i, h);
-        // scores = q·kᵀ and context = p·v, forward and both gradients of each.
-        attention.push(([bh, queries, dh], [bh, dh, seq]));
-        attention.push(([bh, queries, seq], [bh, seq, dh]));
-        attention.push(([bh, dh, queries], [bh, queries, seq]));
-        attention.push(([bh, queries, seq], [bh, seq, dh]));
-        attention.push(([bh, queries, dh], [bh, dh, seq]));
-        attention.push(([bh, seq, queries], [bh, queries, dh]));
+        linear(tokens, h, h); // key
+        linear(tokens, h, h); // value
+        linear(rows, h, h); // query
+        linear(rows, h, h); // attention output
+        linear(rows, h, i);
+        linear(rows, i, h);
     }
-    let time = |shapes: &[([usize; 3], [usize; 3])]| {
-        let operands: Vec<(Tensor<3>, Tensor<3>)> = shapes
-            .iter()
-            .map(|(a, b)| (Tensor::<3>::ones(*a, device), Tensor::<3>::ones(*b, device)))
-            .collect();
-        median(|| {
-            for (a, b) in &operands {
-                let _ = a.clone().matmul(b.clone()).into_data();
-            }
-        })
-    };
-    [time(&shapes), time(&attention)]
+    let operands: Vec<(Tensor<2>, Tensor<2>)> = shapes
+        .iter()
+        .map(|(a, b)| (Tensor::<2>::ones(*a, device), Tensor::<2>::ones(*b, device)))
+        .collect();
+    median(|| {
+        for (a, b) in &operands {
+            let _ = a.clone().matmul(b.clone()).into_data();
+        }
+    })
 }
 
 fn golden_rows(shared: &std::path::Path, n: usize) -> Vec<Vec<i32>> {

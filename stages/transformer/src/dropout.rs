@@ -33,12 +33,19 @@ impl Dropout {
     }
 
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        let device = input.device();
-        if self.prob == 0.0 || !device.is_autodiff() {
-            return input;
+        match self.mask(&input.device()) {
+            Some(mask) => crate::kernels::dropout(input, mask),
+            None => input,
         }
-        let seed = draw_seed(&device);
-        crate::kernels::dropout(input, Mask::new(seed, 1.0 - self.prob))
+    }
+
+    /// The mask [`Dropout::forward`] would apply on `device` now (drawing its seed), for an
+    /// operation that applies it itself; `None` where dropout is the identity.
+    pub fn mask(&self, device: &burn::tensor::Device) -> Option<Mask> {
+        if self.prob == 0.0 || !device.is_autodiff() {
+            return None;
+        }
+        Some(Mask::new(draw_seed(device), 1.0 - self.prob))
     }
 }
 

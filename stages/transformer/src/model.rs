@@ -10,7 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{Activation, Family, ModelConfig};
 use crate::dropout::Dropout;
-use crate::kernels::{add_norm, dense, embedding, gelu, masked_softmax};
+use crate::kernels::{add_norm, attention, dense, embedding, gelu};
 use crate::regularizers::mixout::Mixout;
 
 /// A linear layer holding its weight as `[in, out]` (Hugging Face stores `[out, in]`).
@@ -252,22 +252,14 @@ impl EncoderLayer {
         mask_bias: Tensor<4>,
         epsilon: f64,
     ) -> Tensor<3> {
-        let [batch, seq, hidden] = x.dims();
-        let rows = queries.dims()[1];
         let heads = self.num_heads;
-        let head_dim = hidden / heads;
-        let split =
-            |t: Tensor<3>, len: usize| t.reshape([batch, len, heads, head_dim]).swap_dims(1, 2);
-        let q = split(self.query.forward(queries.clone()), rows);
-        let k = split(self.key.forward(x.clone()), seq);
-        let v = split(self.value.forward(x), seq);
+        let head_dim = x.dims()[2] / heads;
+        let q = self.query.forward(queries.clone());
+        let k = self.key.forward(x.clone());
+        let v = self.value.forward(x);
         let divisor = (head_dim as f64).sqrt() as f32;
-        let probs = masked_softmax(q.matmul(k.transpose()), mask_bias, divisor);
-        let probs = self.attention_dropout.forward(probs);
-        let context = probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, rows, hidden]);
+        let dropout = self.attention_dropout.mask(&q.device());
+        let context = attention(q, k, v, mask_bias, heads, divisor, dropout);
         let attended = self.dropout.forward(self.attention_output.forward(context));
         let x = norm_of_sum(&self.attention_norm, attended, queries, epsilon);
         let inner = match self.activation {

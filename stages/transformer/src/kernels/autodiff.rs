@@ -1,6 +1,6 @@
 //! The fused operations under burn's autodiff: each is one graph node whose backward calls the
 //! backend's [`Kernels`]. States hold the backend tensors the backward needs (the layer's
-//! input and weight, GELU's slope, the softmax's output), not checkpoints: these operations
+//! input and weight, GELU's slope, the attention's probabilities), not checkpoints: these operations
 //! are the ones worth keeping.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -48,21 +48,6 @@ impl<B: Kernels> Backward<B, 1> for GeluBackward {
 }
 
 #[derive(Debug)]
-struct SoftmaxBackward;
-
-impl<B: Kernels> Backward<B, 1> for SoftmaxBackward {
-    /// The probabilities and the divisor.
-    type State = (FloatTensor<B>, f32);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (probs, divisor) = ops.state;
-        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
-            B::softmax_backward(probs, grad, divisor)
-        });
-    }
-}
-
-#[derive(Debug)]
 struct DropoutBackward;
 
 impl<B: Kernels> Backward<B, 1> for DropoutBackward {
@@ -87,6 +72,28 @@ impl<B: Kernels> Backward<B, 1> for EmbeddingBackward {
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             B::embedding_grad(ids, grad, rows)
         });
+    }
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+/// What the attention's backward needs: the queries, keys and values, the probabilities
+/// before dropout, and the attention's settings.
+type AttentionState<B> = ([FloatTensor<B>; 4], usize, f32, Option<Mask>);
+
+impl<B: Kernels> Backward<B, 3> for AttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ([q, k, v, probs], heads, divisor, dropout) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let computed = B::attention_backward(q, k, v, probs, grad, heads, divisor, dropout);
+        for (parent, grad) in ops.parents.into_iter().zip(computed) {
+            if let Some(parent) = parent {
+                grads.register::<B>(parent.id, grad);
+            }
+        }
     }
 }
 
@@ -156,26 +163,6 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
-    fn fused_masked_softmax(
-        scores: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
-        divisor: f32,
-    ) -> FloatTensor<Self> {
-        assert!(
-            !mask.is_tracked(),
-            "the attention mask is a constant: it gets no gradient"
-        );
-        let prep = SoftmaxBackward
-            .prepare::<C>([scores.node()])
-            .compute_bound()
-            .stateful();
-        let probs = B::softmax_forward(scores.into_primitive(), mask.into_primitive(), divisor);
-        match prep {
-            OpsKind::Tracked(prep) => prep.finish((probs.clone(), divisor), probs),
-            OpsKind::UnTracked(prep) => prep.finish(probs),
-        }
-    }
-
     fn fused_dropout(x: FloatTensor<Self>, mask: Mask) -> FloatTensor<Self> {
         let prep = DropoutBackward
             .prepare::<C>([x.node()])
@@ -185,6 +172,41 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         match prep {
             OpsKind::Tracked(prep) => prep.finish(mask, out),
             OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        heads: usize,
+        divisor: f32,
+        dropout: Option<Mask>,
+    ) -> FloatTensor<Self> {
+        assert!(
+            !mask.is_tracked(),
+            "the attention mask is a constant: it gets no gradient"
+        );
+        let prep = AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful();
+        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+        let [context, probs] = B::attention_forward(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            mask.into_primitive(),
+            heads,
+            divisor,
+            dropout,
+        );
+        match prep {
+            OpsKind::Tracked(prep) => {
+                prep.finish(([q, k, v, probs], heads, divisor, dropout), context)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(context),
         }
     }
 

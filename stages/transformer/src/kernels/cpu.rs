@@ -38,18 +38,6 @@ pub trait Kernels: Backend {
         grad: Self::FloatTensorPrimitive,
         slope: Self::FloatTensorPrimitive,
     ) -> Self::FloatTensorPrimitive;
-    /// `softmax(scores / divisor + mask)` over the last dimension.
-    fn softmax_forward(
-        scores: Self::FloatTensorPrimitive,
-        mask: Self::FloatTensorPrimitive,
-        divisor: f32,
-    ) -> Self::FloatTensorPrimitive;
-    /// The scores' gradient from the probabilities and theirs.
-    fn softmax_backward(
-        probs: Self::FloatTensorPrimitive,
-        grad: Self::FloatTensorPrimitive,
-        divisor: f32,
-    ) -> Self::FloatTensorPrimitive;
     /// `x ⊙ mask` in row-major order.
     fn dropout(x: Self::FloatTensorPrimitive, mask: Mask) -> Self::FloatTensorPrimitive;
     fn embedding_rows(
@@ -63,6 +51,30 @@ pub trait Kernels: Backend {
         grad: Self::FloatTensorPrimitive,
         rows: usize,
     ) -> Self::FloatTensorPrimitive;
+    /// Multi-head attention's context and its probabilities before dropout (see
+    /// [`super::attention`]).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        q: Self::FloatTensorPrimitive,
+        k: Self::FloatTensorPrimitive,
+        v: Self::FloatTensorPrimitive,
+        mask: Self::FloatTensorPrimitive,
+        heads: usize,
+        divisor: f32,
+        dropout: Option<Mask>,
+    ) -> [Self::FloatTensorPrimitive; 2];
+    /// The gradients of the queries, keys and values from the context's.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        q: Self::FloatTensorPrimitive,
+        k: Self::FloatTensorPrimitive,
+        v: Self::FloatTensorPrimitive,
+        probs: Self::FloatTensorPrimitive,
+        grad: Self::FloatTensorPrimitive,
+        heads: usize,
+        divisor: f32,
+        dropout: Option<Mask>,
+    ) -> [Self::FloatTensorPrimitive; 3];
     /// `LayerNorm(x + residual)`, and what its backward needs: the normalized rows (before
     /// `gamma` and `beta`) and each row's standard deviation `√(var + ε)`.
     fn add_norm_forward(
@@ -90,10 +102,6 @@ impl FusedOps for Flex {
         Self::gelu_forward(x, false).0
     }
 
-    fn fused_masked_softmax(scores: FlexTensor, mask: FlexTensor, divisor: f32) -> FlexTensor {
-        Self::softmax_forward(scores, mask, divisor)
-    }
-
     fn fused_dropout(x: FlexTensor, mask: Mask) -> FlexTensor {
         Self::dropout(x, mask)
     }
@@ -111,6 +119,19 @@ impl FusedOps for Flex {
     ) -> FlexTensor {
         let [out, _, _] = Self::add_norm_forward(x, residual, gamma, beta, epsilon);
         out
+    }
+
+    fn fused_attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        mask: FlexTensor,
+        heads: usize,
+        divisor: f32,
+        dropout: Option<Mask>,
+    ) -> FlexTensor {
+        let [context, _] = Self::attention_forward(q, k, v, mask, heads, divisor, dropout);
+        context
     }
 }
 
@@ -268,6 +289,95 @@ impl Kernels for Flex {
         FlexTensor::from_data(burn::tensor::TensorData::new(sums, [rows, dim]))
     }
 
+    fn attention_forward(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        mask: FlexTensor,
+        heads: usize,
+        divisor: f32,
+        dropout: Option<Mask>,
+    ) -> [FlexTensor; 2] {
+        let (q, k, v, mask) = (
+            contiguous(q),
+            contiguous(k),
+            contiguous(v),
+            contiguous(mask),
+        );
+        let shape = AttentionShape::of(&q, &k, heads);
+        let AttentionShape {
+            rows, seq, hidden, ..
+        } = shape;
+        assert_eq!(
+            values(&v).len(),
+            values(&k).len(),
+            "attention: values shape"
+        );
+        assert_eq!(
+            values(&mask).len(),
+            shape.batch * seq,
+            "attention: mask shape"
+        );
+        let mut context = empty(q.layout().shape().clone());
+        let mut probs = empty(Shape::new([shape.batch, heads, rows, seq]));
+        // One task per item: it owns the item's rows of the context and its probabilities.
+        context
+            .storage_mut::<f32>()
+            .par_chunks_mut(rows * hidden)
+            .zip(
+                probs
+                    .storage_mut::<f32>()
+                    .par_chunks_mut(heads * rows * seq),
+            )
+            .enumerate()
+            .for_each(|(item, (context, probs))| {
+                let item = shape.item(item, values(&q), values(&k), values(&v));
+                let mask = &values(&mask)[item.index * seq..(item.index + 1) * seq];
+                attend(&shape, &item, mask, divisor, dropout, context, probs);
+            });
+        [context, probs]
+    }
+
+    fn attention_backward(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        probs: FlexTensor,
+        grad: FlexTensor,
+        heads: usize,
+        divisor: f32,
+        dropout: Option<Mask>,
+    ) -> [FlexTensor; 3] {
+        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+        let (probs, grad) = (contiguous(probs), contiguous(grad));
+        let shape = AttentionShape::of(&q, &k, heads);
+        let AttentionShape {
+            rows, seq, hidden, ..
+        } = shape;
+        let mut grad_q = empty(q.layout().shape().clone());
+        let mut grad_k = empty(k.layout().shape().clone());
+        let mut grad_v = empty(v.layout().shape().clone());
+        grad_q
+            .storage_mut::<f32>()
+            .par_chunks_mut(rows * hidden)
+            .zip(grad_k.storage_mut::<f32>().par_chunks_mut(seq * hidden))
+            .zip(grad_v.storage_mut::<f32>().par_chunks_mut(seq * hidden))
+            .enumerate()
+            .for_each(|(item, ((grad_q, grad_k), grad_v))| {
+                let item = shape.item(item, values(&q), values(&k), values(&v));
+                let span = heads * rows * seq;
+                let probs = &values(&probs)[item.index * span..(item.index + 1) * span];
+                let grad = &values(&grad)[item.index * rows * hidden..][..rows * hidden];
+                let grads = ItemGrads {
+                    q: grad_q,
+                    k: grad_k,
+                    v: grad_v,
+                };
+                attend_backward(&shape, &item, probs, grad, divisor, dropout, grads);
+            });
+        [grad_q, grad_k, grad_v]
+    }
+
     fn add_norm_forward(
         x: FlexTensor,
         residual: FlexTensor,
@@ -369,54 +479,6 @@ impl Kernels for Flex {
         let vector = |v: Vec<f32>| FlexTensor::from_data(burn::tensor::TensorData::new(v, [width]));
         [grad_input, vector(grad_gamma), vector(grad_beta)]
     }
-
-    fn softmax_forward(scores: FlexTensor, mask: FlexTensor, divisor: f32) -> FlexTensor {
-        let (scores, mask) = (contiguous(scores), contiguous(mask));
-        let shape = scores.layout().shape().clone();
-        let [batch, heads, queries, keys] = [shape[0], shape[1], shape[2], shape[3]];
-        let mask = values(&mask);
-        assert_eq!(mask.len(), batch * keys, "masked softmax: mask shape");
-        let mut out = empty(shape);
-        // One task per (item, head): its rows share the item's mask.
-        let per_head = (keys * queries).max(1);
-        out.storage_mut::<f32>()
-            .par_chunks_mut(per_head)
-            .zip(values(&scores).par_chunks(per_head))
-            .enumerate()
-            .for_each(|(block, (out, scores))| {
-                let item = block / heads;
-                let mask = &mask[item * keys..(item + 1) * keys];
-                for (out, scores) in out.chunks_exact_mut(keys).zip(scores.chunks_exact(keys)) {
-                    softmax_row(out, scores, mask, divisor);
-                }
-            });
-        out
-    }
-
-    fn softmax_backward(probs: FlexTensor, grad: FlexTensor, divisor: f32) -> FlexTensor {
-        let (probs, grad) = (contiguous(probs), contiguous(grad));
-        let shape = probs.layout().shape().clone();
-        let keys = shape[shape.num_dims() - 1];
-        let mut out = empty(shape);
-        let rows_per_task = (PARALLEL_CHUNK / keys.max(1)).max(1) * keys;
-        out.storage_mut::<f32>()
-            .par_chunks_mut(rows_per_task)
-            .zip(values(&probs).par_chunks(rows_per_task))
-            .zip(values(&grad).par_chunks(rows_per_task))
-            .for_each(|((out, probs), grad)| {
-                for ((out, p), g) in out
-                    .chunks_exact_mut(keys)
-                    .zip(probs.chunks_exact(keys))
-                    .zip(grad.chunks_exact(keys))
-                {
-                    let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
-                    for ((out, &p), &g) in out.iter_mut().zip(p).zip(g) {
-                        *out = p * (g - dot) / divisor;
-                    }
-                }
-            });
-        out
-    }
 }
 
 /// One row of `softmax(scores / divisor + mask)`, as burn computes it: shift by the maximum,
@@ -434,6 +496,171 @@ fn softmax_row(out: &mut [f32], scores: &[f32], mask: &[f32], divisor: f32) {
     }
     for out in out.iter_mut() {
         *out /= sum;
+    }
+}
+
+/// The sizes of an attention: `q: [batch, rows, hidden]`, `k` and `v: [batch, seq, hidden]`,
+/// `heads` heads of `head_dim` side by side in `hidden`.
+#[derive(Debug, Clone, Copy)]
+struct AttentionShape {
+    batch: usize,
+    rows: usize,
+    seq: usize,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+}
+
+/// One item's queries, keys and values (`[rows, hidden]`, `[seq, hidden]`, `[seq, hidden]`).
+struct Item<'a> {
+    index: usize,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+/// One item's gradients, laid out as its [`Item`].
+struct ItemGrads<'a> {
+    q: &'a mut [f32],
+    k: &'a mut [f32],
+    v: &'a mut [f32],
+}
+
+impl AttentionShape {
+    fn of(q: &FlexTensor, k: &FlexTensor, heads: usize) -> Self {
+        let (q_shape, k_shape) = (q.layout().shape(), k.layout().shape());
+        assert!(
+            q_shape.num_dims() == 3 && k_shape.num_dims() == 3,
+            "attention: queries and keys must be [batch, len, hidden]"
+        );
+        let (batch, rows, hidden, seq) = (q_shape[0], q_shape[1], q_shape[2], k_shape[1]);
+        assert!(
+            k_shape[0] == batch && k_shape[2] == hidden,
+            "attention: keys {k_shape:?} against queries {q_shape:?}"
+        );
+        assert!(
+            heads > 0 && hidden % heads == 0,
+            "attention: {hidden} is not {heads} heads wide"
+        );
+        AttentionShape {
+            batch,
+            rows,
+            seq,
+            hidden,
+            heads,
+            head_dim: hidden / heads,
+        }
+    }
+
+    fn item<'a>(&self, index: usize, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Item<'a> {
+        let (queries, keys) = (self.rows * self.hidden, self.seq * self.hidden);
+        Item {
+            index,
+            q: &q[index * queries..(index + 1) * queries],
+            k: &k[index * keys..(index + 1) * keys],
+            v: &v[index * keys..(index + 1) * keys],
+        }
+    }
+
+    /// Head `head`'s part of row `row` of a `[len, hidden]` matrix.
+    fn head_range(&self, row: usize, head: usize) -> std::ops::Range<usize> {
+        let start = row * self.hidden + head * self.head_dim;
+        start..start + self.head_dim
+    }
+
+    /// Where the dropout mask of `probs[item, head, row, 0]` starts: the masks are those of a
+    /// `[batch, heads, rows, seq]` tensor of probabilities in row-major order.
+    fn mask_offset(&self, item: usize, head: usize, row: usize) -> u64 {
+        (((item * self.heads + head) * self.rows + row) * self.seq) as u64
+    }
+}
+
+/// One item's attention, head by head and query by query: the scores `q·k / divisor + mask`,
+/// their softmax (kept in `probs`), dropout, and the context `Σ p·v` in `context`.
+fn attend(
+    shape: &AttentionShape,
+    item: &Item,
+    mask: &[f32],
+    divisor: f32,
+    dropout: Option<Mask>,
+    context: &mut [f32],
+    probs: &mut [f32],
+) {
+    let mut scores = vec![0f32; shape.seq];
+    let mut dropped = vec![0f32; shape.seq];
+    for (head, probs) in probs.chunks_exact_mut(shape.rows * shape.seq).enumerate() {
+        for (row, probs) in probs.chunks_exact_mut(shape.seq).enumerate() {
+            let query = &item.q[shape.head_range(row, head)];
+            for (key, score) in scores.iter_mut().enumerate() {
+                *score = lane_dot(query, &item.k[shape.head_range(key, head)]);
+            }
+            softmax_row(probs, &scores, mask, divisor);
+            let weights = match dropout {
+                Some(mask) => {
+                    let offset = shape.mask_offset(item.index, head, row);
+                    for (key, (d, &p)) in dropped.iter_mut().zip(&*probs).enumerate() {
+                        *d = p * mask.value(offset + key as u64);
+                    }
+                    &dropped[..]
+                }
+                None => &probs[..],
+            };
+            let out = &mut context[shape.head_range(row, head)];
+            for (key, &w) in weights.iter().enumerate() {
+                let value = &item.v[shape.head_range(key, head)];
+                out.iter_mut().zip(value).for_each(|(o, &v)| *o += w * v);
+            }
+        }
+    }
+}
+
+/// [`attend`]'s backward for one item: from the context's gradient `grad`, the values'
+/// gradient `Σ p·g`, the probabilities' `g·v` through dropout and the softmax to the scores',
+/// and from those the queries' and keys' gradients.
+fn attend_backward(
+    shape: &AttentionShape,
+    item: &Item,
+    probs: &[f32],
+    grad: &[f32],
+    divisor: f32,
+    dropout: Option<Mask>,
+    grads: ItemGrads,
+) {
+    let mut grad_scores = vec![0f32; shape.seq];
+    for (head, probs) in probs.chunks_exact(shape.rows * shape.seq).enumerate() {
+        for (row, probs) in probs.chunks_exact(shape.seq).enumerate() {
+            let offset = shape.mask_offset(item.index, head, row);
+            let keep = |key: usize| dropout.map_or(1.0, |mask| mask.value(offset + key as u64));
+            let grad = &grad[shape.head_range(row, head)];
+            for (key, (gs, &p)) in grad_scores.iter_mut().zip(probs).enumerate() {
+                let range = shape.head_range(key, head);
+                let kept = keep(key);
+                // The dropped probability's share of the values' gradient.
+                let weight = p * kept;
+                grads.v[range.clone()]
+                    .iter_mut()
+                    .zip(grad)
+                    .for_each(|(gv, &g)| *gv += weight * g);
+                *gs = lane_dot(grad, &item.v[range]) * kept;
+            }
+            let dot: f32 = probs.iter().zip(&grad_scores).map(|(p, g)| p * g).sum();
+            for (gs, &p) in grad_scores.iter_mut().zip(probs) {
+                *gs = p * (*gs - dot) / divisor;
+            }
+            let query = &item.q[shape.head_range(row, head)];
+            let grad_query = &mut grads.q[shape.head_range(row, head)];
+            for (key, &gs) in grad_scores.iter().enumerate() {
+                let range = shape.head_range(key, head);
+                grad_query
+                    .iter_mut()
+                    .zip(&item.k[range.clone()])
+                    .for_each(|(gq, &k)| *gq += gs * k);
+                grads.k[range]
+                    .iter_mut()
+                    .zip(query)
+                    .for_each(|(gk, &q)| *gk += gs * q);
+            }
+        }
     }
 }
 

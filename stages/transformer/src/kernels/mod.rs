@@ -9,8 +9,11 @@
 //!   accumulates onto it, and the backward's three products and bias sum in one node;
 //! - [`gelu`]: value and slope in one pass over a vectorised erf ([`erf`], bit for bit libm's)
 //!   and exp ([`expf`], bit for bit glibc's), the backward one multiplication;
-//! - [`masked_softmax`]: `softmax(scores / divisor + mask)` row by row, the backward
-//!   `p ⊙ (g − Σ g⊙p) / divisor` in one pass;
+//! - [`attention`]: multi-head attention straight from the projections' `[batch, seq, hidden]`
+//!   layout (no split into heads and merge back): per query the scores, the masked softmax,
+//!   dropout and the weighted sum of values in one pass, and one pass back (burn's chain is
+//!   two copies, two batched matmuls of tiny matrices, the softmax's seven operations and
+//!   dropout, each way);
 //! - [`dropout`]: the input times a [`Mask`] computed from its seed, forward and backward,
 //!   so that no mask is stored;
 //! - [`embedding`]: rows of a table by id; the backward adds the output's gradient rows into a
@@ -45,17 +48,20 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self>;
     /// `x · Φ(x)` elementwise, with erf.
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
-    /// `softmax(scores / divisor + mask, last dim)` for `scores: [batch, heads, queries, keys]`
-    /// and a constant `mask: [batch, 1, 1, keys]`.
-    fn fused_masked_softmax(
-        scores: FloatTensor<Self>,
-        mask: FloatTensor<Self>,
-        divisor: f32,
-    ) -> FloatTensor<Self>;
     /// `x ⊙ mask`, elementwise in row-major order.
     fn fused_dropout(x: FloatTensor<Self>, mask: Mask) -> FloatTensor<Self>;
     /// `table[ids]`: `[batch, seq, dim]` from `table: [rows, dim]` and `ids: [batch, seq]`.
     fn fused_embedding(table: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self>;
+    /// Multi-head attention: see [`attention`].
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        heads: usize,
+        divisor: f32,
+        dropout: Option<Mask>,
+    ) -> FloatTensor<Self>;
     /// `LayerNorm(x + residual)` over the last dimension, with `gamma` and `beta: [dim]`.
     fn fused_add_norm(
         x: FloatTensor<Self>,
@@ -80,16 +86,6 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_gelu(x.into_dispatch()))
 }
 
-/// Attention probabilities: `softmax(scores / divisor + mask)` over the keys. The mask is an
-/// additive bias per key (`[batch, 1, 1, keys]`) and gets no gradient.
-pub fn masked_softmax(scores: Tensor<4>, mask: Tensor<4>, divisor: f32) -> Tensor<4> {
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_masked_softmax(
-        scores.into_dispatch(),
-        mask.into_dispatch(),
-        divisor,
-    ))
-}
-
 /// `x ⊙ mask`: dropout with the mask's seed; the gradient is masked the same way.
 pub fn dropout<const D: usize>(x: Tensor<D>, mask: Mask) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dropout(
@@ -103,6 +99,31 @@ pub fn embedding(table: Tensor<2>, ids: Tensor<2, Int>) -> Tensor<3> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_embedding(
         table.into_dispatch(),
         ids.into_dispatch(),
+    ))
+}
+
+/// Multi-head attention from the projected queries `q: [batch, rows, hidden]`, keys and values
+/// `k`, `v: [batch, seq, hidden]` (the heads side by side in `hidden`, as the projections make
+/// them): per head, `softmax(q·kᵀ / divisor + mask)` with dropout, times `v`, the heads again
+/// side by side in the result `[batch, rows, hidden]`. `mask` is the additive bias per key
+/// (`batch × seq` values) and gets no gradient.
+pub fn attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    mask: Tensor<4>,
+    heads: usize,
+    divisor: f32,
+    dropout: Option<Mask>,
+) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        mask.into_dispatch(),
+        heads,
+        divisor,
+        dropout,
     ))
 }
 
@@ -310,6 +331,117 @@ mod tests {
         assert_eq!(run(true), run(false));
     }
 
+    /// burn's chain for what [`attention`] computes: the heads split out, `q·kᵀ`, softmax of
+    /// the scaled and masked scores, dropout, `·v`, the heads merged back.
+    fn attention_by_burn(
+        q: Tensor<3>,
+        k: Tensor<3>,
+        v: Tensor<3>,
+        mask: Tensor<4>,
+        heads: usize,
+        divisor: f32,
+        dropout_mask: Option<Mask>,
+    ) -> Tensor<3> {
+        let [batch, rows, hidden] = q.dims();
+        let seq = k.dims()[1];
+        let split = |t: Tensor<3>, len: usize| {
+            t.reshape([batch, len, heads, hidden / heads])
+                .swap_dims(1, 2)
+        };
+        let (q, k, v) = (split(q, rows), split(k, seq), split(v, seq));
+        let scores = q.matmul(k.transpose()).div_scalar(divisor) + mask;
+        let mut probs = burn::tensor::activation::softmax(scores, 3);
+        if let Some(m) = dropout_mask {
+            probs = dropout(probs, m);
+        }
+        probs
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([batch, rows, hidden])
+    }
+
+    #[test]
+    fn attention_matches_burns_chain_with_all_three_gradients() {
+        let device = Device::flex().autodiff();
+        let (batch, seq, hidden, heads) = (3, 7, 48, 4);
+        let divisor = 12f32.sqrt();
+        // The second item's last two keys are padding.
+        let mut mask = vec![0f32; batch * seq];
+        mask[seq + 5] = -1e9;
+        mask[seq + 6] = -1e9;
+        let mask = Tensor::<4>::from_data(TensorData::new(mask, [batch, 1, 1, seq]), &device);
+        // Every query, and the first alone (the last layer's case); with and without dropout.
+        for (rows, dropout_mask) in [(seq, None), (seq, Some(Mask::new(5, 0.8))), (1, None)] {
+            let q = values([batch, rows, hidden], 30, 2.0, &device);
+            let k = values([batch, seq, hidden], 31, 2.0, &device);
+            let v = values([batch, seq, hidden], 32, 1.0, &device);
+            let upstream = values([batch, rows, hidden], 33, 1.0, &device);
+            let run = |ours: bool| {
+                let (q, k, v) = (
+                    q.clone().require_grad(),
+                    k.clone().require_grad(),
+                    v.clone().require_grad(),
+                );
+                let attend = if ours { attention } else { attention_by_burn };
+                let (mask, qc, kc, vc) = (mask.clone(), q.clone(), k.clone(), v.clone());
+                let context = attend(qc, kc, vc, mask, heads, divisor, dropout_mask);
+                let grads = (context.clone() * upstream.clone()).sum().backward();
+                let grad = |t: &Tensor<3>| t.grad(&grads).expect("a gradient");
+                (context.inner(), grad(&q), grad(&k), grad(&v))
+            };
+            let (context, gq, gk, gv) = run(true);
+            let (context_ref, gq_ref, gk_ref, gv_ref) = run(false);
+            let case = format!("{rows} queries, dropout {}", dropout_mask.is_some());
+            assert_close(context, context_ref, &format!("context ({case})"));
+            assert_close(gq, gq_ref, &format!("query gradient ({case})"));
+            assert_close(gk, gk_ref, &format!("key gradient ({case})"));
+            assert_close(gv, gv_ref, &format!("value gradient ({case})"));
+        }
+        // Padding leaks nothing: other values at the padded keys leave the context as it was.
+        let (q, k, v) = (
+            values([batch, seq, hidden], 37, 2.0, &device).inner(),
+            values([batch, seq, hidden], 38, 2.0, &device).inner(),
+            values([batch, seq, hidden], 39, 1.0, &device).inner(),
+        );
+        let padded_keys = v.clone().narrow(0, 1, 1).narrow(1, 5, 2);
+        let other_v = v
+            .clone()
+            .slice_assign([1..2, 5..7, 0..hidden], padded_keys + 3.0);
+        let attend = |v: Tensor<3>| {
+            let (q, k, mask) = (q.clone(), k.clone(), mask.clone().inner());
+            bits(attention(q, k, v, mask, heads, divisor, None).narrow(0, 1, 1))
+        };
+        assert_eq!(attend(v), attend(other_v));
+        // Without autodiff (evaluation).
+        let plain = |t: Tensor<3>| t.inner();
+        let (q, k, v) = (
+            values([batch, seq, hidden], 34, 2.0, &device),
+            values([batch, seq, hidden], 35, 2.0, &device),
+            values([batch, seq, hidden], 36, 1.0, &device),
+        );
+        assert_close(
+            attention(
+                plain(q.clone()),
+                plain(k.clone()),
+                plain(v.clone()),
+                mask.clone().inner(),
+                heads,
+                divisor,
+                None,
+            ),
+            attention_by_burn(
+                plain(q),
+                plain(k),
+                plain(v),
+                mask.inner(),
+                heads,
+                divisor,
+                None,
+            ),
+            "eval context",
+        );
+    }
+
     #[test]
     fn add_norm_matches_burns_layer_norm_of_the_sum_with_all_gradients() {
         let device = Device::flex().autodiff();
@@ -371,40 +503,5 @@ mod tests {
             epsilon,
         );
         assert_close(plain, plain_ref, "eval output");
-    }
-
-    #[test]
-    fn masked_softmax_matches_burns_chain_and_ignores_masked_keys() {
-        let device = Device::flex().autodiff();
-        let [batch, heads, queries, keys] = [3, 4, 5, 7];
-        let scores = values([batch, heads, queries, keys], 7, 8.0, &device);
-        // The last two keys of the second item are padding.
-        let mut mask = vec![0f32; batch * keys];
-        mask[keys + 5] = -1e9;
-        mask[keys + 6] = -1e9;
-        let mask = Tensor::<4>::from_data(TensorData::new(mask, [batch, 1, 1, keys]), &device);
-        let upstream = values([batch, heads, queries, keys], 8, 1.0, &device);
-        let divisor = 32f32.sqrt();
-        let run = |ours: bool| {
-            let s = scores.clone().require_grad();
-            let p = match ours {
-                true => masked_softmax(s.clone(), mask.clone(), divisor),
-                false => burn::tensor::activation::softmax(
-                    s.clone().div_scalar(divisor) + mask.clone(),
-                    3,
-                ),
-            };
-            let grads = (p.clone() * upstream.clone()).sum().backward();
-            (p.inner(), s.grad(&grads).expect("a gradient"))
-        };
-        let (p, grad) = run(true);
-        let (p_ref, grad_ref) = run(false);
-        let padded = p.clone().narrow(0, 1, 1).narrow(3, 5, 2);
-        assert!(padded.into_data().iter::<f32>().all(|v| v == 0.0));
-        assert_close(p, p_ref, "probabilities");
-        assert_close(grad, grad_ref, "score gradient");
-        let plain = masked_softmax(scores.clone().inner(), mask.clone().inner(), divisor);
-        let row_sums = plain.sum_dim(3).into_data();
-        assert!(row_sums.iter::<f32>().all(|s| (s - 1.0).abs() < 1e-6));
     }
 }
