@@ -482,18 +482,16 @@ impl Kernels for Flex {
 }
 
 /// One row of `softmax(scores / divisor + mask)`, as burn computes it: shift by the maximum,
-/// exponentiate, divide by the sum.
+/// exponentiate (in vector instructions, bit for bit `f32::exp`), divide by the sum.
 fn softmax_row(out: &mut [f32], scores: &[f32], mask: &[f32], divisor: f32) {
     let mut max = f32::NEG_INFINITY;
     for ((out, &s), &m) in out.iter_mut().zip(scores).zip(mask) {
         *out = s / divisor + m;
         max = max.max(*out);
     }
-    let mut sum = 0.0f32;
-    for out in out.iter_mut() {
-        *out = (*out - max).exp();
-        sum += *out;
-    }
+    out.iter_mut().for_each(|out| *out -= max);
+    expf::exp_in_place(out);
+    let sum: f32 = out.iter().sum();
     for out in out.iter_mut() {
         *out /= sum;
     }
@@ -562,10 +560,14 @@ impl AttentionShape {
         }
     }
 
-    /// Head `head`'s part of row `row` of a `[len, hidden]` matrix.
-    fn head_range(&self, row: usize, head: usize) -> std::ops::Range<usize> {
-        let start = row * self.hidden + head * self.head_dim;
-        start..start + self.head_dim
+    /// Head `head`'s columns of an item's `[len, hidden]` matrix, as a `[len, head_dim]` one.
+    fn head(&self, matrix: &[f32], head: usize) -> Operand {
+        Operand::row_major(&matrix[head * self.head_dim..], self.hidden)
+    }
+
+    /// [`AttentionShape::head`] to write into.
+    fn head_dst<'a>(&self, matrix: &'a mut [f32], head: usize) -> Dst<'a> {
+        Dst::rows(&mut matrix[head * self.head_dim..], self.hidden)
     }
 
     /// Where the dropout mask of `probs[item, head, row, 0]` starts: the masks are those of a
@@ -575,8 +577,9 @@ impl AttentionShape {
     }
 }
 
-/// One item's attention, head by head and query by query: the scores `q·k / divisor + mask`,
-/// their softmax (kept in `probs`), dropout, and the context `Σ p·v` in `context`.
+/// One item's attention, head by head: the scores `Q·Kᵀ`, each row's masked softmax (kept in
+/// `probs`) and dropout, and the context `P·V` written into the head's columns of `context`.
+/// The products read and write the heads in place, through strides.
 fn attend(
     shape: &AttentionShape,
     item: &Item,
@@ -586,37 +589,54 @@ fn attend(
     context: &mut [f32],
     probs: &mut [f32],
 ) {
-    let mut scores = vec![0f32; shape.seq];
-    let mut dropped = vec![0f32; shape.seq];
-    for (head, probs) in probs.chunks_exact_mut(shape.rows * shape.seq).enumerate() {
-        for (row, probs) in probs.chunks_exact_mut(shape.seq).enumerate() {
-            let query = &item.q[shape.head_range(row, head)];
-            for (key, score) in scores.iter_mut().enumerate() {
-                *score = lane_dot(query, &item.k[shape.head_range(key, head)]);
-            }
-            softmax_row(probs, &scores, mask, divisor);
-            let weights = match dropout {
-                Some(mask) => {
-                    let offset = shape.mask_offset(item.index, head, row);
-                    for (key, (d, &p)) in dropped.iter_mut().zip(&*probs).enumerate() {
-                        *d = p * mask.value(offset + key as u64);
-                    }
-                    &dropped[..]
+    let (rows, seq) = (shape.rows, shape.seq);
+    let mut scores = vec![0f32; rows * seq];
+    let mut dropped = vec![0f32; rows * seq];
+    for (head, probs) in probs.chunks_exact_mut(rows * seq).enumerate() {
+        let (q, k, v) = (
+            shape.head(item.q, head),
+            shape.head(item.k, head),
+            shape.head(item.v, head),
+        );
+        small_product(
+            [rows, seq],
+            shape.head_dim,
+            q,
+            k.transposed(),
+            Dst::rows(&mut scores, seq),
+        );
+        for (row, (probs, scores)) in probs
+            .chunks_exact_mut(seq)
+            .zip(scores.chunks_exact(seq))
+            .enumerate()
+        {
+            softmax_row(probs, scores, mask, divisor);
+            if let Some(mask) = dropout {
+                let offset = shape.mask_offset(item.index, head, row);
+                let dropped = &mut dropped[row * seq..(row + 1) * seq];
+                for (key, (d, &p)) in dropped.iter_mut().zip(&*probs).enumerate() {
+                    *d = p * mask.value(offset + key as u64);
                 }
-                None => &probs[..],
-            };
-            let out = &mut context[shape.head_range(row, head)];
-            for (key, &w) in weights.iter().enumerate() {
-                let value = &item.v[shape.head_range(key, head)];
-                out.iter_mut().zip(value).for_each(|(o, &v)| *o += w * v);
             }
         }
+        let weights = match dropout {
+            Some(_) => &dropped[..],
+            None => &probs[..],
+        };
+        let out = shape.head_dst(context, head);
+        small_product(
+            [rows, shape.head_dim],
+            seq,
+            Operand::row_major(weights, seq),
+            v,
+            out,
+        );
     }
 }
 
-/// [`attend`]'s backward for one item: from the context's gradient `grad`, the values'
-/// gradient `Σ p·g`, the probabilities' `g·v` through dropout and the softmax to the scores',
-/// and from those the queries' and keys' gradients.
+/// [`attend`]'s backward for one item, head by head: with `G` the context's gradient and `P′`
+/// the probabilities after dropout, `dV = P′ᵀ·G`; `dP = (G·Vᵀ) ⊙ mask`; the softmax's
+/// `dS = P ⊙ (dP − Σ dP⊙P) / divisor`; `dQ = dS·K`, `dK = dSᵀ·Q`.
 fn attend_backward(
     shape: &AttentionShape,
     item: &Item,
@@ -626,41 +646,124 @@ fn attend_backward(
     dropout: Option<Mask>,
     grads: ItemGrads,
 ) {
-    let mut grad_scores = vec![0f32; shape.seq];
-    for (head, probs) in probs.chunks_exact(shape.rows * shape.seq).enumerate() {
-        for (row, probs) in probs.chunks_exact(shape.seq).enumerate() {
+    let (rows, seq, head_dim) = (shape.rows, shape.seq, shape.head_dim);
+    let mut dropped = vec![0f32; rows * seq];
+    let mut grad_scores = vec![0f32; rows * seq];
+    for (head, probs) in probs.chunks_exact(rows * seq).enumerate() {
+        let (q, k, v) = (
+            shape.head(item.q, head),
+            shape.head(item.k, head),
+            shape.head(item.v, head),
+        );
+        let g = shape.head(grad, head);
+        for (row, (dropped, probs)) in dropped
+            .chunks_exact_mut(seq)
+            .zip(probs.chunks_exact(seq))
+            .enumerate()
+        {
             let offset = shape.mask_offset(item.index, head, row);
-            let keep = |key: usize| dropout.map_or(1.0, |mask| mask.value(offset + key as u64));
-            let grad = &grad[shape.head_range(row, head)];
-            for (key, (gs, &p)) in grad_scores.iter_mut().zip(probs).enumerate() {
-                let range = shape.head_range(key, head);
-                let kept = keep(key);
-                // The dropped probability's share of the values' gradient.
-                let weight = p * kept;
-                grads.v[range.clone()]
-                    .iter_mut()
-                    .zip(grad)
-                    .for_each(|(gv, &g)| *gv += weight * g);
-                *gs = lane_dot(grad, &item.v[range]) * kept;
+            for (key, (d, &p)) in dropped.iter_mut().zip(probs).enumerate() {
+                *d = p * dropout.map_or(1.0, |mask| mask.value(offset + key as u64));
             }
-            let dot: f32 = probs.iter().zip(&grad_scores).map(|(p, g)| p * g).sum();
+        }
+        let dropped_t = Operand::row_major(&dropped, seq).transposed();
+        small_product(
+            [seq, head_dim],
+            rows,
+            dropped_t,
+            g,
+            shape.head_dst(grads.v, head),
+        );
+        small_product(
+            [rows, seq],
+            head_dim,
+            g,
+            v.transposed(),
+            Dst::rows(&mut grad_scores, seq),
+        );
+        let rows_of = grad_scores
+            .chunks_exact_mut(seq)
+            .zip(probs.chunks_exact(seq));
+        for (row, (grad_scores, probs)) in rows_of.enumerate() {
+            let offset = shape.mask_offset(item.index, head, row);
+            if let Some(mask) = dropout {
+                for (key, gs) in grad_scores.iter_mut().enumerate() {
+                    *gs *= mask.value(offset + key as u64);
+                }
+            }
+            let dot: f32 = probs.iter().zip(&*grad_scores).map(|(p, g)| p * g).sum();
             for (gs, &p) in grad_scores.iter_mut().zip(probs) {
                 *gs = p * (*gs - dot) / divisor;
             }
-            let query = &item.q[shape.head_range(row, head)];
-            let grad_query = &mut grads.q[shape.head_range(row, head)];
-            for (key, &gs) in grad_scores.iter().enumerate() {
-                let range = shape.head_range(key, head);
-                grad_query
-                    .iter_mut()
-                    .zip(&item.k[range.clone()])
-                    .for_each(|(gq, &k)| *gq += gs * k);
-                grads.k[range]
-                    .iter_mut()
-                    .zip(query)
-                    .for_each(|(gk, &q)| *gk += gs * q);
-            }
         }
+        let ds = Operand::row_major(&grad_scores, seq);
+        small_product([rows, head_dim], seq, ds, k, shape.head_dst(grads.q, head));
+        small_product(
+            [seq, head_dim],
+            rows,
+            ds.transposed(),
+            q,
+            shape.head_dst(grads.k, head),
+        );
+    }
+}
+
+/// A mutable row-major view: element `(i, j)` at `ptr + i·row_stride + j`, inside `len`
+/// elements from `ptr` (checked against the product's extent before each write).
+struct Dst<'a> {
+    ptr: *mut f32,
+    row_stride: usize,
+    len: usize,
+    _slice: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> Dst<'a> {
+    /// A whole slice as rows of `width`.
+    fn rows(slice: &'a mut [f32], width: usize) -> Self {
+        Dst {
+            ptr: slice.as_mut_ptr(),
+            row_stride: width,
+            len: slice.len(),
+            _slice: std::marker::PhantomData,
+        }
+    }
+}
+
+/// `dst = lhs (m × k) · rhs (k × n)` on the calling thread, for the products of one head
+/// (a few thousand multiply-adds: gemm's small kernels, no packing worth splitting).
+fn small_product([m, n]: [usize; 2], k: usize, lhs: Operand, rhs: Operand, dst: Dst) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        (m - 1) * dst.row_stride + n <= dst.len,
+        "attention: a {m} × {n} product outside its destination"
+    );
+    // SAFETY: every element written, (i, j) for i < m and j < n, lies within the `len`
+    // elements `dst` borrows (checked above); the operands view matrices inside the item's
+    // slices (AttentionShape derives both from the tensors' shapes).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            1,
+            dst.row_stride as isize,
+            false,
+            lhs.ptr,
+            lhs.col_stride,
+            lhs.row_stride,
+            rhs.ptr,
+            rhs.col_stride,
+            rhs.row_stride,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
