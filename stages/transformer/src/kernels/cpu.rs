@@ -743,28 +743,15 @@ fn small_product([m, n]: [usize; 2], k: usize, lhs: Operand, rhs: Operand, dst: 
     // elements `dst` borrows (checked above); the operands view matrices inside the item's
     // slices (AttentionShape derives both from the tensors' shapes).
     unsafe {
-        gemm::gemm(
-            m,
-            n,
+        gemm_into(
+            [m, n],
             k,
-            dst.ptr,
-            1,
-            dst.row_stride as isize,
+            (dst.ptr, dst.row_stride),
             false,
-            lhs.ptr,
-            lhs.col_stride,
-            lhs.row_stride,
-            rhs.ptr,
-            rhs.col_stride,
-            rhs.row_stride,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
+            [lhs, rhs],
             gemm::Parallelism::None,
-        );
-    }
+        )
+    };
 }
 
 /// Whole rows of `width` per parallel task, about [`PARALLEL_CHUNK`] elements.
@@ -1002,13 +989,40 @@ fn matmul(
     // SAFETY: `dst` holds m × n elements; the operands view matrices of the sizes passed
     // (the callers derive both from the tensors' shapes).
     unsafe {
+        gemm_into(
+            [m, n],
+            k,
+            (dst.as_mut_ptr(), n),
+            accumulate,
+            [lhs, rhs],
+            parallelism,
+        )
+    };
+}
+
+/// `dst = [dst +] lhs (m × k) · rhs (k × n)` for a row-major `dst` with the row stride given:
+/// the one call into gemm.
+///
+/// # Safety
+/// `dst` must be valid for writes at every `(i, j)`, `i < m`, `j < n`, and the operands for
+/// reads at every element of their `m × k` and `k × n` matrices.
+unsafe fn gemm_into(
+    [m, n]: [usize; 2],
+    k: usize,
+    (dst, dst_row_stride): (*mut f32, usize),
+    accumulate: bool,
+    [lhs, rhs]: [Operand; 2],
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: as the caller guarantees.
+    unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.ptr,
             lhs.col_stride,
