@@ -1,12 +1,13 @@
-//! MiniLM-L6 step benchmark (`cargo bench -p finetune-transformer --bench step`): forward, and
-//! the whole update as the trainer makes it (clipping to norm 1, weight decay 0.01), at batch 16 × 64 tokens on the CPU
-//! (burn's flex backend), on real token ids (the first 16 Amazon sentences, padded to 64; set
-//! `FINETUNE_BENCH_TOKENS` for another width, rows longer than it are cut). Prints each median
-//! against PyTorch's step on the same batch, measured in the same run when `HF_PYTHON` names a
-//! Python with the reference's packages (../shared/bench/hf_trainer/requirements.txt; it runs
-//! `benches/reference/torch_step.py`), else against `FINETUNE_BENCH_REFERENCE_S` (default 0.5 s:
-//! PyTorch 2 + MKL on this machine type in ../shared/BURN_NOTES.md). Also prints the step's split
-//! into gradients (forward, backward, norm and clipping) and AdamW, and the time the linear layers' matmuls take alone.
+//! MiniLM-L6 step benchmark (`cargo bench -p finetune-transformer --bench step`): forward, and the
+//! whole update as the trainer makes it (clipping to norm 1, weight decay 0.01), at batch 16 × 64
+//! tokens on the CPU (burn's flex backend), on real token ids (the first 16 Amazon sentences,
+//! padded to 64; set `FINETUNE_BENCH_TOKENS` for another width, rows longer than it are cut).
+//! Prints each median against PyTorch's step on the same batch, measured in the same run when
+//! `HF_PYTHON` names a Python with the reference's packages
+//! (../shared/bench/hf_trainer/requirements.txt; it runs `benches/reference/torch_step.py`), else
+//! against `FINETUNE_BENCH_REFERENCE_S` (default 0.5 s: PyTorch 2 + MKL on this machine type in
+//! ../shared/BURN_NOTES.md). Also prints the step's split into gradients (forward, backward, norm
+//! and clipping) and AdamW, and the time the linear layers' matmuls take alone.
 //! `FINETUNE_BENCH_RUNS` sets the number of timed runs of each (default 5).
 
 use std::path::PathBuf;
