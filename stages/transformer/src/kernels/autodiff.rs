@@ -1,7 +1,7 @@
 //! The fused operations under burn's autodiff: each is one graph node whose backward calls the
 //! backend's [`Kernels`]. States hold the backend tensors the backward needs (the layer's
-//! input and weight, GELU's slope, the attention's probabilities), not checkpoints: these operations
-//! are the ones worth keeping.
+//! input and weight, GELU's slope, the attention's probabilities, the norm's normalized rows),
+//! not checkpoints: these operations are the ones worth keeping.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -112,12 +112,12 @@ impl<B: Kernels> Backward<B, 4> for AddNormBackward {
         // The sum's two terms both get the gradient of the sum.
         let [x, residual, gamma, beta] = ops.parents;
         for (parent, grad) in [
-            (x, Some(input.clone())),
-            (residual, Some(input)),
-            (gamma, Some(grad_gamma)),
-            (beta, Some(grad_beta)),
+            (x, input.clone()),
+            (residual, input),
+            (gamma, grad_gamma),
+            (beta, grad_beta),
         ] {
-            if let (Some(parent), Some(grad)) = (parent, grad) {
+            if let Some(parent) = parent {
                 grads.register::<B>(parent.id, grad);
             }
         }

@@ -647,6 +647,8 @@ fn attend_backward(
     grads: ItemGrads,
 ) {
     let (rows, seq, head_dim) = (shape.rows, shape.seq, shape.head_dim);
+    // The head's mask values (all 1 without dropout), computed once for both of their uses.
+    let mut kept = vec![1f32; rows * seq];
     let mut dropped = vec![0f32; rows * seq];
     let mut grad_scores = vec![0f32; rows * seq];
     for (head, probs) in probs.chunks_exact(rows * seq).enumerate() {
@@ -656,15 +658,16 @@ fn attend_backward(
             shape.head(item.v, head),
         );
         let g = shape.head(grad, head);
-        for (row, (dropped, probs)) in dropped
-            .chunks_exact_mut(seq)
-            .zip(probs.chunks_exact(seq))
-            .enumerate()
-        {
-            let offset = shape.mask_offset(item.index, head, row);
-            for (key, (d, &p)) in dropped.iter_mut().zip(probs).enumerate() {
-                *d = p * dropout.map_or(1.0, |mask| mask.value(offset + key as u64));
+        if let Some(mask) = dropout {
+            for (row, kept) in kept.chunks_exact_mut(seq).enumerate() {
+                let offset = shape.mask_offset(item.index, head, row);
+                for (key, kept) in kept.iter_mut().enumerate() {
+                    *kept = mask.value(offset + key as u64);
+                }
             }
+        }
+        for ((d, &p), &kept) in dropped.iter_mut().zip(probs).zip(&kept) {
+            *d = p * kept;
         }
         let dropped_t = Operand::row_major(&dropped, seq).transposed();
         small_product(
@@ -681,16 +684,15 @@ fn attend_backward(
             v.transposed(),
             Dst::rows(&mut grad_scores, seq),
         );
-        let rows_of = grad_scores
-            .chunks_exact_mut(seq)
-            .zip(probs.chunks_exact(seq));
-        for (row, (grad_scores, probs)) in rows_of.enumerate() {
-            let offset = shape.mask_offset(item.index, head, row);
-            if let Some(mask) = dropout {
-                for (key, gs) in grad_scores.iter_mut().enumerate() {
-                    *gs *= mask.value(offset + key as u64);
-                }
+        if dropout.is_some() {
+            for (gs, &kept) in grad_scores.iter_mut().zip(&kept) {
+                *gs *= kept;
             }
+        }
+        for (grad_scores, probs) in grad_scores
+            .chunks_exact_mut(seq)
+            .zip(probs.chunks_exact(seq))
+        {
             let dot: f32 = probs.iter().zip(&*grad_scores).map(|(p, g)| p * g).sum();
             for (gs, &p) in grad_scores.iter_mut().zip(probs) {
                 *gs = p * (*gs - dot) / divisor;
@@ -829,7 +831,7 @@ fn lane_sum(values: &[f32]) -> f32 {
 /// summed in parallel and the block sums added in order, so the result does not depend on
 /// scheduling.
 fn column_sums(grad: &[f32], width: usize) -> Vec<f32> {
-    let rows_per_task = (PARALLEL_CHUNK / width.max(1)).max(1);
+    let rows_per_task = rows_per_task(width);
     let partial: Vec<Vec<f32>> = grad
         .par_chunks(rows_per_task * width)
         .map(|block| {
