@@ -99,20 +99,56 @@ impl Mask {
 
     /// [`Mask::apply`] on one chunk, whose first element is element `first`.
     fn apply_from(&self, first: u64, input: &[f32], out: &mut [f32]) {
+        assert_eq!(input.len(), out.len());
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if has_avx512dq() {
+            // SAFETY: AVX-512F and DQ are present (checked above).
+            return unsafe { self.apply_from_avx512(first, input, out) };
+        } else if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 is present (checked above).
             return unsafe { self.apply_from_avx2(first, input, out) };
         }
         self.apply_from_portable(first, input, out);
     }
 
-    /// The same loop with 256-bit integer lanes: SplitMix64's 64-bit multiplications have no
-    /// SSE2 form, and lane by lane they were most of a dropout pass.
+    /// `out[i] = value(first + i)`: a run of the mask's values alone, for a caller that
+    /// multiplies them in more than once (attention's forward and backward).
+    pub fn fill_from(&self, first: u64, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512dq() {
+            // SAFETY: AVX-512F and DQ are present (checked above).
+            return unsafe { self.fill_from_avx512(first, out) };
+        } else if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked above).
+            return unsafe { self.fill_from_avx2(first, out) };
+        }
+        self.fill_from_portable(first, out);
+    }
+
+    // SplitMix64's 64-bit multiplications have no SSE2 form, and lane by lane they were most
+    // of a dropout pass: AVX2 emulates them in 256-bit lanes, AVX-512DQ has them (`vpmullq`).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn apply_from_avx512(&self, first: u64, input: &[f32], out: &mut [f32]) {
+        self.apply_from_portable(first, input, out);
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn apply_from_avx2(&self, first: u64, input: &[f32], out: &mut [f32]) {
         self.apply_from_portable(first, input, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn fill_from_avx512(&self, first: u64, out: &mut [f32]) {
+        self.fill_from_portable(first, out);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn fill_from_avx2(&self, first: u64, out: &mut [f32]) {
+        self.fill_from_portable(first, out);
     }
 
     #[inline(always)]
@@ -121,6 +157,19 @@ impl Mask {
             *out = x * self.value(first + offset as u64);
         }
     }
+
+    #[inline(always)]
+    fn fill_from_portable(&self, first: u64, out: &mut [f32]) {
+        for (offset, out) in out.iter_mut().enumerate() {
+            *out = self.value(first + offset as u64);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512dq() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512dq")
 }
 
 /// One SplitMix64 output for a given state: a well-mixed 64-bit hash of the counter.
@@ -157,6 +206,38 @@ mod tests {
         let other = mask(8, 1_000_000, 0.9);
         let same = values.iter().zip(&other).filter(|(a, b)| a == b).count() as f64 / 1e6;
         assert!((same - 0.82).abs() < 0.005, "agreement {same}");
+    }
+
+    #[test]
+    fn every_vector_path_draws_the_scalar_definition() {
+        let mask = Mask::new(0x5eed, 0.9);
+        let first = 1_000_003;
+        let len = 1_000;
+        let expected: Vec<f32> = (0..len).map(|i| mask.value(first + i as u64)).collect();
+        let input: Vec<f32> = (0..len).map(|i| 0.25 + i as f32).collect();
+        let times_input: Vec<f32> = input.iter().zip(&expected).map(|(x, m)| x * m).collect();
+
+        let (mut filled, mut applied) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+        mask.fill_from(first, &mut filled);
+        mask.apply_from(first, &input, &mut applied);
+        assert_eq!(filled, expected);
+        assert_eq!(applied, times_input);
+
+        mask.fill_from_portable(first, &mut filled);
+        mask.apply_from_portable(first, &input, &mut applied);
+        assert_eq!(filled, expected);
+        assert_eq!(applied, times_input);
+
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present (checked above).
+            unsafe {
+                mask.fill_from_avx2(first, &mut filled);
+                mask.apply_from_avx2(first, &input, &mut applied);
+            }
+            assert_eq!(filled, expected);
+            assert_eq!(applied, times_input);
+        }
     }
 
     #[test]

@@ -570,10 +570,11 @@ impl AttentionShape {
         Dst::rows(&mut matrix[head * self.head_dim..], self.hidden)
     }
 
-    /// Where the dropout mask of `probs[item, head, row, 0]` starts: the masks are those of a
-    /// `[batch, heads, rows, seq]` tensor of probabilities in row-major order.
-    fn mask_offset(&self, item: usize, head: usize, row: usize) -> u64 {
-        (((item * self.heads + head) * self.rows + row) * self.seq) as u64
+    /// Where the dropout mask of `probs[item, head, 0, 0]` starts (the head's `rows × seq`
+    /// follow): the masks are those of a `[batch, heads, rows, seq]` tensor of probabilities
+    /// in row-major order.
+    fn mask_offset(&self, item: usize, head: usize) -> u64 {
+        ((item * self.heads + head) * self.rows * self.seq) as u64
     }
 }
 
@@ -591,6 +592,7 @@ fn attend(
 ) {
     let (rows, seq) = (shape.rows, shape.seq);
     let mut scores = vec![0f32; rows * seq];
+    let mut kept = vec![0f32; rows * seq];
     let mut dropped = vec![0f32; rows * seq];
     for (head, probs) in probs.chunks_exact_mut(rows * seq).enumerate() {
         let (q, k, v) = (
@@ -605,18 +607,13 @@ fn attend(
             k.transposed(),
             Dst::rows(&mut scores, seq),
         );
-        for (row, (probs, scores)) in probs
-            .chunks_exact_mut(seq)
-            .zip(scores.chunks_exact(seq))
-            .enumerate()
-        {
+        for (probs, scores) in probs.chunks_exact_mut(seq).zip(scores.chunks_exact(seq)) {
             softmax_row(probs, scores, mask, divisor);
-            if let Some(mask) = dropout {
-                let offset = shape.mask_offset(item.index, head, row);
-                let dropped = &mut dropped[row * seq..(row + 1) * seq];
-                for (key, (d, &p)) in dropped.iter_mut().zip(&*probs).enumerate() {
-                    *d = p * mask.value(offset + key as u64);
-                }
+        }
+        if let Some(mask) = dropout {
+            mask.fill_from(shape.mask_offset(item.index, head), &mut kept);
+            for ((d, &p), &kept) in dropped.iter_mut().zip(&*probs).zip(&kept) {
+                *d = p * kept;
             }
         }
         let weights = match dropout {
@@ -659,12 +656,7 @@ fn attend_backward(
         );
         let g = shape.head(grad, head);
         if let Some(mask) = dropout {
-            for (row, kept) in kept.chunks_exact_mut(seq).enumerate() {
-                let offset = shape.mask_offset(item.index, head, row);
-                for (key, kept) in kept.iter_mut().enumerate() {
-                    *kept = mask.value(offset + key as u64);
-                }
-            }
+            mask.fill_from(shape.mask_offset(item.index, head), &mut kept);
         }
         for ((d, &p), &kept) in dropped.iter_mut().zip(probs).zip(&kept) {
             *d = p * kept;
