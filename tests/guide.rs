@@ -149,7 +149,7 @@ struct Guide {
     path_env: String,
     python: String,
     bless: bool,
-    /// Bless matching outputs too (those without `...`).
+    /// Bless matching outputs too (those that elide nothing: no `...`, no `[..]`).
     bless_all: bool,
     failures: Vec<String>,
 }

@@ -97,79 +97,63 @@ impl Mask {
             });
     }
 
-    /// [`Mask::apply`] on one chunk, whose first element is element `first`.
-    fn apply_from(&self, first: u64, input: &[f32], out: &mut [f32]) {
+    /// [`Mask::apply`] on one run of elements, whose first is element `first`.
+    pub(crate) fn apply_from(&self, first: u64, input: &[f32], out: &mut [f32]) {
         assert_eq!(input.len(), out.len());
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512dq() {
-            // SAFETY: AVX-512F and DQ are present (checked above).
-            return unsafe { self.apply_from_avx512(first, input, out) };
-        } else if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 is present (checked above).
-            return unsafe { self.apply_from_avx2(first, input, out) };
-        }
-        self.apply_from_portable(first, input, out);
+        self.run(first, Some(input), out);
     }
 
     /// `out[i] = value(first + i)`: a run of the mask's values alone, for a caller that
-    /// multiplies them in more than once (attention's forward and backward).
+    /// multiplies them in more than once (attention's backward).
     pub fn fill_from(&self, first: u64, out: &mut [f32]) {
+        self.run(first, None, out);
+    }
+
+    /// `out[i] = input[i] · value(first + i)`, or `value(first + i)` without an input, in the
+    /// widest integer lanes this CPU has.
+    fn run(&self, first: u64, input: Option<&[f32]>, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if has_avx512dq() {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+        {
             // SAFETY: AVX-512F and DQ are present (checked above).
-            return unsafe { self.fill_from_avx512(first, out) };
+            return unsafe { self.run_avx512(first, input, out) };
         } else if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 is present (checked above).
-            return unsafe { self.fill_from_avx2(first, out) };
+            return unsafe { self.run_avx2(first, input, out) };
         }
-        self.fill_from_portable(first, out);
+        self.run_portable(first, input, out);
     }
 
     // SplitMix64's 64-bit multiplications have no SSE2 form, and lane by lane they were most
     // of a dropout pass: AVX2 emulates them in 256-bit lanes, AVX-512DQ has them (`vpmullq`).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512dq")]
-    unsafe fn apply_from_avx512(&self, first: u64, input: &[f32], out: &mut [f32]) {
-        self.apply_from_portable(first, input, out);
+    unsafe fn run_avx512(&self, first: u64, input: Option<&[f32]>, out: &mut [f32]) {
+        self.run_portable(first, input, out);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn apply_from_avx2(&self, first: u64, input: &[f32], out: &mut [f32]) {
-        self.apply_from_portable(first, input, out);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512dq")]
-    unsafe fn fill_from_avx512(&self, first: u64, out: &mut [f32]) {
-        self.fill_from_portable(first, out);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn fill_from_avx2(&self, first: u64, out: &mut [f32]) {
-        self.fill_from_portable(first, out);
+    unsafe fn run_avx2(&self, first: u64, input: Option<&[f32]>, out: &mut [f32]) {
+        self.run_portable(first, input, out);
     }
 
     #[inline(always)]
-    fn apply_from_portable(&self, first: u64, input: &[f32], out: &mut [f32]) {
-        for (offset, (out, &x)) in out.iter_mut().zip(input).enumerate() {
-            *out = x * self.value(first + offset as u64);
+    fn run_portable(&self, first: u64, input: Option<&[f32]>, out: &mut [f32]) {
+        match input {
+            Some(input) => {
+                for (offset, (out, &x)) in out.iter_mut().zip(input).enumerate() {
+                    *out = x * self.value(first + offset as u64);
+                }
+            }
+            None => {
+                for (offset, out) in out.iter_mut().enumerate() {
+                    *out = self.value(first + offset as u64);
+                }
+            }
         }
     }
-
-    #[inline(always)]
-    fn fill_from_portable(&self, first: u64, out: &mut [f32]) {
-        for (offset, out) in out.iter_mut().enumerate() {
-            *out = self.value(first + offset as u64);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx512dq() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512dq")
 }
 
 /// One SplitMix64 output for a given state: a well-mixed 64-bit hash of the counter.
@@ -223,8 +207,8 @@ mod tests {
         assert_eq!(filled, expected);
         assert_eq!(applied, times_input);
 
-        mask.fill_from_portable(first, &mut filled);
-        mask.apply_from_portable(first, &input, &mut applied);
+        mask.run_portable(first, None, &mut filled);
+        mask.run_portable(first, Some(&input), &mut applied);
         assert_eq!(filled, expected);
         assert_eq!(applied, times_input);
 
@@ -232,8 +216,8 @@ mod tests {
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 is present (checked above).
             unsafe {
-                mask.fill_from_avx2(first, &mut filled);
-                mask.apply_from_avx2(first, &input, &mut applied);
+                mask.run_avx2(first, None, &mut filled);
+                mask.run_avx2(first, Some(&input), &mut applied);
             }
             assert_eq!(filled, expected);
             assert_eq!(applied, times_input);

@@ -592,7 +592,6 @@ fn attend(
 ) {
     let (rows, seq) = (shape.rows, shape.seq);
     let mut scores = vec![0f32; rows * seq];
-    let mut kept = vec![0f32; rows * seq];
     let mut dropped = vec![0f32; rows * seq];
     for (head, probs) in probs.chunks_exact_mut(rows * seq).enumerate() {
         let (q, k, v) = (
@@ -610,14 +609,11 @@ fn attend(
         for (probs, scores) in probs.chunks_exact_mut(seq).zip(scores.chunks_exact(seq)) {
             softmax_row(probs, scores, mask, divisor);
         }
-        if let Some(mask) = dropout {
-            mask.fill_from(shape.mask_offset(item.index, head), &mut kept);
-            for ((d, &p), &kept) in dropped.iter_mut().zip(&*probs).zip(&kept) {
-                *d = p * kept;
-            }
-        }
         let weights = match dropout {
-            Some(_) => &dropped[..],
+            Some(mask) => {
+                mask.apply_from(shape.mask_offset(item.index, head), probs, &mut dropped);
+                &dropped[..]
+            }
             None => &probs[..],
         };
         let out = shape.head_dst(context, head);
@@ -644,8 +640,8 @@ fn attend_backward(
     grads: ItemGrads,
 ) {
     let (rows, seq, head_dim) = (shape.rows, shape.seq, shape.head_dim);
-    // The head's mask values (all 1 without dropout), computed once for both of their uses.
-    let mut kept = vec![1f32; rows * seq];
+    // The head's mask values, computed once for both of their uses.
+    let mut kept = vec![0f32; rows * seq];
     let mut dropped = vec![0f32; rows * seq];
     let mut grad_scores = vec![0f32; rows * seq];
     for (head, probs) in probs.chunks_exact(rows * seq).enumerate() {
@@ -655,13 +651,17 @@ fn attend_backward(
             shape.head(item.v, head),
         );
         let g = shape.head(grad, head);
-        if let Some(mask) = dropout {
-            mask.fill_from(shape.mask_offset(item.index, head), &mut kept);
-        }
-        for ((d, &p), &kept) in dropped.iter_mut().zip(probs).zip(&kept) {
-            *d = p * kept;
-        }
-        let dropped_t = Operand::row_major(&dropped, seq).transposed();
+        let weights = match dropout {
+            Some(mask) => {
+                mask.fill_from(shape.mask_offset(item.index, head), &mut kept);
+                for ((d, &p), &kept) in dropped.iter_mut().zip(probs).zip(&kept) {
+                    *d = p * kept;
+                }
+                &dropped[..]
+            }
+            None => probs,
+        };
+        let dropped_t = Operand::row_major(weights, seq).transposed();
         small_product(
             [seq, head_dim],
             rows,

@@ -171,16 +171,16 @@ fn erff(x: f32) -> f32 {
     // quotient bit for bit, with one division where there were three (divisions bound this
     // loop: they are as slow per element in 16 lanes as in 8).
     let near_zero_piece = ix < 0x3f58_0000;
-    let erfc_near_piece = ix < 0x3fa0_0000;
-    let numerator = select(near_zero_piece, r, select(erfc_near_piece, p, r_tail));
-    let denominator = select(near_zero_piece, s, select(erfc_near_piece, q, s_tail));
+    let below_tails = ix < 0x3fa0_0000;
+    let numerator = select(near_zero_piece, r, select(below_tails, p, r_tail));
+    let denominator = select(near_zero_piece, s, select(below_tails, q, s_tail));
     let quotient = numerator / denominator;
     let near_zero = x + x * quotient;
     let erfc_near = 1.0 - ERX - quotient;
     let zt = f32::from_bits(ix & 0xffff_e000);
     let erfc_tail = expf(-zt * zt - 0.5625) * expf((zt - ax) * (zt + ax) + quotient) / ax;
 
-    let erfc = select(erfc_near_piece, erfc_near, erfc_tail);
+    let erfc = select(below_tails, erfc_near, erfc_tail);
     let one_side = select(
         ix < 0x40c0_0000,
         1.0 - erfc,
