@@ -101,6 +101,12 @@ impl Job for EvaluateJob {
     }
 
     fn run(&self, ctx: &RunContext) -> Result<()> {
+        crate::on_own_pool(|| self.evaluate(ctx))
+    }
+}
+
+impl EvaluateJob {
+    fn evaluate(&self, ctx: &RunContext) -> Result<()> {
         let tokenized = &ctx.upstream_using("tokenize")?.dir;
         let trained = &ctx.upstream_using("train")?.dir;
         let split = &self.params.split;

@@ -171,6 +171,12 @@ impl Job for TrainJob {
     }
 
     fn run(&self, ctx: &RunContext) -> Result<()> {
+        crate::on_own_pool(|| self.train(ctx))
+    }
+}
+
+impl TrainJob {
+    fn train(&self, ctx: &RunContext) -> Result<()> {
         let tokenized = &ctx.upstream_using("tokenize")?.dir;
         let split = |name: &str| read_examples(&tokenized.join(format!("{name}.parquet")));
         let train = split("train")?;
@@ -280,9 +286,6 @@ impl Job for TrainJob {
         }
         Ok(())
     }
-}
-
-impl TrainJob {
     fn fresh_model(
         &self,
         ctx: &RunContext,

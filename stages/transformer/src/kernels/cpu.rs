@@ -145,18 +145,24 @@ impl Kernels for Flex {
             "dense: input width {d_in} against weight rows {w_in}"
         );
         assert_eq!(values(&bias).len(), d_out, "dense: bias length");
-        let mut out = empty(Shape::new([rows, d_out]));
-        let dst = out.storage_mut::<f32>();
+        // The bias rows, then the product added onto them: no zeroed buffer written first.
         let bias = values(&bias);
-        dst.par_chunks_mut(d_out.max(1) * 64).for_each(|block| {
-            block
-                .chunks_exact_mut(d_out)
-                .for_each(|row| row.copy_from_slice(bias))
-        });
+        let mut out = Vec::with_capacity(rows * d_out);
+        (0..rows).for_each(|_| out.extend_from_slice(bias));
         let x = Operand::row_major(values(&x), d_in);
         let w = Operand::row_major(values(&weight), d_out);
-        matmul(Cores::All, rows, d_out, d_in, dst, true, x, w);
-        out
+        // SAFETY: `out` holds rows × d_out values.
+        unsafe {
+            matmul(
+                Cores::All,
+                [rows, d_out],
+                d_in,
+                out.as_mut_ptr(),
+                true,
+                [x, w],
+            )
+        };
+        FlexTensor::from_data(burn::tensor::TensorData::new(out, [rows, d_out]))
     }
 
     fn dense_backward(
@@ -924,12 +930,25 @@ struct Operand {
     col_stride: isize,
 }
 
+// SAFETY: a read-only view of values that outlive the product reading them (its callers
+// build it from a slice they hold for the call), so other threads may read through it.
+unsafe impl Send for Operand {}
+unsafe impl Sync for Operand {}
+
 impl Operand {
     fn row_major(values: &[f32], width: usize) -> Self {
         Operand {
             ptr: values.as_ptr(),
             row_stride: width as isize,
             col_stride: 1,
+        }
+    }
+
+    /// The columns from `start` on.
+    fn from_column(self, start: usize) -> Self {
+        Operand {
+            ptr: self.ptr.wrapping_offset(start as isize * self.col_stride),
+            ..self
         }
     }
 
@@ -956,42 +975,83 @@ enum Cores {
 
 /// `lhs (m × k) · rhs (k × n)` as a new `[m, n]` tensor, on the cores given.
 fn product(cores: Cores, [m, n]: [usize; 2], k: usize, lhs: Operand, rhs: Operand) -> FlexTensor {
-    let mut out = empty(Shape::new([m, n]));
-    matmul(cores, m, n, k, out.storage_mut::<f32>(), false, lhs, rhs);
-    out
+    // gemm writes every element without reading it (zeros when k is 0), so the buffer starts
+    // uninitialised: zeroing it first cost as much as a tenth of a step's matmul time.
+    let mut out = Vec::with_capacity(m * n);
+    // SAFETY: `out` has room for m × n values, and the product writes all of them.
+    unsafe {
+        matmul(cores, [m, n], k, out.as_mut_ptr(), false, [lhs, rhs]);
+        out.set_len(m * n);
+    }
+    FlexTensor::from_data(burn::tensor::TensorData::new(out, [m, n]))
 }
 
-/// `dst (m × n, row-major) = [dst +] lhs (m × k) · rhs (k × n)` on the cores given. gemm splits
-/// a product by output blocks, never along `k`, so the result is the same bit for bit on one
-/// core or all.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
+/// `dst (m × n, row-major) = [dst +] lhs (m × k) · rhs (k × n)` on the cores given.
+///
+/// On all cores, each core computes a band of the output's columns as a product of its own:
+/// gemm's own split has every thread pack the whole left operand (in our row-major products,
+/// gemm's packed operand is `rhs`, the weight), where a band packs only its part. gemm blocks
+/// `k` the same way whatever `n` is, so each output element sums its products in the same
+/// order on one core or all, and the result is the same bit for bit.
+///
+/// # Safety
+/// `dst` must be valid for writes of m × n values (and for reads, when `accumulate`).
+unsafe fn matmul(
     cores: Cores,
-    m: usize,
-    n: usize,
+    [m, n]: [usize; 2],
     k: usize,
-    dst: &mut [f32],
+    dst: *mut f32,
     accumulate: bool,
-    lhs: Operand,
-    rhs: Operand,
+    [lhs, rhs]: [Operand; 2],
 ) {
-    assert_eq!(dst.len(), m * n, "matmul output size");
-    let parallelism = match cores == Cores::All && m * n * k >= PARALLEL_THRESHOLD {
-        true => gemm::Parallelism::Rayon(0),
-        false => gemm::Parallelism::None,
+    let bands = match cores == Cores::All && m * n * k >= PARALLEL_THRESHOLD {
+        true => rayon::current_num_threads().min(n / BAND_ALIGN).max(1),
+        false => 1,
     };
-    // SAFETY: `dst` holds m × n elements; the operands view matrices of the sizes passed
-    // (the callers derive both from the tensors' shapes).
-    unsafe {
-        gemm_into(
-            [m, n],
-            k,
-            (dst.as_mut_ptr(), n),
-            accumulate,
-            [lhs, rhs],
-            parallelism,
-        )
+    let band_width = n.div_ceil(bands).next_multiple_of(BAND_ALIGN);
+    let dst = SendPtr(dst);
+    let band = |start: usize| {
+        let width = band_width.min(n - start);
+        let rhs = rhs.from_column(start);
+        // SAFETY: the band's columns `start..start + width` of `dst` and of `rhs` lie inside
+        // the matrices the caller vouched for, and bands do not overlap.
+        unsafe {
+            gemm_into(
+                [m, width],
+                k,
+                (dst.at(start), n),
+                accumulate,
+                [lhs, rhs],
+                gemm::Parallelism::None,
+            )
+        }
     };
+    match bands {
+        1 => band(0),
+        _ => (0..n)
+            .step_by(band_width)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .for_each(band),
+    }
+}
+
+/// Bands start on a 64-byte boundary of a row (when the row does), so two cores never write
+/// one cache line.
+const BAND_ALIGN: usize = 16;
+
+/// A destination pointer shared by bands that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+// SAFETY: the bands write disjoint elements through it (see `matmul`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
 }
 
 /// `dst = [dst +] lhs (m × k) · rhs (k × n)` for a row-major `dst` with the row stride given:
