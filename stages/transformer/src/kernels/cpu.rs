@@ -945,7 +945,7 @@ impl Operand {
     }
 
     /// The columns from `start` on.
-    fn from_column(self, start: usize) -> Self {
+    fn columns_from(self, start: usize) -> Self {
         Operand {
             ptr: self.ptr.wrapping_offset(start as isize * self.col_stride),
             ..self
@@ -1012,7 +1012,7 @@ unsafe fn matmul(
     let dst = SendPtr(dst);
     let band = |start: usize| {
         let width = band_width.min(n - start);
-        let rhs = rhs.from_column(start);
+        let rhs = rhs.columns_from(start);
         // SAFETY: the band's columns `start..start + width` of `dst` and of `rhs` lie inside
         // the matrices the caller vouched for, and bands do not overlap.
         unsafe {
