@@ -269,14 +269,19 @@ fn in_tails(x: f32) -> bool {
     (0x3fa0_0000..0x40c0_0000).contains(&ix)
 }
 
+/// `x`'s sign bit, the bits of `|x|` (libm's `ix`), and `|x|`.
+#[inline(always)]
+fn sign_and_magnitude(x: f32) -> (bool, u32, f32) {
+    let bits = x.to_bits();
+    let ix = bits & 0x7fff_ffff;
+    (bits >> 31 != 0, ix, f32::from_bits(ix))
+}
+
 /// `erff` outside the tails (|x| < 1.25, |x| ≥ 6 and not finite), every piece evaluated and
 /// one selected.
 #[inline(always)]
 fn erff_without_tails(x: f32) -> f32 {
-    let bits = x.to_bits();
-    let negative = bits >> 31 != 0;
-    let ix = bits & 0x7fff_ffff;
-    let ax = f32::from_bits(ix);
+    let (negative, ix, ax) = sign_and_magnitude(x);
 
     // |x| < 0.84375
     let z = x * x;
@@ -322,10 +327,7 @@ fn erff_without_tails(x: f32) -> f32 {
 /// `erff` in the tails, `1.25 ≤ |x| < 6` (erfc2 there, and `1 - erfc`).
 #[inline(always)]
 fn erff_tails(x: f32) -> f32 {
-    let bits = x.to_bits();
-    let negative = bits >> 31 != 0;
-    let ix = bits & 0x7fff_ffff;
-    let ax = f32::from_bits(ix);
+    let (negative, ix, ax) = sign_and_magnitude(x);
 
     let s2 = 1.0 / (ax * ax);
     let r_a = RA[0]
