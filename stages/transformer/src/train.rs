@@ -286,6 +286,7 @@ impl TrainJob {
         }
         Ok(())
     }
+
     fn fresh_model(
         &self,
         ctx: &RunContext,

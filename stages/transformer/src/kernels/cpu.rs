@@ -1028,11 +1028,9 @@ unsafe fn matmul(
     };
     match bands {
         1 => band(0),
-        _ => (0..n)
-            .step_by(band_width)
-            .collect::<Vec<_>>()
+        _ => (0..n.div_ceil(band_width))
             .into_par_iter()
-            .for_each(band),
+            .for_each(|i| band(i * band_width)),
     }
 }
 

@@ -48,7 +48,6 @@ unsafe fn erf_scaled_avx512(input: &[f32], out: &mut [f32]) {
     for (input, out) in input.chunks(BLOCK).zip(out.chunks_mut(BLOCK)) {
         block.without_tails(input, out);
         let whole = input.len() / LANES * LANES;
-        block.count = 0;
         for (mask, at) in masks.iter_mut().zip((0..whole).step_by(LANES)) {
             // SAFETY: `at + LANES <= whole <= BLOCK`, inside `scaled`; `values` has LANES
             // slots past BLOCK, so a whole vector fits from any `count <= at`.
@@ -100,7 +99,6 @@ fn erf_scaled_portable(input: &[f32], out: &mut [f32]) {
     let mut block = Block::new();
     for (input, out) in input.chunks(BLOCK).zip(out.chunks_mut(BLOCK)) {
         block.without_tails(input, out);
-        block.count = 0;
         block.gather_from(0, input.len());
         block.tails();
         block.scatter_from(0, out);
@@ -128,9 +126,11 @@ impl Block {
         }
     }
 
-    /// `scaled = input / √2`, and `out` from the pieces without tails.
+    /// Starts a block: `scaled = input / √2`, `out` from the pieces without tails, and no
+    /// tails gathered yet.
     #[inline(always)]
     fn without_tails(&mut self, input: &[f32], out: &mut [f32]) {
+        self.count = 0;
         let scaled = &mut self.scaled[..input.len()];
         for (y, &x) in scaled.iter_mut().zip(input) {
             *y = x / core::f32::consts::SQRT_2;
