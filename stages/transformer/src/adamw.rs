@@ -10,7 +10,7 @@ use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::PARALLEL_CHUNK;
+use crate::{PARALLEL_CHUNK, task_len};
 
 /// AdamW with decoupled weight decay, updated in place.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -113,17 +113,48 @@ fn update(c: Coefficients, weights: &mut [f32], grad: &[f32], m: &mut [f32], v: 
     if weights.len() <= PARALLEL_CHUNK {
         return update_chunk(&c, weights, grad, m, v);
     }
+    let task = task_len(weights.len(), 16);
     weights
-        .par_chunks_mut(PARALLEL_CHUNK)
-        .zip(grad.par_chunks(PARALLEL_CHUNK))
-        .zip(m.par_chunks_mut(PARALLEL_CHUNK))
-        .zip(v.par_chunks_mut(PARALLEL_CHUNK))
+        .par_chunks_mut(task)
+        .zip(grad.par_chunks(task))
+        .zip(m.par_chunks_mut(task))
+        .zip(v.par_chunks_mut(task))
         .for_each(|(((w, g), m), v)| update_chunk(&c, w, g, m, v));
 }
 
 /// burn's operation order, element by element: the moments, their bias corrections, the
-/// decay of the weight, then the step.
+/// decay of the weight, then the step. In AVX-512's lanes where the CPU has them: the same
+/// operations (Rust fuses no multiply-add), so the same bits, with a quarter of the
+/// instructions of the baseline's SSE.
 pub(crate) fn update_chunk(
+    c: &Coefficients,
+    weights: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked above).
+        return unsafe { update_chunk_avx512(c, weights, grad, m, v) };
+    }
+    update_chunk_portable(c, weights, grad, m, v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn update_chunk_avx512(
+    c: &Coefficients,
+    weights: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    update_chunk_portable(c, weights, grad, m, v)
+}
+
+#[inline(always)]
+fn update_chunk_portable(
     c: &Coefficients,
     weights: &mut [f32],
     grad: &[f32],

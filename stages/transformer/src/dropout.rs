@@ -14,7 +14,7 @@ use burn::module::Module;
 use burn::tensor::{Distribution, Int, Tensor};
 use rayon::prelude::*;
 
-use crate::PARALLEL_CHUNK;
+use crate::task_len;
 
 /// Zeroes each element with probability `prob` while training (on an autodiff device), and is
 /// the identity otherwise, as `model.eval()` makes it in PyTorch.
@@ -89,12 +89,11 @@ impl Mask {
 
     /// `out[i] = input[i] · value(i)`, on both cores.
     pub fn apply(&self, input: &[f32], out: &mut [f32]) {
-        out.par_chunks_mut(PARALLEL_CHUNK)
-            .zip(input.par_chunks(PARALLEL_CHUNK))
+        let task = task_len(input.len(), 16);
+        out.par_chunks_mut(task)
+            .zip(input.par_chunks(task))
             .enumerate()
-            .for_each(|(chunk, (out, input))| {
-                self.apply_from((chunk * PARALLEL_CHUNK) as u64, input, out)
-            });
+            .for_each(|(chunk, (out, input))| self.apply_from((chunk * task) as u64, input, out));
     }
 
     /// [`Mask::apply`] on one run of elements, whose first is element `first`.

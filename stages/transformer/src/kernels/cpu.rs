@@ -7,9 +7,9 @@ use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
 use super::{FusedOps, erf, expf};
-use crate::PARALLEL_CHUNK;
 use crate::dropout::Mask;
 use crate::sparse::RowGradient;
+use crate::task_len;
 
 /// The forward and backward pieces that the fused operations are made of, on one backend.
 pub trait Kernels: Backend {
@@ -145,23 +145,22 @@ impl Kernels for Flex {
             "dense: input width {d_in} against weight rows {w_in}"
         );
         assert_eq!(values(&bias).len(), d_out, "dense: bias length");
-        // The bias rows, then the product added onto them: no zeroed buffer written first.
-        let bias = values(&bias);
-        let mut out = Vec::with_capacity(rows * d_out);
-        (0..rows).for_each(|_| out.extend_from_slice(bias));
         let x = Operand::row_major(values(&x), d_in);
         let w = Operand::row_major(values(&weight), d_out);
-        // SAFETY: `out` holds rows × d_out values.
+        let mut out = Vec::with_capacity(rows * d_out);
+        // SAFETY: `out` has room for rows × d_out values, and the product writes all of them
+        // (each band its columns of the bias rows, then the product added onto them).
         unsafe {
             matmul(
                 Cores::All,
                 [rows, d_out],
                 d_in,
                 out.as_mut_ptr(),
-                true,
+                Start::Rows(values(&bias)),
                 [x, w],
-            )
-        };
+            );
+            out.set_len(rows * d_out);
+        }
         FlexTensor::from_data(burn::tensor::TensorData::new(out, [rows, d_out]))
     }
 
@@ -212,12 +211,15 @@ impl Kernels for Flex {
         let x = contiguous(x);
         let shape = x.layout().shape().clone();
         let input = values(&x);
-        let mut value = empty(shape.clone());
+        // SAFETY (here and for `slope`): the chunks cover the tensor, and each is written whole
+        // (erf, then GELU over it; −x²/2, then its exp and the slope over it).
+        let mut value = unsafe { unwritten(shape.clone()) };
         if !with_slope {
+            let task = task_len(input.len(), LANE);
             value
                 .storage_mut::<f32>()
-                .par_chunks_mut(PARALLEL_CHUNK)
-                .zip(input.par_chunks(PARALLEL_CHUNK))
+                .par_chunks_mut(task)
+                .zip(input.par_chunks(task))
                 .for_each(|(out, input)| {
                     erf::erf_scaled(input, out);
                     for (out, &x) in out.iter_mut().zip(input) {
@@ -226,12 +228,13 @@ impl Kernels for Flex {
                 });
             return (value, None);
         }
-        let mut slope = empty(shape);
+        let mut slope = unsafe { unwritten(shape) };
+        let task = task_len(input.len(), LANE);
         value
             .storage_mut::<f32>()
-            .par_chunks_mut(PARALLEL_CHUNK)
-            .zip(slope.storage_mut::<f32>().par_chunks_mut(PARALLEL_CHUNK))
-            .zip(input.par_chunks(PARALLEL_CHUNK))
+            .par_chunks_mut(task)
+            .zip(slope.storage_mut::<f32>().par_chunks_mut(task))
+            .zip(input.par_chunks(task))
             .for_each(|((values, slopes), input)| {
                 erf::erf_scaled(input, values);
                 for (slope, &x) in slopes.iter_mut().zip(input) {
@@ -249,11 +252,13 @@ impl Kernels for Flex {
 
     fn scale(grad: FlexTensor, slope: FlexTensor) -> FlexTensor {
         let (grad, slope) = (contiguous(grad), contiguous(slope));
-        let mut out = empty(grad.layout().shape().clone());
+        // SAFETY: the chunks cover the tensor, and every value of each is written.
+        let mut out = unsafe { unwritten(grad.layout().shape().clone()) };
+        let task = task_len(values(&grad).len(), LANE);
         out.storage_mut::<f32>()
-            .par_chunks_mut(PARALLEL_CHUNK)
-            .zip(values(&grad).par_chunks(PARALLEL_CHUNK))
-            .zip(values(&slope).par_chunks(PARALLEL_CHUNK))
+            .par_chunks_mut(task)
+            .zip(values(&grad).par_chunks(task))
+            .zip(values(&slope).par_chunks(task))
             .for_each(|((out, grad), slope)| {
                 for ((out, &g), &s) in out.iter_mut().zip(grad).zip(slope) {
                     *out = g * s;
@@ -264,7 +269,8 @@ impl Kernels for Flex {
 
     fn dropout(x: FlexTensor, mask: Mask) -> FlexTensor {
         let x = contiguous(x);
-        let mut out = empty(x.layout().shape().clone());
+        // SAFETY: `apply` writes every value of `out`.
+        let mut out = unsafe { unwritten(x.layout().shape().clone()) };
         mask.apply(values(&x), out.storage_mut::<f32>());
         out
     }
@@ -273,7 +279,8 @@ impl Kernels for Flex {
         let table = contiguous(table);
         let [rows, dim] = dims2(&table);
         let (ids, [batch, seq]) = ids_of(ids);
-        let mut out = empty(Shape::new([batch, seq, dim]));
+        // SAFETY: one row per id, each copied whole from the table (or a panic, and no read).
+        let mut out = unsafe { unwritten(Shape::new([batch, seq, dim])) };
         let table = values(&table);
         for (out, &id) in out.storage_mut::<f32>().chunks_exact_mut(dim).zip(&ids) {
             assert!(
@@ -324,8 +331,11 @@ impl Kernels for Flex {
             shape.batch * seq,
             "attention: mask shape"
         );
-        let mut context = empty(q.layout().shape().clone());
-        let mut probs = empty(Shape::new([shape.batch, heads, rows, seq]));
+        // SAFETY: one task per item covers both tensors; `attend` writes each head's
+        // probabilities (a softmax of every row) and its columns of every context row (a
+        // product that overwrites them).
+        let mut context = unsafe { unwritten(q.layout().shape().clone()) };
+        let mut probs = unsafe { unwritten(Shape::new([shape.batch, heads, rows, seq])) };
         // One task per item: it owns the item's rows of the context and its probabilities.
         context
             .storage_mut::<f32>()
@@ -360,9 +370,11 @@ impl Kernels for Flex {
         let AttentionShape {
             rows, seq, hidden, ..
         } = shape;
-        let mut grad_q = empty(q.layout().shape().clone());
-        let mut grad_k = empty(k.layout().shape().clone());
-        let mut grad_v = empty(v.layout().shape().clone());
+        // SAFETY: one task per item covers the three tensors; `attend_backward` writes each
+        // head's columns of every row of them with products that overwrite them.
+        let mut grad_q = unsafe { unwritten(q.layout().shape().clone()) };
+        let mut grad_k = unsafe { unwritten(k.layout().shape().clone()) };
+        let mut grad_v = unsafe { unwritten(v.layout().shape().clone()) };
         grad_q
             .storage_mut::<f32>()
             .par_chunks_mut(rows * hidden)
@@ -406,9 +418,11 @@ impl Kernels for Flex {
             "add_norm: gamma and beta must have the input's last dimension"
         );
         let rows = shape.num_elements() / width;
-        let (mut out, mut normalized) = (empty(shape.clone()), empty(shape));
-        let mut deviation = empty(Shape::new([rows]));
-        let block = rows_per_task(width);
+        // SAFETY: the blocks cover all rows, and each row's output, normalized values and
+        // deviation are written whole.
+        let (mut out, mut normalized) = unsafe { (unwritten(shape.clone()), unwritten(shape)) };
+        let mut deviation = unsafe { unwritten(Shape::new([rows])) };
+        let block = rows_per_task(rows, width);
         out.storage_mut::<f32>()
             .par_chunks_mut(block * width)
             .zip(
@@ -447,8 +461,9 @@ impl Kernels for Flex {
         let shape = normalized.layout().shape().clone();
         let gamma = values(&gamma);
         let width = gamma.len();
-        let block = rows_per_task(width);
-        let mut grad_input = empty(shape);
+        let block = rows_per_task(shape.num_elements() / width, width);
+        // SAFETY: the blocks cover all rows, and `norm_row_backward` writes each row whole.
+        let mut grad_input = unsafe { unwritten(shape) };
         // Each task's sums over its rows for gamma and beta, added in task order afterwards.
         let partial: Vec<(Vec<f32>, Vec<f32>)> = grad_input
             .storage_mut::<f32>()
@@ -754,10 +769,13 @@ fn small_product([m, n]: [usize; 2], k: usize, lhs: Operand, rhs: Operand, dst: 
     };
 }
 
-/// Whole rows of `width` per parallel task, about [`PARALLEL_CHUNK`] elements.
-fn rows_per_task(width: usize) -> usize {
-    (PARALLEL_CHUNK / width.max(1)).max(1)
+/// Whole rows of `width` per parallel task over `rows` rows ([`task_len`]).
+fn rows_per_task(rows: usize, width: usize) -> usize {
+    task_len(rows * width, width) / width.max(1)
 }
+
+/// Elementwise tasks are whole 16-lane vectors.
+const LANE: usize = 16;
 
 /// One row of LayerNorm as burn's decomposition computes it: `normalized = (s − mean) / √(var
 /// + ε)` for `s = x + residual`, with the mean and the (biased) variance over the row. Returns
@@ -829,7 +847,7 @@ fn lane_sum(values: &[f32]) -> f32 {
 /// summed in parallel and the block sums added in order, so the result does not depend on
 /// scheduling.
 fn column_sums(grad: &[f32], width: usize) -> Vec<f32> {
-    let rows_per_task = rows_per_task(width);
+    let rows_per_task = rows_per_task(grad.len() / width.max(1), width);
     let partial: Vec<Vec<f32>> = grad
         .par_chunks(rows_per_task * width)
         .map(|block| {
@@ -863,8 +881,22 @@ fn gelu_slope(x: f32, erf: f32, exp: f32) -> f32 {
 
 /// A zeroed f32 tensor. burn-flex's `FlexTensor::empty` allocates bytes and then copies them
 /// into an aligned buffer (two passes over every new tensor); a `Vec<f32>` is aligned already.
-fn empty(shape: Shape) -> FlexTensor {
-    let values = vec![0f32; shape.num_elements()];
+/// A tensor of `shape` for a kernel to write every value of. The values start uninitialised:
+/// zeroing them first (`vec![0.0; n]`) was a pass on one core while the other waited, 3% of a
+/// training run. In the crate's unit tests they start as NaN instead, so that a value a kernel
+/// leaves unwritten fails its comparison with burn.
+///
+/// # Safety
+/// The caller writes every value before anything reads it.
+unsafe fn unwritten(shape: Shape) -> FlexTensor {
+    let len = shape.num_elements();
+    let mut values = Vec::<f32>::with_capacity(len);
+    if cfg!(test) {
+        values.resize(len, f32::NAN);
+    } else {
+        // SAFETY: the caller writes every value before reading it.
+        unsafe { values.set_len(len) };
+    }
     FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
 }
 
@@ -980,13 +1012,23 @@ fn product(cores: Cores, [m, n]: [usize; 2], k: usize, lhs: Operand, rhs: Operan
     let mut out = Vec::with_capacity(m * n);
     // SAFETY: `out` has room for m × n values, and the product writes all of them.
     unsafe {
-        matmul(cores, [m, n], k, out.as_mut_ptr(), false, [lhs, rhs]);
+        matmul(cores, [m, n], k, out.as_mut_ptr(), Start::Zero, [lhs, rhs]);
         out.set_len(m * n);
     }
     FlexTensor::from_data(burn::tensor::TensorData::new(out, [m, n]))
 }
 
-/// `dst (m × n, row-major) = [dst +] lhs (m × k) · rhs (k × n)` on the cores given.
+/// What a product's destination holds before the product is added onto it.
+#[derive(Debug, Clone, Copy)]
+enum Start<'a> {
+    /// Nothing: the product overwrites it.
+    Zero,
+    /// Every row a copy of this one (a bias), written band by band just before each band's
+    /// product, so that the copy runs on every core and the band is in cache when added onto.
+    Rows(&'a [f32]),
+}
+
+/// `dst (m × n, row-major) = initial + lhs (m × k) · rhs (k × n)` on the cores given.
 ///
 /// On all cores, each core computes a band of the output's columns as a product of its own:
 /// gemm's own split has every thread pack the whole left operand (in our row-major products,
@@ -995,15 +1037,18 @@ fn product(cores: Cores, [m, n]: [usize; 2], k: usize, lhs: Operand, rhs: Operan
 /// order on one core or all, and the result is the same bit for bit.
 ///
 /// # Safety
-/// `dst` must be valid for writes of m × n values (and for reads, when `accumulate`).
+/// `dst` must be valid for writes of m × n values.
 unsafe fn matmul(
     cores: Cores,
     [m, n]: [usize; 2],
     k: usize,
     dst: *mut f32,
-    accumulate: bool,
+    initial: Start,
     [lhs, rhs]: [Operand; 2],
 ) {
+    if let Start::Rows(row) = initial {
+        assert_eq!(row.len(), n, "matmul: the starting row's width");
+    }
     let bands = match cores == Cores::All && m * n * k >= PARALLEL_THRESHOLD {
         true => rayon::current_num_threads().min(n / BAND_ALIGN).max(1),
         false => 1,
@@ -1016,6 +1061,17 @@ unsafe fn matmul(
         // SAFETY: the band's columns `start..start + width` of `dst` and of `rhs` lie inside
         // the matrices the caller vouched for, and bands do not overlap.
         unsafe {
+            let accumulate = match initial {
+                Start::Zero => false,
+                Start::Rows(values) => {
+                    let values = &values[start..start + width];
+                    for i in 0..m {
+                        let row = dst.at(i * n + start);
+                        std::ptr::copy_nonoverlapping(values.as_ptr(), row, width);
+                    }
+                    true
+                }
+            };
             gemm_into(
                 [m, width],
                 k,
