@@ -251,12 +251,18 @@ impl Builder<'_> {
     }
 }
 
-/// `[rows, cols]` row-major to `[cols, rows]`.
+/// `[rows, cols]` row-major to `[cols, rows]`, in 16 × 16 tiles so that both sides are read
+/// and written a cache line at a time (column by column, every write missed the cache).
 fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 16;
     let mut out = vec![0.0; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = values[r * cols + c];
+                }
+            }
         }
     }
     out
@@ -554,11 +560,8 @@ pub fn save(model: &Classifier, dir: &Path) -> Result<(), ModelError> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(k, shape, values)| {
-            (
-                k,
-                shape,
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
+            let bytes = values.iter().map(|v| v.to_le_bytes()).collect::<Vec<_>>();
+            (k, shape, bytes.into_flattened())
         })
         .collect();
     let views = bytes
@@ -575,13 +578,20 @@ pub fn save(model: &Classifier, dir: &Path) -> Result<(), ModelError> {
         })?;
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let weights = dir.join("model.safetensors");
-    let serialized =
-        safetensors::tensor::serialize(views, metadata).map_err(|e| ModelError::Weights {
-            file: weights.clone(),
-            key: "-".into(),
-            message: e.to_string(),
+    // Straight to the file: serialising into one buffer first copied all the weights once more.
+    let partial = weights.with_extension("partial");
+    safetensors::tensor::serialize_to_file(views, metadata, &partial)
+        .map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(e) => ModelError::io(&weights, e),
+            e => ModelError::Weights {
+                file: weights.clone(),
+                key: "-".into(),
+                message: e.to_string(),
+            },
+        })
+        .and_then(|()| {
+            std::fs::rename(&partial, &weights).map_err(|e| ModelError::io(&weights, e))
         })?;
-    write_atomic(&weights, &serialized)?;
     let mut config = serde_json::to_string_pretty(&model.config.to_hf_json()).unwrap_or_default();
     config.push('\n');
     write_atomic(&dir.join("config.json"), config.as_bytes())
