@@ -6,6 +6,9 @@
 //! same f32 operations in the same order as burn's (so results are bit-identical; see the test)
 //! and keeps burn's `AdamWState`, so optimizer checkpoints keep their format.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
@@ -13,12 +16,37 @@ use rayon::prelude::*;
 use crate::{PARALLEL_CHUNK, task_len};
 
 /// AdamW with decoupled weight decay, updated in place.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct FusedAdamW {
     pub beta1: f32,
     pub beta2: f32,
     pub epsilon: f32,
     pub weight_decay: f32,
+    /// What each gradient is multiplied by before its step: gradient clipping's coefficient,
+    /// set for each update by the optimizer that shares it ([`crate::optim::Gradients`]).
+    pub gradient_scale: GradientScale,
+}
+
+/// A gradient multiplier shared by an optimizer's parameter groups: 1 until set. Clipping
+/// multiplies in the update's own pass instead of in one of its own, which read and wrote every
+/// gradient once more; the product is the same f32 multiplication.
+#[derive(Debug, Clone)]
+pub struct GradientScale(Arc<AtomicU32>);
+
+impl Default for GradientScale {
+    fn default() -> Self {
+        GradientScale(Arc::new(AtomicU32::new(1f32.to_bits())))
+    }
+}
+
+impl GradientScale {
+    pub fn set(&self, scale: f32) {
+        self.0.store(scale.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> f32 {
+        f32::from_bits(self.0.load(Ordering::Relaxed))
+    }
 }
 
 /// The per-step constants of the update, as burn's AdamW rounds them.
@@ -34,6 +62,7 @@ pub(crate) struct Coefficients {
     /// `None` when the weight decay is zero (burn then skips the multiplication).
     decay_factor: Option<f32>,
     lr: f32,
+    gradient_scale: f32,
 }
 
 impl FusedAdamW {
@@ -49,6 +78,7 @@ impl FusedAdamW {
             epsilon: self.epsilon,
             decay_factor: (decay_rate != 0.0).then_some((1.0 - decay_rate) as f32),
             lr: lr as f32,
+            gradient_scale: self.gradient_scale.get(),
         }
     }
 }
@@ -122,8 +152,8 @@ fn update(c: Coefficients, weights: &mut [f32], grad: &[f32], m: &mut [f32], v: 
         .for_each(|(((w, g), m), v)| update_chunk(&c, w, g, m, v));
 }
 
-/// burn's operation order, element by element: the moments, their bias corrections, the
-/// decay of the weight, then the step. In AVX-512's lanes where the CPU has them: the same
+/// burn's operation order, element by element, on the scaled gradient: the moments, their bias
+/// corrections, the decay of the weight, then the step. In AVX-512's lanes where the CPU has them: the same
 /// operations (Rust fuses no multiply-add), so the same bits, with a quarter of the
 /// instructions of the baseline's SSE.
 pub(crate) fn update_chunk(
@@ -162,6 +192,7 @@ fn update_chunk_portable(
     v: &mut [f32],
 ) {
     for (((w, &g), m), v) in weights.iter_mut().zip(grad).zip(m).zip(v) {
+        let g = g * c.gradient_scale;
         *m = *m * c.beta1 + g * c.one_minus_beta1;
         *v = *v * c.beta2 + (g * g) * c.one_minus_beta2;
         let m_hat = *m / c.bias_correction1;
@@ -208,8 +239,9 @@ mod tests {
                 beta2: 0.999,
                 epsilon: 1e-8,
                 weight_decay,
+                gradient_scale: GradientScale::default(),
             };
-            let mut ours = ModuleOptimizer::from(fused);
+            let mut ours = ModuleOptimizer::from(fused.clone());
             let grads_of = |m: &Linear, seed: u64| {
                 device.seed(seed);
                 let x = Tensor::<2>::random([8, 300], Distribution::Normal(0.0, 1.0), &device);
@@ -239,5 +271,37 @@ mod tests {
             let next_loaded = loaded.step(1e-3, b.clone(), grads_of(&b, 99));
             assert_eq!(weights(&next_ours), weights(&next_loaded));
         }
+    }
+
+    /// A scaled step is the step of the gradient multiplied first (as clipping multiplied it,
+    /// in a pass of its own), bit for bit.
+    #[test]
+    fn a_scaled_gradient_steps_as_the_gradient_multiplied_first() {
+        let adamw = FusedAdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.01,
+            gradient_scale: GradientScale::default(),
+        };
+        let n = 1000;
+        let values = |seed: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 2003.0 - 0.5) * scale)
+                .collect()
+        };
+        let grad = values(1, 3e-2);
+        let factor = 0.37f32;
+        let multiplied: Vec<f32> = grad.iter().map(|g| g * factor).collect();
+        let step = |scale: f32, grad: &[f32]| {
+            adamw.gradient_scale.set(scale);
+            let c = adamw.coefficients(1e-3, 3);
+            let (mut w, mut m, mut v) = (values(2, 1.0), values(3, 1e-3), values(4, 1e-6));
+            v.iter_mut().for_each(|v| *v = v.abs());
+            update_chunk(&c, &mut w, grad, &mut m, &mut v);
+            (w, m, v)
+        };
+        assert_eq!(step(factor, &grad), step(1.0, &multiplied));
+        assert_ne!(step(factor, &grad), step(1.0, &grad));
     }
 }

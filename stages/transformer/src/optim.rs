@@ -16,7 +16,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams, LearningRate, ModuleOpt
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::adamw::FusedAdamW;
+use crate::adamw::{FusedAdamW, GradientScale};
 use crate::model::{Batch, Classifier};
 use crate::regularizers::awp::Attack;
 use crate::regularizers::with_mixout_masks;
@@ -55,11 +55,13 @@ impl Default for AdamW {
 impl AdamW {
     /// The optimizer for `model`: decay on weights and embeddings, none on biases and norms.
     pub fn build(&self, model: &Classifier) -> Optimizer {
+        let gradient_scale = GradientScale::default();
         let config = |decay: f64| FusedAdamW {
             beta1: self.beta1 as f32,
             beta2: self.beta2 as f32,
             epsilon: self.epsilon as f32,
             weight_decay: decay as f32,
+            gradient_scale: gradient_scale.clone(),
         };
         let params = ModuleOptimizer::from(config(self.weight_decay)).with_group(
             ParamGroup::from_ids(model.no_decay_ids()),
@@ -68,6 +70,7 @@ impl AdamW {
         );
         Optimizer {
             params,
+            gradient_scale: gradient_scale.clone(),
             word_rows: self
                 .word_rows
                 .then(|| RowAdamW::new(config(self.weight_decay))),
@@ -80,6 +83,8 @@ impl AdamW {
 #[derive(Clone)]
 pub struct Optimizer {
     params: ModuleOptimizer,
+    /// Shared with every group's [`FusedAdamW`] and the rows' optimizer.
+    gradient_scale: GradientScale,
     word_rows: Option<RowAdamW>,
 }
 
@@ -92,11 +97,14 @@ pub enum WordGradient {
     Rows,
 }
 
-/// An update's gradients.
+/// An update's gradients: `scale` times the values held.
 pub struct Gradients {
     /// Every parameter's, the word-embedding table's too unless it is in `word_rows`.
     pub params: GradientsParams,
     pub word_rows: Option<RowGradient>,
+    /// Clipping's coefficient (1 when not clipped), which the optimizer multiplies each
+    /// gradient by as it steps ([`GradientScale`]).
+    pub scale: f32,
 }
 
 impl Optimizer {
@@ -110,6 +118,7 @@ impl Optimizer {
 
     /// One update of `model` from `grads` (taken as [`Optimizer::word_gradient`] says).
     pub fn step(&mut self, lr: LearningRate, model: Classifier, grads: Gradients) -> Classifier {
+        self.gradient_scale.set(grads.scale);
         let mut model = self.params.step(lr, model, grads.params);
         match (&mut self.word_rows, grads.word_rows) {
             (Some(optimizer), Some(rows)) => {
@@ -252,6 +261,7 @@ pub fn update_gradients(
             let grads = Gradients {
                 params: adversarial.grads,
                 word_rows,
+                scale: 1.0,
             };
             (grads, Some(adversarial.loss))
         }
@@ -324,6 +334,7 @@ pub fn gradients_taking(
     let grads = Gradients {
         params: accumulated.grads(),
         word_rows,
+        scale: 1.0,
     };
     (grads, loss_sum)
 }
@@ -353,11 +364,11 @@ fn lookup_gradient(
 
 /// The L2 norm of all gradients together (accumulated in f64), returned as it was before
 /// clipping; with `max_norm`, the gradients are then scaled down to it when above it (torch's
-/// `clip_grad_norm_`: by the f32 coefficient `max / (norm + 1e-6)`).
+/// `clip_grad_norm_`: by the f32 coefficient `max / (norm + 1e-6)`), through their `scale`.
 ///
-/// Both passes run over every gradient at once, cut into tasks of about
-/// [`crate::PARALLEL_CHUNK`] values: a pass per parameter split and joined each of MiniLM's
-/// hundred tensors on its own, and the many small ones (biases, norms) left a core waiting.
+/// The sum runs over every gradient at once, cut into tasks of about [`crate::PARALLEL_CHUNK`]
+/// values: a pass per parameter split and joined each of MiniLM's hundred tensors on its own,
+/// and the many small ones (biases, norms) left a core waiting.
 pub fn clip_to_global_norm(
     model: &Classifier,
     grads: &mut Gradients,
@@ -373,16 +384,15 @@ pub fn clip_to_global_norm(
     // Task by task, then added in task order: the same sum whatever the scheduling.
     let sums: Vec<f64> = tasks.par_iter().map(|task| squared_norm(task)).collect();
     let norm = sums.iter().sum::<f64>().sqrt();
+    drop(tasks);
+    taken.put_back(model, &mut grads.params);
     if let Some(max) = max_norm {
         let coefficient = max / (norm + 1e-6);
+        // Nothing else scales gradients: the norm above is of the values held.
         if coefficient < 1.0 {
-            let factor = coefficient as f32;
-            tasks
-                .par_iter_mut()
-                .for_each(|task| task.iter_mut().for_each(|v| *v *= factor));
+            grads.scale = coefficient as f32;
         }
     }
-    taken.put_back(model, &mut grads.params);
     norm
 }
 
