@@ -35,6 +35,7 @@ pub mod train;
 pub mod trainer;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use burn::tensor::Device;
 
@@ -123,10 +124,41 @@ pub fn on_own_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         .thread_name(|i| format!("finetune-compute-{i}"))
         .build();
     match pool {
-        Ok(pool) => pool.install(work),
+        Ok(pool) => pool.install(|| with_partner_awake(work)),
         // Without threads to spare, the work still runs, as it did before pools: from here.
         Err(_) => work(),
     }
+}
+
+/// Runs `work` on this pool thread while another thread of the pool polls for work, so that
+/// each split of an operation starts on both cores at once. Left alone, the other thread
+/// sleeps whenever it finds nothing for a few dozen microseconds (the autodiff bookkeeping
+/// between two kernels is often longer), and waking it (a futex wake, and on a virtual machine
+/// the hypervisor's interrupt to a halted core) delayed its half of hundreds of splits a step.
+/// The polling thread runs each split it finds, as a sleeping one would once woken.
+fn with_partner_awake<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    let owner = rayon::current_thread_index();
+    let done = AtomicBool::new(false);
+    let (result, ()) = rayon::join(
+        || {
+            let result = work();
+            done.store(true, Ordering::Release);
+            result
+        },
+        || {
+            // Taken back by `work`'s own thread (while it waited on a split, or after), the
+            // poll would wait on itself: it ends there at once.
+            if rayon::current_thread_index() == owner {
+                return;
+            }
+            while !done.load(Ordering::Acquire) {
+                if rayon::yield_now() == Some(rayon::Yield::Idle) {
+                    std::hint::spin_loop();
+                }
+            }
+        },
+    );
+    result
 }
 
 /// About this many elements per rayon task in this crate's hand-written CPU passes (the fused
@@ -169,7 +201,32 @@ pub fn exclusive_device() -> std::sync::MutexGuard<'static, ()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{PARALLEL_CHUNK, task_len};
+    use super::{PARALLEL_CHUNK, task_len, with_partner_awake};
+    use rayon::prelude::*;
+
+    #[test]
+    fn work_with_a_partner_awake_returns_its_result_on_any_pool() {
+        // One thread (the poll never starts), two and four; nested splits that the partner
+        // steals, and a result that needs every split.
+        for threads in [1, 2, 4] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a pool");
+            for _ in 0..20 {
+                let sum: u64 = pool.install(|| {
+                    with_partner_awake(|| {
+                        (0..100_000u64)
+                            .into_par_iter()
+                            .map(|x| (0..x % 7).into_par_iter().sum::<u64>())
+                            .sum()
+                    })
+                });
+                let expected: u64 = (0..100_000u64).map(|x| (0..x % 7).sum::<u64>()).sum();
+                assert_eq!(sum, expected, "{threads} threads");
+            }
+        }
+    }
 
     #[test]
     fn tasks_come_in_fours_of_whole_units_and_cover_the_pass() {
