@@ -13,7 +13,7 @@ use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::{PARALLEL_CHUNK, task_len};
+use crate::{LANE, PARALLEL_CHUNK, task_len};
 
 /// AdamW with decoupled weight decay, updated in place.
 #[derive(Debug, Clone)]
@@ -143,7 +143,7 @@ fn update(c: Coefficients, weights: &mut [f32], grad: &[f32], m: &mut [f32], v: 
     if weights.len() <= PARALLEL_CHUNK {
         return update_chunk(&c, weights, grad, m, v);
     }
-    let task = task_len(weights.len(), 16);
+    let task = task_len(weights.len(), LANE);
     weights
         .par_chunks_mut(task)
         .zip(grad.par_chunks(task))
@@ -153,9 +153,9 @@ fn update(c: Coefficients, weights: &mut [f32], grad: &[f32], m: &mut [f32], v: 
 }
 
 /// burn's operation order, element by element, on the scaled gradient: the moments, their bias
-/// corrections, the decay of the weight, then the step. In AVX-512's lanes where the CPU has them: the same
-/// operations (Rust fuses no multiply-add), so the same bits, with a quarter of the
-/// instructions of the baseline's SSE.
+/// corrections, the decay of the weight, then the step. In AVX-512's lanes where the CPU has
+/// them: the same operations (Rust fuses no multiply-add), so the same bits, with a quarter of
+/// the instructions of the baseline's SSE.
 pub(crate) fn update_chunk(
     c: &Coefficients,
     weights: &mut [f32],

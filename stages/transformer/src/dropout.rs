@@ -14,7 +14,7 @@ use burn::module::Module;
 use burn::tensor::{Distribution, Int, Tensor};
 use rayon::prelude::*;
 
-use crate::task_len;
+use crate::{LANE, task_len};
 
 /// Zeroes each element with probability `prob` while training (on an autodiff device), and is
 /// the identity otherwise, as `model.eval()` makes it in PyTorch.
@@ -89,7 +89,7 @@ impl Mask {
 
     /// `out[i] = input[i] · value(i)`, on both cores.
     pub fn apply(&self, input: &[f32], out: &mut [f32]) {
-        let task = task_len(input.len(), 16);
+        let task = task_len(input.len(), LANE);
         out.par_chunks_mut(task)
             .zip(input.par_chunks(task))
             .enumerate()

@@ -579,9 +579,8 @@ pub fn save(model: &Classifier, dir: &Path) -> Result<(), ModelError> {
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let weights = dir.join("model.safetensors");
     // Straight to the file: serialising into one buffer first copied all the weights once more.
-    let partial = weights.with_extension("partial");
-    safetensors::tensor::serialize_to_file(views, metadata, &partial)
-        .map_err(|e| match e {
+    write_through_partial(&weights, |partial| {
+        safetensors::tensor::serialize_to_file(views, metadata, partial).map_err(|e| match e {
             safetensors::SafeTensorError::IoError(e) => ModelError::io(&weights, e),
             e => ModelError::Weights {
                 file: weights.clone(),
@@ -589,9 +588,7 @@ pub fn save(model: &Classifier, dir: &Path) -> Result<(), ModelError> {
                 message: e.to_string(),
             },
         })
-        .and_then(|()| {
-            std::fs::rename(&partial, &weights).map_err(|e| ModelError::io(&weights, e))
-        })?;
+    })?;
     let mut config = serde_json::to_string_pretty(&model.config.to_hf_json()).unwrap_or_default();
     config.push('\n');
     write_atomic(&dir.join("config.json"), config.as_bytes())
@@ -610,8 +607,18 @@ pub fn save_with_tokenizer(
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    write_through_partial(path, |temp| {
+        std::fs::write(temp, bytes).map_err(|e| ModelError::io(path, e))
+    })
+}
+
+/// Has `write` fill `path` with a `.partial` extension, then renames it to `path`: a reader
+/// never sees half a file under the real name.
+fn write_through_partial(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
     let temp = path.with_extension("partial");
-    std::fs::write(&temp, bytes)
-        .and_then(|()| std::fs::rename(&temp, path))
-        .map_err(|e| ModelError::io(path, e))
+    write(&temp)?;
+    std::fs::rename(&temp, path).map_err(|e| ModelError::io(path, e))
 }

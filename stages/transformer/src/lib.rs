@@ -162,8 +162,8 @@ fn with_partner_awake<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 }
 
 /// About this many elements per rayon task in this crate's hand-written CPU passes (the fused
-/// kernels, AdamW, dropout, gradient norm and clipping): large enough that scheduling is noise
-/// next to the work, small enough that both cores share a 384-wide layer's tensors.
+/// kernels, AdamW, dropout, the gradient norm): large enough that scheduling is noise next to
+/// the work, small enough that both cores share a 384-wide layer's tensors.
 pub(crate) const PARALLEL_CHUNK: usize = 1 << 15;
 
 /// A pass split into tasks makes a multiple of this many, so that two or four cores finish
@@ -172,6 +172,9 @@ pub(crate) const PARALLEL_CHUNK: usize = 1 << 15;
 /// two fifths of every elementwise pass. The count depends on the length alone, not on the machine,
 /// so the passes that sum by task (norms, bias gradients) give the same bits everywhere.
 const TASKS_IN_STEPS_OF: usize = 4;
+
+/// Elementwise tasks are whole 16-lane vectors (AVX-512's f32 width, a 64-byte cache line).
+pub(crate) const LANE: usize = 16;
 
 /// The length of each task when a pass over `len` values splits into tasks: a multiple of
 /// `unit` (a row's width, or a vector's), about [`PARALLEL_CHUNK`] values, and all of `len` (one

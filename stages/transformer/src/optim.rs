@@ -22,7 +22,7 @@ use crate::regularizers::awp::Attack;
 use crate::regularizers::with_mixout_masks;
 use crate::sparse::{self, RowAdamW, RowGradient};
 
-use crate::task_len;
+use crate::{LANE, task_len};
 
 /// The file, in a checkpoint, of burn's optimizer record (every parameter's AdamW state but a
 /// word-embedding table trained by rows, which is in [`sparse::STATE_FILE`]).
@@ -374,12 +374,11 @@ pub fn clip_to_global_norm(
     grads: &mut Gradients,
     max_norm: Option<f64>,
 ) -> f64 {
-    let mut taken = TakenGradients::take(model, &mut grads.params);
+    let taken = TakenGradients::take(model, &mut grads.params);
     let mut tasks = taken.tasks();
-    if let Some(rows) = &mut grads.word_rows {
-        let values = rows.values_mut();
-        let task = task_len(values.len(), 16);
-        tasks.extend(values.chunks_mut(task));
+    if let Some(rows) = &grads.word_rows {
+        let values = rows.values();
+        tasks.extend(values.chunks(task_len(values.len(), LANE)));
     }
     // Task by task, then added in task order: the same sum whatever the scheduling.
     let sums: Vec<f64> = tasks.par_iter().map(|task| squared_norm(task)).collect();
@@ -431,7 +430,7 @@ fn squared_norm_portable(values: &[f32]) -> f64 {
 }
 
 /// Every parameter's gradient, taken out of `GradientsParams` (so that each buffer has one
-/// owner and reading it copies nothing) for passes over all of them, and put back.
+/// owner and reading it copies nothing) for a pass over all of them, and put back.
 struct TakenGradients {
     /// In the model's visiting order.
     taken: Vec<(ParamId, Device, TensorData)>,
@@ -448,13 +447,12 @@ impl TakenGradients {
     }
 
     /// The values, cut into tasks for the pool ([`task_len`]).
-    fn tasks(&mut self) -> Vec<&mut [f32]> {
+    fn tasks(&self) -> Vec<&[f32]> {
         self.taken
-            .iter_mut()
+            .iter()
             .flat_map(|(_, _, data)| {
-                let values = data.as_mut_slice::<f32>().expect("f32 gradients");
-                let task = task_len(values.len(), 16);
-                values.chunks_mut(task)
+                let values = data.as_slice::<f32>().expect("f32 gradients");
+                values.chunks(task_len(values.len(), LANE))
             })
             .collect()
     }

@@ -119,10 +119,6 @@ impl RowGradient {
         &self.values
     }
 
-    pub fn values_mut(&mut self) -> &mut [f32] {
-        &mut self.values
-    }
-
     /// The dense `[table_rows × dim]` gradient, row-major.
     pub fn to_dense(&self) -> Vec<f32> {
         let mut dense = vec![0.0; self.slots.len() * self.dim];

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::{FusedOps, erf, expf};
 use crate::dropout::Mask;
 use crate::sparse::RowGradient;
-use crate::task_len;
+use crate::{LANE, task_len};
 
 /// The forward and backward pieces that the fused operations are made of, on one backend.
 pub trait Kernels: Backend {
@@ -422,7 +422,7 @@ impl Kernels for Flex {
         // deviation are written whole.
         let (mut out, mut normalized) = unsafe { (unwritten(shape.clone()), unwritten(shape)) };
         let mut deviation = unsafe { unwritten(Shape::new([rows])) };
-        let block = rows_per_task(rows, width);
+        let block = rows_per_task(rows * width, width);
         out.storage_mut::<f32>()
             .par_chunks_mut(block * width)
             .zip(
@@ -461,7 +461,7 @@ impl Kernels for Flex {
         let shape = normalized.layout().shape().clone();
         let gamma = values(&gamma);
         let width = gamma.len();
-        let block = rows_per_task(shape.num_elements() / width, width);
+        let block = rows_per_task(shape.num_elements(), width);
         // SAFETY: the blocks cover all rows, and `norm_row_backward` writes each row whole.
         let mut grad_input = unsafe { unwritten(shape) };
         // Each task's sums over its rows for gamma and beta, added in task order afterwards.
@@ -769,13 +769,10 @@ fn small_product([m, n]: [usize; 2], k: usize, lhs: Operand, rhs: Operand, dst: 
     };
 }
 
-/// Whole rows of `width` per parallel task over `rows` rows ([`task_len`]).
-fn rows_per_task(rows: usize, width: usize) -> usize {
-    task_len(rows * width, width) / width.max(1)
+/// Whole rows of `width` per parallel task over `len` values ([`task_len`]).
+fn rows_per_task(len: usize, width: usize) -> usize {
+    task_len(len, width) / width.max(1)
 }
-
-/// Elementwise tasks are whole 16-lane vectors.
-const LANE: usize = 16;
 
 /// One row of LayerNorm as burn's decomposition computes it: `normalized = (s − mean) / √(var
 /// + ε)` for `s = x + residual`, with the mean and the (biased) variance over the row. Returns
@@ -847,7 +844,7 @@ fn lane_sum(values: &[f32]) -> f32 {
 /// summed in parallel and the block sums added in order, so the result does not depend on
 /// scheduling.
 fn column_sums(grad: &[f32], width: usize) -> Vec<f32> {
-    let rows_per_task = rows_per_task(grad.len() / width.max(1), width);
+    let rows_per_task = rows_per_task(grad.len(), width);
     let partial: Vec<Vec<f32>> = grad
         .par_chunks(rows_per_task * width)
         .map(|block| {
@@ -879,9 +876,9 @@ fn gelu_slope(x: f32, erf: f32, exp: f32) -> f32 {
     cdf + x * pdf
 }
 
-/// A zeroed f32 tensor. burn-flex's `FlexTensor::empty` allocates bytes and then copies them
-/// into an aligned buffer (two passes over every new tensor); a `Vec<f32>` is aligned already.
-/// A tensor of `shape` for a kernel to write every value of. The values start uninitialised:
+/// A tensor of `shape` for a kernel to write every value of (a `Vec<f32>`, aligned already:
+/// burn-flex's `FlexTensor::empty` allocates bytes and copies them into an aligned buffer, two
+/// passes over every new tensor). The values start uninitialised:
 /// zeroing them first (`vec![0.0; n]`) was a pass on one core while the other waited, 3% of a
 /// training run. In the crate's unit tests they start as NaN instead, so that a value a kernel
 /// leaves unwritten fails its comparison with burn.
