@@ -229,7 +229,7 @@ fn a_giant_single_line_is_a_bad_row_not_a_hang() {
 #[test]
 fn the_clothing_reviews_give_the_counts_in_their_provenance() {
     let ws = Ws::new();
-    let csv = shared().join("data/womens_clothing_reviews/womens_clothing_ecommerce_reviews.csv");
+    let csv = repo().join("data/raw/womens_clothing_reviews.csv");
     assert!(
         csv.exists(),
         "the real data is needed: {} (set FINETUNE_SHARED)",
@@ -271,7 +271,7 @@ fn the_clothing_reviews_give_the_counts_in_their_provenance() {
 #[test]
 fn a_stratified_sample_keeps_the_label_shares_and_its_size() {
     let ws = Ws::new();
-    let csv = shared().join("data/womens_clothing_reviews/womens_clothing_ecommerce_reviews.csv");
+    let csv = repo().join("data/raw/womens_clothing_reviews.csv");
     let extra = "      text: Review Text\n      label: Rating\n      split: {sample: 3000, validation: 0.1, test: 0.2, seed: 42}\n";
     let out = ingest(&ws, &csv.display().to_string(), extra).unwrap();
     let stats = read_json(&out.join("stats.json"));

@@ -41,7 +41,7 @@ fn read_ids(dir: &std::path::Path, split: &str) -> Vec<(String, Vec<i32>)> {
 }
 
 fn golden() -> Vec<(String, Vec<i32>)> {
-    let text = std::fs::read_to_string(shared().join("golden/tokenize_minilm.jsonl"))
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/golden/tokenize_minilm.jsonl"))
         .expect("golden/tokenize_minilm.jsonl");
     text.lines()
         .map(|line| {

@@ -13,13 +13,6 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// ../shared beside the repository (or `FINETUNE_SHARED`): the real data and model.
-pub fn shared() -> PathBuf {
-    std::env::var_os("FINETUNE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared"))
-}
-
 /// The real all-MiniLM-L6-v2, found the way a user's pipeline finds it: `FINETUNE_MODEL_DIR`,
 /// else `models/all-MiniLM-L6-v2` in the repository (what scripts/fetch-model.sh fills). A test
 /// that needs it fails loudly without it; CI provides it (.ci/run).

@@ -1,10 +1,10 @@
-//! The encoders against reference values from Python `transformers` (../shared/golden), the
+//! The encoders against reference values from Python `transformers` (tests/fixtures/golden), the
 //! save/load round trip, and bad checkpoints.
 
 use std::path::PathBuf;
 
 mod common;
-use common::{minilm, shared};
+use common::{fixtures, minilm};
 
 use burn::tensor::Device;
 use finetune_transformer::hf::{load, named_tensors, save, save_with_tokenizer};
@@ -81,7 +81,7 @@ fn unpadded_hidden(
 }
 
 fn check_tiny(name: &str) {
-    let dir = shared().join("golden").join(name);
+    let dir = fixtures().join("golden").join(name);
     let expected = json(dir.join("expected.json"));
     let (model, report) = load(&dir, None, 0, &device()).unwrap();
     assert!(
@@ -125,7 +125,7 @@ fn tiny_roberta_matches_transformers() {
 
 #[test]
 fn minilm_hidden_states_and_pooler_match_transformers_with_padding() {
-    let expected = json(shared().join("golden/minilm_hidden_states.json"));
+    let expected = json(fixtures().join("golden/minilm_hidden_states.json"));
     let (model, report) = load(
         &minilm(),
         Some(&["negative".into(), "positive".into()]),
@@ -163,7 +163,7 @@ fn minilm_hidden_states_and_pooler_match_transformers_with_padding() {
 #[test]
 fn save_then_load_is_bit_identical_in_each_family_layout() {
     for name in ["tiny-bert", "tiny-distilbert", "tiny-roberta"] {
-        let dir = shared().join("golden").join(name);
+        let dir = fixtures().join("golden").join(name);
         let (model, _) = load(&dir, None, 0, &device()).unwrap();
         let out = tempfile::tempdir().unwrap();
         save(&model, out.path()).unwrap();
@@ -227,7 +227,7 @@ fn copy_tiny(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for file in ["config.json", "model.safetensors"] {
         std::fs::copy(
-            shared().join("golden").join(name).join(file),
+            fixtures().join("golden").join(name).join(file),
             dir.path().join(file),
         )
         .unwrap();

@@ -1,14 +1,14 @@
 //! One optimizer update: gradient accumulation equals one large batch of the same samples.
 
 mod common;
-use common::{minilm, repo, shared};
+use common::{fixtures, minilm, repo};
 
 use finetune_transformer::hf::{load, named_tensors};
 use finetune_transformer::optim::{AdamW, MicroBatch, UpdatePlan, update};
 
 /// The first `n` Amazon sentences: MiniLM ids from the golden file, labels from the shipped data.
 fn samples(n: usize) -> (Vec<Vec<i32>>, Vec<i64>) {
-    let golden = std::fs::read_to_string(shared().join("golden/tokenize_minilm.jsonl")).unwrap();
+    let golden = std::fs::read_to_string(fixtures().join("golden/tokenize_minilm.jsonl")).unwrap();
     let rows = golden
         .lines()
         .take(n)

@@ -1,4 +1,4 @@
-//! Where the transformer tests find the repository, the shared data and the real model.
+//! Where the transformer tests find the repository, its fixtures and data, and the real model.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -7,11 +7,9 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// ../shared beside the repository (or `FINETUNE_SHARED`): golden values and data.
-pub fn shared() -> PathBuf {
-    std::env::var_os("FINETUNE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared"))
+/// The reference values shipped in the repository (tests/fixtures, provenance in its README).
+pub fn fixtures() -> PathBuf {
+    repo().join("tests/fixtures")
 }
 
 /// The real model, found as a user finds it: FINETUNE_MODEL_DIR, else models/ in the repo.
@@ -27,10 +25,10 @@ pub fn minilm() -> PathBuf {
     dir
 }
 
-/// The first `n` Amazon review sentences of ../shared, tokenized with the real model's
+/// The first `n` Amazon review sentences shipped in data/raw, tokenized with the real model's
 /// tokenizer (at most 32 tokens): real data for training tests.
 pub fn amazon_examples(n: usize) -> Vec<finetune_transformer::data::Example> {
-    let path = shared().join("data/uci_sentiment/amazon_cells_labelled.txt");
+    let path = repo().join("data/raw/product_reviews.tsv");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let tokenizer = tokenizers::Tokenizer::from_file(minilm().join("tokenizer.json")).unwrap();
     text.lines()
