@@ -1,8 +1,8 @@
 //! Tokenize-stage benchmark (`cargo bench --bench tokenize`): the 23,486 clothing reviews with
 //! the real all-MiniLM-L6-v2 tokenizer (max_length 128), the whole stage (Parquet in, Parquet
-//! out) against a bare `encode_batch` loop over the same texts. Needs the shared data
-//! (`FINETUNE_SHARED`, default ../shared) and the model (`FINETUNE_MODEL_DIR`, default
-//! ../shared/models/all-MiniLM-L6-v2).
+//! out) against a bare `encode_batch` loop over the same texts. Reads the reviews shipped in
+//! data/raw and the model from `FINETUNE_MODEL_DIR`, else models/all-MiniLM-L6-v2 (what
+//! scripts/fetch-model.sh fills).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,13 +17,10 @@ const RUNS: usize = 5;
 
 fn main() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let shared = std::env::var_os("FINETUNE_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("../shared"));
     let model = std::env::var_os("FINETUNE_MODEL_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| shared.join("models/all-MiniLM-L6-v2"));
-    let csv = shared.join("data/womens_clothing_reviews/womens_clothing_ecommerce_reviews.csv");
+        .unwrap_or_else(|| repo.join("models/all-MiniLM-L6-v2"));
+    let csv = repo.join("data/raw/womens_clothing_reviews.csv");
     let ws = tempfile::tempdir().expect("temp dir");
     let pipeline = format!(
         "name: clothing\nstages:\n  ingest:\n    uses: ingest_csv\n    with: {{path: \"{}\", text: Review Text, label: Rating}}\n  tokenize:\n    uses: tokenize\n    needs: [ingest]\n    with: {{tokenizer: {{from: \"{}\"}}, max_length: 128}}\n",
