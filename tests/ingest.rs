@@ -232,7 +232,7 @@ fn the_clothing_reviews_give_the_counts_in_their_provenance() {
     let csv = repo().join("data/raw/womens_clothing_reviews.csv");
     assert!(
         csv.exists(),
-        "the real data is needed: {} (set FINETUNE_SHARED)",
+        "the real data ships in the repository: {} is missing",
         csv.display()
     );
     let path = csv.display().to_string();
