@@ -7,11 +7,11 @@ fn plugins() -> Registry {
     Registry::new()
         .with(finetune_ingest::IngestCsv)
         .with(finetune_tokenize::Tokenize)
-        .with(finetune_transformer::train::Train)
-        .with(finetune_transformer::evaluate::Evaluate)
+        .with(finetune_train::Train)
+        .with(finetune_evaluate::Evaluate)
         .with(finetune_fingerprint::Fingerprint)
         .with(finetune_command::Command)
-        .with_predictor(finetune_transformer::predict::ModelPredictor)
+        .with_predictor(finetune_evaluate::ModelPredictor)
 }
 
 fn main() -> std::process::ExitCode {

@@ -360,11 +360,7 @@ fn run_stage(
         Ok(Ok(())) => store.publish(key, &staged),
         Ok(Err(err)) => Err(err),
         Err(panic) => {
-            let text = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
+            let text = finetune_core::panic_text(panic.as_ref()).unwrap_or("unknown panic");
             Err(anyhow!("the stage panicked: {text}"))
         }
     };

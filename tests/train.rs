@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use finetune_transformer::trainer::tensorboard::{ValueKind, What, read_events};
+use finetune_trainer::tensorboard::{ValueKind, What, read_events};
 use serde_json::Value;
 
 /// The records of logs/train.jsonl.
@@ -161,9 +161,9 @@ fn the_default_pipeline_trains_a_model_from_scratch_reproducibly() {
         assert_eq!(*l1 as f32, *l2 as f32);
     }
 
-    let device = finetune_transformer::device("cpu").unwrap();
+    let device = finetune_model::device("cpu").unwrap();
     let (model, report) =
-        finetune_transformer::hf::load(&out_a.join("model"), None, 0, &device).unwrap();
+        finetune_model::hf::load(&out_a.join("model"), None, 0, &device).unwrap();
     assert!(report.newly_initialized.is_empty() && report.unexpected.is_empty());
     assert_eq!(model.config.labels, ["0", "1"]);
     assert!(out_a.join("model/tokenizer.json").is_file());
@@ -595,9 +595,9 @@ fn dropout_free_run(ws: &Ws, extra: &str) {
 }
 
 fn model_tensors(out: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let device = finetune_transformer::device("cpu").unwrap();
-    let (model, _) = finetune_transformer::hf::load(&out.join("model"), None, 0, &device).unwrap();
-    finetune_transformer::hf::named_tensors(&model)
+    let device = finetune_model::device("cpu").unwrap();
+    let (model, _) = finetune_model::hf::load(&out.join("model"), None, 0, &device).unwrap();
+    finetune_model::hf::named_tensors(&model)
 }
 
 fn split_events(out: &Path) -> Vec<Value> {

@@ -10,9 +10,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, TensorMetadata};
 
-use super::FusedOps;
-use super::cpu::Kernels;
-use crate::dropout::Mask;
+use crate::{FusedOps, Kernels, Mask};
 
 #[derive(Debug)]
 struct DenseBackward;

@@ -6,10 +6,7 @@ use burn::backend::{Backend, Flex};
 use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
-use super::{FusedOps, erf, expf};
-use crate::dropout::Mask;
-use crate::sparse::RowGradient;
-use crate::{LANE, task_len};
+use crate::{FusedOps, LANE, Mask, RowGradient, erf, expf, task_len};
 
 /// The forward and backward pieces that the fused operations are made of, on one backend.
 pub trait Kernels: Backend {
@@ -1087,7 +1084,7 @@ unsafe fn matmul(
     }
 }
 
-/// Bands start on a 64-byte boundary of a row (when the row does), so two cores never write
+/// Bands start on a 64-byte boundary of a row (when the row does), so two threads never write
 /// one cache line.
 const BAND_ALIGN: usize = 16;
 

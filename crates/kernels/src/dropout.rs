@@ -6,7 +6,7 @@
 //! a single 64-bit seed from the device RNG, so `device.seed(..)` still fixes every mask (AWP's
 //! second pass sees the clean pass's masks), and derives each element's mask value from it with
 //! a counter-based generator (SplitMix64 of the element's index). The forward and the backward
-//! are one fused pass each ([`crate::kernels::dropout`]) that recompute the mask instead of
+//! are one fused pass each ([`crate::dropout`]) that recompute the mask instead of
 //! storing it. Kept elements are scaled by `1 / (1 - p)` in the same single rounding burn's
 //! `x * mask * scale` makes.
 
@@ -34,7 +34,7 @@ impl Dropout {
 
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         match self.mask(&input.device()) {
-            Some(mask) => crate::kernels::dropout(input, mask),
+            Some(mask) => crate::dropout(input, mask),
             None => input,
         }
     }
@@ -87,7 +87,7 @@ impl Mask {
         }
     }
 
-    /// `out[i] = input[i] · value(i)`, on both cores.
+    /// `out[i] = input[i] · value(i)`, split over the rayon pool.
     pub fn apply(&self, input: &[f32], out: &mut [f32]) {
         let task = task_len(input.len(), LANE);
         out.par_chunks_mut(task)

@@ -1,4 +1,11 @@
-//! Fused kernels for the encoder's hot spots on the CPU, as a burn backend extension.
+//! Fused CPU kernels for transformer encoders, as a burn backend extension.
+//!
+//! This crate owns the hot spots of training an encoder on burn's flex (CPU) backend: the
+//! [`FusedOps`] extension trait with its CPU implementation and autodiff backward nodes, the
+//! vectorised erf and exp they use, dropout masks recomputed from a seed ([`Mask`]), the
+//! embedding's gradient kept as rows ([`RowGradient`]), how a pass is cut into rayon tasks
+//! ([`task_len`]) and the thread pool and device slot a training runs under ([`on_own_pool`],
+//! [`exclusive_device`]). It depends on burn, gemm, rayon and libm and nothing of finetune's.
 //!
 //! burn's CPU backend runs each tensor operation as its own pass over memory, and its autodiff
 //! records one graph node per operation: a linear layer's bias is a second pass after the
@@ -27,16 +34,25 @@
 //! autodiff decorator over any backend that has the [`cpu::Kernels`] ([`autodiff`]). Results equal
 //! burn's own operations up to float reassociation (the tests compare them).
 
-pub mod autodiff;
-pub mod cpu;
-pub mod erf;
-pub mod expf;
+mod autodiff;
+mod cpu;
+mod dropout;
+mod erf;
+mod expf;
+mod pool;
+mod rows;
+mod tasks;
+
+pub use cpu::Kernels;
+pub use dropout::{Dropout, Mask};
+pub use pool::{exclusive_device, keep_freed_tensor_buffers, on_own_pool};
+pub use rows::RowGradient;
+pub use tasks::{LANE, PARALLEL_CHUNK, task_len};
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{Int, Tensor};
 
-use crate::dropout::Mask;
 
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {

@@ -2,20 +2,20 @@
 //! of the saved model for token-id rows read from stdin (one JSON array a line), so that the
 //! same rows can be fed to Python `transformers` for a side-by-side check:
 //!
-//!     cargo run --release -p finetune-transformer --example export -- IN_DIR OUT_DIR [LABELS...]
+//!     cargo run --release -p finetune-model --example export -- IN_DIR OUT_DIR [LABELS...]
 
 use std::io::BufRead;
 use std::path::PathBuf;
 
-use finetune_transformer::Batch;
-use finetune_transformer::hf::{load, save, save_with_tokenizer};
+use finetune_model::Batch;
+use finetune_model::hf::{load, save, save_with_tokenizer};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [input, output, labels @ ..] = args.as_slice() else {
         anyhow::bail!("usage: export IN_DIR OUT_DIR [LABELS...]");
     };
-    let device = finetune_transformer::device("cpu")?;
+    let device = finetune_model::device("cpu")?;
     let labels = (!labels.is_empty()).then_some(labels);
     let (model, report) = load(&PathBuf::from(input), labels, 42, &device)?;
     eprintln!(

@@ -382,6 +382,17 @@ fn default_initializer_range() -> f64 {
     0.02
 }
 
+/// A [`ScratchSpec`] that describes no model.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScratchError {
+    #[error("layers, hidden and heads must be at least 1")]
+    Empty,
+    #[error("hidden ({hidden}) must be a multiple of heads ({heads})")]
+    HeadsDoNotDivideHidden { hidden: usize, heads: usize },
+    #[error("dropout {0} is not in [0, 1)")]
+    Dropout(f64),
+}
+
 impl ScratchSpec {
     /// A BERT-layout config for a vocabulary (from the tokenizer) and a label set (from ingest).
     pub fn to_config(
@@ -389,18 +400,18 @@ impl ScratchSpec {
         vocab_size: usize,
         pad_token_id: usize,
         labels: Vec<String>,
-    ) -> Result<ModelConfig, String> {
+    ) -> Result<ModelConfig, ScratchError> {
         if self.layers == 0 || self.hidden == 0 || self.heads == 0 {
-            return Err("layers, hidden and heads must be at least 1".into());
+            return Err(ScratchError::Empty);
         }
         if !self.hidden.is_multiple_of(self.heads) {
-            return Err(format!(
-                "hidden ({}) must be a multiple of heads ({})",
-                self.hidden, self.heads
-            ));
+            return Err(ScratchError::HeadsDoNotDivideHidden {
+                hidden: self.hidden,
+                heads: self.heads,
+            });
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(format!("dropout {} is not in [0, 1)", self.dropout));
+            return Err(ScratchError::Dropout(self.dropout));
         }
         Ok(ModelConfig {
             family: Family::Bert,

@@ -1,19 +1,19 @@
-//! Inference without autodiff: class probabilities for token rows, and the loss and metrics
-//! of a model on labelled examples. Used by the trainer's evaluations, the `evaluate` stage
-//! and `finetune predict`.
+//! Inference without autodiff: class probabilities for token rows, and the predictions and
+//! loss of a model on labelled examples. Used by the trainer's evaluations, the `evaluate`
+//! stage and `finetune predict`.
 
-use std::path::Path;
-
-use anyhow::{Context, Result, anyhow};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use finetune_core::Prediction;
-use serde_json::{Value, json};
 
-use crate::data::Example;
-use crate::metrics::Metrics;
 use crate::model::{Batch, Classifier};
+
+/// One tokenized text and its label's index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub ids: Vec<i32>,
+    pub label: i64,
+}
 
 /// What a model said about a set of examples.
 pub struct Predictions {
@@ -130,81 +130,6 @@ pub fn predict(
         probabilities,
         predicted,
         loss: loss_sum / examples.len().max(1) as f64,
-    }
-}
-
-/// Loss and metrics of `model` on `examples` as one JSON object (`{}` for no examples).
-pub fn evaluate(
-    model: &Classifier,
-    examples: &[Example],
-    labels: &[String],
-    batch_size: usize,
-    device: &Device,
-) -> Result<Value> {
-    if examples.is_empty() {
-        return Ok(json!({}));
-    }
-    let predictions = predict(model, examples, batch_size, device);
-    let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
-    metrics_json(
-        predictions.loss,
-        &Metrics::compute(&truth, &predictions.predicted, labels),
-    )
-}
-
-/// `{"loss": …, "accuracy": …, …}`: the loss first, then every metric.
-pub fn metrics_json(loss: f64, metrics: &Metrics) -> Result<Value> {
-    let mut value = json!({ "loss": loss });
-    for (key, metric) in serde_json::to_value(metrics)?
-        .as_object()
-        .into_iter()
-        .flatten()
-    {
-        value[key] = metric.clone();
-    }
-    Ok(value)
-}
-
-/// `finetune predict`: a saved model directory (`config.json`, `model.safetensors` and the
-/// `tokenizer.json` it was trained with, as `train` writes to `model/`) applied to raw texts.
-pub struct ModelPredictor;
-
-impl finetune_core::Predictor for ModelPredictor {
-    fn predict(
-        &self,
-        model_dir: &Path,
-        texts: &[String],
-        batch_size: usize,
-    ) -> Result<Vec<Prediction>> {
-        let tokenizer_file = model_dir.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_file)
-            .map_err(|err| anyhow!("cannot load {}: {err}", tokenizer_file.display()))?;
-        let device = Device::flex();
-        let (model, _) = crate::hf::load(model_dir, None, 0, &device)
-            .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
-        let rows = texts
-            .iter()
-            .map(|text| {
-                let encoding = tokenizer
-                    .encode(text.as_str(), true)
-                    .map_err(|err| anyhow!("cannot tokenize {text:?}: {err}"))?;
-                Ok(encoding.get_ids().iter().map(|&id| id as i32).collect())
-            })
-            .collect::<Result<Vec<Vec<i32>>>>()?;
-        let labels = &model.config.labels;
-        Ok(probabilities(&model, &rows, batch_size, &device)
-            .into_iter()
-            .map(|row| {
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .fold(0, |best, (i, p)| if *p > row[best] { i } else { best });
-                Prediction {
-                    label: labels[best].clone(),
-                    probabilities: labels.iter().cloned().zip(row).collect(),
-                }
-            })
-            .collect())
     }
 }
 

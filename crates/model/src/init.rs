@@ -3,21 +3,13 @@
 //! biases. Drawn from our seeded generator on the host, so a seed gives the same model on
 //! every backend and every run.
 
-use finetune_core::rng::SplitMix64;
+use finetune_rng::SplitMix64;
 
 use crate::ModelError;
 use crate::config::ModelConfig;
-use crate::hf::{HfName, WeightSource};
+use crate::weights::{HfName, Init, WeightSource};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Init {
-    Normal,
-    /// Normal, with the padding row of the word embeddings zeroed.
-    Embedding,
-    Ones,
-    Zeros,
-}
-
+/// Seeded fresh weights (see the module doc).
 pub struct InitSource {
     rng: SplitMix64,
     std: f64,

@@ -9,9 +9,8 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{Activation, Family, ModelConfig};
-use crate::dropout::Dropout;
-use crate::kernels::{add_norm, attention, dense, embedding, gelu};
-use crate::regularizers::mixout::Mixout;
+use finetune_kernels::{Dropout, add_norm, attention, dense, embedding, gelu};
+use finetune_regularizers::Mixout;
 
 /// A linear layer holding its weight as `[in, out]` (Hugging Face stores `[out, in]`).
 #[derive(Module, Debug)]
@@ -174,7 +173,7 @@ impl Classifier {
 
     /// The word embeddings as a leaf of the autodiff graph, cut from the table: the backward
     /// pass then leaves the table's gradient as the gradient of this lookup, one row per token
-    /// ([`crate::sparse::RowGradient`]), instead of summing it into a zeroed copy of the table.
+    /// ([`finetune_kernels::RowGradient`]), instead of summing it into a zeroed copy of the table.
     pub fn word_leaf(&self, batch: &Batch) -> Tensor<3> {
         let table = self.embeddings.word.weight.val().set_require_grad(false);
         embedding(table, batch.input_ids.clone()).require_grad()
@@ -326,7 +325,7 @@ impl Classifier {
         self.head.dropout = dropout(0.0);
     }
 
-    /// Every Dense layer, in the order of [`crate::hf::named_parts`].
+    /// Every Dense layer, in the order of [`crate::weights::named_parts`].
     pub fn dense_layers_mut(&mut self) -> Vec<&mut Dense> {
         let mut all = Vec::new();
         for layer in &mut self.layers {

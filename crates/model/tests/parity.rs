@@ -7,12 +7,12 @@ mod common;
 use common::{fixtures, minilm};
 
 use burn::tensor::Device;
-use finetune_transformer::hf::{load, named_tensors, save, save_with_tokenizer};
-use finetune_transformer::{Batch, Classifier, ModelError};
+use finetune_model::hf::{load, named_tensors, save, save_with_tokenizer};
+use finetune_model::{Batch, Classifier, ModelError};
 use serde_json::Value;
 
 fn device() -> Device {
-    finetune_transformer::device("cpu").unwrap()
+    finetune_model::device("cpu").unwrap()
 }
 
 fn json(path: PathBuf) -> Value {
@@ -271,7 +271,7 @@ fn bad_checkpoints_name_the_file_and_key() {
         "{err}"
     );
 
-    let err = match finetune_transformer::device("cuda:0") {
+    let err = match finetune_model::device("cuda:0") {
         Err(ModelError::Device(name)) => name,
         _ => panic!("cuda is not built here"),
     };

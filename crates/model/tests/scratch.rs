@@ -1,8 +1,8 @@
 //! Models from scratch: HF's initialisation, deterministic by seed, saved as a loadable checkpoint.
 
-use finetune_transformer::config::ScratchSpec;
-use finetune_transformer::hf::{load, named_tensors, save};
-use finetune_transformer::scratch;
+use finetune_model::ScratchSpec;
+use finetune_model::hf::{load, named_tensors, save};
+use finetune_model::scratch;
 
 fn spec() -> ScratchSpec {
     serde_json::from_value(serde_json::json!({"layers": 2, "hidden": 64, "heads": 4})).unwrap()
@@ -10,7 +10,7 @@ fn spec() -> ScratchSpec {
 
 #[test]
 fn a_scratch_model_is_initialised_like_transformers_and_reproducible() {
-    let device = finetune_transformer::device("cpu").unwrap();
+    let device = finetune_model::device("cpu").unwrap();
     let config = spec()
         .to_config(500, 0, vec!["neg".into(), "pos".into()])
         .unwrap();

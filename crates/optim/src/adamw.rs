@@ -13,7 +13,7 @@ use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::{LANE, PARALLEL_CHUNK, task_len};
+use finetune_kernels::{LANE, PARALLEL_CHUNK, task_len};
 
 /// AdamW with decoupled weight decay, updated in place.
 #[derive(Debug, Clone)]
@@ -23,7 +23,7 @@ pub struct FusedAdamW {
     pub epsilon: f32,
     pub weight_decay: f32,
     /// What each gradient is multiplied by before its step: gradient clipping's coefficient,
-    /// set for each update by the optimizer that shares it ([`crate::optim::Gradients`]).
+    /// set for each update by the optimizer that shares it (the trainer's clipping).
     pub gradient_scale: GradientScale,
 }
 
@@ -227,7 +227,7 @@ mod tests {
     #[test]
     fn matches_burns_adamw_bit_for_bit() {
         // The CPU backend's RNG is the process's: no other test may draw between seed and use.
-        let _device = crate::exclusive_device();
+        let _device = finetune_kernels::exclusive_device();
         let device = Device::flex().autodiff();
         for weight_decay in [0.0f32, 0.01] {
             let mut theirs = AdamWConfig::new()

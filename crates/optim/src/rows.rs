@@ -24,110 +24,15 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, ensure};
 use burn::optim::LearningRate;
 use burn::tensor::Tensor;
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
+use finetune_kernels::RowGradient;
+
+use crate::StateError;
 use crate::adamw::{FusedAdamW, decay_chunk, update_chunk};
-
-/// An embedding table's gradient as the rows a lookup used. Row `id` is the sum of the output
-/// gradient's rows at the positions that looked `id` up, added from zero in position order, as
-/// the dense backward adds them; rows not held are zero.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RowGradient {
-    dim: usize,
-    /// For each row of the table, its place in `ids` and `values`, or [`ABSENT`].
-    slots: Vec<u32>,
-    ids: Vec<usize>,
-    /// `ids.len() × dim` sums.
-    values: Vec<f32>,
-}
-
-const ABSENT: u32 = u32::MAX;
-
-impl RowGradient {
-    /// The gradient of a `[table_rows, dim]` table from a lookup of `ids` (in position order)
-    /// whose output's gradient is `grad` (`ids.len() × dim`, in the same order).
-    pub fn from_lookup(table_rows: usize, dim: usize, ids: &[usize], grad: &[f32]) -> Self {
-        assert_eq!(
-            grad.len(),
-            ids.len() * dim,
-            "one gradient row per looked-up id"
-        );
-        let mut rows = RowGradient {
-            dim,
-            slots: vec![ABSENT; table_rows],
-            ids: Vec::new(),
-            values: Vec::new(),
-        };
-        for (&id, row) in ids.iter().zip(grad.chunks_exact(dim.max(1))) {
-            rows.add_row(id, row);
-        }
-        rows
-    }
-
-    /// Adds another micro-batch's rows into these (what the dense accumulator's `a + b` does).
-    pub fn accumulate(&mut self, other: &RowGradient) {
-        assert_eq!(
-            (self.dim, self.slots.len()),
-            (other.dim, other.slots.len()),
-            "gradients of one table"
-        );
-        for (id, row) in other.rows() {
-            self.add_row(id, row);
-        }
-    }
-
-    fn add_row(&mut self, id: usize, row: &[f32]) {
-        let slot = match self.slots[id] {
-            ABSENT => {
-                let slot = self.ids.len();
-                self.slots[id] = u32::try_from(slot).expect("fewer rows than u32::MAX");
-                self.ids.push(id);
-                self.values.resize(self.values.len() + self.dim, 0.0);
-                slot
-            }
-            slot => slot as usize,
-        };
-        let sums = &mut self.values[slot * self.dim..(slot + 1) * self.dim];
-        sums.iter_mut().zip(row).for_each(|(sum, g)| *sum += g);
-    }
-
-    /// Row `id`, if the lookup used it.
-    pub fn row(&self, id: usize) -> Option<&[f32]> {
-        match self.slots.get(id).copied() {
-            None | Some(ABSENT) => None,
-            Some(slot) => {
-                let start = slot as usize * self.dim;
-                Some(&self.values[start..start + self.dim])
-            }
-        }
-    }
-
-    /// The rows held, as `(id, row)`, in the order they were first used.
-    pub fn rows(&self) -> impl Iterator<Item = (usize, &[f32])> {
-        self.ids
-            .iter()
-            .copied()
-            .zip(self.values.chunks_exact(self.dim.max(1)))
-    }
-
-    /// Every value held (the rows not held are zero).
-    pub fn values(&self) -> &[f32] {
-        &self.values
-    }
-
-    /// The dense `[table_rows × dim]` gradient, row-major.
-    pub fn to_dense(&self) -> Vec<f32> {
-        let mut dense = vec![0.0; self.slots.len() * self.dim];
-        for (id, row) in self.rows() {
-            dense[id * self.dim..(id + 1) * self.dim].copy_from_slice(row);
-        }
-        dense
-    }
-}
 
 /// AdamW over an embedding table trained by rows (see the module doc).
 #[derive(Debug, Clone)]
@@ -200,7 +105,7 @@ impl RowAdamW {
 
     /// Writes the moments and the step count to `dir`/[`STATE_FILE`] (nothing before the first
     /// step).
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
         let Some(state) = &self.state else {
             return Ok(());
         };
@@ -209,22 +114,33 @@ impl RowAdamW {
         let bytes =
             |values: &[f32]| -> Vec<u8> { values.iter().flat_map(|v| v.to_le_bytes()).collect() };
         let (first, second) = (bytes(&state.moment_1), bytes(&state.moment_2));
-        let view = |data| safetensors::tensor::TensorView::new(Dtype::F32, vec![rows, dim], data);
-        let views = [("moment_1", view(&first)?), ("moment_2", view(&second)?)];
-        let metadata = HashMap::from([("time".to_string(), state.time.to_string())]);
         let path = dir.join(STATE_FILE);
-        let serialized = safetensors::tensor::serialize(views, Some(metadata))
-            .with_context(|| format!("cannot serialise {}", path.display()))?;
-        std::fs::write(&path, serialized)
-            .with_context(|| format!("cannot write {}", path.display()))
+        let serialise_error = |source| StateError::Serialise {
+            path: path.clone(),
+            source,
+        };
+        let view = |data| safetensors::tensor::TensorView::new(Dtype::F32, vec![rows, dim], data);
+        let views = [
+            ("moment_1", view(&first).map_err(serialise_error)?),
+            ("moment_2", view(&second).map_err(serialise_error)?),
+        ];
+        let metadata = HashMap::from([("time".to_string(), state.time.to_string())]);
+        let serialized =
+            safetensors::tensor::serialize(views, Some(metadata)).map_err(serialise_error)?;
+        std::fs::write(&path, serialized).map_err(|source| StateError::Write { path, source })
     }
 
     /// Reads what [`RowAdamW::save`] wrote into `dir`, for a `[rows, dim]` table.
-    pub fn load(&mut self, dir: &Path, rows: usize, dim: usize) -> Result<()> {
+    pub fn load(&mut self, dir: &Path, rows: usize, dim: usize) -> Result<(), StateError> {
         let path = dir.join(STATE_FILE);
-        let bytes =
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let at = |message: String| anyhow!("{}: {message}", path.display());
+        let bytes = std::fs::read(&path).map_err(|source| StateError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let at = |message: String| StateError::Invalid {
+            path: path.clone(),
+            message,
+        };
         let (_, metadata) = SafeTensors::read_metadata(&bytes).map_err(|e| at(e.to_string()))?;
         let time = metadata
             .metadata()
@@ -233,18 +149,17 @@ impl RowAdamW {
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| at("no step count (`time`) in the metadata".into()))?;
         let tensors = SafeTensors::deserialize(&bytes).map_err(|e| at(e.to_string()))?;
-        let moment = |name: &str| -> Result<Vec<f32>> {
+        let moment = |name: &str| -> Result<Vec<f32>, StateError> {
             let tensor = tensors
                 .tensor(name)
                 .map_err(|e| at(format!("`{name}`: {e}")))?;
-            ensure!(
-                tensor.dtype() == Dtype::F32 && tensor.shape() == [rows, dim],
-                at(format!(
+            if tensor.dtype() != Dtype::F32 || tensor.shape() != [rows, dim] {
+                return Err(at(format!(
                     "`{name}` is {:?} {:?}, the table is F32 [{rows}, {dim}]",
                     tensor.dtype(),
                     tensor.shape()
-                ))
-            );
+                )));
+            }
             Ok(tensor
                 .data()
                 .chunks_exact(4)

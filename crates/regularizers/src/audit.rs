@@ -37,7 +37,7 @@ pub struct Carrier {
 pub const IMPLEMENTATIONS: &[Implementation] = &[
     Implementation {
         algorithm: "AWP",
-        file: "stages/transformer/src/regularizers/awp.rs",
+        file: "crates/regularizers/src/awp.rs",
         source: include_str!("awp.rs"),
         carriers: &[
             Carrier {
@@ -69,7 +69,7 @@ pub const IMPLEMENTATIONS: &[Implementation] = &[
     },
     Implementation {
         algorithm: "Mixout",
-        file: "stages/transformer/src/regularizers/mixout.rs",
+        file: "crates/regularizers/src/mixout.rs",
         source: include_str!("mixout.rs"),
         carriers: &[
             Carrier {
@@ -248,7 +248,7 @@ pub fn suspicious_packages(lock: &str) -> (usize, Vec<String>) {
 }
 
 /// The Cargo.lock this binary was built with.
-pub const CARGO_LOCK: &str = include_str!("../../../../Cargo.lock");
+pub const CARGO_LOCK: &str = include_str!("../../../Cargo.lock");
 
 /// The whole audit as text, and whether it passed.
 pub fn report() -> (String, bool) {

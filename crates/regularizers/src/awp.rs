@@ -17,8 +17,6 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 
-use crate::model::Classifier;
-
 /// One configured attack.
 #[derive(Debug, Clone)]
 pub struct Attack {
@@ -31,13 +29,13 @@ pub struct Attack {
 }
 
 /// What an attack produced.
-pub struct Adversarial {
+pub struct Adversarial<M> {
     /// The gradient at the (last) perturbed weights: the one to step with.
     pub grads: GradientsParams,
     /// The loss there (`awp_loss` in the logs).
     pub loss: f64,
     /// The perturbed copy of the model, for inspection.
-    pub perturbed: Classifier,
+    pub perturbed: M,
     /// How many tensors the last step moved (tensors with a zero or non-finite gradient norm
     /// stay where they are).
     pub moved: usize,
@@ -46,12 +44,12 @@ pub struct Adversarial {
 impl Attack {
     /// Attacks `model` from its `clean` gradient. `gradients` returns the gradient and loss of
     /// a model on the update's samples, with the same dropout masks on every call.
-    pub fn run(
+    pub fn run<M: Module>(
         &self,
-        model: &Classifier,
+        model: &M,
         clean: &GradientsParams,
-        mut gradients: impl FnMut(&Classifier) -> (GradientsParams, f64),
-    ) -> Adversarial {
+        mut gradients: impl FnMut(&M) -> (GradientsParams, f64),
+    ) -> Adversarial<M> {
         let origin = Origin::of(model, &self.targets);
         let (mut perturbed, mut moved) = self.perturb(model.clone(), &origin, clean);
         let (mut grads, mut loss) = gradients(&perturbed);
@@ -68,12 +66,12 @@ impl Attack {
     }
 
     /// One ascent step from `model` along `grads`, boxed around `origin`.
-    pub fn perturb(
+    pub fn perturb<M: Module>(
         &self,
-        model: Classifier,
+        model: M,
         origin: &Origin,
         grads: &GradientsParams,
-    ) -> (Classifier, usize) {
+    ) -> (M, usize) {
         let mut step = Perturb {
             attack: self,
             origin,
@@ -91,7 +89,7 @@ pub struct Origin {
 }
 
 impl Origin {
-    pub fn of(model: &Classifier, targets: &[ParamId]) -> Origin {
+    pub fn of<M: Module>(model: &M, targets: &[ParamId]) -> Origin {
         let mut collect = Collect {
             targets,
             weights: HashMap::new(),

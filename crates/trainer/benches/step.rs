@@ -1,4 +1,4 @@
-//! MiniLM-L6 step benchmark (`cargo bench -p finetune-transformer --bench step`): forward, and the
+//! MiniLM-L6 step benchmark (`cargo bench -p finetune-trainer --bench step`): forward, and the
 //! whole update as the trainer makes it (clipping to norm 1, weight decay 0.01), at batch 16 × 64
 //! tokens on the CPU (burn's flex backend), on real token ids (the first 16 Amazon sentences,
 //! padded to 64; set `FINETUNE_BENCH_TOKENS` for another width, rows longer than it are cut).
@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use finetune_transformer::optim::{AdamW, MicroBatch, UpdatePlan, update_gradients};
-use finetune_transformer::{Batch, Classifier, hf};
+use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, update_gradients};
+use finetune_model::{Batch, Classifier, hf};
 
 const BATCH: usize = 16;
 
@@ -46,7 +46,7 @@ fn main() {
         ),
     };
     // Measured as the train stage runs: on a pool of its own, the reference left outside it.
-    finetune_transformer::on_own_pool(|| {
+    finetune_kernels::on_own_pool(|| {
         measure(seq, &shared, &model_dir, reference, reference_name)
     });
 }
@@ -60,7 +60,7 @@ fn measure(seq: usize, shared: &Path, model_dir: &Path, reference: f64, referenc
         .map(|row| row[..row.len().min(seq)].to_vec())
         .collect();
     let labels = vec!["negative".to_string(), "positive".to_string()];
-    let device = finetune_transformer::device("cpu").expect("cpu");
+    let device = finetune_model::device("cpu").expect("cpu");
     let train_device = device.clone().autodiff();
 
     let (model, _) = hf::load(model_dir, Some(&labels), 42, &device).expect("load MiniLM");

@@ -6,7 +6,7 @@ use finetune_core::schemars::{self, JsonSchema};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::schedule::ScheduleKind;
+use finetune_optim::ScheduleKind;
 
 /// `with: training:` of a `train` stage.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -148,6 +148,15 @@ pub const METRICS: &[&str] = &[
     "f1_weighted",
 ];
 
+/// A `max_memory` that is not a budget.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MemoryBudgetError {
+    #[error("`{text}` is not a size such as 4GiB or 512MiB: {reason}")]
+    NotASize { text: String, reason: String },
+    #[error("a budget of 0 bytes leaves nothing to train with")]
+    Zero,
+}
+
 impl Default for TrainingArgs {
     fn default() -> Self {
         serde_json::from_value(json!({})).expect("every field has a default")
@@ -175,15 +184,18 @@ impl TrainingArgs {
     }
 
     /// `max_memory` in bytes.
-    pub fn max_memory_bytes(&self) -> Result<Option<u64>, String> {
+    pub fn max_memory_bytes(&self) -> Result<Option<u64>, MemoryBudgetError> {
         let Some(text) = &self.max_memory else {
             return Ok(None);
         };
-        let size: bytesize::ByteSize = text
-            .parse()
-            .map_err(|e| format!("`{text}` is not a size such as 4GiB or 512MiB: {e}"))?;
+        let size: bytesize::ByteSize =
+            text.parse()
+                .map_err(|reason: String| MemoryBudgetError::NotASize {
+                    text: text.clone(),
+                    reason,
+                })?;
         match size.as_u64() {
-            0 => Err("a budget of 0 bytes leaves nothing to train with".into()),
+            0 => Err(MemoryBudgetError::Zero),
             bytes => Ok(Some(bytes)),
         }
     }
@@ -214,7 +226,7 @@ impl TrainingArgs {
             }
         }
         if let Err(message) = self.max_memory_bytes() {
-            return at("max_memory", message);
+            return at("max_memory", message.to_string());
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return at("lr", format!("{} is not a positive learning rate", self.lr));

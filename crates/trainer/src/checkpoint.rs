@@ -16,10 +16,11 @@ use finetune_core::integrity::{self, SigningKey};
 use finetune_core::output::{sync_dir, sync_tree, write_json};
 use serde_json::json;
 
-use super::state::TrainerState;
-use crate::model::Classifier;
-use crate::optim::Optimizer;
-use crate::schedule::Schedule;
+use crate::state::TrainerState;
+use finetune_model::{Classifier, hf};
+use finetune_optim::Schedule;
+
+use crate::update::Optimizer;
 
 const PREFIX: &str = "checkpoint-";
 const SCHEDULER: &str = "scheduler.json";
@@ -193,7 +194,7 @@ pub fn restore(
     dir: &Path,
     labels: &[String],
     device: &Device,
-    fresh_optimizer: impl FnOnce(&Classifier) -> Optimizer,
+    fresh_optimizer: impl FnOnce(&Classifier) -> Result<Optimizer>,
 ) -> Result<Restored> {
     let state: TrainerState = serde_json::from_slice(
         &std::fs::read(dir.join(TRAINER_STATE))
@@ -205,8 +206,8 @@ pub fn restore(
             dir.join(TRAINER_STATE).display()
         )
     })?;
-    let (model, _) = crate::hf::load(dir, Some(labels), 0, device)?;
-    let optimizer = fresh_optimizer(&model).load(dir, &model)?;
+    let (model, _) = hf::load(dir, Some(labels), 0, device)?;
+    let optimizer = fresh_optimizer(&model)?.load(dir, &model)?;
     Ok(Restored {
         name: dir
             .file_name()
@@ -227,7 +228,7 @@ fn write_checkpoint(
     state: &TrainerState,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    crate::hf::save(&model.valid(), dir)?;
+    hf::save(&model.valid(), dir)?;
     optimizer.save(dir)?;
     write_json(
         &dir.join(SCHEDULER),

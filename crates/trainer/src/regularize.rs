@@ -1,16 +1,11 @@
 //! Regularizers for fine-tuning, configured per train stage under `regularizers:`.
 //!
-//! - [`awp`]: Adversarial Weight Perturbation (Wu, Xia & Wang, 2020).
-//! - [`mixout`]: Mixout (Lee, Cho & Kang, 2020).
+//! - AWP: Adversarial Weight Perturbation (Wu, Xia & Wang, 2020), [`finetune_regularizers::Attack`].
+//! - Mixout (Lee, Cho & Kang, 2020), [`finetune_regularizers::Mixout`].
 //!
-//! Both algorithms are written in this crate from their papers, in files that use only std,
-//! burn's tensor and module API and this crate; `finetune audit` ([`audit`]) checks that, and
-//! prints a fingerprint of each implementation. This module holds what is not the algorithm:
-//! configuration, choosing parameters by name, and attaching the state to a model.
-
-pub mod audit;
-pub mod awp;
-pub mod mixout;
+//! The algorithms live in `finetune-regularizers` (with the audit that shows they are written
+//! there). This module holds what is not the algorithm: configuration, choosing a classifier's
+//! parameters by name, and attaching the state to a model.
 
 use burn::module::ParamId;
 use finetune_core::ConfigError;
@@ -18,8 +13,26 @@ use finetune_core::schemars::{self, JsonSchema};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::hf::{Part, named_parts, param_names};
-use crate::model::Classifier;
+use finetune_model::{Classifier, Part, named_parts, param_names};
+use finetune_regularizers::{Attack, Mixout};
+
+/// A regularizer's configuration that does not fit the model, or a name pattern that is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum RegularizerError {
+    #[error("`{pattern}`: {source}")]
+    Pattern {
+        pattern: String,
+        source: globset::Error,
+    },
+    #[error("{0}")]
+    Patterns(globset::Error),
+    #[error("no parameter matches regularizers.awp.params {0:?}")]
+    NoAwpTarget(Vec<String>),
+    #[error("no Linear layer matches regularizers.mixout.layers {0:?}")]
+    NoMixoutLayer(Vec<String>),
+    #[error("`{0}`: the target's shape differs from the model's")]
+    TargetShape(String),
+}
 
 /// `with.regularizers` of a train stage.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -98,13 +111,13 @@ impl Regularizers {
                     "give `start_epoch` or `start_step`, not both".into(),
                 ));
             }
-            patterns(&awp.params).map_err(|e| at("awp.params", e))?;
+            patterns(&awp.params).map_err(|e| at("awp.params", e.to_string()))?;
         }
         if let Some(mixout) = &self.mixout {
             if !(0.0..1.0).contains(&mixout.p) {
                 return Err(at("mixout.p", format!("{} is not in [0, 1)", mixout.p)));
             }
-            patterns(&mixout.layers).map_err(|e| at("mixout.layers", e))?;
+            patterns(&mixout.layers).map_err(|e| at("mixout.layers", e.to_string()))?;
         }
         Ok(())
     }
@@ -117,7 +130,7 @@ impl AwpConfig {
     }
 
     /// The attack on `model`'s selected parameters.
-    pub fn attack(&self, model: &Classifier) -> Result<awp::Attack, String> {
+    pub fn attack(&self, model: &Classifier) -> Result<Attack, RegularizerError> {
         let prefix = format!("{}.", model.config.family.prefix());
         let matcher = patterns(&self.params)?;
         let targets: Vec<ParamId> = param_names(model)
@@ -129,12 +142,9 @@ impl AwpConfig {
             .map(|(_, id, _)| id)
             .collect();
         if targets.is_empty() {
-            return Err(format!(
-                "no parameter matches regularizers.awp.params {:?}",
-                self.params
-            ));
+            return Err(RegularizerError::NoAwpTarget(self.params.clone()));
         }
-        Ok(awp::Attack {
+        Ok(Attack {
             adv_lr: self.adv_lr,
             adv_eps: self.adv_eps,
             steps: self.steps,
@@ -151,7 +161,7 @@ impl MixoutConfig {
         &self,
         model: &mut Classifier,
         targets: &Classifier,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, RegularizerError> {
         let family = targets.config.family;
         let prefix = format!("{}.", family.prefix());
         let matcher = patterns(&self.layers)?;
@@ -172,19 +182,14 @@ impl MixoutConfig {
             let weight = target.weight.val();
             if selected {
                 if weight.dims() != dense.weight.dims() {
-                    return Err(format!(
-                        "`{full}`: the target's shape differs from the model's"
-                    ));
+                    return Err(RegularizerError::TargetShape(full));
                 }
-                dense.mixout = Some(mixout::Mixout::new(weight, self.p));
+                dense.mixout = Some(Mixout::new(weight, self.p));
                 mixed.push(full);
             }
         }
         if mixed.is_empty() {
-            return Err(format!(
-                "no Linear layer matches regularizers.mixout.layers {:?}",
-                self.layers
-            ));
+            return Err(RegularizerError::NoMixoutLayer(self.layers.clone()));
         }
         if self.disable_dropout {
             model.disable_dropout();
@@ -205,21 +210,26 @@ pub fn with_mixout_masks(model: &Classifier) -> Option<Classifier> {
     }
     let mut drawn = model.clone();
     for dense in drawn.dense_layers_mut() {
-        dense.mixout = dense.mixout.as_ref().map(mixout::Mixout::with_fresh_mask);
+        dense.mixout = dense.mixout.as_ref().map(Mixout::with_fresh_mask);
     }
     Some(drawn)
 }
 
 /// The compiled patterns, or `None` for none given (the default selection).
-fn patterns(patterns: &[String]) -> Result<Option<GlobSet>, String> {
+fn patterns(patterns: &[String]) -> Result<Option<GlobSet>, RegularizerError> {
     if patterns.is_empty() {
         return Ok(None);
     }
     let mut set = GlobSetBuilder::new();
     for pattern in patterns {
-        set.add(Glob::new(pattern).map_err(|e| format!("`{pattern}`: {e}"))?);
+        set.add(
+            Glob::new(pattern).map_err(|source| RegularizerError::Pattern {
+                pattern: pattern.clone(),
+                source,
+            })?,
+        );
     }
-    set.build().map(Some).map_err(|e| e.to_string())
+    set.build().map(Some).map_err(RegularizerError::Patterns)
 }
 
 fn matches(set: &GlobSet, full_name: &str, prefix: &str) -> bool {

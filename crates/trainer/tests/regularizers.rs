@@ -4,17 +4,18 @@
 //! evaluation, tends to its target as `p → 1`, has the weight as its mean, the true gradient,
 //! and a target the optimizer never moves.
 
+#[path = "../../model/tests/common/mod.rs"]
 mod common;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Distribution, Tensor, TensorData};
-use finetune_transformer::config::ScratchSpec;
-use finetune_transformer::hf::{load, named_tensors, param_names};
-use finetune_transformer::model::Classifier;
-use finetune_transformer::optim::{AdamW, MicroBatch, UpdatePlan, gradients, update};
-use finetune_transformer::regularizers::mixout::{Mixout, mix};
-use finetune_transformer::regularizers::{AwpConfig, MixoutConfig};
-use finetune_transformer::trainer::{Start, Trainer, TrainerState, TrainingArgs};
+use finetune_model::ScratchSpec;
+use finetune_model::hf::{load, named_tensors, param_names};
+use finetune_model::Classifier;
+use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, gradients, update};
+use finetune_regularizers::{Mixout, mix};
+use finetune_trainer::{AwpConfig, MixoutConfig};
+use finetune_trainer::{Start, Trainer, TrainerState, TrainingArgs};
 use serde_json::{Value, json};
 
 /// The device RNG is process-wide and these tests seed it and draw from it (dropout, Mixout
@@ -29,7 +30,7 @@ fn labels() -> Vec<String> {
 }
 
 fn cpu() -> burn::tensor::Device {
-    finetune_transformer::device("cpu").unwrap()
+    finetune_model::device("cpu").unwrap()
 }
 
 /// A 2-layer, 64-wide BERT from seed 1 (dropout on), on the autodiff device.
@@ -38,7 +39,7 @@ fn small_model() -> Classifier {
         serde_json::from_value(json!({"layers": 2, "hidden": 64, "heads": 4, "max_positions": 64}))
             .unwrap();
     let config = spec.to_config(30522, 0, labels()).unwrap();
-    finetune_transformer::scratch(&config, 1, &cpu().autodiff())
+    finetune_model::scratch(&config, 1, &cpu().autodiff())
 }
 
 /// all-MiniLM-L6-v2 with a seeded head and no dropout.
@@ -193,7 +194,7 @@ fn train(awp: Option<&AwpConfig>) -> (Weights, Weights, TrainerState) {
     let labels = labels();
     let args = training_args();
     let dir = tempfile::tempdir().unwrap();
-    let checkpoints = finetune_transformer::trainer::Checkpoints::new(dir.path());
+    let checkpoints = finetune_trainer::Checkpoints::new(dir.path());
     let mut trainer = Trainer {
         args: &args,
         callbacks: Vec::new(),

@@ -1,15 +1,16 @@
 //! The training loop on real sentences with a small model: reproducibility, exact resume,
 //! early stopping at the right evaluation, best-model selection, checkpoint rotation.
 
+#[path = "../../model/tests/common/mod.rs"]
 mod common;
 
 use anyhow::Result;
-use finetune_transformer::config::ScratchSpec;
-use finetune_transformer::hf::named_tensors;
-use finetune_transformer::model::Classifier;
-use finetune_transformer::trainer::callbacks::EarlyStopping;
-use finetune_transformer::trainer::checkpoint::restore;
-use finetune_transformer::trainer::{
+use finetune_model::ScratchSpec;
+use finetune_model::hf::named_tensors;
+use finetune_model::Classifier;
+use finetune_trainer::EarlyStopping;
+use finetune_trainer::restore;
+use finetune_trainer::{
     Callback, Checkpoints, Control, Evaluator, Start, Trainer, TrainerState, TrainingArgs,
 };
 use serde_json::{Value, json};
@@ -24,8 +25,8 @@ fn fresh_model(seed: u64) -> Classifier {
         serde_json::from_value(json!({"layers": 2, "hidden": 64, "heads": 4, "max_positions": 64}))
             .unwrap();
     let config = spec.to_config(30522, 0, labels()).unwrap();
-    let device = finetune_transformer::device("cpu").unwrap().autodiff();
-    finetune_transformer::scratch(&config, seed, &device)
+    let device = finetune_model::device("cpu").unwrap().autodiff();
+    finetune_model::scratch(&config, seed, &device)
 }
 
 fn args(extra: Value) -> TrainingArgs {
@@ -49,7 +50,7 @@ fn trainer<'a>(args: &'a TrainingArgs, labels: &'a [String]) -> Trainer<'a> {
         checkpoints: None,
         pad_to: None,
         labels,
-        device: finetune_transformer::device("cpu").unwrap(),
+        device: finetune_model::device("cpu").unwrap(),
         inject_oom_at: None,
         awp: None,
     }
@@ -152,7 +153,7 @@ fn stopping_at_step_k_and_resuming_gives_the_weights_of_an_uninterrupted_run() {
 
     let mut second = trainer(&args, &labels);
     second.checkpoints = Some(checkpoints.clone());
-    let device = finetune_transformer::device("cpu").unwrap().autodiff();
+    let device = finetune_model::device("cpu").unwrap().autodiff();
     let restored = restore(&latest, &labels, &device, |m| second.optimizer(m)).unwrap();
     assert_eq!(restored.state.global_step, 15);
     let resumed = second.train(Start::Resume(restored), &data).unwrap();
@@ -234,7 +235,7 @@ fn the_best_checkpoint_survives_rotation_and_becomes_the_output_model() {
         .collect();
     assert_eq!(kept, [4, 8], "the best and the newest are kept, no more");
     assert_eq!(outcome.model_step, 4);
-    let device = finetune_transformer::device("cpu").unwrap().autodiff();
+    let device = finetune_model::device("cpu").unwrap().autodiff();
     let best = restore(
         &scratch.path().join("checkpoint-4"),
         &labels,
@@ -262,15 +263,15 @@ fn the_best_checkpoint_survives_rotation_and_becomes_the_output_model() {
 /// the checkpoint.
 #[test]
 fn word_embedding_state_round_trips_and_falls_back_to_dense() {
-    use finetune_transformer::optim::{AdamW, MicroBatch, UpdatePlan, WordGradient, update};
-    use finetune_transformer::sparse::STATE_FILE;
-    let _device = finetune_transformer::exclusive_device();
-    let device = finetune_transformer::device("cpu").unwrap().autodiff();
+    use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, WordGradient, update};
+    use finetune_optim::STATE_FILE;
+    let _device = finetune_kernels::exclusive_device();
+    let device = finetune_model::device("cpu").unwrap().autodiff();
     let micro = [MicroBatch {
         rows: vec![vec![101, 2307, 102], vec![101, 2919, 2307, 102]],
         labels: vec![0, 1],
     }];
-    let step = |model: Classifier, optimizer: &mut finetune_transformer::optim::Optimizer| {
+    let step = |model: Classifier, optimizer: &mut finetune_trainer::Optimizer| {
         let plan = UpdatePlan {
             lr: 1e-3,
             max_grad_norm: None,

@@ -1,10 +1,11 @@
 //! One optimizer update: gradient accumulation equals one large batch of the same samples.
 
+#[path = "../../model/tests/common/mod.rs"]
 mod common;
 use common::{fixtures, minilm, repo};
 
-use finetune_transformer::hf::{load, named_tensors};
-use finetune_transformer::optim::{AdamW, MicroBatch, UpdatePlan, update};
+use finetune_model::hf::{load, named_tensors};
+use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, update};
 
 /// The first `n` Amazon sentences: MiniLM ids from the golden file, labels from the shipped data.
 fn samples(n: usize) -> (Vec<Vec<i32>>, Vec<i64>) {
@@ -33,8 +34,8 @@ fn samples(n: usize) -> (Vec<Vec<i32>>, Vec<i64>) {
 #[test]
 fn batch_16_equals_batch_8_accumulated_twice() {
     // The CPU backend's RNG is the process's: another test's seeding would change the masks.
-    let _device = finetune_transformer::exclusive_device();
-    let device = finetune_transformer::device("cpu").unwrap().autodiff();
+    let _device = finetune_kernels::exclusive_device();
+    let device = finetune_model::device("cpu").unwrap().autodiff();
     let labels = vec!["negative".to_string(), "positive".to_string()];
     let (rows, targets) = samples(16);
     let adamw = AdamW {
@@ -115,8 +116,8 @@ fn batch_16_equals_batch_8_accumulated_twice() {
 /// order differs (float reassociation).
 #[test]
 fn word_embeddings_by_rows_equal_the_dense_update() {
-    let _device = finetune_transformer::exclusive_device();
-    let device = finetune_transformer::device("cpu").unwrap().autodiff();
+    let _device = finetune_kernels::exclusive_device();
+    let device = finetune_model::device("cpu").unwrap().autodiff();
     let labels = vec!["negative".to_string(), "positive".to_string()];
     let (rows, targets) = samples(48);
     let run = |word_rows: bool, max_grad_norm: Option<f64>| {

@@ -15,7 +15,7 @@ pub mod interrupt;
 pub mod output;
 mod params;
 pub mod paths;
-pub mod rng;
+pub use finetune_rng as rng;
 
 pub use context::{ConfigureContext, Reporter, RunContext, SilentReporter, Upstream, UpstreamInfo};
 pub use error::{ConfigError, ConfigKey};
@@ -88,4 +88,12 @@ pub trait Job: Send + Sync {
     /// Writes the stage's results into `ctx.out_dir`. The engine publishes that directory
     /// atomically only if this returns `Ok`; on error it is thrown away.
     fn run(&self, ctx: &RunContext) -> anyhow::Result<()>;
+}
+
+/// The message a panic carries (`panic!` with a literal or with formatting), if it is text.
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
 }

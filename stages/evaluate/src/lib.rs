@@ -18,10 +18,14 @@ use finetune_core::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::data::{read_examples, read_labels, read_texts};
-use crate::metrics::Metrics;
-use crate::predict::{metrics_json, predict};
-use crate::report;
+use finetune_model::{Example, hf, predict};
+use finetune_tokenize::tokenized::{read_examples, read_labels, read_texts};
+use finetune_trainer::{Metrics, metrics_json};
+
+mod predictor;
+mod report;
+
+pub use predictor::ModelPredictor;
 
 /// `with:` of an `evaluate` stage.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -34,7 +38,7 @@ pub struct EvaluateParams {
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Where to run: `cpu`.
-    #[serde(default = "default_device")]
+    #[serde(default = "finetune_model::default_device_name")]
     pub device: String,
 }
 
@@ -44,10 +48,6 @@ fn default_split() -> String {
 
 fn default_batch_size() -> usize {
     64
-}
-
-fn default_device() -> String {
-    "cpu".into()
 }
 
 /// The `evaluate` plugin.
@@ -86,7 +86,7 @@ impl Stage for Evaluate {
         if params.batch_size == 0 {
             return Err(ConfigError::at("batch_size", "must be at least 1"));
         }
-        crate::device(&params.device).map_err(|e| ConfigError::at("device", e.to_string()))?;
+        finetune_model::device(&params.device).map_err(|e| ConfigError::at("device", e.to_string()))?;
         Ok(Box::new(EvaluateJob { params }))
     }
 }
@@ -101,7 +101,7 @@ impl Job for EvaluateJob {
     }
 
     fn run(&self, ctx: &RunContext) -> Result<()> {
-        crate::on_own_pool(|| self.evaluate(ctx))
+        finetune_kernels::on_own_pool(|| self.evaluate(ctx))
     }
 }
 
@@ -111,14 +111,14 @@ impl EvaluateJob {
         let trained = &ctx.upstream_using("train")?.dir;
         let split = &self.params.split;
         let split_file = tokenized.join(format!("{split}.parquet"));
-        let examples = read_examples(&split_file)?;
+        let examples = read_examples(&split_file, |ids, label| Example { ids, label })?;
         if examples.is_empty() {
             return Err(anyhow!("the {split} split is empty: nothing to evaluate"));
         }
         let texts = read_texts(&split_file)?;
         let labels = read_labels(&tokenized.join("labels.json"))?;
-        let device = crate::device(&self.params.device)?;
-        let (model, _) = crate::hf::load(&trained.join("model"), Some(&labels), 0, &device)
+        let device = finetune_model::device(&self.params.device)?;
+        let (model, _) = hf::load(&trained.join("model"), Some(&labels), 0, &device)
             .context("cannot load the trained model")?;
         ctx.reporter.message(&format!(
             "evaluating on {} {split} examples",

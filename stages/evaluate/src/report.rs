@@ -8,7 +8,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde_json::Value;
 
-use crate::metrics::Metrics;
+use finetune_trainer::Metrics;
 
 pub const CONFUSION_MATRIX: &str = "confusion_matrix.svg";
 pub const TRAINING_CURVES: &str = "training_curves.svg";

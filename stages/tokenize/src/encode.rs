@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::SPLITS;
+use crate::tokenized::{self, column};
 
 /// Texts encoded per call of `encode_batch`: large enough to keep every core busy, small
 /// enough to report progress.
@@ -29,35 +30,19 @@ pub struct SplitData {
 
 /// Reads the `text` and `label` columns of an ingest split.
 pub fn read_split(path: &Path) -> Result<SplitData> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{} is not a Parquet file", path.display()))?
-        .build()?;
     let mut data = SplitData {
         texts: Vec::new(),
         labels: Vec::new(),
     };
-    for batch in reader {
-        let batch = batch.with_context(|| format!("cannot read {}", path.display()))?;
-        let texts = column::<StringArray>(&batch, "text", path)?;
-        let labels = column::<Int64Array>(&batch, "label", path)?;
+    for batch in tokenized::batches(path)? {
+        let batch = batch?;
+        let texts = column::<StringArray>(&batch, tokenized::TEXT, path)?;
+        let labels = column::<Int64Array>(&batch, tokenized::LABEL, path)?;
         data.texts
             .extend(texts.iter().map(|t| t.unwrap_or_default().to_string()));
         data.labels.extend(labels.values().iter().copied());
     }
     Ok(data)
-}
-
-fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T> {
-    batch
-        .column_by_name(name)
-        .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| {
-            anyhow!(
-                "{} has no `{name}` column of the expected type",
-                path.display()
-            )
-        })
 }
 
 #[derive(Debug, Serialize)]
@@ -179,12 +164,7 @@ pub fn encode(tokenizer: &Tokenizer, texts: &[String], reporter: &dyn Reporter) 
 }
 
 fn write_split(path: &Path, data: &SplitData, encoded: &Encoded) -> Result<()> {
-    let item = Arc::new(Field::new_list_field(DataType::Int32, false));
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("text", DataType::Utf8, false),
-        Field::new("input_ids", DataType::List(item.clone()), false),
-        Field::new("label", DataType::Int64, false),
-    ]));
+    let (schema, item) = tokenized::split_schema();
     let offsets = OffsetBuffer::new(ScalarBuffer::from(encoded.offsets.clone()));
     let ids = ListArray::try_new(
         item,

@@ -16,6 +16,7 @@ mod encode;
 mod params;
 mod source;
 mod train;
+pub mod tokenized;
 
 use std::path::PathBuf;
 

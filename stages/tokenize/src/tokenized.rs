@@ -1,23 +1,37 @@
-//! Reading the `tokenize` stage's output: token-id rows with labels, the label names, the
-//! tokenizer's padding id and vocabulary size.
+//! The `tokenize` stage's output as the stages after it read it: the split files' schema
+//! (written by this crate, read by train and evaluate), token-id rows with labels, the label
+//! names, the tokenizer's padding id and vocabulary size.
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
 use arrow::array::{Array, Int32Array, Int64Array, ListArray, StringArray};
+use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-/// One tokenized text.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Example {
-    pub ids: Vec<i32>,
-    pub label: i64,
+/// The column of a split's texts (as ingest wrote them).
+pub const TEXT: &str = "text";
+/// The column of a split's token ids: list<int32>.
+pub const INPUT_IDS: &str = "input_ids";
+/// The column of a split's label indices: int64.
+pub const LABEL: &str = "label";
+
+/// A tokenized split's schema, and the item field of its `input_ids` lists.
+pub fn split_schema() -> (SchemaRef, FieldRef) {
+    let item = Arc::new(Field::new_list_field(DataType::Int32, false));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new(TEXT, DataType::Utf8, false),
+        Field::new(INPUT_IDS, DataType::List(item.clone()), false),
+        Field::new(LABEL, DataType::Int64, false),
+    ]));
+    (schema, item)
 }
 
-/// The record batches of a tokenize split, each read error naming the file.
-fn batches(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>> + '_> {
+/// The record batches of a Parquet split, each read error naming the file.
+pub(crate) fn batches(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>> + '_> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .with_context(|| format!("{} is not a Parquet file", path.display()))?
@@ -25,36 +39,38 @@ fn batches(path: &Path) -> Result<impl Iterator<Item = Result<RecordBatch>> + '_
     Ok(reader.map(move |batch| batch.with_context(|| format!("cannot read {}", path.display()))))
 }
 
-/// Column `name` of `batch` as array type `T`; `what` describes it for the error.
-fn column<'b, T: 'static>(
+/// Column `name` of `batch` (read from `path`) as array type `T`.
+pub(crate) fn column<'b, T: 'static>(
     batch: &'b RecordBatch,
     name: &str,
-    what: &str,
     path: &Path,
 ) -> Result<&'b T> {
     batch
         .column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| anyhow!("{} has no `{name}` {what}", path.display()))
+        .ok_or_else(|| {
+            anyhow!(
+                "{} has no `{name}` column of the expected type",
+                path.display()
+            )
+        })
 }
 
-/// The `input_ids` and `label` columns of a tokenize split.
-pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
+/// The `input_ids` and `label` columns of a tokenize split, each row made into an `E` by
+/// `example(ids, label)`.
+pub fn read_examples<E>(path: &Path, mut example: impl FnMut(Vec<i32>, i64) -> E) -> Result<Vec<E>> {
     let mut examples = Vec::new();
     for batch in batches(path)? {
         let batch = batch?;
-        let ids: &ListArray = column(&batch, "input_ids", "list column", path)?;
-        let labels: &Int64Array = column(&batch, "label", "column", path)?;
+        let ids: &ListArray = column(&batch, INPUT_IDS, path)?;
+        let labels: &Int64Array = column(&batch, LABEL, path)?;
         for row in 0..batch.num_rows() {
             let values = ids.value(row);
             let values = values
                 .as_any()
                 .downcast_ref::<Int32Array>()
                 .ok_or_else(|| anyhow!("{}: `input_ids` is not int32", path.display()))?;
-            examples.push(Example {
-                ids: values.values().to_vec(),
-                label: labels.value(row),
-            });
+            examples.push(example(values.values().to_vec(), labels.value(row)));
         }
     }
     Ok(examples)
@@ -65,7 +81,7 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
     let mut texts = Vec::new();
     for batch in batches(path)? {
         let batch = batch?;
-        let column: &StringArray = column(&batch, "text", "column", path)?;
+        let column: &StringArray = column(&batch, TEXT, path)?;
         texts.extend(column.iter().map(|t| t.unwrap_or_default().to_string()));
     }
     Ok(texts)

@@ -1,5 +1,5 @@
 //! The `train` stage: fine-tunes (or trains from scratch) a classifier on the `tokenize`
-//! output with the [`crate::trainer`] loop, configured under `with: training:` as Trainer is
+//! output with the `finetune-trainer` loop, configured under `with: training:` as Trainer is
 //! with TrainingArguments.
 //!
 //! Output: `model/` (config.json, model.safetensors, tokenizer.json: loadable by Python
@@ -25,17 +25,17 @@ use finetune_core::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::config::ScratchSpec;
-use crate::data::{read_examples, read_labels, tokenizer_facts};
-use crate::model::Classifier;
-use crate::regularizers::Regularizers;
-use crate::trainer::callbacks::{
-    EarlyStopping, Progress, RunHistory, jsonl_logger, tensorboard_logger,
+use finetune_model::{Classifier, Example, ScratchSpec, hf};
+use finetune_tokenize::tokenized::{read_examples, read_labels, tokenizer_facts};
+use finetune_trainer::{
+    Callback, Checkpoints, DatasetEvaluator, EarlyStopping, EvalSplit, Evaluator, Padding,
+    Regularizers, RunHistory, Start, Trainer, TrainingArgs, evaluate, jsonl_logger, restore,
+    tensorboard_logger,
 };
-use crate::trainer::{
-    Callback, Checkpoints, DatasetEvaluator, EvalSplit, Padding, Start, Trainer, TrainingArgs,
-    checkpoint, evaluate,
-};
+
+use crate::progress::Progress;
+
+mod progress;
 
 /// `with:` of a `train` stage.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -49,7 +49,7 @@ pub struct TrainParams {
     #[serde(default)]
     pub regularizers: Regularizers,
     /// Where to train: `cpu` (burn's flex backend).
-    #[serde(default = "default_device")]
+    #[serde(default = "finetune_model::default_device_name")]
     pub device: String,
     /// When this key is configured (`key_env` set, or `key_file` given), every checkpoint and
     /// the output carry a `fingerprint.json` (HMAC-SHA256 over their files), and a resume
@@ -94,7 +94,7 @@ impl Stage for Train {
     }
 
     fn audit(&self) -> Option<Audit> {
-        let (report, passed) = crate::regularizers::audit::report();
+        let (report, passed) = finetune_regularizers::audit::report();
         Some(Audit { report, passed })
     }
 
@@ -103,7 +103,7 @@ impl Stage for Train {
         ctx.upstream_using("tokenize")?;
         params.training.validate()?;
         params.regularizers.validate()?;
-        crate::device(&params.device).map_err(|e| ConfigError::at("device", e.to_string()))?;
+        finetune_model::device(&params.device).map_err(|e| ConfigError::at("device", e.to_string()))?;
         match &params.model {
             ModelSource::From { from } => {
                 let dir = ctx.resolve(from);
@@ -119,7 +119,7 @@ impl Stage for Train {
             ModelSource::Scratch { scratch } => {
                 scratch
                     .to_config(1, 0, vec![])
-                    .map_err(|e| ConfigError::at("model.scratch", e))?;
+                    .map_err(|e| ConfigError::at("model.scratch", e.to_string()))?;
             }
         }
         // Loaded once, so that the key that signs is the one whose id is in the cache key.
@@ -139,10 +139,6 @@ impl Stage for Train {
             with: with.clone(),
         }))
     }
-}
-
-fn default_device() -> String {
-    "cpu".into()
 }
 
 struct TrainJob {
@@ -171,14 +167,18 @@ impl Job for TrainJob {
     }
 
     fn run(&self, ctx: &RunContext) -> Result<()> {
-        crate::on_own_pool(|| self.train(ctx))
+        finetune_kernels::on_own_pool(|| self.train(ctx))
     }
 }
 
 impl TrainJob {
     fn train(&self, ctx: &RunContext) -> Result<()> {
         let tokenized = &ctx.upstream_using("tokenize")?.dir;
-        let split = |name: &str| read_examples(&tokenized.join(format!("{name}.parquet")));
+        let split = |name: &str| {
+            read_examples(&tokenized.join(format!("{name}.parquet")), |ids, label| {
+                Example { ids, label }
+            })
+        };
         let train = split("train")?;
         if train.is_empty() {
             return Err(anyhow!("the train split is empty"));
@@ -188,7 +188,7 @@ impl TrainJob {
         let test = split("test")?;
         let labels = read_labels(&tokenized.join("labels.json"))?;
         let tokenizer_json = tokenized.join("tokenizer.json");
-        let device = crate::device(&self.params.device)?;
+        let device = finetune_model::device(&self.params.device)?;
         device.seed(args.seed);
         let checkpoints =
             Checkpoints::new(ctx.scratch_dir.join("checkpoints")).signed_with(self.signing.clone());
@@ -199,8 +199,8 @@ impl TrainJob {
             Some(dir) => {
                 checkpoints.check(&dir)?;
                 let mut restored =
-                    checkpoint::restore(&dir, &labels, &device.clone().autodiff(), |m| {
-                        crate::trainer::optimizer(args, self.params.regularizers.awp.as_ref(), m)
+                    restore(&dir, &labels, &device.clone().autodiff(), |m| {
+                        finetune_trainer::optimizer(args, self.params.regularizers.awp.as_ref(), m)
                     })?;
                 ctx.reporter.message(&format!(
                     "resuming from {} (step {} of {})",
@@ -241,7 +241,7 @@ impl TrainJob {
                     labels: &labels,
                     batch_size: args.eval_batch_size,
                     device: device.clone(),
-                }) as Box<dyn crate::trainer::Evaluator>
+                }) as Box<dyn Evaluator>
             }),
             // Always a directory: even with `save_strategy: no`, Ctrl-C saves a checkpoint.
             checkpoints: Some(checkpoints.clone()),
@@ -252,11 +252,12 @@ impl TrainJob {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             awp: self.params.regularizers.awp.as_ref(),
+            stop_requested: finetune_core::interrupt::requested,
         };
         let outcome = trainer.train(start, &train)?;
         drop(trainer);
         let model = outcome.model.valid();
-        crate::hf::save_with_tokenizer(&model, &ctx.out_dir.join("model"), &tokenizer_json)?;
+        hf::save_with_tokenizer(&model, &ctx.out_dir.join("model"), &tokenizer_json)?;
         let evaluation = match outcome.last_evaluation {
             Some((step, metrics)) if step == outcome.model_step => metrics,
             _ => evaluate(
@@ -299,7 +300,7 @@ impl TrainJob {
         Ok(match &self.params.model {
             ModelSource::From { from } => {
                 let (model, report) =
-                    crate::hf::load(&ctx.resolve(from), Some(labels), seed, &train_device)?;
+                    hf::load(&ctx.resolve(from), Some(labels), seed, &train_device)?;
                 if !report.newly_initialized.is_empty() {
                     ctx.reporter.message(&format!(
                         "newly initialised: {}",
@@ -310,10 +311,8 @@ impl TrainJob {
             }
             ModelSource::Scratch { scratch } => {
                 let (vocab, pad) = tokenizer_facts(tokenizer_json)?;
-                let config = scratch
-                    .to_config(vocab, pad, labels.to_vec())
-                    .map_err(|e| anyhow!(e))?;
-                crate::scratch(&config, seed, &train_device)
+                let config = scratch.to_config(vocab, pad, labels.to_vec())?;
+                finetune_model::scratch(&config, seed, &train_device)
             }
         })
     }
@@ -328,7 +327,7 @@ impl TrainJob {
         let Some(mixout) = &self.params.regularizers.mixout else {
             return Ok(());
         };
-        let layers = mixout.attach(model, initial).map_err(|e| anyhow!(e))?;
+        let layers = mixout.attach(model, initial)?;
         let target = match self.params.model {
             ModelSource::From { .. } => "the pretrained weights",
             ModelSource::Scratch { .. } => "the initial weights",

@@ -27,7 +27,7 @@ pub fn minilm() -> PathBuf {
 
 /// The first `n` Amazon review sentences shipped in data/raw, tokenized with the real model's
 /// tokenizer (at most 32 tokens): real data for training tests.
-pub fn amazon_examples(n: usize) -> Vec<finetune_transformer::data::Example> {
+pub fn amazon_examples(n: usize) -> Vec<finetune_model::Example> {
     let path = repo().join("data/raw/product_reviews.tsv");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let tokenizer = tokenizers::Tokenizer::from_file(minilm().join("tokenizer.json")).unwrap();
@@ -38,7 +38,7 @@ pub fn amazon_examples(n: usize) -> Vec<finetune_transformer::data::Example> {
             let encoding = tokenizer.encode(sentence, true).unwrap();
             let mut ids: Vec<i32> = encoding.get_ids().iter().map(|&i| i as i32).collect();
             ids.truncate(32);
-            finetune_transformer::data::Example {
+            finetune_model::Example {
                 ids,
                 label: label.trim().parse().unwrap(),
             }

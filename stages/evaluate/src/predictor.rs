@@ -1,0 +1,51 @@
+//! `finetune predict`: a saved model directory applied to raw texts.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+use burn::tensor::Device;
+use finetune_core::Prediction;
+use finetune_model::{hf, probabilities};
+
+/// `finetune predict`: a saved model directory (`config.json`, `model.safetensors` and the
+/// `tokenizer.json` it was trained with, as `train` writes to `model/`) applied to raw texts.
+pub struct ModelPredictor;
+
+impl finetune_core::Predictor for ModelPredictor {
+    fn predict(
+        &self,
+        model_dir: &Path,
+        texts: &[String],
+        batch_size: usize,
+    ) -> Result<Vec<Prediction>> {
+        let tokenizer_file = model_dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_file)
+            .map_err(|err| anyhow!("cannot load {}: {err}", tokenizer_file.display()))?;
+        let device = Device::flex();
+        let (model, _) = hf::load(model_dir, None, 0, &device)
+            .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
+        let rows = texts
+            .iter()
+            .map(|text| {
+                let encoding = tokenizer
+                    .encode(text.as_str(), true)
+                    .map_err(|err| anyhow!("cannot tokenize {text:?}: {err}"))?;
+                Ok(encoding.get_ids().iter().map(|&id| id as i32).collect())
+            })
+            .collect::<Result<Vec<Vec<i32>>>>()?;
+        let labels = &model.config.labels;
+        Ok(probabilities(&model, &rows, batch_size, &device)
+            .into_iter()
+            .map(|row| {
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold(0, |best, (i, p)| if *p > row[best] { i } else { best });
+                Prediction {
+                    label: labels[best].clone(),
+                    probabilities: labels.iter().cloned().zip(row).collect(),
+                }
+            })
+            .collect())
+    }
+}
