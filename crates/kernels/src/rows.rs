@@ -83,6 +83,16 @@ impl RowGradient {
             .zip(self.values.chunks_exact(self.dim.max(1)))
     }
 
+    /// The rows of the whole table, held or not.
+    pub fn table_rows(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The width of a row.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
     /// Every value held (the rows not held are zero).
     pub fn values(&self) -> &[f32] {
         &self.values

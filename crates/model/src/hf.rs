@@ -10,7 +10,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::ModelError;
 use crate::config::{Family, ModelConfig};
-use InitSource;
+use crate::init::InitSource;
 use crate::model::Classifier;
 use crate::weights::{HfName, Init, Names, Part, WeightSource, build, named_parts, transpose};
 

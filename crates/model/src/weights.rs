@@ -44,7 +44,7 @@ impl HfName {
             encoder: false,
         }
     }
-    fn tensor(&self, leaf: &str) -> HfName {
+    pub(crate) fn tensor(&self, leaf: &str) -> HfName {
         HfName {
             key: format!("{}.{leaf}", self.key),
             encoder: self.encoder,

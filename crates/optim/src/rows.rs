@@ -67,7 +67,7 @@ impl RowAdamW {
         let [rows, dim] = table.dims();
         assert_eq!(
             (rows, dim),
-            (grad.slots.len(), grad.dim),
+            (grad.table_rows(), grad.dim()),
             "the gradient of this table"
         );
         let device = table.device();

@@ -10,11 +10,9 @@ use std::path::Path;
 
 use anyhow::{Result, anyhow, bail};
 use burn::module::ParamGroup;
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams, LearningRate, ModuleOptimizer};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use rayon::prelude::*;
 
 use finetune_kernels::RowGradient;
 use finetune_model::{Batch, Classifier};

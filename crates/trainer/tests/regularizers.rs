@@ -205,6 +205,7 @@ fn train(awp: Option<&AwpConfig>) -> (Weights, Weights, TrainerState) {
         device: cpu(),
         inject_oom_at: None,
         awp,
+        stop_requested: || false,
     };
     let outcome = trainer.train(Start::Fresh(small_model()), &data).unwrap();
     let first_epoch = dir.path().join("checkpoint-12");

@@ -53,6 +53,7 @@ fn trainer<'a>(args: &'a TrainingArgs, labels: &'a [String]) -> Trainer<'a> {
         device: finetune_model::device("cpu").unwrap(),
         inject_oom_at: None,
         awp: None,
+        stop_requested: || false,
     }
 }
 
