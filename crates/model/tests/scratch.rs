@@ -76,6 +76,7 @@ fn bad_scratch_specs_are_refused() {
     assert!(
         bad.to_config(10, 0, vec![])
             .unwrap_err()
+            .to_string()
             .contains("multiple of heads")
     );
     assert!(
