@@ -162,8 +162,7 @@ fn the_default_pipeline_trains_a_model_from_scratch_reproducibly() {
     }
 
     let device = finetune_model::device("cpu").unwrap();
-    let (model, report) =
-        finetune_model::hf::load(&out_a.join("model"), None, 0, &device).unwrap();
+    let (model, report) = finetune_model::hf::load(&out_a.join("model"), None, 0, &device).unwrap();
     assert!(report.newly_initialized.is_empty() && report.unexpected.is_empty());
     assert_eq!(model.config.labels, ["0", "1"]);
     assert!(out_a.join("model/tokenizer.json").is_file());
@@ -782,11 +781,11 @@ fn finetune_audit_passes_and_fingerprints_each_implementation() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{text}{}", stderr(&out));
     assert!(
-        text.contains("AWP (stages/transformer/src/regularizers/awp.rs)"),
+        text.contains("AWP (crates/regularizers/src/awp.rs)"),
         "{text}"
     );
     assert!(
-        text.contains("Mixout (stages/transformer/src/regularizers/mixout.rs)"),
+        text.contains("Mixout (crates/regularizers/src/mixout.rs)"),
         "{text}"
     );
     assert_eq!(

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch's training step on the step bench's batch, for `cargo bench -p finetune-transformer
+"""PyTorch's training step on the step bench's batch, for `cargo bench -p finetune-trainer
 --bench step` (run it with HF_PYTHON set) or by hand:
 
     python torch_step.py --model DIR --golden FILE --tokens 64 --runs 5

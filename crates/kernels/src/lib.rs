@@ -53,7 +53,6 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{Int, Tensor};
 
-
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
     /// `x · weight + bias` for `x: [rows, in]`, `weight: [in, out]`, `bias: [out]`.

@@ -260,16 +260,13 @@ pub fn save(model: &Classifier, dir: &Path) -> Result<(), ModelError> {
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let weights = dir.join("model.safetensors");
     // Straight to the file: serialising into one buffer first copied all the weights once more.
-    write_through_partial(&weights, |partial| {
-        safetensors::tensor::serialize_to_file(views, metadata, partial).map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(e) => ModelError::io(&weights, e),
-            e => ModelError::Weights {
-                file: weights.clone(),
-                key: "-".into(),
-                message: e.to_string(),
-            },
+    finetune_atomic::write_with(&weights, |temp| {
+        safetensors::tensor::serialize_to_file(views, metadata, temp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(e) => e,
+            e => std::io::Error::other(e),
         })
-    })?;
+    })
+    .map_err(|e| ModelError::io(&weights, e))?;
     let mut config = serde_json::to_string_pretty(&model.config.to_hf_json()).unwrap_or_default();
     config.push('\n');
     write_atomic(&dir.join("config.json"), config.as_bytes())
@@ -287,19 +284,7 @@ pub fn save_with_tokenizer(
     write_atomic(&dir.join("tokenizer.json"), &bytes)
 }
 
+/// `bytes` at `path`, atomically and durably ([`finetune_atomic`]).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    write_through_partial(path, |temp| {
-        std::fs::write(temp, bytes).map_err(|e| ModelError::io(path, e))
-    })
-}
-
-/// Has `write` fill `path` with a `.partial` extension, then renames it to `path`: a reader
-/// never sees half a file under the real name.
-fn write_through_partial(
-    path: &Path,
-    write: impl FnOnce(&Path) -> Result<(), ModelError>,
-) -> Result<(), ModelError> {
-    let temp = path.with_extension("partial");
-    write(&temp)?;
-    std::fs::rename(&temp, path).map_err(|e| ModelError::io(path, e))
+    finetune_atomic::write(path, bytes).map_err(|e| ModelError::io(path, e))
 }

@@ -1,4 +1,4 @@
-//! AdamW as one pass over each parameter, on both cores.
+//! AdamW as one pass over each parameter, split over the rayon pool.
 //!
 //! burn's `AdamW` builds the update from about fourteen tensor operations per parameter, each a
 //! fresh buffer and a single-threaded sweep over all 22.7M of MiniLM's weights; this one reads

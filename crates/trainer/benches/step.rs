@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, update_gradients};
 use finetune_model::{Batch, Classifier, hf};
+use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, update_gradients};
 
 const BATCH: usize = 16;
 
@@ -46,9 +46,7 @@ fn main() {
         ),
     };
     // Measured as the train stage runs: on a pool of its own, the reference left outside it.
-    finetune_kernels::on_own_pool(|| {
-        measure(seq, &shared, &model_dir, reference, reference_name)
-    });
+    finetune_kernels::on_own_pool(|| measure(seq, &shared, &model_dir, reference, reference_name));
 }
 
 /// Loads MiniLM, times its forward pass and its training step, and prints both against the

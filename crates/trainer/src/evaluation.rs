@@ -70,4 +70,3 @@ pub fn metrics_json(loss: f64, metrics: &Metrics) -> Result<Value> {
     }
     Ok(value)
 }
-

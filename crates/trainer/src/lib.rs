@@ -49,8 +49,8 @@ pub use metrics::{ClassScores, Metrics};
 pub use regularize::{AwpConfig, MixoutConfig, RegularizerError, Regularizers, with_mixout_masks};
 pub use state::{Control, EpochSummary, Record, TrainerState};
 pub use update::{
-    AdamW, Gradients, MicroBatch, OPTIMIZER_FILE, Optimizer, UpdatePlan, UpdateStats,
-    WordGradient, clip_to_global_norm, gradients, gradients_taking, update, update_gradients,
+    AdamW, Gradients, MicroBatch, OPTIMIZER_FILE, Optimizer, UpdatePlan, UpdateStats, WordGradient,
+    clip_to_global_norm, gradients, gradients_taking, update, update_gradients,
 };
 
 /// Where a run starts: a fresh model, or a checkpoint. Made once per run, so its size is moot.

@@ -105,7 +105,9 @@ impl Trainer<'_> {
         // The device's RNG is process-wide: one training at a time keeps runs reproducible.
         let _device = finetune_kernels::exclusive_device();
         let (mut model, mut run) = self.begin(start, train.len())?;
-        self.each(&run.state, &mut run.control, |c, s, k| c.on_train_begin(s, k))?;
+        self.each(&run.state, &mut run.control, |c, s, k| {
+            c.on_train_begin(s, k)
+        })?;
         while run.state.global_step < run.total_updates && !run.control.should_training_stop {
             let end;
             (model, end) = self.train_epoch(model, &mut run, train)?;
@@ -203,7 +205,9 @@ impl Trainer<'_> {
         let epoch = run.state.epoch_index();
         let order = epoch_order(train, args, epoch as u64);
         if run.state.step_in_epoch() == 0 {
-            self.each(&run.state, &mut run.control, |c, s, k| c.on_epoch_begin(s, k))?;
+            self.each(&run.state, &mut run.control, |c, s, k| {
+                c.on_epoch_begin(s, k)
+            })?;
         }
         let epoch_started = Instant::now();
         let mut epoch_tally = Tally::default();
@@ -217,7 +221,9 @@ impl Trainer<'_> {
             if run.state.global_step >= run.total_updates {
                 break;
             }
-            self.each(&run.state, &mut run.control, |c, s, k| c.on_step_begin(s, k))?;
+            self.each(&run.state, &mut run.control, |c, s, k| {
+                c.on_step_begin(s, k)
+            })?;
             let lr = run.schedule.lr(run.state.global_step);
             let started = Instant::now();
             let length = self
@@ -275,10 +281,10 @@ impl Trainer<'_> {
         let step = run.state.global_step;
         let control = &mut run.control;
         control.should_log |= step % args.logging_steps == 0 || step == run.total_updates;
-        control.should_evaluate |= args.eval_strategy == Strategy::Steps
-            && args.eval_steps.is_some_and(|n| step % n == 0);
-        control.should_save |= args.save_strategy == Strategy::Steps
-            && args.save_steps.is_some_and(|n| step % n == 0);
+        control.should_evaluate |=
+            args.eval_strategy == Strategy::Steps && args.eval_steps.is_some_and(|n| step % n == 0);
+        control.should_save |=
+            args.save_strategy == Strategy::Steps && args.save_steps.is_some_and(|n| step % n == 0);
     }
 
     /// The gradients of one update over `chunk` of `train`. An out-of-memory failure halves
@@ -529,7 +535,9 @@ impl Trainer<'_> {
         if let Some(limit) = self.args.save_total_limit {
             checkpoints.rotate(limit, run.state.best_model_checkpoint.as_deref())?;
         }
-        self.each(&run.state, &mut run.control, |c, s, k| c.on_save(s, &dir, k))
+        self.each(&run.state, &mut run.control, |c, s, k| {
+            c.on_save(s, &dir, k)
+        })
     }
 
     fn push_log(

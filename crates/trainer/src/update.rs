@@ -379,4 +379,3 @@ pub fn clip_to_global_norm(
     }
     norm
 }
-

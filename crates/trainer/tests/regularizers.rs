@@ -9,12 +9,12 @@ mod common;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Distribution, Tensor, TensorData};
+use finetune_model::Classifier;
 use finetune_model::ScratchSpec;
 use finetune_model::hf::{load, named_tensors};
 use finetune_model::param_names;
-use finetune_model::Classifier;
-use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, gradients, update};
 use finetune_regularizers::{Mixout, mix};
+use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, gradients, update};
 use finetune_trainer::{AwpConfig, MixoutConfig};
 use finetune_trainer::{Start, Trainer, TrainerState, TrainingArgs};
 use serde_json::{Value, json};

@@ -5,9 +5,9 @@
 mod common;
 
 use anyhow::Result;
+use finetune_model::Classifier;
 use finetune_model::ScratchSpec;
 use finetune_model::hf::named_tensors;
-use finetune_model::Classifier;
 use finetune_trainer::EarlyStopping;
 use finetune_trainer::restore;
 use finetune_trainer::{
@@ -264,8 +264,8 @@ fn the_best_checkpoint_survives_rotation_and_becomes_the_output_model() {
 /// the checkpoint.
 #[test]
 fn word_embedding_state_round_trips_and_falls_back_to_dense() {
-    use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, WordGradient, update};
     use finetune_optim::STATE_FILE;
+    use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, WordGradient, update};
     let _device = finetune_kernels::exclusive_device();
     let device = finetune_model::device("cpu").unwrap().autodiff();
     let micro = [MicroBatch {

@@ -10,11 +10,13 @@ use serde::Serialize;
 /// name, and fingerprints leave it out (the engine writes it after the stage has run).
 pub const ENGINE_MANIFEST: &str = ".finetune-manifest.json";
 
-/// `value` as pretty-printed JSON with a final newline (stable, diff-friendly bytes).
+/// `value` as pretty-printed JSON with a final newline (stable, diff-friendly bytes), written
+/// atomically: a crash leaves the previous file or the new one, never half of one.
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    finetune_atomic::write(path, text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Every regular file under `dir`, relative to it, sorted; symlinks are followed.

@@ -86,7 +86,8 @@ impl Stage for Evaluate {
         if params.batch_size == 0 {
             return Err(ConfigError::at("batch_size", "must be at least 1"));
         }
-        finetune_model::device(&params.device).map_err(|e| ConfigError::at("device", e.to_string()))?;
+        finetune_model::device(&params.device)
+            .map_err(|e| ConfigError::at("device", e.to_string()))?;
         Ok(Box::new(EvaluateJob { params }))
     }
 }

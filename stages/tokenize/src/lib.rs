@@ -15,8 +15,8 @@
 mod encode;
 mod params;
 mod source;
-mod train;
 pub mod tokenized;
+mod train;
 
 use std::path::PathBuf;
 

@@ -58,7 +58,10 @@ pub(crate) fn column<'b, T: 'static>(
 
 /// The `input_ids` and `label` columns of a tokenize split, each row made into an `E` by
 /// `example(ids, label)`.
-pub fn read_examples<E>(path: &Path, mut example: impl FnMut(Vec<i32>, i64) -> E) -> Result<Vec<E>> {
+pub fn read_examples<E>(
+    path: &Path,
+    mut example: impl FnMut(Vec<i32>, i64) -> E,
+) -> Result<Vec<E>> {
     let mut examples = Vec::new();
     for batch in batches(path)? {
         let batch = batch?;

@@ -103,7 +103,8 @@ impl Stage for Train {
         ctx.upstream_using("tokenize")?;
         params.training.validate()?;
         params.regularizers.validate()?;
-        finetune_model::device(&params.device).map_err(|e| ConfigError::at("device", e.to_string()))?;
+        finetune_model::device(&params.device)
+            .map_err(|e| ConfigError::at("device", e.to_string()))?;
         match &params.model {
             ModelSource::From { from } => {
                 let dir = ctx.resolve(from);
@@ -198,10 +199,9 @@ impl TrainJob {
         let start = match checkpoints.latest()?.filter(|_| args.resume) {
             Some(dir) => {
                 checkpoints.check(&dir)?;
-                let mut restored =
-                    restore(&dir, &labels, &device.clone().autodiff(), |m| {
-                        finetune_trainer::optimizer(args, self.params.regularizers.awp.as_ref(), m)
-                    })?;
+                let mut restored = restore(&dir, &labels, &device.clone().autodiff(), |m| {
+                    finetune_trainer::optimizer(args, self.params.regularizers.awp.as_ref(), m)
+                })?;
                 ctx.reporter.message(&format!(
                     "resuming from {} (step {} of {})",
                     restored.name, restored.state.global_step, restored.state.max_steps
