@@ -6,6 +6,9 @@ use burn::backend::{Backend, Flex};
 use burn::tensor::{DType, Shape};
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
+use crate::slots::{Unwritten, slots, write_all, written};
 use crate::{FusedOps, LANE, Mask, RowGradient, erf, expf, task_len};
 
 /// The forward and backward pieces that the fused operations are made of, on one backend.
@@ -208,35 +211,36 @@ impl Kernels for Flex {
         let x = contiguous(x);
         let shape = x.layout().shape().clone();
         let input = values(&x);
-        // SAFETY (here and for `slope`): the chunks cover the tensor, and each is written whole
-        // (erf, then GELU over it; −x²/2, then its exp and the slope over it).
-        let mut value = unsafe { unwritten(shape.clone()) };
+        let mut value = Unwritten::new(shape.clone());
+        let task = task_len(input.len(), LANE);
         if !with_slope {
-            let task = task_len(input.len(), LANE);
             value
-                .storage_mut::<f32>()
+                .slots()
                 .par_chunks_mut(task)
                 .zip(input.par_chunks(task))
                 .for_each(|(out, input)| {
-                    erf::erf_scaled(input, out);
+                    let out = erf::erf_scaled(input, out);
                     for (out, &x) in out.iter_mut().zip(input) {
                         *out = gelu_value(x, *out);
                     }
                 });
-            return (value, None);
+            // SAFETY: the chunks cover the tensor, and `erf_scaled` writes every value of each.
+            return (unsafe { value.into_tensor() }, None);
         }
-        let mut slope = unsafe { unwritten(shape) };
-        let task = task_len(input.len(), LANE);
+        let mut slope = Unwritten::new(shape);
         value
-            .storage_mut::<f32>()
+            .slots()
             .par_chunks_mut(task)
-            .zip(slope.storage_mut::<f32>().par_chunks_mut(task))
+            .zip(slope.slots().par_chunks_mut(task))
             .zip(input.par_chunks(task))
             .for_each(|((values, slopes), input)| {
-                erf::erf_scaled(input, values);
+                let values = erf::erf_scaled(input, values);
+                assert_eq!(slopes.len(), input.len());
                 for (slope, &x) in slopes.iter_mut().zip(input) {
-                    *slope = -0.5 * x * x;
+                    slope.write(-0.5 * x * x);
                 }
+                // SAFETY: the loop wrote every slope of the chunk (as long as the input's).
+                let slopes = unsafe { written(slopes) };
                 expf::exp_in_place(slopes);
                 for ((value, slope), &x) in values.iter_mut().zip(slopes).zip(input) {
                     let erf = *value;
@@ -244,49 +248,58 @@ impl Kernels for Flex {
                     *slope = gelu_slope(x, erf, *slope);
                 }
             });
-        (value, Some(slope))
+        // SAFETY: the chunks cover both tensors, and each chunk of both is written whole
+        // (by `erf_scaled`, and by the loop over the slopes).
+        unsafe { (value.into_tensor(), Some(slope.into_tensor())) }
     }
 
     fn scale(grad: FlexTensor, slope: FlexTensor) -> FlexTensor {
         let (grad, slope) = (contiguous(grad), contiguous(slope));
-        // SAFETY: the chunks cover the tensor, and every value of each is written.
-        let mut out = unsafe { unwritten(grad.layout().shape().clone()) };
+        assert_eq!(
+            values(&grad).len(),
+            values(&slope).len(),
+            "scale: slope shape"
+        );
+        let mut out = Unwritten::new(grad.layout().shape().clone());
         let task = task_len(values(&grad).len(), LANE);
-        out.storage_mut::<f32>()
+        out.slots()
             .par_chunks_mut(task)
             .zip(values(&grad).par_chunks(task))
             .zip(values(&slope).par_chunks(task))
             .for_each(|((out, grad), slope)| {
                 for ((out, &g), &s) in out.iter_mut().zip(grad).zip(slope) {
-                    *out = g * s;
+                    out.write(g * s);
                 }
             });
-        out
+        // SAFETY: the chunks of the three (of one length) cover the tensor, and every value of
+        // each is written.
+        unsafe { out.into_tensor() }
     }
 
     fn dropout(x: FlexTensor, mask: Mask) -> FlexTensor {
         let x = contiguous(x);
+        let mut out = Unwritten::new(x.layout().shape().clone());
+        mask.apply(values(&x), out.slots());
         // SAFETY: `apply` writes every value of `out`.
-        let mut out = unsafe { unwritten(x.layout().shape().clone()) };
-        mask.apply(values(&x), out.storage_mut::<f32>());
-        out
+        unsafe { out.into_tensor() }
     }
 
     fn embedding_rows(table: FlexTensor, ids: FlexTensor) -> FlexTensor {
         let table = contiguous(table);
         let [rows, dim] = dims2(&table);
         let (ids, [batch, seq]) = ids_of(ids);
-        // SAFETY: one row per id, each copied whole from the table (or a panic, and no read).
-        let mut out = unsafe { unwritten(Shape::new([batch, seq, dim])) };
+        assert_eq!(ids.len(), batch * seq, "embedding: ids shape");
+        let mut out = Unwritten::new(Shape::new([batch, seq, dim]));
         let table = values(&table);
-        for (out, &id) in out.storage_mut::<f32>().chunks_exact_mut(dim).zip(&ids) {
+        for (out, &id) in out.slots().chunks_exact_mut(dim.max(1)).zip(&ids) {
             assert!(
                 id < rows,
                 "embedding: id {id} is outside the table's {rows} rows"
             );
-            out.copy_from_slice(&table[id * dim..(id + 1) * dim]);
+            write_all(out, &table[id * dim..(id + 1) * dim]);
         }
-        out
+        // SAFETY: one row per id (`batch × seq` of them), each copied whole from the table.
+        unsafe { out.into_tensor() }
     }
 
     fn embedding_grad(ids: FlexTensor, grad: FlexTensor, rows: usize) -> FlexTensor {
@@ -328,27 +341,23 @@ impl Kernels for Flex {
             shape.batch * seq,
             "attention: mask shape"
         );
-        // SAFETY: one task per item covers both tensors; `attend` writes each head's
-        // probabilities (a softmax of every row) and its columns of every context row (a
-        // product that overwrites them).
-        let mut context = unsafe { unwritten(q.layout().shape().clone()) };
-        let mut probs = unsafe { unwritten(Shape::new([shape.batch, heads, rows, seq])) };
+        let mut context = Unwritten::new(q.layout().shape().clone());
+        let mut probs = Unwritten::new(Shape::new([shape.batch, heads, rows, seq]));
         // One task per item: it owns the item's rows of the context and its probabilities.
         context
-            .storage_mut::<f32>()
+            .slots()
             .par_chunks_mut(rows * hidden)
-            .zip(
-                probs
-                    .storage_mut::<f32>()
-                    .par_chunks_mut(heads * rows * seq),
-            )
+            .zip(probs.slots().par_chunks_mut(heads * rows * seq))
             .enumerate()
             .for_each(|(item, (context, probs))| {
                 let item = shape.item(item, values(&q), values(&k), values(&v));
                 let mask = &values(&mask)[item.index * seq..(item.index + 1) * seq];
                 attend(&shape, &item, mask, divisor, dropout, context, probs);
             });
-        [context, probs]
+        // SAFETY: one task per item covers both tensors; `attend` writes each head's
+        // probabilities (a softmax of every row) and its columns of every context row (a
+        // product that overwrites them).
+        unsafe { [context.into_tensor(), probs.into_tensor()] }
     }
 
     fn attention_backward(
@@ -367,16 +376,14 @@ impl Kernels for Flex {
         let AttentionShape {
             rows, seq, hidden, ..
         } = shape;
-        // SAFETY: one task per item covers the three tensors; `attend_backward` writes each
-        // head's columns of every row of them with products that overwrite them.
-        let mut grad_q = unsafe { unwritten(q.layout().shape().clone()) };
-        let mut grad_k = unsafe { unwritten(k.layout().shape().clone()) };
-        let mut grad_v = unsafe { unwritten(v.layout().shape().clone()) };
+        let mut grad_q = Unwritten::new(q.layout().shape().clone());
+        let mut grad_k = Unwritten::new(k.layout().shape().clone());
+        let mut grad_v = Unwritten::new(v.layout().shape().clone());
         grad_q
-            .storage_mut::<f32>()
+            .slots()
             .par_chunks_mut(rows * hidden)
-            .zip(grad_k.storage_mut::<f32>().par_chunks_mut(seq * hidden))
-            .zip(grad_v.storage_mut::<f32>().par_chunks_mut(seq * hidden))
+            .zip(grad_k.slots().par_chunks_mut(seq * hidden))
+            .zip(grad_v.slots().par_chunks_mut(seq * hidden))
             .enumerate()
             .for_each(|(item, ((grad_q, grad_k), grad_v))| {
                 let item = shape.item(item, values(&q), values(&k), values(&v));
@@ -390,7 +397,15 @@ impl Kernels for Flex {
                 };
                 attend_backward(&shape, &item, probs, grad, divisor, dropout, grads);
             });
-        [grad_q, grad_k, grad_v]
+        // SAFETY: one task per item covers the three tensors; `attend_backward` writes each
+        // head's columns of every row of them with products that overwrite them.
+        unsafe {
+            [
+                grad_q.into_tensor(),
+                grad_k.into_tensor(),
+                grad_v.into_tensor(),
+            ]
+        }
     }
 
     fn add_norm_forward(
@@ -415,19 +430,13 @@ impl Kernels for Flex {
             "add_norm: gamma and beta must have the input's last dimension"
         );
         let rows = shape.num_elements() / width;
-        // SAFETY: the blocks cover all rows, and each row's output, normalized values and
-        // deviation are written whole.
-        let (mut out, mut normalized) = unsafe { (unwritten(shape.clone()), unwritten(shape)) };
-        let mut deviation = unsafe { unwritten(Shape::new([rows])) };
+        let (mut out, mut normalized) = (Unwritten::new(shape.clone()), Unwritten::new(shape));
+        let mut deviation = Unwritten::new(Shape::new([rows]));
         let block = rows_per_task(rows * width, width);
-        out.storage_mut::<f32>()
+        out.slots()
             .par_chunks_mut(block * width)
-            .zip(
-                normalized
-                    .storage_mut::<f32>()
-                    .par_chunks_mut(block * width),
-            )
-            .zip(deviation.storage_mut::<f32>().par_chunks_mut(block))
+            .zip(normalized.slots().par_chunks_mut(block * width))
+            .zip(deviation.slots().par_chunks_mut(block))
             .zip(values(&x).par_chunks(block * width))
             .zip(values(&residual).par_chunks(block * width))
             .for_each(|((((out, normalized), deviation), x), residual)| {
@@ -436,15 +445,25 @@ impl Kernels for Flex {
                     .zip(normalized.chunks_exact_mut(width))
                     .zip(x.chunks_exact(width).zip(residual.chunks_exact(width)));
                 for (((out, normalized), (x, residual)), deviation) in rows.zip(deviation) {
-                    *deviation = norm_row(x, residual, epsilon, normalized);
+                    let (normalized, row_deviation) = norm_row(x, residual, epsilon, normalized);
+                    deviation.write(row_deviation);
                     for (((out, &n), &g), &b) in
                         out.iter_mut().zip(&*normalized).zip(gamma).zip(beta)
                     {
-                        *out = n * g + b;
+                        out.write(n * g + b);
                     }
                 }
             });
-        [out, normalized, deviation]
+        // SAFETY: the blocks cover all rows (a block's rows and deviations in step), and each
+        // row's output, normalized values (`norm_row`) and deviation are written whole: the
+        // rows are `width` long, as gamma and beta are (asserted above).
+        unsafe {
+            [
+                out.into_tensor(),
+                normalized.into_tensor(),
+                deviation.into_tensor(),
+            ]
+        }
     }
 
     fn add_norm_backward(
@@ -458,12 +477,15 @@ impl Kernels for Flex {
         let shape = normalized.layout().shape().clone();
         let gamma = values(&gamma);
         let width = gamma.len();
+        assert!(
+            width > 0 && shape[shape.num_dims() - 1] == width,
+            "add_norm backward: gamma must have the input's last dimension"
+        );
         let block = rows_per_task(shape.num_elements(), width);
-        // SAFETY: the blocks cover all rows, and `norm_row_backward` writes each row whole.
-        let mut grad_input = unsafe { unwritten(shape) };
+        let mut grad_input = Unwritten::new(shape);
         // Each task's sums over its rows for gamma and beta, added in task order afterwards.
         let partial: Vec<(Vec<f32>, Vec<f32>)> = grad_input
-            .storage_mut::<f32>()
+            .slots()
             .par_chunks_mut(block * width)
             .zip(values(&normalized).par_chunks(block * width))
             .zip(values(&deviation).par_chunks(block))
@@ -495,18 +517,29 @@ impl Kernels for Flex {
             grad_beta.iter_mut().zip(gb).for_each(|(s, v)| *s += v);
         }
         let vector = |v: Vec<f32>| FlexTensor::from_data(burn::tensor::TensorData::new(v, [width]));
+        // SAFETY: the blocks cover all rows, and `norm_row_backward` writes each row whole.
+        let grad_input = unsafe { grad_input.into_tensor() };
         [grad_input, vector(grad_gamma), vector(grad_beta)]
     }
 }
 
 /// One row of `softmax(scores / divisor + mask)`, as burn computes it: shift by the maximum,
 /// exponentiate (in vector instructions, bit for bit `f32::exp`), divide by the sum.
-fn softmax_row(out: &mut [f32], scores: &[f32], mask: &[f32], divisor: f32) {
+fn softmax_row(out: &mut [MaybeUninit<f32>], scores: &[f32], mask: &[f32], divisor: f32) {
+    assert!(
+        out.len() == scores.len() && out.len() == mask.len(),
+        "softmax: a row of {} scores against {} outputs and {} mask values",
+        scores.len(),
+        out.len(),
+        mask.len()
+    );
     let mut max = f32::NEG_INFINITY;
     for ((out, &s), &m) in out.iter_mut().zip(scores).zip(mask) {
-        *out = s / divisor + m;
-        max = max.max(*out);
+        let shifted = out.write(s / divisor + m);
+        max = max.max(*shifted);
     }
+    // SAFETY: the loop wrote every value of the row (the three lengths are equal).
+    let out = unsafe { written(out) };
     out.iter_mut().for_each(|out| *out -= max);
     expf::exp_in_place(out);
     let sum: f32 = out.iter().sum();
@@ -535,11 +568,11 @@ struct Item<'a> {
     v: &'a [f32],
 }
 
-/// One item's gradients, laid out as its [`Item`].
+/// One item's gradients, laid out as its [`Item`], to be written.
 struct ItemGrads<'a> {
-    q: &'a mut [f32],
-    k: &'a mut [f32],
-    v: &'a mut [f32],
+    q: &'a mut [MaybeUninit<f32>],
+    k: &'a mut [MaybeUninit<f32>],
+    v: &'a mut [MaybeUninit<f32>],
 }
 
 impl AttentionShape {
@@ -584,7 +617,7 @@ impl AttentionShape {
     }
 
     /// [`AttentionShape::head`] to write into.
-    fn head_dst<'a>(&self, matrix: &'a mut [f32], head: usize) -> Dst<'a> {
+    fn head_dst<'a>(&self, matrix: &'a mut [MaybeUninit<f32>], head: usize) -> Dst<'a> {
         Dst::rows(&mut matrix[head * self.head_dim..], self.hidden)
     }
 
@@ -605,12 +638,12 @@ fn attend(
     mask: &[f32],
     divisor: f32,
     dropout: Option<Mask>,
-    context: &mut [f32],
-    probs: &mut [f32],
+    context: &mut [MaybeUninit<f32>],
+    probs: &mut [MaybeUninit<f32>],
 ) {
     let (rows, seq) = (shape.rows, shape.seq);
-    let mut scores = vec![0f32; rows * seq];
-    let mut dropped = vec![0f32; rows * seq];
+    let mut scores = slots(rows * seq);
+    let mut dropped = slots(rows * seq);
     for (head, probs) in probs.chunks_exact_mut(rows * seq).enumerate() {
         let (q, k, v) = (
             shape.head(item.q, head),
@@ -624,13 +657,16 @@ fn attend(
             k.transposed(),
             Dst::rows(&mut scores, seq),
         );
+        // SAFETY: the product wrote the whole `rows × seq` of scores.
+        let scores = unsafe { written(&mut scores) };
         for (probs, scores) in probs.chunks_exact_mut(seq).zip(scores.chunks_exact(seq)) {
             softmax_row(probs, scores, mask, divisor);
         }
+        // SAFETY: the softmax wrote every row of the head's probabilities.
+        let probs = unsafe { written(probs) };
         let weights = match dropout {
             Some(mask) => {
-                mask.apply_from(shape.mask_offset(item.index, head), probs, &mut dropped);
-                &dropped[..]
+                &*mask.apply_from(shape.mask_offset(item.index, head), probs, &mut dropped)
             }
             None => &probs[..],
         };
@@ -659,9 +695,9 @@ fn attend_backward(
 ) {
     let (rows, seq, head_dim) = (shape.rows, shape.seq, shape.head_dim);
     // The head's mask values, computed once for both of their uses.
-    let mut kept = vec![0f32; rows * seq];
-    let mut dropped = vec![0f32; rows * seq];
-    let mut grad_scores = vec![0f32; rows * seq];
+    let mut kept = slots(rows * seq);
+    let mut dropped = slots(rows * seq);
+    let mut grad_scores = slots(rows * seq);
     for (head, probs) in probs.chunks_exact(rows * seq).enumerate() {
         let (q, k, v) = (
             shape.head(item.q, head),
@@ -669,13 +705,16 @@ fn attend_backward(
             shape.head(item.v, head),
         );
         let g = shape.head(grad, head);
-        let weights = match dropout {
-            Some(mask) => {
-                mask.fill_from(shape.mask_offset(item.index, head), &mut kept);
-                for ((d, &p), &kept) in dropped.iter_mut().zip(probs).zip(&kept) {
-                    *d = p * kept;
+        let kept =
+            dropout.map(|mask| &*mask.fill_from(shape.mask_offset(item.index, head), &mut kept));
+        let weights = match kept {
+            Some(kept) => {
+                for ((d, &p), &kept) in dropped.iter_mut().zip(probs).zip(kept) {
+                    d.write(p * kept);
                 }
-                &dropped[..]
+                // SAFETY: the loop wrote all `rows × seq` (the probabilities and the mask are
+                // as long).
+                &*unsafe { written(&mut dropped) }
             }
             None => probs,
         };
@@ -694,8 +733,10 @@ fn attend_backward(
             v.transposed(),
             Dst::rows(&mut grad_scores, seq),
         );
-        if dropout.is_some() {
-            for (gs, &kept) in grad_scores.iter_mut().zip(&kept) {
+        // SAFETY: the product wrote the whole `rows × seq` of score gradients.
+        let grad_scores = unsafe { written(&mut grad_scores) };
+        if let Some(kept) = kept {
+            for (gs, &kept) in grad_scores.iter_mut().zip(kept) {
                 *gs *= kept;
             }
         }
@@ -708,7 +749,7 @@ fn attend_backward(
                 *gs = p * (*gs - dot) / divisor;
             }
         }
-        let ds = Operand::row_major(&grad_scores, seq);
+        let ds = Operand::row_major(grad_scores, seq);
         small_product([rows, head_dim], seq, ds, k, shape.head_dst(grads.q, head));
         small_product(
             [seq, head_dim],
@@ -720,20 +761,21 @@ fn attend_backward(
     }
 }
 
-/// A mutable row-major view: element `(i, j)` at `ptr + i·row_stride + j`, inside `len`
-/// elements from `ptr` (checked against the product's extent before each write).
+/// A row-major view to write a product into (gemm writes without reading): element `(i, j)`
+/// at `ptr + i·row_stride + j`, inside `len` elements from `ptr` (checked against the
+/// product's extent before each write).
 struct Dst<'a> {
     ptr: *mut f32,
     row_stride: usize,
     len: usize,
-    _slice: std::marker::PhantomData<&'a mut [f32]>,
+    _slice: std::marker::PhantomData<&'a mut [MaybeUninit<f32>]>,
 }
 
 impl<'a> Dst<'a> {
     /// A whole slice as rows of `width`.
-    fn rows(slice: &'a mut [f32], width: usize) -> Self {
+    fn rows(slice: &'a mut [MaybeUninit<f32>], width: usize) -> Self {
         Dst {
-            ptr: slice.as_mut_ptr(),
+            ptr: slice.as_mut_ptr().cast::<f32>(),
             row_stride: width,
             len: slice.len(),
             _slice: std::marker::PhantomData,
@@ -773,18 +815,29 @@ fn rows_per_task(len: usize, width: usize) -> usize {
 
 /// One row of LayerNorm as burn's decomposition computes it: `normalized = (s − mean) / √(var
 /// + ε)` for `s = x + residual`, with the mean and the (biased) variance over the row. Returns
-/// `√(var + ε)`.
-fn norm_row(x: &[f32], residual: &[f32], epsilon: f32, normalized: &mut [f32]) -> f32 {
+/// the row as written, and `√(var + ε)`.
+fn norm_row<'a>(
+    x: &[f32],
+    residual: &[f32],
+    epsilon: f32,
+    normalized: &'a mut [MaybeUninit<f32>],
+) -> (&'a mut [f32], f32) {
+    assert!(
+        x.len() == residual.len() && x.len() == normalized.len(),
+        "add_norm: rows of unequal widths"
+    );
     let width = x.len() as f32;
     for ((n, &x), &r) in normalized.iter_mut().zip(x).zip(residual) {
-        *n = x + r;
+        n.write(x + r);
     }
+    // SAFETY: the loop wrote every value of the row (the three lengths are equal).
+    let normalized = unsafe { written(normalized) };
     let mean = lane_sum(normalized) / width;
     normalized.iter_mut().for_each(|n| *n -= mean);
     let variance = lane_dot(normalized, normalized) / width;
     let deviation = (variance + epsilon).sqrt();
     normalized.iter_mut().for_each(|n| *n /= deviation);
-    deviation
+    (normalized, deviation)
 }
 
 /// The gradient of one row's LayerNorm input: with `d = grad ⊙ gamma`,
@@ -794,12 +847,18 @@ fn norm_row_backward(
     deviation: f32,
     gamma: &[f32],
     grad: &[f32],
-    grad_input: &mut [f32],
+    grad_input: &mut [MaybeUninit<f32>],
 ) {
+    assert!(
+        [gamma.len(), grad.len(), grad_input.len()] == [normalized.len(); 3],
+        "add_norm backward: rows of unequal widths"
+    );
     let width = normalized.len() as f32;
     for ((d, &g), &gamma) in grad_input.iter_mut().zip(grad).zip(gamma) {
-        *d = g * gamma;
+        d.write(g * gamma);
     }
+    // SAFETY: the loop wrote every value of the row (the lengths are equal).
+    let grad_input = unsafe { written(grad_input) };
     let mean = lane_sum(grad_input) / width;
     let projection = lane_dot(grad_input, normalized) / width;
     for (d, &n) in grad_input.iter_mut().zip(normalized) {
@@ -871,27 +930,6 @@ fn gelu_slope(x: f32, erf: f32, exp: f32) -> f32 {
     let inv_sqrt_2pi = 1.0 / (2.0 * core::f32::consts::PI).sqrt();
     let pdf = inv_sqrt_2pi * exp;
     cdf + x * pdf
-}
-
-/// A tensor of `shape` for a kernel to write every value of (a `Vec<f32>`, aligned already:
-/// burn-flex's `FlexTensor::empty` allocates bytes and copies them into an aligned buffer, two
-/// passes over every new tensor). The values start uninitialised:
-/// zeroing them first (`vec![0.0; n]`) was a pass on one core while the other waited, 3% of a
-/// training run. In the crate's unit tests they start as NaN instead, so that a value a kernel
-/// leaves unwritten fails its comparison with burn.
-///
-/// # Safety
-/// The caller writes every value before anything reads it.
-unsafe fn unwritten(shape: Shape) -> FlexTensor {
-    let len = shape.num_elements();
-    let mut values = Vec::<f32>::with_capacity(len);
-    if cfg!(test) {
-        values.resize(len, f32::NAN);
-    } else {
-        // SAFETY: the caller writes every value before reading it.
-        unsafe { values.set_len(len) };
-    }
-    FlexTensor::from_data(burn::tensor::TensorData::new(values, shape))
 }
 
 fn contiguous(t: FlexTensor) -> FlexTensor {

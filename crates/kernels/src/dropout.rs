@@ -14,6 +14,9 @@ use burn::module::Module;
 use burn::tensor::{Distribution, Int, Tensor};
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
+use crate::slots::written;
 use crate::{LANE, task_len};
 
 /// Zeroes each element with probability `prob` while training (on an autodiff device), and is
@@ -87,30 +90,45 @@ impl Mask {
         }
     }
 
-    /// `out[i] = input[i] · value(i)`, split over the rayon pool.
-    pub fn apply(&self, input: &[f32], out: &mut [f32]) {
+    /// `out[i] = input[i] · value(i)`, split over the rayon pool; returns `out` as written.
+    pub fn apply<'a>(&self, input: &[f32], out: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
+        assert_eq!(input.len(), out.len());
         let task = task_len(input.len(), LANE);
         out.par_chunks_mut(task)
             .zip(input.par_chunks(task))
             .enumerate()
-            .for_each(|(chunk, (out, input))| self.apply_from((chunk * task) as u64, input, out));
+            .for_each(|(chunk, (out, input))| {
+                self.apply_from((chunk * task) as u64, input, out);
+            });
+        // SAFETY: the chunks cover `out` (as long as `input`), and `apply_from` writes each.
+        unsafe { written(out) }
     }
 
     /// [`Mask::apply`] on one run of elements, whose first is element `first`.
-    pub(crate) fn apply_from(&self, first: u64, input: &[f32], out: &mut [f32]) {
+    pub(crate) fn apply_from<'a>(
+        &self,
+        first: u64,
+        input: &[f32],
+        out: &'a mut [MaybeUninit<f32>],
+    ) -> &'a mut [f32] {
         assert_eq!(input.len(), out.len());
         self.run(first, Some(input), out);
+        // SAFETY: `run` writes every value of `out` (as long as `input`).
+        unsafe { written(out) }
     }
 
     /// `out[i] = value(first + i)`: a run of the mask's values alone, for a caller that
     /// multiplies them in more than once (attention's backward).
-    pub fn fill_from(&self, first: u64, out: &mut [f32]) {
+    pub fn fill_from<'a>(&self, first: u64, out: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
         self.run(first, None, out);
+        // SAFETY: without an input, `run` writes every value of `out`.
+        unsafe { written(out) }
     }
 
     /// `out[i] = input[i] · value(first + i)`, or `value(first + i)` without an input, in the
-    /// widest integer lanes this CPU has.
-    fn run(&self, first: u64, input: Option<&[f32]>, out: &mut [f32]) {
+    /// widest integer lanes this CPU has. Writes every value of `out` (with an input, as long
+    /// as `out`).
+    fn run(&self, first: u64, input: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512dq")
@@ -128,27 +146,27 @@ impl Mask {
     // of a dropout pass: AVX2 emulates them in 256-bit lanes, AVX-512DQ has them (`vpmullq`).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512dq")]
-    unsafe fn run_avx512(&self, first: u64, input: Option<&[f32]>, out: &mut [f32]) {
+    unsafe fn run_avx512(&self, first: u64, input: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         self.run_portable(first, input, out);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(&self, first: u64, input: Option<&[f32]>, out: &mut [f32]) {
+    unsafe fn run_avx2(&self, first: u64, input: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         self.run_portable(first, input, out);
     }
 
     #[inline(always)]
-    fn run_portable(&self, first: u64, input: Option<&[f32]>, out: &mut [f32]) {
+    fn run_portable(&self, first: u64, input: Option<&[f32]>, out: &mut [MaybeUninit<f32>]) {
         match input {
             Some(input) => {
                 for (offset, (out, &x)) in out.iter_mut().zip(input).enumerate() {
-                    *out = x * self.value(first + offset as u64);
+                    out.write(x * self.value(first + offset as u64));
                 }
             }
             None => {
                 for (offset, out) in out.iter_mut().enumerate() {
-                    *out = self.value(first + offset as u64);
+                    out.write(self.value(first + offset as u64));
                 }
             }
         }
@@ -170,9 +188,18 @@ mod tests {
     use burn::tensor::Device;
 
     fn mask(seed: u64, len: usize, keep: f64) -> Vec<f32> {
-        let mut values = vec![0f32; len];
-        Mask::new(seed, keep).apply(&vec![1f32; len], &mut values);
-        values
+        let mut values = vec![MaybeUninit::uninit(); len];
+        Mask::new(seed, keep)
+            .apply(&vec![1f32; len], &mut values)
+            .to_vec()
+    }
+
+    /// What `run` writes into `len` slots that start as NaN.
+    fn written_by(len: usize, run: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+        let mut out = vec![MaybeUninit::new(f32::NAN); len];
+        run(&mut out);
+        // SAFETY: every slot started initialised (NaN), and `run` writes only values.
+        unsafe { written(&mut out) }.to_vec()
     }
 
     #[test]
@@ -200,24 +227,28 @@ mod tests {
         let input: Vec<f32> = (0..len).map(|i| 0.25 + i as f32).collect();
         let times_input: Vec<f32> = input.iter().zip(&expected).map(|(x, m)| x * m).collect();
 
-        let (mut filled, mut applied) = (vec![f32::NAN; len], vec![f32::NAN; len]);
-        mask.fill_from(first, &mut filled);
-        mask.apply_from(first, &input, &mut applied);
+        let filled = written_by(len, |out| {
+            mask.fill_from(first, out);
+        });
+        let applied = written_by(len, |out| {
+            mask.apply_from(first, &input, out);
+        });
         assert_eq!(filled, expected);
         assert_eq!(applied, times_input);
 
-        mask.run_portable(first, None, &mut filled);
-        mask.run_portable(first, Some(&input), &mut applied);
+        let filled = written_by(len, |out| mask.run_portable(first, None, out));
+        let applied = written_by(len, |out| mask.run_portable(first, Some(&input), out));
         assert_eq!(filled, expected);
         assert_eq!(applied, times_input);
 
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: AVX2 is present (checked above).
-            unsafe {
-                mask.run_avx2(first, None, &mut filled);
-                mask.run_avx2(first, Some(&input), &mut applied);
-            }
+            let filled = written_by(len, |out| unsafe { mask.run_avx2(first, None, out) });
+            // SAFETY: as above.
+            let applied = written_by(len, |out| unsafe {
+                mask.run_avx2(first, Some(&input), out)
+            });
             assert_eq!(filled, expected);
             assert_eq!(applied, times_input);
         }

@@ -16,27 +16,35 @@
 // The constants are written as libm (FreeBSD) writes them; each rounds to the same f32.
 #![allow(clippy::excessive_precision)]
 
-/// `out[i] = erf(input[i] / √2)`.
-pub fn erf_scaled(input: &[f32], out: &mut [f32]) {
+use std::mem::MaybeUninit;
+
+use crate::slots::written;
+
+/// `out[i] = erf(input[i] / √2)`; returns `out` as written.
+pub fn erf_scaled<'a>(input: &[f32], out: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
     assert_eq!(input.len(), out.len());
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F is present (checked above).
         unsafe { erf_scaled_avx512(input, out) };
-        return;
     } else if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present (checked above).
         unsafe { erf_scaled_avx2(input, out) };
-        return;
+    } else {
+        erf_scaled_portable(input, out);
     }
+    #[cfg(not(target_arch = "x86_64"))]
     erf_scaled_portable(input, out);
+    // SAFETY: each path writes every value of `out` (as long as `input`): every block of it
+    // starts with `Block::without_tails`, which writes the whole block.
+    unsafe { written(out) }
 }
 
 // AVX-512 gathers each block's tails a vector at a time (compress) and puts their results
 // back the same way (expand), where the portable loop goes element by element.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn erf_scaled_avx512(input: &[f32], out: &mut [f32]) {
+unsafe fn erf_scaled_avx512(input: &[f32], out: &mut [MaybeUninit<f32>]) {
     use std::arch::x86_64::*;
     let mut block = Block::new();
     let mut masks = [0u16; BLOCK / LANES];
@@ -46,7 +54,7 @@ unsafe fn erf_scaled_avx512(input: &[f32], out: &mut [f32]) {
     );
     let magnitude = _mm512_set1_epi32(0x7fff_ffff);
     for (input, out) in input.chunks(BLOCK).zip(out.chunks_mut(BLOCK)) {
-        block.without_tails(input, out);
+        let out = block.without_tails(input, out);
         let whole = input.len() / LANES * LANES;
         for (mask, at) in masks.iter_mut().zip((0..whole).step_by(LANES)) {
             // SAFETY: `at + LANES <= whole <= BLOCK`, inside `scaled`; `values` has LANES
@@ -84,7 +92,7 @@ unsafe fn erf_scaled_avx512(input: &[f32], out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn erf_scaled_avx2(input: &[f32], out: &mut [f32]) {
+unsafe fn erf_scaled_avx2(input: &[f32], out: &mut [MaybeUninit<f32>]) {
     erf_scaled_portable(input, out);
 }
 
@@ -95,10 +103,10 @@ const BLOCK: usize = 512;
 const LANES: usize = 16;
 
 #[inline(always)]
-fn erf_scaled_portable(input: &[f32], out: &mut [f32]) {
+fn erf_scaled_portable(input: &[f32], out: &mut [MaybeUninit<f32>]) {
     let mut block = Block::new();
     for (input, out) in input.chunks(BLOCK).zip(out.chunks_mut(BLOCK)) {
-        block.without_tails(input, out);
+        let out = block.without_tails(input, out);
         block.gather_from(0, input.len());
         block.tails();
         block.scatter_from(0, out);
@@ -126,18 +134,25 @@ impl Block {
         }
     }
 
-    /// Starts a block: `scaled = input / √2`, `out` from the pieces without tails, and no
-    /// tails gathered yet.
+    /// Starts a block: `scaled = input / √2`, `out` (as long as `input`) from the pieces
+    /// without tails, and no tails gathered yet. Returns `out` as written.
     #[inline(always)]
-    fn without_tails(&mut self, input: &[f32], out: &mut [f32]) {
+    fn without_tails<'a>(
+        &mut self,
+        input: &[f32],
+        out: &'a mut [MaybeUninit<f32>],
+    ) -> &'a mut [f32] {
+        assert_eq!(input.len(), out.len());
         self.count = 0;
         let scaled = &mut self.scaled[..input.len()];
         for (y, &x) in scaled.iter_mut().zip(input) {
             *y = x / core::f32::consts::SQRT_2;
         }
         for (out, &y) in out.iter_mut().zip(scaled.iter()) {
-            *out = erff_without_tails(y);
+            out.write(erff_without_tails(y));
         }
+        // SAFETY: the loop wrote every value of `out` (as long as `input`, asserted above).
+        unsafe { written(out) }
     }
 
     /// Appends the tails among `scaled[from..to]` to `values`, without a branch per element.
@@ -465,14 +480,18 @@ mod tests {
             .iter()
             .map(|&x| libm::erff(x / core::f32::consts::SQRT_2).to_bits())
             .collect();
-        let check = |path: &str, run: &dyn Fn(&mut [f32])| {
-            let mut out = vec![f32::NAN; input.len()];
+        let check = |path: &str, run: &dyn Fn(&mut [MaybeUninit<f32>])| {
+            let mut out = vec![MaybeUninit::new(f32::NAN); input.len()];
             run(&mut out);
-            for ((&x, &y), &expected) in input.iter().zip(&out).zip(&expected) {
+            // SAFETY: every slot started initialised (NaN), and `run` writes only values.
+            let out = unsafe { written(&mut out) };
+            for ((&x, &y), &expected) in input.iter().zip(&*out).zip(&expected) {
                 assert_eq!(y.to_bits(), expected, "{path}: erf({x} / √2)");
             }
         };
-        check("dispatched", &|out| erf_scaled(&input, out));
+        check("dispatched", &|out| {
+            erf_scaled(&input, out);
+        });
         check("portable", &|out| erf_scaled_portable(&input, out));
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
@@ -495,9 +514,9 @@ mod tests {
             .map(f32::from_bits)
             .chain([1.25, -1.25, 6.0, -6.0, f32::INFINITY, f32::NEG_INFINITY])
             .collect();
-        let mut out = vec![0.0; input.len()];
-        erf_scaled(&input, &mut out);
-        for (&x, &y) in input.iter().zip(&out) {
+        let mut out = vec![MaybeUninit::uninit(); input.len()];
+        let out = erf_scaled(&input, &mut out);
+        for (&x, &y) in input.iter().zip(&*out) {
             let expected = libm::erff(x / core::f32::consts::SQRT_2);
             assert!(
                 y.to_bits() == expected.to_bits() || (y.is_nan() && expected.is_nan()),

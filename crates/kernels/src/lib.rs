@@ -41,6 +41,7 @@ mod erf;
 mod expf;
 mod pool;
 mod rows;
+mod slots;
 mod tasks;
 
 pub use cpu::Kernels;
