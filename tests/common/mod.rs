@@ -14,18 +14,10 @@ pub fn repo() -> PathBuf {
 }
 
 /// The real all-MiniLM-L6-v2, found the way a user's pipeline finds it: `FINETUNE_MODEL_DIR`,
-/// else `models/all-MiniLM-L6-v2` in the repository (what scripts/fetch-model.sh fills). A test
-/// that needs it fails loudly without it; CI provides it (.ci/run).
+/// else `models/all-MiniLM-L6-v2` in the repository, fetched there by scripts/fetch-model.sh
+/// when absent ([`finetune_fixtures::minilm`]).
 pub fn model_dir() -> PathBuf {
-    let dir = std::env::var_os("FINETUNE_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
-    assert!(
-        dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file(),
-        "the real model is needed at {}: run scripts/fetch-model.sh or set FINETUNE_MODEL_DIR",
-        dir.display()
-    );
-    std::path::absolute(dir).unwrap()
+    finetune_fixtures::minilm()
 }
 
 /// A temporary workspace holding copies of the repo's pipelines and shipped data.
@@ -131,9 +123,7 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// The model directory for child processes; a path that does not exist when there is no model,
 /// so that pipelines needing it fail with their own clear error.
 fn model_dir_if_present() -> PathBuf {
-    std::env::var_os("FINETUNE_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"))
+    finetune_fixtures::model_location()
 }
 
 pub fn stderr(out: &Output) -> String {

@@ -997,6 +997,7 @@ struct Operand {
 // SAFETY: a read-only view of values that outlive the product reading them (its callers
 // build it from a slice they hold for the call), so other threads may read through it.
 unsafe impl Send for Operand {}
+// SAFETY: as for `Send`: shared, it is only read through.
 unsafe impl Sync for Operand {}
 
 impl Operand {
@@ -1132,6 +1133,7 @@ struct SendPtr(*mut f32);
 
 // SAFETY: the bands write disjoint elements through it (see `matmul`).
 unsafe impl Send for SendPtr {}
+// SAFETY: as for `Send`: each band writes its own elements, and none reads another's.
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {

@@ -89,6 +89,7 @@ pub trait FusedOps: Backend {
 }
 
 /// `x · weight + bias`, `x: [rows, in]`, `weight: [in, out]`.
+#[inline]
 pub fn dense(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dense(
         x.into_dispatch(),
@@ -98,11 +99,13 @@ pub fn dense(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
 }
 
 /// GELU with erf, elementwise.
+#[inline]
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_gelu(x.into_dispatch()))
 }
 
 /// `x ⊙ mask`: dropout with the mask's seed; the gradient is masked the same way.
+#[inline]
 pub fn dropout<const D: usize>(x: Tensor<D>, mask: Mask) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dropout(
         x.into_dispatch(),
@@ -111,6 +114,7 @@ pub fn dropout<const D: usize>(x: Tensor<D>, mask: Mask) -> Tensor<D> {
 }
 
 /// The rows of `table` at `ids`.
+#[inline]
 pub fn embedding(table: Tensor<2>, ids: Tensor<2, Int>) -> Tensor<3> {
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_embedding(
         table.into_dispatch(),
@@ -123,6 +127,7 @@ pub fn embedding(table: Tensor<2>, ids: Tensor<2, Int>) -> Tensor<3> {
 /// them): per head, `softmax(q·kᵀ / divisor + mask)` with dropout, times `v`, the heads again
 /// side by side in the result `[batch, rows, hidden]`. `mask` is the additive bias per key
 /// (`batch × seq` values) and gets no gradient.
+#[inline]
 pub fn attention(
     q: Tensor<3>,
     k: Tensor<3>,
@@ -145,6 +150,7 @@ pub fn attention(
 
 /// `LayerNorm(x + residual)` over the last dimension: the residual connection and the norm
 /// after it in one operation.
+#[inline]
 pub fn add_norm<const D: usize>(
     x: Tensor<D>,
     residual: Tensor<D>,

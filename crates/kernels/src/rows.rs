@@ -65,6 +65,7 @@ impl RowGradient {
     }
 
     /// Row `id`, if the lookup used it.
+    #[inline]
     pub fn row(&self, id: usize) -> Option<&[f32]> {
         match self.slots.get(id).copied() {
             None | Some(ABSENT) => None,
@@ -76,6 +77,7 @@ impl RowGradient {
     }
 
     /// The rows held, as `(id, row)`, in the order they were first used.
+    #[inline]
     pub fn rows(&self) -> impl Iterator<Item = (usize, &[f32])> {
         self.ids
             .iter()
@@ -84,16 +86,19 @@ impl RowGradient {
     }
 
     /// The rows of the whole table, held or not.
+    #[inline]
     pub fn table_rows(&self) -> usize {
         self.slots.len()
     }
 
     /// The width of a row.
+    #[inline]
     pub fn dim(&self) -> usize {
         self.dim
     }
 
     /// Every value held (the rows not held are zero).
+    #[inline]
     pub fn values(&self) -> &[f32] {
         &self.values
     }

@@ -19,6 +19,7 @@ pub const LANE: usize = 16;
 /// The length of each task when a pass over `len` values splits into tasks: a multiple of
 /// `unit` (a row's width, or a vector's), about [`PARALLEL_CHUNK`] values, and all of `len` (one
 /// task) up to one [`PARALLEL_CHUNK`]. Never zero, as `par_chunks` requires.
+#[inline]
 pub fn task_len(len: usize, unit: usize) -> usize {
     let unit = unit.max(1);
     let tasks = match len.div_ceil(PARALLEL_CHUNK) {

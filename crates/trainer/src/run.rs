@@ -280,11 +280,11 @@ impl Trainer<'_> {
         let args = self.args;
         let step = run.state.global_step;
         let control = &mut run.control;
-        control.should_log |= step % args.logging_steps == 0 || step == run.total_updates;
+        control.should_log |= step.is_multiple_of(args.logging_steps) || step == run.total_updates;
         control.should_evaluate |=
-            args.eval_strategy == Strategy::Steps && args.eval_steps.is_some_and(|n| step % n == 0);
+            args.eval_strategy == Strategy::Steps && args.eval_steps.is_some_and(|n| step.is_multiple_of(n));
         control.should_save |=
-            args.save_strategy == Strategy::Steps && args.save_steps.is_some_and(|n| step % n == 0);
+            args.save_strategy == Strategy::Steps && args.save_steps.is_some_and(|n| step.is_multiple_of(n));
     }
 
     /// The gradients of one update over `chunk` of `train`. An out-of-memory failure halves

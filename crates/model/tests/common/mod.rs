@@ -1,29 +1,7 @@
 //! Where the transformer tests find the repository, its fixtures and data, and the real model.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The reference values shipped in the repository (tests/fixtures, provenance in its README).
-pub fn fixtures() -> PathBuf {
-    repo().join("tests/fixtures")
-}
-
-/// The real model, found as a user finds it: FINETUNE_MODEL_DIR, else models/ in the repo.
-pub fn minilm() -> PathBuf {
-    let dir = std::env::var_os("FINETUNE_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("models/all-MiniLM-L6-v2"));
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "the real model is needed at {}: run scripts/fetch-model.sh or set FINETUNE_MODEL_DIR",
-        dir.display()
-    );
-    dir
-}
+pub use finetune_fixtures::{fixtures, minilm, repo};
 
 /// The first `n` Amazon review sentences shipped in data/raw, tokenized with the real model's
 /// tokenizer (at most 32 tokens): real data for training tests.
