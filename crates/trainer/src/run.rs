@@ -281,10 +281,10 @@ impl Trainer<'_> {
         let step = run.state.global_step;
         let control = &mut run.control;
         control.should_log |= step.is_multiple_of(args.logging_steps) || step == run.total_updates;
-        control.should_evaluate |=
-            args.eval_strategy == Strategy::Steps && args.eval_steps.is_some_and(|n| step.is_multiple_of(n));
-        control.should_save |=
-            args.save_strategy == Strategy::Steps && args.save_steps.is_some_and(|n| step.is_multiple_of(n));
+        control.should_evaluate |= args.eval_strategy == Strategy::Steps
+            && args.eval_steps.is_some_and(|n| step.is_multiple_of(n));
+        control.should_save |= args.save_strategy == Strategy::Steps
+            && args.save_steps.is_some_and(|n| step.is_multiple_of(n));
     }
 
     /// The gradients of one update over `chunk` of `train`. An out-of-memory failure halves

@@ -1,6 +1,7 @@
 //! Where the transformer tests find the repository, its fixtures and data, and the real model.
 #![allow(dead_code)]
 
+#[allow(unused_imports)] // each test binary uses its own share of them
 pub use finetune_fixtures::{fixtures, minilm, repo};
 
 /// The first `n` Amazon review sentences shipped in data/raw, tokenized with the real model's
