@@ -91,6 +91,16 @@ impl Run {
     }
 }
 
+/// One optimizer update's samples: `chunk` of `train`, padded to `length`, at `lr`.
+#[derive(Clone, Copy)]
+struct Update<'a> {
+    train: &'a [Example],
+    chunk: &'a [usize],
+    epoch: usize,
+    lr: f64,
+    length: usize,
+}
+
 /// How an epoch ended.
 enum EpochEnd {
     /// Its last update, `max_steps`, or a callback's `should_training_stop`.
@@ -230,7 +240,14 @@ impl Trainer<'_> {
                 .pad_to
                 .unwrap_or_else(|| chunk.iter().map(|&j| train[j].ids.len()).max().unwrap_or(1));
             self.fit_budget(&model, run, length)?;
-            let (grads, stats) = self.gradients(&model, run, train, chunk, epoch, lr, length)?;
+            let update = Update {
+                train,
+                chunk,
+                epoch,
+                lr,
+                length,
+            };
+            let (grads, stats) = self.gradients(&model, run, &update)?;
             model = run.optimizer.step(lr, model, grads);
             anyhow::ensure!(
                 stats.loss.is_finite(),
@@ -257,22 +274,36 @@ impl Trainer<'_> {
                 break;
             }
         }
+        self.end_epoch(&model, run, epoch, epoch_started, &epoch_tally)?;
+        Ok((model, EpochEnd::Done))
+    }
+
+    /// The epoch's summary, the epoch-end events, and the log, evaluation and checkpoint the
+    /// epoch strategies ask for.
+    fn end_epoch(
+        &mut self,
+        model: &Classifier,
+        run: &mut Run,
+        epoch: usize,
+        started: Instant,
+        tally: &Tally,
+    ) -> Result<()> {
         // An epoch's throughput counts its whole time, evaluations and saves included.
-        let seconds = epoch_started.elapsed().as_secs_f64();
+        let seconds = started.elapsed().as_secs_f64();
         run.state.epochs.push(EpochSummary {
             epoch: epoch + 1,
             step: run.state.global_step,
-            train_loss: epoch_tally.mean_loss(),
+            train_loss: tally.mean_loss(),
             seconds,
-            samples_per_second: epoch_tally.samples as f64 / seconds.max(1e-9),
+            samples_per_second: tally.samples as f64 / seconds.max(1e-9),
         });
         self.each(&run.state, &mut run.control, |c, s, k| c.on_epoch_end(s, k))?;
+        let args = self.args;
         run.control.should_log |= run.pending.tally.updates > 0;
         run.control.should_evaluate |= args.eval_strategy == Strategy::Epoch;
         run.control.should_save |= args.save_strategy == Strategy::Epoch;
         run.count_train_seconds();
-        self.log_evaluate_save(&model, run)?;
-        Ok((model, EpochEnd::Done))
+        self.log_evaluate_save(model, run)
     }
 
     /// The flags the step-based strategies raise after an update.
@@ -287,21 +318,23 @@ impl Trainer<'_> {
             && args.save_steps.is_some_and(|n| step.is_multiple_of(n));
     }
 
-    /// The gradients of one update over `chunk` of `train`. An out-of-memory failure halves
-    /// the micro-batch and tries again with the same dropout masks.
-    #[allow(clippy::too_many_arguments)]
+    /// The gradients of one update. An out-of-memory failure halves the micro-batch and
+    /// tries again with the same dropout masks.
     fn gradients(
         &mut self,
         model: &Classifier,
         run: &mut Run,
-        train: &[Example],
-        chunk: &[usize],
-        epoch: usize,
-        lr: f64,
-        length: usize,
+        update: &Update,
     ) -> Result<(Gradients, UpdateStats)> {
         let args = self.args;
         let awp = self.awp;
+        let Update {
+            train,
+            chunk,
+            epoch,
+            lr,
+            length,
+        } = *update;
         loop {
             let micro: Vec<MicroBatch> = chunk
                 .chunks(run.state.micro_batch_size)
