@@ -546,6 +546,41 @@ fn bad_training_params_are_refused_before_anything_runs() {
     }
 }
 
+/// Counts far beyond any run are config errors that name the key: a batch of 2^62 × 4
+/// samples wrapped to 0 and divided by it (the run then hung), and 8·10^17 epochs wrapped to six
+/// updates and "succeeded".
+#[test]
+fn absurd_training_counts_are_refused_with_their_key() {
+    let ws = Ws::new();
+    let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
+    for (from, to, message) in [
+        (
+            "batch_size: 16",
+            "batch_size: 4611686018427387904\n        grad_accum: 4",
+            "key `with.training.batch_size`: 4611686018427387904 is above the largest this trainer takes, 1048576",
+        ),
+        (
+            "epochs: 8",
+            "epochs: 838488366986797801",
+            "key `with.training.epochs`: 838488366986797801 is above the largest this trainer takes, 1000000",
+        ),
+        (
+            "batch_size: 16",
+            "batch_size: 1024\n        grad_accum: 2048",
+            "key `with.training.grad_accum`: batch_size × grad_accum is 2097152 samples per update",
+        ),
+    ] {
+        ws.write("pipelines/reviews.yaml", yaml.replace(from, to));
+        let out = ws.run(&["run"]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(message),
+            "expected {message:?} in {}",
+            stderr(&out)
+        );
+    }
+}
+
 /// The reference protocol of ../shared/bench/hf_trainer, on the very rows Python uses (its
 /// Trainer reaches 0.915 there).
 #[test]

@@ -31,14 +31,16 @@ pub fn on_own_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
 /// between two kernels is often longer), and waking it (a futex wake, and on a virtual machine
 /// the hypervisor's interrupt to a halted core) delayed its half of hundreds of splits a step.
 /// The polling thread runs each split it finds, as a sleeping one would once woken.
+///
+/// A panic in `work` ends the poll too (the flag is raised on unwinding), so that `join`
+/// returns and passes the panic on: without that the poll spun forever and the run hung.
 fn with_partner_awake<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     let owner = rayon::current_thread_index();
     let done = AtomicBool::new(false);
     let (result, ()) = rayon::join(
         || {
-            let result = work();
-            done.store(true, Ordering::Release);
-            result
+            let _raised_when_done = RaiseOnDrop(&done);
+            work()
         },
         || {
             // Taken back by `work`'s own thread (while it waited on a split, or after), the
@@ -54,6 +56,15 @@ fn with_partner_awake<R: Send>(work: impl FnOnce() -> R + Send) -> R {
         },
     );
     result
+}
+
+/// Raises its flag when dropped: at the end of the work, returned or unwinding.
+struct RaiseOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for RaiseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// Holds the process's one training slot. burn's CPU backend keeps one RNG for the process, so
@@ -87,8 +98,28 @@ pub fn keep_freed_tensor_buffers() {
 
 #[cfg(test)]
 mod tests {
-    use super::with_partner_awake;
+    use super::{on_own_pool, with_partner_awake};
     use rayon::prelude::*;
+
+    #[test]
+    fn a_panic_in_the_work_reaches_the_caller_instead_of_hanging_the_pool() {
+        // On its own thread, so that a regression (the poll spinning forever) fails the test
+        // by the timeout instead of hanging the suite.
+        let (sent, received) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outcome = std::panic::catch_unwind(|| {
+                on_own_pool(|| -> u64 {
+                    let sum: u64 = (0..10_000u64).into_par_iter().sum();
+                    panic!("the work failed after {sum}");
+                })
+            });
+            let _ = sent.send(outcome.is_err());
+        });
+        let panicked = received
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("on_own_pool returned within a minute of the work's panic");
+        assert!(panicked, "the panic reached on_own_pool's caller");
+    }
 
     #[test]
     fn work_with_a_partner_awake_returns_its_result_on_any_pool() {

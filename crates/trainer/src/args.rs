@@ -148,6 +148,14 @@ pub const METRICS: &[&str] = &[
     "f1_weighted",
 ];
 
+/// The largest `epochs`: with at most [`LARGEST_STEPS`] updates an epoch, their product still
+/// fits in 64 bits.
+const LARGEST_EPOCHS: usize = 1_000_000;
+/// The largest samples per micro-batch, per update and per evaluation batch.
+const LARGEST_BATCH: usize = 1 << 20;
+/// The largest step counts (`max_steps`, the strategies' intervals, warmup).
+const LARGEST_STEPS: usize = 1_000_000_000;
+
 /// A `max_memory` that is not a budget.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MemoryBudgetError {
@@ -224,6 +232,36 @@ impl TrainingArgs {
             if value == Some(0) {
                 return at(key, "must be at least 1".into());
             }
+        }
+        // Counts far beyond any run are refused here, where the key can be named: multiplied
+        // later (samples per update, updates in all) they overflowed: a batch of 2^62 × 4
+        // wrapped to 0 and divided by it, an epoch count of 8·10^17 wrapped to 6 updates.
+        for (key, value, largest) in [
+            ("epochs", Some(self.epochs), LARGEST_EPOCHS),
+            ("batch_size", Some(self.batch_size), LARGEST_BATCH),
+            ("grad_accum", Some(self.grad_accum), LARGEST_BATCH),
+            ("eval_batch_size", Some(self.eval_batch_size), LARGEST_BATCH),
+            ("max_steps", self.max_steps, LARGEST_STEPS),
+            ("eval_steps", self.eval_steps, LARGEST_STEPS),
+            ("save_steps", self.save_steps, LARGEST_STEPS),
+            ("logging_steps", Some(self.logging_steps), LARGEST_STEPS),
+            ("warmup_steps", self.warmup_steps, LARGEST_STEPS),
+        ] {
+            if let Some(value) = value.filter(|&v| v > largest) {
+                return at(
+                    key,
+                    format!("{value} is above the largest this trainer takes, {largest}"),
+                );
+            }
+        }
+        let per_update = self.batch_size.saturating_mul(self.grad_accum);
+        if per_update > LARGEST_BATCH {
+            return at(
+                "grad_accum",
+                format!(
+                    "batch_size × grad_accum is {per_update} samples per update, above the largest this trainer takes, {LARGEST_BATCH}"
+                ),
+            );
         }
         if let Err(message) = self.max_memory_bytes() {
             return at("max_memory", message.to_string());

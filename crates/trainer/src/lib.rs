@@ -98,7 +98,7 @@ impl Trainer<'_> {
     pub fn plan(&self, n_train: usize) -> (usize, usize) {
         let per_update = self.args.batch_size * self.args.grad_accum;
         let per_epoch = n_train.div_ceil(per_update);
-        let total = self.args.max_steps.unwrap_or(per_epoch * self.args.epochs);
+        let total = (self.args.max_steps).unwrap_or(per_epoch.saturating_mul(self.args.epochs));
         (per_epoch, total)
     }
 
