@@ -581,6 +581,60 @@ fn absurd_training_counts_are_refused_with_their_key() {
     }
 }
 
+/// A scratch model too large for the machine fails its stage with the figure instead of
+/// aborting the process on the allocation (`hidden: 65536` did, rc 134, no event); sizes past
+/// any model are config errors before anything runs.
+#[test]
+fn a_scratch_model_larger_than_the_machine_is_refused_with_its_size() {
+    let ws = Ws::new();
+    let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
+    ws.write(
+        "pipelines/reviews.yaml",
+        yaml.replace("hidden: 128, heads: 4", "hidden: 65536, heads: 4"),
+    );
+    let out = ws.run(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    for part in [
+        "model.scratch: ",
+        "parameters need at least",
+        "more than this machine's",
+    ] {
+        assert!(
+            stderr(&out).contains(part),
+            "expected {part:?} in {}",
+            stderr(&out)
+        );
+    }
+    assert!(
+        !ws.dir
+            .path()
+            .join("artifacts/cache")
+            .read_dir()
+            .unwrap()
+            .any(|entry| {
+                entry
+                    .unwrap()
+                    .path()
+                    .join("model/model.safetensors")
+                    .exists()
+            }),
+        "no trained model was published"
+    );
+
+    ws.write(
+        "pipelines/reviews.yaml",
+        yaml.replace("hidden: 128, heads: 4", "hidden: 2000000, heads: 4"),
+    );
+    let out = ws.run(&["run"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let message = "key `with.model.scratch`: hidden 2000000 is above the largest a scratch model takes, 1048576";
+    assert!(
+        stderr(&out).contains(message),
+        "expected {message:?} in {}",
+        stderr(&out)
+    );
+}
+
 /// The reference protocol of ../shared/bench/hf_trainer, on the very rows Python uses (its
 /// Trainer reaches 0.915 there).
 #[test]

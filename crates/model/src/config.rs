@@ -391,7 +391,18 @@ pub enum ScratchError {
     HeadsDoNotDivideHidden { hidden: usize, heads: usize },
     #[error("dropout {0} is not in [0, 1)")]
     Dropout(f64),
+    #[error("{key} {value} is above the largest a scratch model takes, {largest}")]
+    TooLarge {
+        key: &'static str,
+        value: usize,
+        largest: usize,
+    },
 }
+
+/// The most encoder layers a scratch model takes.
+const LARGEST_LAYERS: usize = 1 << 10;
+/// The widest hidden, intermediate or position size a scratch model takes.
+const LARGEST_WIDTH: usize = 1 << 20;
 
 impl ScratchSpec {
     /// A BERT-layout config for a vocabulary (from the tokenizer) and a label set (from ingest).
@@ -412,6 +423,26 @@ impl ScratchSpec {
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(ScratchError::Dropout(self.dropout));
+        }
+        // Sizes past these are no model anyone trains here, and their parameter counts would
+        // overflow the memory estimate that guards the allocation.
+        for (key, value, largest) in [
+            ("layers", self.layers, LARGEST_LAYERS),
+            ("hidden", self.hidden, LARGEST_WIDTH),
+            (
+                "intermediate",
+                self.intermediate.unwrap_or(0),
+                LARGEST_WIDTH,
+            ),
+            ("max_positions", self.max_positions, LARGEST_WIDTH),
+        ] {
+            if value > largest {
+                return Err(ScratchError::TooLarge {
+                    key,
+                    value,
+                    largest,
+                });
+            }
         }
         Ok(ModelConfig {
             family: Family::Bert,

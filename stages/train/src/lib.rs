@@ -312,6 +312,7 @@ impl TrainJob {
             ModelSource::Scratch { scratch } => {
                 let (vocab, pad) = tokenizer_facts(tokenizer_json)?;
                 let config = scratch.to_config(vocab, pad, labels.to_vec())?;
+                fits_in_memory(&config)?;
                 finetune_model::scratch(&config, seed, &train_device)
             }
         })
@@ -407,4 +408,37 @@ fn link_tree(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Refuses a model whose weights, gradients and AdamW moments alone (16 bytes a parameter)
+/// exceed this machine's memory: allocating it would abort the process instead of failing the
+/// stage (`hidden: 65536` did).
+fn fits_in_memory(config: &finetune_model::ModelConfig) -> Result<()> {
+    let Some(total) = machine_memory_bytes() else {
+        return Ok(());
+    };
+    let parameters = config.parameter_count();
+    let need = parameters.saturating_mul(16);
+    if need > total {
+        return Err(anyhow!(
+            "model.scratch: {parameters} parameters need at least {} MiB to train (weights, gradients and AdamW's two moments), more than this machine's {} MiB",
+            need >> 20,
+            total >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// The machine's memory (`MemTotal` of /proc/meminfo), where the OS tells it.
+fn machine_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
 }
