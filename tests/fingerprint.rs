@@ -456,3 +456,57 @@ fn a_resume_refuses_a_signed_checkpoint_that_was_changed() {
         "{err}"
     );
 }
+
+/// The forgery of issue 24: metrics.json changed, a key file of the forger's own (0600, outside
+/// the workspace), `key_source` pointed at it and the key id, manifest and MAC recomputed with
+/// it. `verify` refuses a key the fingerprint names for itself, with or without the team key in
+/// the environment, and with the team key given it reports the wrong key.
+#[test]
+fn a_fingerprint_that_names_its_own_key_file_does_not_verify() {
+    use finetune_core::integrity::{self, Fingerprint, KeySource};
+
+    let ws = Ws::new();
+    let out = with_key(&ws, Some(KEY), &["run"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let signed = output_dir(&ws, "reviews", "fingerprint");
+    let metrics = output_dir(&ws, "reviews", "evaluate").join("metrics.json");
+    let mut forged_metrics = read_json(&metrics);
+    forged_metrics["accuracy"] = serde_json::json!(0.99);
+    std::fs::write(&metrics, forged_metrics.to_string()).unwrap();
+
+    let forger = tempfile::tempdir().unwrap();
+    let key_path = forger.path().join("forged.key");
+    std::fs::write(&key_path, "a-key-of-the-forgers-own-0123456789").unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let forged_key = integrity::load(
+        &KeySource::File {
+            path: key_path.clone(),
+        },
+        ws.dir.path(),
+    )
+    .unwrap();
+    let fingerprint_file = signed.join("fingerprint.json");
+    let genuine: Fingerprint =
+        serde_json::from_slice(&std::fs::read(&fingerprint_file).unwrap()).unwrap();
+    let covers = genuine
+        .manifest
+        .covers
+        .iter()
+        .map(|covered| (covered.clone(), signed.join(&covered.dir)))
+        .collect();
+    let forged = integrity::sign(covers, genuine.manifest.context.clone(), &forged_key).unwrap();
+    assert_ne!(forged.manifest.key_id, genuine.manifest.key_id);
+    std::fs::write(&fingerprint_file, serde_json::to_vec(&forged).unwrap()).unwrap();
+
+    for key in [None, Some(KEY)] {
+        let (passed, report) = verify(&ws, key, &[]);
+        assert!(!passed, "the forgery verified: {report}");
+        assert!(
+            report.contains("names its own key (key file") && report.contains("--key-file"),
+            "{report}"
+        );
+    }
+    let (passed, report) = verify(&ws, Some(KEY), &["--key-env", "FINETUNE_HMAC_KEY"]);
+    assert!(!passed, "the forgery verified: {report}");
+    assert!(report.contains("wrong key"), "{report}");
+}

@@ -165,6 +165,15 @@ pub enum VerifyError {
         actual: String,
         origin: KeySource,
     },
+    #[error(
+        "{} names its own key ({origin}): a fingerprint cannot choose the key that vouches for \
+         it; verify with --key-file or --key-env naming the key you trust",
+        fingerprint.display()
+    )]
+    UntrustedKey {
+        fingerprint: PathBuf,
+        origin: KeySource,
+    },
     #[error(transparent)]
     Unreadable(#[from] anyhow::Error),
 }
@@ -214,8 +223,11 @@ impl Verification {
     }
 }
 
-/// Checks `dir/fingerprint.json` with the key its `key_source` names, or with `key` when
-/// given (`--key-env`, `--key-file`).
+/// Checks `dir/fingerprint.json` with `key` when given (`--key-env`, `--key-file`), else with
+/// the key its `key_source` names, as a hint that only the verifier's own sources satisfy: an
+/// environment variable (the verifier's environment, which the files under test cannot set)
+/// or the workspace key. A key file it names is refused: whoever can rewrite the fingerprint
+/// can write a key file beside it.
 pub fn verify(
     dir: &Path,
     workspace: &Path,
@@ -226,6 +238,12 @@ pub fn verify(
     let key = match key {
         Some(key) => key,
         None => {
+            if !is_verifiers_own(&fingerprint.key_source) {
+                return Err(VerifyError::UntrustedKey {
+                    fingerprint: dir.join(FINGERPRINT_FILE),
+                    origin: fingerprint.key_source.clone(),
+                });
+            }
             loaded = load(&fingerprint.key_source, workspace)?;
             &loaded
         }
@@ -253,6 +271,15 @@ pub fn verify(
         files: manifest.files.len(),
         problems,
     })
+}
+
+/// Whether `source` is one the verifier holds rather than one the fingerprint could supply.
+fn is_verifiers_own(source: &KeySource) -> bool {
+    match source {
+        KeySource::Env { .. } => true,
+        KeySource::Workspace { path } => path == Path::new(WORKSPACE_KEY),
+        KeySource::File { .. } => false,
+    }
 }
 
 /// Changed, missing and extra files, in path order.
