@@ -10,8 +10,9 @@ use finetune_core::integrity::{self, FINGERPRINT_FILE, KeySource, SigningKey};
 use crate::pipeline::Pipeline;
 use crate::workspace::Workspace;
 
-/// Where `verify` takes the key from when told (`--key-env`, `--key-file`); otherwise each
-/// fingerprint names its own source.
+/// Where `verify` takes the key from when told (`--key-env`, `--key-file`); otherwise from the
+/// source each fingerprint names, when that is the verifier's own (an environment variable or
+/// the workspace key; see `integrity::verify`).
 pub fn key_override(
     workspace: &Workspace,
     key_env: Option<String>,

@@ -45,8 +45,11 @@ impl Setup {
         sign_dir(&self.out(), json!({"stage": "train"}), &self.key("key")).expect("sign");
     }
 
+    /// Verifies with the key file given, as `verify --key-file key` does (a fingerprint's own
+    /// `key_source` names a key file, which `verify` alone does not trust).
     fn verify(&self) -> Result<Verification, VerifyError> {
-        verify(&self.out(), self.root(), None)
+        let key = load(&KeySource::File { path: "key".into() }, self.root())?;
+        verify(&self.out(), self.root(), Some(&key))
     }
 
     fn problems(&self) -> Vec<Problem> {
@@ -121,6 +124,28 @@ fn another_key_is_refused_with_both_ids() {
     assert!(matches!(err, VerifyError::WrongKey { .. }), "{text}");
     assert!(text.contains(setup.key("key").id()), "{text}");
     assert!(text.contains("key file key"), "{text}");
+}
+
+#[test]
+fn a_key_file_the_fingerprint_names_for_itself_is_not_trusted() {
+    let setup = Setup::new();
+    setup.sign();
+    let err = verify(&setup.out(), setup.root(), None).expect_err("untrusted");
+    assert!(matches!(err, VerifyError::UntrustedKey { .. }), "{err}");
+    assert!(
+        err.to_string().contains("names its own key (key file key)"),
+        "{err}"
+    );
+    // The workspace key and an environment variable are the verifier's own.
+    assert!(is_verifiers_own(&KeySource::Workspace {
+        path: WORKSPACE_KEY.into()
+    }));
+    assert!(!is_verifiers_own(&KeySource::Workspace {
+        path: "elsewhere.key".into()
+    }));
+    assert!(is_verifiers_own(&KeySource::Env {
+        name: DEFAULT_KEY_ENV.into()
+    }));
 }
 
 #[test]
