@@ -13,8 +13,27 @@ pub struct Scope<'a> {
     pub env: &'a dyn Fn(&str) -> Option<String>,
 }
 
-/// Interpolates one string. Errors are plain messages; the caller adds the position.
-pub fn interpolate(text: &str, scope: &Scope) -> Result<Value, String> {
+/// A reference that cannot be resolved; the caller adds the position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InterpolateError {
+    #[error("unclosed `${{` in `{0}`")]
+    Unclosed(String),
+    #[error("`${{{0}}}` is a list or mapping and cannot be spliced into a string")]
+    NotText(String),
+    #[error("`${{{0}}}`: params cannot refer to other params")]
+    ParamInParams(String),
+    #[error("`${{{reference}}}`: no param `{path}` in the pipeline's `params:`")]
+    NoParam { reference: String, path: String },
+    #[error(
+        "`${{{reference}}}`: environment variable `{name}` is not set (give a default with `${{env.{name}:-VALUE}}`)"
+    )]
+    EnvNotSet { reference: String, name: String },
+    #[error("`${{{0}}}`: unknown reference; use `${{params.NAME}}` or `${{env.NAME}}`")]
+    Unknown(String),
+}
+
+/// Interpolates one string.
+pub fn interpolate(text: &str, scope: &Scope) -> Result<Value, InterpolateError> {
     if !text.contains("${") {
         return Ok(Value::String(text.to_string()));
     }
@@ -29,9 +48,7 @@ pub fn interpolate(text: &str, scope: &Scope) -> Result<Value, String> {
             Piece::Reference(reference) => match lookup(&reference, scope)? {
                 Value::String(s) => out.push_str(&s),
                 Value::Object(_) | Value::Array(_) => {
-                    return Err(format!(
-                        "`${{{reference}}}` is a list or mapping and cannot be spliced into a string"
-                    ));
+                    return Err(InterpolateError::NotText(reference));
                 }
                 other => out.push_str(&other.to_string()),
             },
@@ -45,7 +62,7 @@ enum Piece {
     Reference(String),
 }
 
-fn split(text: &str) -> Result<Vec<Piece>, String> {
+fn split(text: &str) -> Result<Vec<Piece>, InterpolateError> {
     let mut pieces = Vec::new();
     let mut literal = String::new();
     let mut rest = text;
@@ -58,7 +75,7 @@ fn split(text: &str) -> Result<Vec<Piece>, String> {
         } else if let Some(body) = after.strip_prefix("${") {
             let end = body
                 .find('}')
-                .ok_or_else(|| format!("unclosed `${{` in `{text}`"))?;
+                .ok_or_else(|| InterpolateError::Unclosed(text.to_string()))?;
             if !literal.is_empty() {
                 pieces.push(Piece::Literal(std::mem::take(&mut literal)));
             }
@@ -76,15 +93,16 @@ fn split(text: &str) -> Result<Vec<Piece>, String> {
     Ok(pieces)
 }
 
-fn lookup(reference: &str, scope: &Scope) -> Result<Value, String> {
+fn lookup(reference: &str, scope: &Scope) -> Result<Value, InterpolateError> {
     if let Some(path) = reference.strip_prefix("params.") {
         let params = scope
             .params
-            .ok_or_else(|| format!("`${{{reference}}}`: params cannot refer to other params"))?;
+            .ok_or_else(|| InterpolateError::ParamInParams(reference.to_string()))?;
         let mut value = params;
         for part in path.split('.') {
-            value = value.get(part).ok_or_else(|| {
-                format!("`${{{reference}}}`: no param `{path}` in the pipeline's `params:`")
+            value = value.get(part).ok_or_else(|| InterpolateError::NoParam {
+                reference: reference.to_string(),
+                path: path.to_string(),
             })?;
         }
         return Ok(value.clone());
@@ -97,14 +115,13 @@ fn lookup(reference: &str, scope: &Scope) -> Result<Value, String> {
         return match ((scope.env)(name), default) {
             (Some(value), _) if !value.is_empty() => Ok(Value::String(value)),
             (_, Some(default)) => Ok(Value::String(default.to_string())),
-            _ => Err(format!(
-                "`${{{reference}}}`: environment variable `{name}` is not set (give a default with `${{env.{name}:-VALUE}}`)"
-            )),
+            _ => Err(InterpolateError::EnvNotSet {
+                reference: reference.to_string(),
+                name: name.to_string(),
+            }),
         };
     }
-    Err(format!(
-        "`${{{reference}}}`: unknown reference; use `${{params.NAME}}` or `${{env.NAME}}`"
-    ))
+    Err(InterpolateError::Unknown(reference.to_string()))
 }
 
 #[cfg(test)]
@@ -112,7 +129,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn with_params(text: &str) -> Result<Value, String> {
+    fn with_params(text: &str) -> Result<Value, InterpolateError> {
         let params = json!({ "seed": 42, "name": "x", "nested": { "lr": 0.5 } });
         let env = |name: &str| (name == "HOME_DIR").then(|| "/home/me".to_string());
         interpolate(
@@ -155,6 +172,7 @@ mod tests {
         assert!(
             with_params("${env.NOPE}")
                 .unwrap_err()
+                .to_string()
                 .contains("`NOPE` is not set")
         );
     }
@@ -164,16 +182,19 @@ mod tests {
         assert!(
             with_params("${params.missing}")
                 .unwrap_err()
+                .to_string()
                 .contains("no param `missing`")
         );
         assert!(
             with_params("${stages.x}")
                 .unwrap_err()
+                .to_string()
                 .contains("unknown reference")
         );
         assert!(
             with_params("${params.seed")
                 .unwrap_err()
+                .to_string()
                 .contains("unclosed")
         );
     }

@@ -394,7 +394,7 @@ impl Reader<'_> {
                     )
                 })?,
             Value::Str(s) => interpolate(s, scope)
-                .map_err(|message| self.error(node.mark, stage, Some(path), message))?,
+                .map_err(|err| self.error(node.mark, stage, Some(path), err.to_string()))?,
             Value::Seq(items) => Json::Array(
                 items
                     .iter()

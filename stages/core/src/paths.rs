@@ -2,13 +2,26 @@
 
 use std::path::{Component, Path, PathBuf};
 
+/// A path that does not name a place inside its directory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("an empty path")]
+    Empty,
+    #[error("`{0}` escapes its directory through `..`")]
+    Escapes(String),
+    #[error("`{0}` is absolute; a relative path is required")]
+    Absolute(String),
+    #[error("`{0}` names the directory itself, not a path inside it")]
+    TheDirectoryItself(String),
+}
+
 /// Checks that `raw` names a place inside the directory it is relative to: relative, and no
 /// `..` that climbs out. Used for everything a stage *writes*, so that no pipeline can write
 /// outside its output directory.
-pub fn contained_relative(raw: &str) -> Result<PathBuf, String> {
+pub fn contained_relative(raw: &str) -> Result<PathBuf, PathError> {
     let path = Path::new(raw);
     if raw.is_empty() {
-        return Err("an empty path".into());
+        return Err(PathError::Empty);
     }
     let mut depth = 0i32;
     for component in path.components() {
@@ -18,18 +31,16 @@ pub fn contained_relative(raw: &str) -> Result<PathBuf, String> {
             Component::ParentDir => {
                 depth -= 1;
                 if depth < 0 {
-                    return Err(format!("`{raw}` escapes its directory through `..`"));
+                    return Err(PathError::Escapes(raw.to_string()));
                 }
             }
             Component::RootDir | Component::Prefix(_) => {
-                return Err(format!("`{raw}` is absolute; a relative path is required"));
+                return Err(PathError::Absolute(raw.to_string()));
             }
         }
     }
     if depth == 0 {
-        return Err(format!(
-            "`{raw}` names the directory itself, not a path inside it"
-        ));
+        return Err(PathError::TheDirectoryItself(raw.to_string()));
     }
     Ok(path.to_path_buf())
 }
@@ -46,15 +57,22 @@ mod tests {
 
     #[test]
     fn rejects_escapes_and_absolutes() {
-        assert!(contained_relative("../x").unwrap_err().contains("escapes"));
+        assert!(
+            contained_relative("../x")
+                .unwrap_err()
+                .to_string()
+                .contains("escapes")
+        );
         assert!(
             contained_relative("a/../../x")
                 .unwrap_err()
+                .to_string()
                 .contains("escapes")
         );
         assert!(
             contained_relative("/etc/passwd")
                 .unwrap_err()
+                .to_string()
                 .contains("absolute")
         );
         assert!(contained_relative("a/..").is_err());
