@@ -286,6 +286,20 @@ fn dag_draws_text_dot_and_mermaid() {
     assert!(mermaid.contains("  labels --> report"));
 }
 
+/// A pipeline file saved with a UTF-8 byte-order mark (as Windows editors save it) reads as
+/// the same pipeline; it was refused as `unknown key \u{feff}name`.
+#[test]
+fn a_pipeline_file_with_a_byte_order_mark_reads_as_without() {
+    let ws = Ws::new();
+    let plain = std::fs::read_to_string(ws.file(FIVE)).unwrap();
+    ws.write("fixtures/five-bom.yaml", format!("\u{feff}{plain}"));
+    let out = ws.run(&["dag", "fixtures/five-bom.yaml"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let with_bom = String::from_utf8(out.stdout).unwrap();
+    let without = String::from_utf8(ws.run(&["dag", FIVE]).stdout).unwrap();
+    assert_eq!(with_bom, without);
+}
+
 #[test]
 fn stages_lists_plugins_with_their_params() {
     let ws = Ws::new();

@@ -108,6 +108,8 @@ impl Pipeline {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Pipeline, PipelineError> {
         let reader = Reader { file };
+        // Editors on Windows save UTF-8 with a byte-order mark; it is no part of the YAML.
+        let source = source.strip_prefix('\u{feff}').unwrap_or(source);
         let root =
             yaml::parse(source).map_err(|err| reader.error(err.mark, None, None, err.message))?;
         reader.pipeline(&root, env)

@@ -257,18 +257,30 @@ fn create_key_file(path: &Path) -> std::io::Result<bool> {
     let mut secret = Zeroizing::new([0u8; 32]);
     getrandom::fill(secret.as_mut_slice()).map_err(|err| std::io::Error::other(err.to_string()))?;
     let text = Zeroizing::new(hex::encode(secret.as_slice()));
-    let mut file = match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-        Err(err) => return Err(err),
-    };
-    file.write_all(text.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()?;
-    Ok(true)
+    // Written whole under a name of this call's own, then linked into place: a reader (or a
+    // crash) never finds the key file empty or half written, and of two processes (or
+    // threads) creating it at once exactly one link succeeds.
+    let mut unique = [0u8; 8];
+    getrandom::fill(&mut unique).map_err(|err| std::io::Error::other(err.to_string()))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("key");
+    let temp = dir.join(format!(".{name}.{}.tmp", hex::encode(unique)));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)?;
+        file.write_all(text.as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        match std::fs::hard_link(&temp, path) {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(err) => Err(err),
+        }
+    })();
+    let _ = std::fs::remove_file(&temp);
+    let created = written?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(created)
 }

@@ -214,3 +214,31 @@ fn the_workspace_key_is_created_once_owner_only_and_git_ignored() {
         Err(KeyError::Missing { .. })
     ));
 }
+
+#[test]
+fn processes_creating_the_workspace_key_at_once_all_get_the_one_key() {
+    // Each racer reads the key the moment another has created it: a file created first and
+    // written after was read empty (a "too short" key) by the others.
+    for _ in 0..20 {
+        let setup = Setup::new();
+        let root = setup.root().to_path_buf();
+        let ids: Vec<String> = std::thread::scope(|scope| {
+            let racers: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| workspace_key(&root, true).map(|(key, _)| key.id().to_string()))
+                })
+                .collect();
+            racers
+                .into_iter()
+                .map(|racer| racer.join().expect("no panic").expect("a usable key"))
+                .collect()
+        });
+        assert!(ids.windows(2).all(|pair| pair[0] == pair[1]), "{ids:?}");
+        let leftovers: Vec<_> = std::fs::read_dir(root.join(".finetune"))
+            .expect("key dir")
+            .map(|entry| entry.expect("entry").file_name())
+            .filter(|name| name.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}
