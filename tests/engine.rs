@@ -300,6 +300,46 @@ fn a_pipeline_file_with_a_byte_order_mark_reads_as_without() {
     assert_eq!(with_bom, without);
 }
 
+/// The HMAC key stays out of what a pipeline writes: a `command` stage does not inherit it,
+/// and `${env.FINETUNE_HMAC_KEY}` in params (which the lock file records) is refused.
+#[test]
+fn the_signing_key_reaches_no_command_and_no_param() {
+    let ws = Ws::new();
+    ws.write(
+        "env.yaml",
+        "name: env\nstages:\n  show:\n    uses: command\n    with:\n      run: [sh, -c, 'echo \"$${FINETUNE_HMAC_KEY:-unset}\" > {out}/env.txt']\n      outs: [env.txt]\n",
+    );
+    let out = ws
+        .command(&["run", "env.yaml"])
+        .env("FINETUNE_HMAC_KEY", "a-team-key-for-tests-0123456789")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = std::fs::read_to_string(ws.file("artifacts/runs/env/show/env.txt")).unwrap();
+    assert_eq!(shown, "unset\n");
+
+    ws.write(
+        "key-param.yaml",
+        "name: key-param\nparams:\n  key: ${env.FINETUNE_HMAC_KEY}\nstages:\n  show:\n    uses: command\n    with:\n      run: [echo, '${params.key}']\n",
+    );
+    let out = ws
+        .command(&["run", "key-param.yaml"])
+        .env("FINETUNE_HMAC_KEY", "a-team-key-for-tests-0123456789")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the HMAC key cannot be put into params"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).contains("a-team-key-for-tests"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn stages_lists_plugins_with_their_params() {
     let ws = Ws::new();

@@ -30,6 +30,11 @@ pub enum InterpolateError {
     EnvNotSet { reference: String, name: String },
     #[error("`${{{0}}}`: unknown reference; use `${{params.NAME}}` or `${{env.NAME}}`")]
     Unknown(String),
+    #[error(
+        "`${{{0}}}`: the HMAC key cannot be put into params (they are written to lock files and \
+         logs); the stages that sign read it from the environment themselves"
+    )]
+    SigningKey(String),
 }
 
 /// Interpolates one string.
@@ -112,6 +117,9 @@ fn lookup(reference: &str, scope: &Scope) -> Result<Value, InterpolateError> {
             Some((name, default)) => (name, Some(default)),
             None => (spec, None),
         };
+        if name == finetune_core::integrity::DEFAULT_KEY_ENV {
+            return Err(InterpolateError::SigningKey(reference.to_string()));
+        }
         return match ((scope.env)(name), default) {
             (Some(value), _) if !value.is_empty() => Ok(Value::String(value)),
             (_, Some(default)) => Ok(Value::String(default.to_string())),

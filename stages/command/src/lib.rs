@@ -157,6 +157,9 @@ impl Job for CommandJob {
             .env("FINETUNE_OUT", &ctx.out_dir)
             .env("FINETUNE_WORKSPACE", &ctx.workspace)
             .env("FINETUNE_STAGE", &ctx.stage)
+            // The signing key is the engine's and the train stage's, never a command's: its
+            // output (and a printed environment) would carry it into logs.
+            .env_remove(finetune_core::integrity::DEFAULT_KEY_ENV)
             .envs(&self.params.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
