@@ -504,11 +504,26 @@ fn a_full_disk_fails_the_stage_and_keeps_the_last_good_checkpoint() {
     );
 }
 
-#[test]
-fn bad_training_params_are_refused_before_anything_runs() {
+/// Each edit `(from, to, message)` of the default pipeline, alone, is a config error (exit 2)
+/// whose message contains `message`.
+fn refused_before_anything_runs(edits: &[(&str, &str, &str)]) {
     let ws = Ws::new();
     let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
-    for (from, to, message) in [
+    for (from, to, message) in edits {
+        ws.write("pipelines/reviews.yaml", yaml.replace(from, to));
+        let out = ws.run(&["run"]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(message),
+            "expected {message:?} in {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn bad_training_params_are_refused_before_anything_runs() {
+    refused_before_anything_runs(&[
         (
             "lr: 1.0e-3",
             "lr: -1.0e-3",
@@ -534,16 +549,7 @@ fn bad_training_params_are_refused_before_anything_runs() {
             "heads: 3",
             "key `with.model.scratch`: hidden (128) must be a multiple of heads (3)",
         ),
-    ] {
-        ws.write("pipelines/reviews.yaml", yaml.replace(from, to));
-        let out = ws.run(&["run"]);
-        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-        assert!(
-            stderr(&out).contains(message),
-            "expected {message:?} in {}",
-            stderr(&out)
-        );
-    }
+    ]);
 }
 
 /// Counts far beyond any run are config errors that name the key: a batch of 2^62 × 4
@@ -551,9 +557,7 @@ fn bad_training_params_are_refused_before_anything_runs() {
 /// updates and "succeeded".
 #[test]
 fn absurd_training_counts_are_refused_with_their_key() {
-    let ws = Ws::new();
-    let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
-    for (from, to, message) in [
+    refused_before_anything_runs(&[
         (
             "batch_size: 16",
             "batch_size: 4611686018427387904\n        grad_accum: 4",
@@ -569,16 +573,7 @@ fn absurd_training_counts_are_refused_with_their_key() {
             "batch_size: 1024\n        grad_accum: 2048",
             "key `with.training.grad_accum`: batch_size × grad_accum is 2097152 samples per update",
         ),
-    ] {
-        ws.write("pipelines/reviews.yaml", yaml.replace(from, to));
-        let out = ws.run(&["run"]);
-        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-        assert!(
-            stderr(&out).contains(message),
-            "expected {message:?} in {}",
-            stderr(&out)
-        );
-    }
+    ]);
 }
 
 /// A scratch model too large for the machine fails its stage with the figure instead of

@@ -120,8 +120,13 @@ impl Trainer<'_> {
 
     /// The AWP attack on `model`'s parameters, when the run has one.
     fn attack(&self, model: &Classifier) -> Result<Option<Attack>> {
-        Ok(self.awp.map(|config| config.attack(model)).transpose()?)
+        attack_on(self.awp, model)
     }
+}
+
+/// The attack `awp` describes on `model`'s parameters, when there is one.
+fn attack_on(awp: Option<&AwpConfig>, model: &Classifier) -> Result<Option<Attack>> {
+    Ok(awp.map(|config| config.attack(model)).transpose()?)
 }
 
 /// The optimizer `args` describe, for `model` (also what a checkpoint's state is loaded into).
@@ -130,7 +135,7 @@ pub fn optimizer(
     awp: Option<&AwpConfig>,
     model: &Classifier,
 ) -> Result<Optimizer> {
-    let attack = awp.map(|config| config.attack(model)).transpose()?;
+    let attack = attack_on(awp, model)?;
     Ok(optimizer_for(args, attack.as_ref(), model))
 }
 
