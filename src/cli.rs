@@ -103,6 +103,10 @@ pub enum Command {
         /// Take the key from this file (mode 0600), not where each fingerprint says.
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
+        /// Check the cache instead: rehash every entry that a lock file (pipelines/*.lock,
+        /// and the given pipeline's) references, and move a damaged one aside.
+        #[arg(long, conflicts_with_all = ["key_env", "key_file"])]
+        cache: bool,
     },
     /// Show the metrics (every number in each stage's metrics.json) of the latest run.
     Metrics {
@@ -282,10 +286,29 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Verify { target, cache, .. } if cache => {
+            let pipelines: Vec<PathBuf> = target.into_iter().collect();
+            if let Some(dir) = pipelines.first().filter(|p| workspace.root.join(p).is_dir()) {
+                return Err(UsageError(format!(
+                    "verify --cache takes a pipeline file, not a directory ({})",
+                    dir.display()
+                ))
+                .into());
+            }
+            let _lock = workspace.lock(|| {
+                eprintln!("waiting for another finetune to finish in this workspace...")
+            })?;
+            Ok(if crate::verify::verify_cache(&workspace, &pipelines)? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Verify {
             target,
             key_env,
             key_file,
+            ..
         } => {
             let key = crate::verify::key_override(&workspace, key_env, key_file)?;
             let target = target.unwrap_or_else(|| DEFAULT_PIPELINE.into());
@@ -344,6 +367,15 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             let verb = if dry_run { "would remove" } else { "removed" };
             for key in &report.removed {
                 println!("{verb} {key}");
+            }
+            for stray in &report.strays {
+                println!("{verb} artifacts/cache/{stray} (not a cache entry)");
+            }
+            if report.damaged > 0 {
+                println!(
+                    "{verb} {} damaged entries set aside in artifacts/damaged",
+                    report.damaged
+                );
             }
             println!(
                 "{verb} {} entries ({} bytes); kept {} referenced by {} lock files",

@@ -13,7 +13,7 @@ use finetune_core::{RunContext, Upstream};
 use crate::UsageError;
 use crate::cache::digest::DigestMemo;
 use crate::cache::lockfile::{KeyInputs, LockEntry, LockFile, OutputRecord};
-use crate::cache::store::{Entry, Store};
+use crate::cache::store::{Entry, Lookup, Store, remember};
 use crate::explain::why_stale;
 use crate::plan::Plan;
 use crate::report::{Event, Sink, StageReporter};
@@ -164,32 +164,34 @@ pub fn run(
                 };
                 let key = inputs.key(&decl.needs);
                 let recorded = lock.stages.get(&decl.id);
-                let cached = if forced.contains(&index) {
-                    None
+                let lookup = if forced.contains(&index) {
+                    Lookup::Missing
                 } else {
-                    store.lookup(&key)?
+                    store.lookup(&key, &mut memo)?
                 };
-                if let Some(entry) = cached {
-                    sink.emit(Event::StageCached {
-                        stage: decl.id.clone(),
-                        key: key.clone(),
-                        output: entry.digest.clone(),
-                    });
-                    let duration_s = recorded
-                        .filter(|r| r.key == key)
-                        .map_or(0.0, |r| r.duration_s);
-                    lock.stages.insert(
-                        decl.id.clone(),
-                        lock_entry(&key, inputs, &entry, duration_s),
-                    );
-                    states[index] = State::Done(entry);
-                    summary.cached += 1;
-                    continue;
-                }
-                let reason = if forced.contains(&index) {
-                    "forced".to_string()
-                } else {
-                    why_stale(recorded, &inputs, &key)
+                let reason = match lookup {
+                    Lookup::Hit(entry) => {
+                        sink.emit(Event::StageCached {
+                            stage: decl.id.clone(),
+                            key: key.clone(),
+                            output: entry.digest.clone(),
+                        });
+                        let duration_s = recorded
+                            .filter(|r| r.key == key)
+                            .map_or(0.0, |r| r.duration_s);
+                        lock.stages.insert(
+                            decl.id.clone(),
+                            lock_entry(&key, inputs, &entry, duration_s),
+                        );
+                        states[index] = State::Done(entry);
+                        summary.cached += 1;
+                        continue;
+                    }
+                    Lookup::Damaged(problem) => {
+                        damaged(&store, workspace, &decl.id, &key, &problem, options, sink)?
+                    }
+                    Lookup::Missing if forced.contains(&index) => "forced".to_string(),
+                    Lookup::Missing => why_stale(recorded, &inputs, &key),
                 };
                 if options.dry_run {
                     sink.emit(Event::StageWouldRun {
@@ -246,6 +248,8 @@ pub fn run(
             let id = plan.pipeline.stages[finished.index].id.clone();
             match finished.result {
                 Ok(entry) => {
+                    // Only a speed-up: a file the memo misses is hashed at its next lookup.
+                    let _ = remember(&mut memo, &entry);
                     sink.emit(Event::StageFinished {
                         stage: id.clone(),
                         key: finished.key.clone(),
@@ -310,6 +314,35 @@ pub fn run(
         peak_rss_mib: crate::report::peak_rss_mib(),
     });
     Ok(summary)
+}
+
+/// A damaged entry is never used: a run moves it aside (telling the user where) and runs the
+/// stage again; a dry run only says so. Returns the reason the stage runs.
+fn damaged(
+    store: &Store,
+    workspace: &Workspace,
+    stage: &str,
+    key: &str,
+    problem: &str,
+    options: &RunOptions,
+    sink: &dyn Sink,
+) -> Result<String> {
+    if options.dry_run {
+        return Ok(format!(
+            "its cache entry is damaged ({problem}); a run sets it aside and recomputes it"
+        ));
+    }
+    let moved = store.set_aside(key)?;
+    let shown = moved.strip_prefix(&workspace.root).unwrap_or(&moved);
+    sink.emit(Event::Notice {
+        stage: stage.to_string(),
+        text: format!(
+            "cache entry {} is damaged: {problem}; moved it to {} and running the stage again",
+            crate::report::short(key),
+            shown.display()
+        ),
+    });
+    Ok(format!("its cache entry was damaged ({problem})"))
 }
 
 /// Durations are recorded to the millisecond: enough for review, and stable to read.

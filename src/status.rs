@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::cache::digest::DigestMemo;
 use crate::cache::lockfile::LockFile;
-use crate::cache::store::Store;
+use crate::cache::store::{Lookup, Store};
 use crate::explain::why_stale;
 use crate::plan::Plan;
 use crate::workspace::Workspace;
@@ -64,12 +64,17 @@ pub fn status(plan: &Plan, workspace: &Workspace) -> Result<Vec<StageStatus>> {
                 Err(err) => status.reason = format!("{err:#}"),
                 Ok(inputs) => {
                     let key = inputs.key(&decl.needs);
-                    match store.lookup(&key)? {
-                        Some(entry) => {
+                    match store.lookup(&key, &mut memo)? {
+                        Lookup::Hit(entry) => {
                             status.fresh = true;
                             outputs.insert(index, entry.digest);
                         }
-                        None => status.reason = why_stale(lock.stages.get(&decl.id), &inputs, &key),
+                        Lookup::Damaged(problem) => {
+                            status.reason = format!("its cache entry is damaged: {problem}");
+                        }
+                        Lookup::Missing => {
+                            status.reason = why_stale(lock.stages.get(&decl.id), &inputs, &key);
+                        }
                     }
                     status.key = Some(key);
                 }

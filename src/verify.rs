@@ -1,12 +1,21 @@
 //! `finetune verify`: recomputes the fingerprints (`fingerprint.json`) of a pipeline's latest
 //! outputs, or of one directory, and names every changed, missing or extra file. The checks
 //! themselves are `finetune_core::integrity`'s; this module finds what to check and reports.
+//!
+//! `finetune verify --cache` checks the cache itself: every entry a lock file references,
+//! every file rehashed (the digest memo is not trusted), and the manifest compared with the
+//! output digest the lock file recorded.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
 use finetune_core::integrity::{self, FINGERPRINT_FILE, KeySource, SigningKey};
 
+use crate::cache::digest::DigestMemo;
+use crate::cache::lockfile::LockFile;
+use crate::cache::store::{Check, Lookup, Store};
 use crate::pipeline::Pipeline;
 use crate::workspace::Workspace;
 
@@ -90,6 +99,93 @@ pub fn verify_all(workspace: &Workspace, targets: &[PathBuf], key: Option<&Signi
         }
     }
     all_passed
+}
+
+/// One cache entry as the lock files record it.
+struct Recorded {
+    /// `reviews.lock: train`, for each lock file and stage that reference it.
+    users: Vec<String>,
+    /// The output digests recorded for it.
+    digests: Vec<String>,
+}
+
+/// `verify --cache`: rehashes every entry the workspace's lock files (and those of
+/// `pipelines`) reference and prints one verdict each. A damaged entry is moved aside, so the
+/// next run computes it again. Call with the workspace lock held. Returns whether all passed.
+pub fn verify_cache(workspace: &Workspace, pipelines: &[PathBuf]) -> Result<bool> {
+    let mut recorded: BTreeMap<String, Recorded> = BTreeMap::new();
+    let lock_files = LockFile::discover(&workspace.root, pipelines)?;
+    if lock_files.is_empty() {
+        bail!(
+            "nothing to verify: no lock file in pipelines/ or beside the pipelines given; \
+             run a pipeline first"
+        );
+    }
+    for path in &lock_files {
+        let lock = LockFile::load(path, "")
+            .with_context(|| format!("verify --cache reads {}", path.display()))?;
+        let name = display(workspace, path);
+        for (stage, entry) in lock.stages {
+            let record = recorded.entry(entry.key).or_insert(Recorded {
+                users: Vec::new(),
+                digests: Vec::new(),
+            });
+            record.users.push(format!("{name}: {stage}"));
+            record.digests.push(entry.output.digest);
+        }
+    }
+    let store = Store::new(&workspace.artifacts());
+    let mut all_passed = true;
+    for (key, record) in &recorded {
+        all_passed &= verify_entry(workspace, &store, key, record)?;
+    }
+    Ok(all_passed)
+}
+
+fn verify_entry(
+    workspace: &Workspace,
+    store: &Store,
+    key: &str,
+    record: &Recorded,
+) -> Result<bool> {
+    let users = record.users.join(", ");
+    let short = crate::report::short(key);
+    match store.check(key, &mut DigestMemo::default(), Check::Rehash)? {
+        Lookup::Hit(entry) => {
+            if let Some(other) = record.digests.iter().find(|d| **d != entry.digest) {
+                println!(
+                    "FAILED  {short} ({users}): its manifest (digest {}) is not the output the \
+                     lock file recorded ({}): the entry was replaced since, or its manifest \
+                     rewritten; `finetune run` records what is there now",
+                    crate::report::short(&entry.digest),
+                    crate::report::short(other)
+                );
+                return Ok(false);
+            }
+            println!(
+                "ok      {short} ({users}): {} files, {} bytes rehashed",
+                entry.manifest.files.len(),
+                entry.manifest.bytes()
+            );
+            Ok(true)
+        }
+        Lookup::Missing => {
+            println!(
+                "missing {short} ({users}): not in the cache (removed by hand, or never run \
+                 here); `finetune run` computes it"
+            );
+            Ok(true)
+        }
+        Lookup::Damaged(problem) => {
+            let moved = store.set_aside(key)?;
+            println!(
+                "FAILED  {short} ({users}): {problem}; moved to {}, so the next `finetune run` \
+                 computes it again",
+                display(workspace, &moved)
+            );
+            Ok(false)
+        }
+    }
 }
 
 fn display(workspace: &Workspace, dir: &Path) -> String {

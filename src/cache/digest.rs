@@ -1,5 +1,10 @@
-//! Content digests of workspace files, memoised by (path, size, mtime, inode) so that a rerun
-//! with nothing changed hashes nothing, and a `touch` without a content change costs one hash.
+//! Content digests of workspace files and cache entries, memoised by (path, size, mtime,
+//! ctime, inode) so that a rerun with nothing changed hashes nothing, and a `touch` without a
+//! content change costs one hash. The ctime is in the stamp because no user call can set it
+//! back: a file rewritten and then `touch -r`'d to its old mtime is still hashed again.
+//!
+//! The memo is a speed-up, not a trust anchor: anyone who can write the cache can write the
+//! memo too, which is why `finetune verify --cache` ignores it and rehashes everything.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -15,8 +20,38 @@ pub use finetune_core::digest::{sha256_bytes, sha256_file};
 struct Stamp {
     size: u64,
     mtime_ns: i128,
+    /// Missing in memos written before it was stamped: such stamps never match.
+    #[serde(default)]
+    ctime_ns: i128,
     inode: u64,
     sha256: String,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata, sha256: String) -> Stamp {
+        Stamp {
+            size: meta.size(),
+            mtime_ns: mtime_ns(meta),
+            ctime_ns: ctime_ns(meta),
+            inode: meta.ino(),
+            sha256,
+        }
+    }
+
+    fn matches(&self, meta: &std::fs::Metadata) -> bool {
+        self.size == meta.size()
+            && self.mtime_ns == mtime_ns(meta)
+            && self.ctime_ns == ctime_ns(meta)
+            && self.inode == meta.ino()
+    }
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+}
+
+fn ctime_ns(meta: &std::fs::Metadata) -> i128 {
+    i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec())
 }
 
 /// The memo, kept in `artifacts/digests.json`.
@@ -50,11 +85,8 @@ impl DigestMemo {
             .with_context(|| format!("cannot resolve {}", path.display()))?;
         let meta = std::fs::metadata(&absolute)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
         if let Some(stamp) = self.stamps.get(&absolute)
-            && stamp.size == meta.size()
-            && stamp.mtime_ns == mtime_ns
-            && stamp.inode == meta.ino()
+            && stamp.matches(&meta)
         {
             return Ok(stamp.sha256.clone());
         }
@@ -64,22 +96,32 @@ impl DigestMemo {
         // A file that changed while we read it gets no stamp: the next run hashes it again.
         let after = std::fs::metadata(&absolute)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        if after.size() == size
-            && after.mtime() == meta.mtime()
-            && after.mtime_nsec() == meta.mtime_nsec()
-        {
-            self.stamps.insert(
-                absolute,
-                Stamp {
-                    size,
-                    mtime_ns,
-                    inode: meta.ino(),
-                    sha256: sha256.clone(),
-                },
-            );
+        if after.size() == size && Stamp::of(&meta, String::new()).matches(&after) {
+            self.stamps.insert(absolute, Stamp::of(&meta, sha256.clone()));
             self.changed = true;
         }
         Ok(sha256)
+    }
+
+    /// Records the digest of a file just written and hashed by this process (a published
+    /// cache entry), so that the next lookup does not hash it again.
+    pub fn record(&mut self, path: &Path, sha256: &str) -> Result<()> {
+        let absolute = std::path::absolute(path)
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
+        let meta = std::fs::metadata(&absolute)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        self.stamps
+            .insert(absolute, Stamp::of(&meta, sha256.to_string()));
+        self.changed = true;
+        Ok(())
+    }
+
+    /// Drops the stamps of files that no longer exist (after `gc`), so the memo does not grow
+    /// with every entry ever published.
+    pub fn forget_missing(&mut self) {
+        let before = self.stamps.len();
+        self.stamps.retain(|path, _| path.exists());
+        self.changed |= self.stamps.len() != before;
     }
 
     /// The digest of a file, or of a directory as the sorted list of its files' relative paths

@@ -80,6 +80,32 @@ impl LockFile {
         pipeline_file.with_extension("lock")
     }
 
+    /// The lock files of a workspace: those beside the pipelines in `pipelines/`, and those of
+    /// any other pipeline files named, if they exist; sorted.
+    pub fn discover(root: &Path, pipelines: &[PathBuf]) -> Result<Vec<PathBuf>> {
+        let mut found: std::collections::BTreeSet<PathBuf> = pipelines
+            .iter()
+            .map(|p| root.join(LockFile::path_for(p)))
+            .filter(|p| p.exists())
+            .collect();
+        let dir = root.join("pipelines");
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    let path = entry
+                        .with_context(|| format!("cannot list {}", dir.display()))?
+                        .path();
+                    if path.extension().is_some_and(|e| e == "lock") && path.is_file() {
+                        found.insert(path);
+                    }
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err).with_context(|| format!("cannot list {}", dir.display())),
+        }
+        Ok(found.into_iter().collect())
+    }
+
     /// The lock file, or an empty one if none exists yet.
     pub fn load(path: &Path, pipeline: &str) -> Result<LockFile> {
         match std::fs::read(path) {

@@ -42,6 +42,32 @@ pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Every entry under `dir` that is not a directory (regular files, symlinks, anything else),
+/// relative to it, sorted, with its type; symlinks are not followed. What the cache uses to
+/// see exactly what a stage left behind.
+pub fn list_tree(dir: &Path) -> Result<Vec<(PathBuf, std::fs::FileType)>> {
+    let mut found = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let entries = std::fs::read_dir(dir.join(&relative))
+            .with_context(|| format!("cannot list {}", dir.join(&relative).display()))?;
+        for entry in entries {
+            let entry = entry?;
+            let child = relative.join(entry.file_name());
+            let kind = entry
+                .file_type()
+                .with_context(|| format!("cannot read {}", entry.path().display()))?;
+            if kind.is_dir() {
+                pending.push(child);
+            } else {
+                found.push((child, kind));
+            }
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(found)
+}
+
 /// Flushes every file under `dir`, then `dir` itself, so that a rename that publishes it
 /// can never expose data still in the page cache (or a write error a full disk reports late).
 pub fn sync_tree(dir: &Path) -> Result<()> {
