@@ -288,7 +288,10 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         }
         Command::Verify { target, cache, .. } if cache => {
             let pipelines: Vec<PathBuf> = target.into_iter().collect();
-            if let Some(dir) = pipelines.first().filter(|p| workspace.root.join(p).is_dir()) {
+            if let Some(dir) = pipelines
+                .first()
+                .filter(|p| workspace.root.join(p).is_dir())
+            {
                 return Err(UsageError(format!(
                     "verify --cache takes a pipeline file, not a directory ({})",
                     dir.display()

@@ -8,6 +8,7 @@ use finetune_core::{ConfigError, ConfigKey, ConfigureContext, Job, Stage, Upstre
 
 use crate::cache::digest::DigestMemo;
 use crate::cache::lockfile::KeyInputs;
+use crate::cache::store::Entry;
 use crate::dag::Dag;
 use crate::pipeline::{Pipeline, PipelineError, StageDecl};
 use crate::registry::Registry;
@@ -79,6 +80,19 @@ impl<'r> Plan<'r> {
 
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.pipeline.stages.iter().position(|s| s.id == id)
+    }
+
+    /// The digest of `entry`, the output of `need`, as the key of stage `index` sees it:
+    /// of the part its job reads.
+    pub fn upstream_digest(&self, index: usize, need: &str, entry: &Entry) -> String {
+        let Some(upstream) = self.index_of(need) else {
+            return entry.digest.clone();
+        };
+        let info = UpstreamInfo {
+            stage: need.to_string(),
+            uses: self.pipeline.stages[upstream].uses.clone(),
+        };
+        entry.digest_of(&self.stages[index].job.reads_from(&info))
     }
 
     /// The inputs of stage `index`'s key, given its upstream outputs' digests. Hashes the files

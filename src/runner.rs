@@ -121,7 +121,8 @@ pub fn run(
                 for (need_id, need) in decl.needs.iter().zip(needs) {
                     match states.get(need) {
                         Some(State::Done(entry)) => {
-                            upstream_digests.insert(need_id.clone(), entry.digest.clone());
+                            let digest = plan.upstream_digest(index, need_id, entry);
+                            upstream_digests.insert(need_id.clone(), digest);
                         }
                         Some(State::WouldRun) => upstream_unknown = true,
                         Some(State::Failed | State::Skipped) => {

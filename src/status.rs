@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::cache::digest::DigestMemo;
 use crate::cache::lockfile::LockFile;
-use crate::cache::store::{Lookup, Store};
+use crate::cache::store::{Entry, Lookup, Store};
 use crate::explain::why_stale;
 use crate::plan::Plan;
 use crate::workspace::Workspace;
@@ -30,7 +30,7 @@ pub fn status(plan: &Plan, workspace: &Workspace) -> Result<Vec<StageStatus>> {
         &plan.pipeline.name,
     )?;
     let mut memo = DigestMemo::load(&workspace.memo_file());
-    let mut outputs: BTreeMap<usize, String> = BTreeMap::new();
+    let mut outputs: BTreeMap<usize, Entry> = BTreeMap::new();
     let mut report: BTreeMap<usize, StageStatus> = BTreeMap::new();
     for &index in plan.dag.order() {
         let decl = &plan.pipeline.stages[index];
@@ -57,7 +57,8 @@ pub fn status(plan: &Plan, workspace: &Workspace) -> Result<Vec<StageStatus>> {
                 .needs
                 .iter()
                 .filter_map(|need| {
-                    Some((need.clone(), outputs.get(&plan.index_of(need)?)?.clone()))
+                    let entry = outputs.get(&plan.index_of(need)?)?;
+                    Some((need.clone(), plan.upstream_digest(index, need, entry)))
                 })
                 .collect();
             match plan.key_inputs(index, needs, &mut memo, workspace) {
@@ -67,7 +68,7 @@ pub fn status(plan: &Plan, workspace: &Workspace) -> Result<Vec<StageStatus>> {
                     match store.lookup(&key, &mut memo)? {
                         Lookup::Hit(entry) => {
                             status.fresh = true;
-                            outputs.insert(index, entry.digest);
+                            outputs.insert(index, entry);
                         }
                         Lookup::Damaged(problem) => {
                             status.reason = format!("its cache entry is damaged: {problem}");

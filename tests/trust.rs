@@ -68,7 +68,11 @@ fn verify_cache(ws: &Ws, pipeline: &[&str]) -> (bool, String) {
     let mut args = vec!["verify", "--cache"];
     args.extend_from_slice(pipeline);
     let out = ws.run(&args);
-    assert!(out.status.code().is_some_and(|c| c <= 1), "{}", stderr(&out));
+    assert!(
+        out.status.code().is_some_and(|c| c <= 1),
+        "{}",
+        stderr(&out)
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -84,8 +88,11 @@ fn a_damaged_entry_is_never_used_but_set_aside_and_recomputed() {
     short_run(&ws);
     ws.run_ok(&[]);
     let split = output_dir(&ws, "reviews", "ingest").join("train.parquet");
-    let model = output_dir(&ws, "reviews", "train").join("model.safetensors");
-    let (good_split, good_model) = (std::fs::read(&split).unwrap(), std::fs::read(&model).unwrap());
+    let model = output_dir(&ws, "reviews", "train").join("model/model.safetensors");
+    let (good_split, good_model) = (
+        std::fs::read(&split).unwrap(),
+        std::fs::read(&model).unwrap(),
+    );
     let (passed, text) = verify_cache(&ws, &[]);
     assert!(passed, "{text}");
     assert_eq!(text.matches("ok ").count(), 5, "{text}");
@@ -111,7 +118,11 @@ fn a_damaged_entry_is_never_used_but_set_aside_and_recomputed() {
             && said.contains("moved it to artifacts/damaged/"),
         "{said}"
     );
-    assert_eq!(stages_with(&events, "stage_started"), ["ingest", "tokenize"]);
+    // `--force tokenize` reruns tokenize and what follows; ingest runs because it is damaged.
+    assert_eq!(
+        stages_with(&events, "stage_started"),
+        ["evaluate", "fingerprint", "ingest", "tokenize", "train"]
+    );
     assert_eq!(
         std::fs::read(output_dir(&ws, "reviews", "ingest").join("train.parquet")).unwrap(),
         good_split,
@@ -127,9 +138,7 @@ fn a_damaged_entry_is_never_used_but_set_aside_and_recomputed() {
 
     let stats = output_dir(&ws, "reviews", "ingest").join("stats.json");
     std::fs::remove_file(&stats).unwrap();
-    assert!(
-        status_of(&ws, "pipelines/reviews.yaml", "ingest").contains("`stats.json` is missing")
-    );
+    assert!(status_of(&ws, "pipelines/reviews.yaml", "ingest").contains("`stats.json` is missing"));
     let events = ws.run_ok(&[]);
     assert_eq!(stages_with(&events, "stage_started"), ["ingest"]);
     assert!(stats.exists());
@@ -142,12 +151,16 @@ fn a_damaged_entry_is_never_used_but_set_aside_and_recomputed() {
     let said = notices(&events).join("\n");
     assert!(
         said.contains("[\"train\"] cache entry")
-            && said.contains("`model.safetensors` does not match its SHA-256"),
+            && said.contains("`model/model.safetensors` does not match its SHA-256"),
         "{said}"
     );
-    assert_eq!(stages_with(&events, "stage_started"), ["train"]);
+    // The same model and log, so evaluate is cached; fingerprint signs train's new timings.
     assert_eq!(
-        std::fs::read(output_dir(&ws, "reviews", "train").join("model.safetensors")).unwrap(),
+        stages_with(&events, "stage_started"),
+        ["fingerprint", "train"]
+    );
+    assert_eq!(
+        std::fs::read(output_dir(&ws, "reviews", "train").join("model/model.safetensors")).unwrap(),
         good_model,
         "the retrained model is not the original"
     );
@@ -188,14 +201,21 @@ fn verify_cache_rehashes_every_referenced_entry() {
     let labels = output_dir(&ws, "five", "labels").join("labels.json");
     tamper(&labels, |bytes| bytes[2] ^= 1);
     vouch_in_memo(&ws, &labels);
-    assert_eq!(status_of(&ws, FIVE, "labels"), "fresh", "the forged memo is not a forgery");
+    assert_eq!(
+        status_of(&ws, FIVE, "labels"),
+        "fresh",
+        "the forged memo is not a forgery"
+    );
     let (passed, text) = verify_cache(&ws, &[FIVE]);
     assert!(!passed, "{text}");
     assert!(
         text.contains("FAILED") && text.contains("(fixtures/five.lock: labels)"),
         "{text}"
     );
-    assert!(text.contains("`labels.json` does not match its SHA-256"), "{text}");
+    assert!(
+        text.contains("`labels.json` does not match its SHA-256"),
+        "{text}"
+    );
     assert_eq!(damaged_entries(&ws).len(), 1);
     let events = ws.run_ok(&[FIVE]);
     assert_eq!(stages_with(&events, "stage_started"), ["labels"]);
@@ -271,13 +291,25 @@ fn a_full_disk_at_publish_names_the_file() {
     let script = "mount -t tmpfs -o size=1m finetune-test artifacts || exit 99; \
                   \"$0\" run pipelines/fill.yaml; status=$?; ls -A artifacts/cache; exit $status";
     let out = Command::new("unshare")
-        .args(["--user", "--map-root-user", "--mount", "sh", "-c", script, BIN])
+        .args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            BIN,
+        ])
         .current_dir(ws.path())
         .env_remove("FINETUNE_HMAC_KEY")
         .output()
         .expect("this test needs util-linux's unshare");
     let err = stderr(&out);
-    assert_ne!(out.status.code(), Some(99), "cannot mount a tmpfs here: {err}");
+    assert_ne!(
+        out.status.code(),
+        Some(99),
+        "cannot mount a tmpfs here: {err}"
+    );
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains(".finetune-manifest.json") && err.contains("No space left on device"),

@@ -97,7 +97,8 @@ impl DigestMemo {
         let after = std::fs::metadata(&absolute)
             .with_context(|| format!("cannot read {}", path.display()))?;
         if after.size() == size && Stamp::of(&meta, String::new()).matches(&after) {
-            self.stamps.insert(absolute, Stamp::of(&meta, sha256.clone()));
+            self.stamps
+                .insert(absolute, Stamp::of(&meta, sha256.clone()));
             self.changed = true;
         }
         Ok(sha256)

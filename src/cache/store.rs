@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use finetune_core::UpstreamReads;
 use finetune_core::output::{list_files, list_tree, sync_dir, sync_tree};
 
 use super::digest::{DigestMemo, sha256_bytes, sha256_file};
@@ -63,6 +64,26 @@ pub struct Entry {
     /// SHA-256 of the manifest bytes: what downstream keys use.
     pub digest: String,
     pub manifest: Manifest,
+}
+
+impl Entry {
+    /// The digest of the part of this entry a downstream job reads: the whole entry's, or
+    /// one over the manifest lines of just those files.
+    pub fn digest_of(&self, reads: &UpstreamReads) -> String {
+        let UpstreamReads::Only(parts) = reads else {
+            return self.digest.clone();
+        };
+        let read = |path: &str| {
+            parts.iter().any(|part| {
+                path == *part || path.strip_prefix(part).is_some_and(|r| r.starts_with('/'))
+            })
+        };
+        let mut text = format!("only {}\n", parts.join("\0"));
+        for file in self.manifest.files.iter().filter(|f| read(&f.path)) {
+            text.push_str(&format!("{}\0{}\0{}\n", file.path, file.size, file.sha256));
+        }
+        sha256_bytes(text.as_bytes())
+    }
 }
 
 /// What a lookup found under a key.
@@ -149,9 +170,8 @@ impl Store {
             .damaged
             .join(format!("{key}.{stamp}.{}.{n}", std::process::id()));
         let from = self.entry_dir(key);
-        std::fs::rename(&from, &target).with_context(|| {
-            format!("cannot move {} to {}", from.display(), target.display())
-        })?;
+        std::fs::rename(&from, &target)
+            .with_context(|| format!("cannot move {} to {}", from.display(), target.display()))?;
         Ok(target)
     }
 
@@ -285,8 +305,9 @@ impl Store {
     pub fn clear_damaged(&self) -> Result<usize> {
         let count = std::fs::read_dir(&self.damaged).map_or(0, |entries| entries.count());
         match std::fs::remove_dir_all(&self.damaged) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err)
-                .with_context(|| format!("cannot remove {}", self.damaged.display())),
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(err).with_context(|| format!("cannot remove {}", self.damaged.display()))
+            }
             _ => Ok(count),
         }
     }
@@ -329,7 +350,9 @@ fn read_manifest(dir: &Path) -> Result<ManifestRead> {
             });
         }
         Err(err) if err.kind() == std::io::ErrorKind::NotADirectory => {
-            return Ok(ManifestRead::Unusable("it is a file, not a directory".into()));
+            return Ok(ManifestRead::Unusable(
+                "it is a file, not a directory".into(),
+            ));
         }
         Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
     };
@@ -439,7 +462,10 @@ mod tests {
         let artifacts = tempfile::tempdir().unwrap();
         let store = Store::new(artifacts.path());
         let mut memo = DigestMemo::default();
-        assert!(matches!(store.lookup("k", &mut memo).unwrap(), Lookup::Missing));
+        assert!(matches!(
+            store.lookup("k", &mut memo).unwrap(),
+            Lookup::Missing
+        ));
         let staged = store.stage_dir("k").unwrap();
         std::fs::create_dir(staged.join("sub")).unwrap();
         std::fs::write(staged.join("sub/a.txt"), b"abc").unwrap();
@@ -453,6 +479,9 @@ mod tests {
         assert_eq!(found.manifest.bytes(), 3);
         assert_eq!(store.keys().unwrap(), ["k"]);
         store.remove("k").unwrap();
-        assert!(matches!(store.lookup("k", &mut memo).unwrap(), Lookup::Missing));
+        assert!(matches!(
+            store.lookup("k", &mut memo).unwrap(),
+            Lookup::Missing
+        ));
     }
 }

@@ -177,21 +177,30 @@ impl<S: RecordSink> Callback for Logger<S> {
     }
 }
 
-/// A JSON Lines file, one record a line.
+/// A JSON Lines log in two files: `train.jsonl` holds what the run computed (losses, rates,
+/// metrics), the same bytes whenever the same run is repeated, and `timings.jsonl` beside it
+/// the wall-clock figures of each record (`samples_per_second`, `eval_runtime`, …) by step.
+/// Kept apart so that what reads the log (evaluate's report) is not made stale by a clock.
 pub struct JsonlFile {
-    path: PathBuf,
-    out: BufWriter<File>,
+    log: (PathBuf, BufWriter<File>),
+    timings: (PathBuf, BufWriter<File>),
 }
 
-/// The JSONL logger: every record into `path`.
+/// The name of the wall-clock half of the JSONL log, beside the log itself.
+pub const TIMINGS_FILE: &str = "timings.jsonl";
+
+/// The JSONL logger: every record into `path`, its timings into `timings.jsonl` beside it.
 pub fn jsonl_logger(path: &Path) -> Result<Logger<JsonlFile>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let create = |path: PathBuf| -> Result<(PathBuf, BufWriter<File>)> {
+        let file =
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok((path, BufWriter::new(file)))
+    };
     let sink = JsonlFile {
-        path: path.to_path_buf(),
-        out: BufWriter::new(file),
+        log: create(path.to_path_buf())?,
+        timings: create(dir.join(TIMINGS_FILE))?,
     };
     Ok(Logger {
         name: "jsonl",
@@ -199,14 +208,33 @@ pub fn jsonl_logger(path: &Path) -> Result<Logger<JsonlFile>> {
     })
 }
 
+/// A figure that measures the machine, not the run: it differs on every repeat.
+fn is_timing(key: &str) -> bool {
+    key.ends_with("runtime") || key.ends_with("per_second") || key.ends_with("seconds")
+}
+
 impl RecordSink for JsonlFile {
     fn write(&mut self, record: &Record) -> Result<()> {
-        serde_json::to_writer(&mut self.out, record)?;
-        self.out
-            .write_all(b"\n")
-            .and_then(|()| self.out.flush())
-            .with_context(|| format!("cannot write {}", self.path.display()))
+        let (timings, computed): (Record, Record) = record
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .partition(|(key, _)| is_timing(key));
+        write_line(&mut self.log, &computed)?;
+        if !timings.is_empty() {
+            let mut line = Record::new();
+            line.extend(record.get("step").map(|s| ("step".to_string(), s.clone())));
+            line.extend(timings);
+            write_line(&mut self.timings, &line)?;
+        }
+        Ok(())
     }
+}
+
+fn write_line((path, out): &mut (PathBuf, BufWriter<File>), record: &Record) -> Result<()> {
+    serde_json::to_writer(&mut *out, record)?;
+    out.write_all(b"\n")
+        .and_then(|()| out.flush())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The TensorBoard logger: the scalars of every record into an event file in `dir`, tagged as

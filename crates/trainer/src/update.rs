@@ -144,8 +144,7 @@ impl Optimizer {
     /// Writes the state into checkpoint directory `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join(OPTIMIZER_FILE);
-        self.params
-            .save(&path)
+        write_in_fixed_order(&self.params, &path)
             .map_err(|e| anyhow!("{}: cannot save the optimizer state: {e}", path.display()))?;
         match &self.word_rows {
             Some(rows) => Ok(rows.save(dir)?),
@@ -178,6 +177,25 @@ impl Optimizer {
         word_rows.load(dir, rows, dim)?;
         Ok(self)
     }
+}
+
+/// Writes burn's optimizer record with its tensors sorted by name. burn lists them in the
+/// order of a `HashMap` with a per-process seed, so the same state gave different bytes on
+/// every run, and a rerun of `train` with the same model made every downstream key new.
+fn write_in_fixed_order(optimizer: &ModuleOptimizer, path: &Path) -> Result<()> {
+    let record = burn_pack::Reader::from_bytes(optimizer.into_bytes()?)?;
+    let (scalars, metadata) = (record.scalars().clone(), record.metadata().clone());
+    let mut tensors = record.into_tensors()?;
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut writer = burn_pack::Writer::new(tensors).auto_extension(false);
+    for (key, value) in &scalars {
+        writer = writer.with_scalar(key, *value);
+    }
+    for (key, value) in &metadata {
+        writer = writer.with_metadata(key, value);
+    }
+    writer.write_to_file(path)?;
+    Ok(())
 }
 
 /// Token rows and their labels: one micro-batch.

@@ -85,9 +85,25 @@ pub trait Job: Send + Sync {
         None
     }
 
+    /// What the job reads of upstream stage `upstream`'s output. Only that part's digest
+    /// enters the cache key, so a change elsewhere in the upstream output (a log's timings)
+    /// does not rerun this stage; a job that reads more than it declares gets stale results.
+    fn reads_from(&self, upstream: &UpstreamInfo) -> UpstreamReads {
+        let _ = upstream;
+        UpstreamReads::Everything
+    }
+
     /// Writes the stage's results into `ctx.out_dir`. The engine publishes that directory
     /// atomically only if this returns `Ok`; on error it is thrown away.
     fn run(&self, ctx: &RunContext) -> anyhow::Result<()>;
+}
+
+/// The part of an upstream output a job reads (see [`Job::reads_from`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamReads {
+    Everything,
+    /// These files, and every file under these directories, relative to the output.
+    Only(Vec<&'static str>),
 }
 
 /// The message a panic carries (`panic!` with a literal or with formatting), if it is text.

@@ -13,7 +13,8 @@ use arrow::record_batch::RecordBatch;
 use finetune_core::output::write_json;
 use finetune_core::schemars::{self, JsonSchema};
 use finetune_core::{
-    ConfigError, ConfigureContext, Job, RunContext, Stage, Value, parse_params, schema_for,
+    ConfigError, ConfigureContext, Job, RunContext, Stage, UpstreamInfo, UpstreamReads, Value,
+    parse_params, schema_for,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -99,6 +100,15 @@ struct EvaluateJob {
 impl Job for EvaluateJob {
     fn reads(&self) -> Vec<PathBuf> {
         Vec::new()
+    }
+
+    /// Of the train output, the model and the computed half of its log (for the curves):
+    /// not the checkpoints, nor the timings that differ on every rerun.
+    fn reads_from(&self, upstream: &UpstreamInfo) -> UpstreamReads {
+        match upstream.uses.as_str() {
+            "train" => UpstreamReads::Only(vec!["model", "logs/train.jsonl"]),
+            _ => UpstreamReads::Everything,
+        }
     }
 
     fn run(&self, ctx: &RunContext) -> Result<()> {
