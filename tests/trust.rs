@@ -321,3 +321,56 @@ fn a_full_disk_at_publish_names_the_file() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// `{out}` and `{needs.X}` in a `sh -c` script (as fixtures/five.yaml writes them, unquoted)
+/// were pasted in as text: a workspace path with a space broke the script, and one with
+/// `;touch INJECTED;` ran `touch`. In a shell's script they are now quoted variables.
+#[test]
+fn a_workspace_path_is_never_run_as_shell_code() {
+    let ws = Ws::new();
+    let root = ws.file("a dir;touch INJECTED;");
+    for part in ["pipelines", "data", "fixtures"] {
+        copy_dir(&ws.file(part), &root.join(part));
+    }
+    std::fs::copy(ws.file("notes.txt"), root.join("notes.txt")).unwrap();
+    std::fs::write(
+        root.join("fixtures/quoted.yaml"),
+        "name: quoted\nstages:\n  a:\n    uses: command\n    with:\n      \
+         run: [bash, -euc, \"printf '%s' 'in {out}' > \\\"{out}/x y\\\"\"]\n      \
+         outs: [x y]\n",
+    )
+    .unwrap();
+    for pipeline in [FIVE, "fixtures/quoted.yaml"] {
+        let out = Command::new(BIN)
+            .args(["run", pipeline])
+            .current_dir(&root)
+            .env_remove("FINETUNE_HMAC_KEY")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{pipeline}: {}", stderr(&out));
+    }
+    let mut everywhere = Vec::new();
+    walk_names(ws.path(), &mut everywhere);
+    assert!(
+        !everywhere.iter().any(|name| name == "INJECTED"),
+        "the path ran as code"
+    );
+    let report =
+        std::fs::read_to_string(root.join("artifacts/runs/five/report/report.txt")).unwrap();
+    assert!(report.contains("first notes"), "{report}");
+    let quoted = std::fs::read_to_string(root.join("artifacts/runs/quoted/a/x y")).unwrap();
+    assert!(
+        quoted.starts_with("in ") && quoted.contains("a dir;touch INJECTED;/artifacts/tmp/"),
+        "{quoted}"
+    );
+}
+
+fn walk_names(dir: &Path, names: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        names.push(entry.file_name().to_string_lossy().into_owned());
+        if entry.file_type().unwrap().is_dir() {
+            walk_names(&entry.path(), names);
+        }
+    }
+}

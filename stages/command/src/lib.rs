@@ -5,6 +5,8 @@
 //! directory, given as `{out}` in the argv and as `$FINETUNE_OUT`; an upstream stage's output
 //! is `{needs.ID}` and `$FINETUNE_NEEDS_<ID>`. `deps` are the workspace files it reads (their
 //! contents enter the cache key); `outs` are the files it must create in its output directory.
+//! In the script of a shell (`sh -c SCRIPT`) the placeholders become quoted references to
+//! those variables, so that no path is ever parsed as shell code (see [`shell`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read};
@@ -21,12 +23,15 @@ use finetune_core::{
 };
 use serde::Deserialize;
 
+mod shell;
+
 /// `with:` of a `command` stage.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
     /// The program and its arguments. No shell is involved; `{out}` and `{needs.ID}` are
-    /// replaced by the output directory and an upstream stage's output directory. Numbers
+    /// replaced by the output directory and an upstream stage's output directory (in a
+    /// shell's `-c` script, by `"$FINETUNE_OUT"` and `"$FINETUNE_NEEDS_<ID>"`). Numbers
     /// and booleans are taken as their text (`[sleep, 5]`).
     #[serde(deserialize_with = "argv")]
     pub run: Vec<String>,
@@ -124,6 +129,14 @@ struct CommandJob {
     params: Params,
 }
 
+/// The environment variable that holds upstream stage `stage`'s output directory.
+fn needs_variable(stage: &str) -> String {
+    format!(
+        "FINETUNE_NEEDS_{}",
+        stage.to_uppercase().replace(['-', '.'], "_")
+    )
+}
+
 /// Lines of stderr kept for the error message of a failed command.
 const STDERR_TAIL: usize = 20;
 
@@ -133,23 +146,35 @@ impl Job for CommandJob {
     }
 
     fn run(&self, ctx: &RunContext) -> Result<()> {
-        let mut substitutions = vec![("{out}".to_string(), ctx.out_dir.display().to_string())];
+        // (placeholder, path, the variable that holds the path)
+        let mut placeholders = vec![(
+            "{out}".to_string(),
+            ctx.out_dir.display().to_string(),
+            "FINETUNE_OUT".to_string(),
+        )];
         let mut process = Process::new(&self.params.run[0]);
         for upstream in &ctx.upstream {
-            substitutions.push((
+            let var = needs_variable(&upstream.stage);
+            process.env(&var, &upstream.dir);
+            placeholders.push((
                 format!("{{needs.{}}}", upstream.stage),
                 upstream.dir.display().to_string(),
+                var,
             ));
-            let var = format!(
-                "FINETUNE_NEEDS_{}",
-                upstream.stage.to_uppercase().replace('-', "_")
-            );
-            process.env(var, &upstream.dir);
         }
-        let args = self.params.run[1..].iter().map(|arg| {
-            substitutions
-                .iter()
-                .fold(arg.clone(), |a, (from, to)| a.replace(from, to))
+        let script = shell::script_index(&self.params.run);
+        let variables: Vec<(String, String)> = placeholders
+            .iter()
+            .map(|(placeholder, _, var)| (placeholder.clone(), var.clone()))
+            .collect();
+        let args = self.params.run.iter().enumerate().skip(1).map(|(i, arg)| {
+            if Some(i) == script {
+                shell::with_variables(arg, &variables)
+            } else {
+                placeholders
+                    .iter()
+                    .fold(arg.clone(), |a, (from, to, _)| a.replace(from, to))
+            }
         });
         process
             .args(args)
