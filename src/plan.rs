@@ -65,6 +65,7 @@ impl<'r> Plan<'r> {
                 workspace: workspace.root.clone(),
                 stage: decl.id.clone(),
                 upstream,
+                key_variables: pipeline.key_variables.clone(),
             };
             let job = plugin
                 .configure(&decl.with, &ctx)

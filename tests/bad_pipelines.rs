@@ -161,3 +161,83 @@ fn usage_errors_exit_2() {
         stderr(&out)
     );
 }
+
+/// The node budget counted each alias as one value, but an alias copies its anchored text:
+/// a 1 MB string anchored once and aliased 5,000 times grew to 5 GB. The text is budgeted too.
+#[test]
+fn an_alias_bomb_by_bytes_is_refused() {
+    let mut bomb = format!(
+        "name: x\nparams:\n  s: &s \"{}\"\n  l: [",
+        "x".repeat(1 << 20)
+    );
+    bomb.push_str(&vec!["*s"; 5000].join(", "));
+    bomb.push_str("]\nstages: {}\n");
+    let err = fails_with_2(&bomb);
+    assert!(
+        err.contains("bad.yaml:4:") && err.contains("more than 16 MiB of text (an alias bomb?)"),
+        "{err}"
+    );
+}
+
+/// YAML merge keys (`<<: *base`), as CI files share settings: the mapping's own keys win,
+/// whichever side of the merge they stand; an earlier merged mapping wins over a later one.
+#[test]
+fn merge_keys_share_settings() {
+    let ws = Ws::new();
+    let keys = |yaml: &str| -> Vec<serde_json::Value> {
+        ws.write("p.yaml", yaml);
+        let out = ws.run(&["status", "p.yaml", "--json"]);
+        assert!(out.status.success(), "{yaml}\n{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["key"].clone())
+            .collect()
+    };
+    let plain = keys(
+        "name: p\nstages:\n  ingest:\n    uses: ingest_csv\n    with: {path: data/raw/product_reviews.tsv, format: tsv, text: 0, label: 1}\n",
+    );
+    let merged = keys(
+        "name: p\nparams:\n  base: &base {path: data/raw/product_reviews.tsv, format: csv, text: 0}\n  \
+         more: &more {label: 1, format: json}\nstages:\n  ingest:\n    uses: ingest_csv\n    with:\n      \
+         format: tsv\n      <<: [*base, *more]\n",
+    );
+    assert_eq!(merged, plain);
+    let after = keys(
+        "name: p\nparams:\n  base: &base {path: data/raw/product_reviews.tsv, format: csv, text: 0, label: 1}\n\
+         stages:\n  ingest:\n    uses: ingest_csv\n    with:\n      <<: *base\n      format: tsv\n",
+    );
+    assert_eq!(after, plain);
+    let err = fails_with_2("name: x\nstages:\n  a:\n    <<: [1, 2]\n");
+    assert!(
+        err.contains("`<<` takes a mapping or a list of mappings"),
+        "{err}"
+    );
+}
+
+/// `${env.X}` as a whole value reads as a YAML scalar, as `${params.X}` keeps its type:
+/// `seed: "${env.SEED}"` with SEED=7 is the integer 7 (it was the string "7", a type error).
+#[test]
+fn a_whole_env_reference_keeps_the_type_of_its_text() {
+    let ws = Ws::new();
+    let yaml = |seed: &str| {
+        format!(
+            "name: p\nstages:\n  ingest:\n    uses: ingest_csv\n    with: {{path: data/raw/product_reviews.tsv, \
+             format: tsv, text: 0, label: 1, split: {{validation: 0.1, test: 0.2, seed: {seed}}}}}\n"
+        )
+    };
+    let key = |yaml: String| {
+        ws.write("p.yaml", yaml);
+        let out = ws
+            .command(&["status", "p.yaml", "--json"])
+            .env("SEED", "7")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report[0]["key"].clone()
+    };
+    assert_eq!(key(yaml("\"${env.SEED}\"")), key(yaml("7")));
+}

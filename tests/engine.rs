@@ -340,6 +340,63 @@ fn the_signing_key_reaches_no_command_and_no_param() {
     );
 }
 
+/// A key variable of the user's own naming (`key_env: TEAM_KEY`) is as secret as the default:
+/// no command gets it, in its environment or through `env:`, and no param interpolates it.
+/// A variable whose value is no secret (`PATH`) or a value that is no random key is refused.
+#[test]
+fn a_custom_key_variable_is_as_secret_and_a_key_must_look_like_one() {
+    let ws = Ws::new();
+    let pipeline = |extra_with: &str, params: &str| {
+        format!(
+            "name: team\n{params}stages:\n  show:\n    uses: command\n    with:\n      \
+             run: [sh, -c, 'echo \"$${{TEAM_KEY:-unset}}\" > {{out}}/env.txt']\n      \
+             outs: [env.txt]\n{extra_with}  sign:\n    uses: fingerprint\n    needs: [show]\n    \
+             with: {{ key_env: TEAM_KEY }}\n"
+        )
+    };
+    let run = |yaml: String, key: &str| {
+        ws.write("team.yaml", yaml);
+        ws.command(&["run", "team.yaml"])
+            .env("TEAM_KEY", key)
+            .output()
+            .unwrap()
+    };
+    let out = run(pipeline("", ""), "a-team-key-for-tests-0123456789");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = std::fs::read_to_string(ws.file("artifacts/runs/team/show/env.txt")).unwrap();
+    assert_eq!(shown, "unset\n");
+
+    let refused = [
+        (
+            pipeline("", "params:\n  key: ${env.TEAM_KEY}\n"),
+            "a-team-key-for-tests-0123456789",
+            "the HMAC key cannot be put into params",
+        ),
+        (
+            pipeline("      env: { TEAM_KEY: leaked }\n", ""),
+            "a-team-key-for-tests-0123456789",
+            "holds the pipeline's signing key, which no command receives",
+        ),
+        (
+            pipeline("", "").replace("key_env: TEAM_KEY", "key_env: PATH"),
+            "a-team-key-for-tests-0123456789",
+            "`PATH` cannot hold an HMAC key: it is a well-known variable",
+        ),
+        (
+            pipeline("", ""),
+            "aaaaaaaaaaaaaaaaaaaaaaaa",
+            "does not look random (only 1 different bytes)",
+        ),
+    ];
+    for (yaml, key, expected) in refused {
+        let out = run(yaml, key);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{expected}: {err}");
+        assert!(err.contains(expected), "{expected}: {err}");
+        assert!(!err.contains(key), "the key is printed: {err}");
+    }
+}
+
 #[test]
 fn stages_lists_plugins_with_their_params() {
     let ws = Ws::new();

@@ -1,8 +1,10 @@
 //! `${params.x}` and `${env.NAME}` / `${env.NAME:-default}` in pipeline values.
 //!
 //! A string that is exactly one reference takes the referenced value with its type, so
-//! `seed: "${params.seed}"` is the integer 42, not the string "42". A reference inside a longer
-//! string is spliced in as text. `$${` writes a literal `${`.
+//! `seed: "${params.seed}"` is the integer 42, not the string "42", and `epochs: "${env.EP}"`
+//! reads the variable's text as a YAML scalar would be read (`3` an integer, `true` a
+//! boolean, `1e-3` a number). A reference inside a longer string is spliced in as text.
+//! `$${` writes a literal `${`.
 
 use serde_json::Value;
 
@@ -11,6 +13,9 @@ pub struct Scope<'a> {
     /// The pipeline's `params:`, or `None` while interpolating `params:` itself.
     pub params: Option<&'a Value>,
     pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// Variables that hold signing keys (`FINETUNE_HMAC_KEY` and every `key_env` the pipeline
+    /// names): never interpolated, since params are written to lock files and logs.
+    pub secrets: &'a [String],
 }
 
 /// A reference that cannot be resolved; the caller adds the position.
@@ -44,7 +49,10 @@ pub fn interpolate(text: &str, scope: &Scope) -> Result<Value, InterpolateError>
     }
     let pieces = split(text)?;
     if let [Piece::Reference(reference)] = pieces.as_slice() {
-        return lookup(reference, scope);
+        return Ok(match lookup(reference, scope)? {
+            Value::String(text) if reference.starts_with("env.") => typed(text),
+            value => value,
+        });
     }
     let mut out = String::new();
     for piece in pieces {
@@ -117,7 +125,7 @@ fn lookup(reference: &str, scope: &Scope) -> Result<Value, InterpolateError> {
             Some((name, default)) => (name, Some(default)),
             None => (spec, None),
         };
-        if name == finetune_core::integrity::DEFAULT_KEY_ENV {
+        if scope.secrets.iter().any(|secret| secret == name) {
             return Err(InterpolateError::SigningKey(reference.to_string()));
         }
         return match ((scope.env)(name), default) {
@@ -132,6 +140,19 @@ fn lookup(reference: &str, scope: &Scope) -> Result<Value, InterpolateError> {
     Err(InterpolateError::Unknown(reference.to_string()))
 }
 
+/// An environment variable's text as a plain YAML scalar reads: `3` is 3, `off` stays text.
+fn typed(text: String) -> Value {
+    match super::yaml::resolve_plain(&text) {
+        super::yaml::Value::Null => Value::Null,
+        super::yaml::Value::Bool(b) => Value::Bool(b),
+        super::yaml::Value::Int(i) => Value::from(i),
+        super::yaml::Value::Float(f) => {
+            serde_json::Number::from_f64(f).map_or(Value::String(text), Value::Number)
+        }
+        _ => Value::String(text),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,12 +160,20 @@ mod tests {
 
     fn with_params(text: &str) -> Result<Value, InterpolateError> {
         let params = json!({ "seed": 42, "name": "x", "nested": { "lr": 0.5 } });
-        let env = |name: &str| (name == "HOME_DIR").then(|| "/home/me".to_string());
+        let env = |name: &str| match name {
+            "HOME_DIR" => Some("/home/me".to_string()),
+            "EP" => Some("3".to_string()),
+            "LR" => Some("1.0e-3".to_string()),
+            "ON" => Some("true".to_string()),
+            "TAG" => Some("007x".to_string()),
+            _ => None,
+        };
         interpolate(
             text,
             &Scope {
                 params: Some(&params),
                 env: &env,
+                secrets: &["FINETUNE_HMAC_KEY".to_string(), "TEAM_KEY".to_string()],
             },
         )
     }
@@ -183,6 +212,24 @@ mod tests {
                 .to_string()
                 .contains("`NOPE` is not set")
         );
+    }
+
+    #[test]
+    fn a_whole_env_reference_reads_as_a_yaml_scalar() {
+        assert_eq!(with_params("${env.EP}").unwrap(), json!(3));
+        assert_eq!(with_params("${env.LR}").unwrap(), json!(1.0e-3));
+        assert_eq!(with_params("${env.ON}").unwrap(), json!(true));
+        assert_eq!(with_params("${env.TAG}").unwrap(), json!("007x"));
+        assert_eq!(with_params("${env.NOPE:-8}").unwrap(), json!(8));
+        assert_eq!(with_params("e${env.EP}").unwrap(), json!("e3"));
+    }
+
+    #[test]
+    fn key_variables_are_never_interpolated() {
+        for reference in ["${env.FINETUNE_HMAC_KEY}", "x-${env.TEAM_KEY:-d}"] {
+            let err = with_params(reference).unwrap_err();
+            assert!(matches!(err, InterpolateError::SigningKey(_)), "{err}");
+        }
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct Pipeline {
     pub params: Json,
     /// In file order.
     pub stages: Vec<StageDecl>,
+    /// The environment variables that hold signing keys: `FINETUNE_HMAC_KEY` and every
+    /// `key_env` a stage names. Never interpolated, never passed to a command.
+    pub key_variables: Vec<String>,
 }
 
 /// One entry of `stages:`.
@@ -244,11 +247,16 @@ impl Reader<'_> {
             }
             None => return Err(self.error(root.mark, None, Some("name"), "missing required key")),
         };
+        let key_variables = key_variables(root);
         let params = match get("params") {
             Some((_, _, node)) => {
                 self.mapping(node, None, Some("params"))?;
                 let mut ignored = HashMap::new();
-                let scope = Scope { params: None, env };
+                let scope = Scope {
+                    params: None,
+                    env,
+                    secrets: &key_variables,
+                };
                 self.to_json(node, &scope, None, "params", &mut ignored)?
             }
             None => Json::Object(Map::new()),
@@ -270,6 +278,7 @@ impl Reader<'_> {
         let scope = Scope {
             params: Some(&params),
             env,
+            secrets: &key_variables,
         };
         let stages = stage_entries
             .iter()
@@ -280,6 +289,7 @@ impl Reader<'_> {
             name,
             params,
             stages,
+            key_variables,
         })
     }
 
@@ -428,6 +438,30 @@ fn is_plain_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// `FINETUNE_HMAC_KEY` and the value of every `key_env:` in the file, wherever it stands.
+fn key_variables(root: &Node) -> Vec<String> {
+    fn walk(node: &Node, found: &mut Vec<String>) {
+        match &node.value {
+            Value::Map(entries) => {
+                for (key, _, value) in entries {
+                    if let (KEY_ENV, Value::Str(name)) = (key.as_str(), &value.value)
+                        && !found.contains(name)
+                    {
+                        found.push(name.clone());
+                    }
+                    walk(value, found);
+                }
+            }
+            Value::Seq(items) => items.iter().for_each(|item| walk(item, found)),
+            _ => {}
+        }
+    }
+    const KEY_ENV: &str = "key_env";
+    let mut found = vec![finetune_core::integrity::DEFAULT_KEY_ENV.to_string()];
+    walk(root, &mut found);
+    found
 }
 
 #[cfg(test)]

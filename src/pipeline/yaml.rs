@@ -9,6 +9,9 @@ use yaml_rust2::scanner::{Marker, TScalarStyle};
 /// Aliases may repeat a subtree; past this many nodes in all the file is refused, which stops
 /// "billion laughs" alias bombs long before they cost memory.
 const MAX_NODES: usize = 100_000;
+/// The same for the text in the expanded document: a few aliases of one long anchored string
+/// cost as much memory as a million nodes. Real pipeline files are a few kilobytes.
+const MAX_BYTES: usize = 16 << 20;
 
 /// Where a node starts in its file (1-based line and column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,16 +47,28 @@ pub struct Node {
     pub mark: Mark,
     /// Nodes in this subtree, itself included (for the alias budget).
     size: usize,
+    /// Bytes of text (scalars and keys) in this subtree (for the alias budget).
+    bytes: usize,
 }
 
 impl Node {
     pub fn new(value: Value, mark: Mark) -> Self {
-        let size = 1 + match &value {
-            Value::Seq(items) => items.iter().map(|n| n.size).sum(),
-            Value::Map(entries) => entries.iter().map(|(_, _, n)| n.size).sum(),
-            _ => 0,
+        let (size, bytes) = match &value {
+            Value::Seq(items) => items
+                .iter()
+                .fold((1, 0), |(size, bytes), n| (size + n.size, bytes + n.bytes)),
+            Value::Map(entries) => entries.iter().fold((1, 0), |(size, bytes), (k, _, n)| {
+                (size + n.size, bytes + k.len() + n.bytes)
+            }),
+            Value::Str(s) => (1, s.len()),
+            _ => (1, 8),
         };
-        Node { value, mark, size }
+        Node {
+            value,
+            mark,
+            size,
+            bytes,
+        }
     }
 
     /// What kind of value this is, for error messages ("a mapping", "a string").
@@ -110,6 +125,8 @@ struct Builder {
     anchors: HashMap<usize, Node>,
     root: Option<Node>,
     nodes: usize,
+    /// Bytes of text the expanded document holds so far: each alias counts its copy.
+    bytes: usize,
 }
 
 enum Open {
@@ -121,6 +138,8 @@ enum Open {
     Map {
         entries: Vec<(String, Mark, Node)>,
         pending_key: Option<(String, Mark)>,
+        /// Keys that came in through a merge key (`<<: *base`): an explicit key replaces them.
+        merged: Vec<String>,
         anchor: usize,
         mark: Mark,
     },
@@ -154,6 +173,7 @@ impl Builder {
                 self.open.push(Open::Map {
                     entries: Vec::new(),
                     pending_key: None,
+                    merged: Vec::new(),
                     anchor,
                     mark,
                 });
@@ -183,6 +203,8 @@ impl Builder {
                 })?;
                 // The copy counts in full: that is what makes an alias bomb expensive.
                 self.nodes += node.size - 1;
+                self.bytes += node.bytes;
+                self.check_text_budget(mark)?;
                 self.complete(node, 0)
             }
             Event::StreamStart
@@ -204,6 +226,10 @@ impl Builder {
                 ),
             });
         }
+        if let Value::Str(text) = &node.value {
+            self.bytes += text.len();
+        }
+        self.check_text_budget(node.mark)?;
         if anchor != 0 {
             self.anchors.insert(anchor, node.clone());
         }
@@ -213,37 +239,45 @@ impl Builder {
             Some(Open::Map {
                 entries,
                 pending_key,
+                merged,
                 ..
             }) => match pending_key.take() {
+                Some((key, key_mark)) if key == MERGE_KEY => {
+                    merge_into(entries, merged, node, key_mark)?;
+                }
                 Some((key, key_mark)) => {
-                    if entries.iter().any(|(k, _, _)| *k == key) {
-                        return Err(SyntaxError {
-                            mark: key_mark,
-                            message: format!("duplicate key `{key}`"),
-                        });
+                    if let Some(at) = entries.iter().position(|(k, _, _)| *k == key) {
+                        let Some(m) = merged.iter().position(|k| *k == key) else {
+                            return Err(SyntaxError {
+                                mark: key_mark,
+                                message: format!("duplicate key `{key}`"),
+                            });
+                        };
+                        merged.swap_remove(m);
+                        entries.remove(at);
                     }
                     entries.push((key, key_mark, node));
                 }
                 None => {
-                    let key = match node.value {
-                        Value::Str(s) => s,
-                        Value::Int(i) => i.to_string(),
-                        Value::Bool(b) => b.to_string(),
-                        Value::Float(f) => f.to_string(),
-                        Value::Null => "null".into(),
-                        Value::Seq(_) | Value::Map(_) => {
-                            return Err(SyntaxError {
-                                mark: node.mark,
-                                message: "mapping keys must be plain values, not lists or mappings"
-                                    .into(),
-                            });
-                        }
-                    };
-                    *pending_key = Some((key, node.mark));
+                    let mark = node.mark;
+                    *pending_key = Some((mapping_key(node)?, mark));
                 }
             },
         }
         Ok(())
+    }
+
+    fn check_text_budget(&self, mark: Mark) -> Result<(), SyntaxError> {
+        if self.bytes <= MAX_BYTES {
+            return Ok(());
+        }
+        Err(SyntaxError {
+            mark,
+            message: format!(
+                "the document expands to more than {} MiB of text (an alias bomb?); refusing it",
+                MAX_BYTES >> 20
+            ),
+        })
     }
 
     fn finish(self) -> Node {
@@ -252,8 +286,66 @@ impl Builder {
     }
 }
 
+/// YAML's merge key: `<<: *base` (or `<<: [*a, *b]`) takes the keys of the mappings named
+/// that this mapping does not set itself, as CI files use it to share settings.
+const MERGE_KEY: &str = "<<";
+
+/// A scalar as a mapping key.
+fn mapping_key(node: Node) -> Result<String, SyntaxError> {
+    Ok(match node.value {
+        Value::Str(s) => s,
+        Value::Int(i) => i.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Null => "null".into(),
+        Value::Seq(_) | Value::Map(_) => {
+            return Err(SyntaxError {
+                mark: node.mark,
+                message: "mapping keys must be plain values, not lists or mappings".into(),
+            });
+        }
+    })
+}
+
+/// Adds the keys of the merged mapping(s) in `value` that `entries` lacks; with a list, an
+/// earlier mapping's key wins over a later one's.
+fn merge_into(
+    entries: &mut Vec<(String, Mark, Node)>,
+    merged: &mut Vec<String>,
+    value: Node,
+    mark: Mark,
+) -> Result<(), SyntaxError> {
+    let sources = match value.value {
+        Value::Map(map) => vec![map],
+        Value::Seq(items) => items
+            .into_iter()
+            .map(|item| match item.value {
+                Value::Map(map) => Ok(map),
+                _ => Err(item.mark),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|mark| SyntaxError {
+                mark,
+                message: format!("`{MERGE_KEY}` takes a mapping or a list of mappings"),
+            })?,
+        _ => {
+            return Err(SyntaxError {
+                mark,
+                message: format!("`{MERGE_KEY}` takes a mapping or a list of mappings"),
+            });
+        }
+    };
+    for (key, key_mark, node) in sources.into_iter().flatten() {
+        if !entries.iter().any(|(k, _, _)| *k == key) {
+            merged.push(key.clone());
+            entries.push((key, key_mark, node));
+        }
+    }
+    Ok(())
+}
+
 /// The YAML 1.2 core schema for plain (unquoted) scalars.
-fn resolve_plain(text: &str) -> Value {
+pub fn resolve_plain(text: &str) -> Value {
     match text {
         "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
         "true" | "True" | "TRUE" => return Value::Bool(true),

@@ -107,7 +107,18 @@ impl Stage for Command {
                 }
             }
         }
-        Ok(Box::new(CommandJob { params }))
+        for name in params.env.keys() {
+            if ctx.key_variables.contains(name) {
+                return Err(ConfigError::at(
+                    format!("env.{name}"),
+                    "this variable holds the pipeline's signing key, which no command receives",
+                ));
+            }
+        }
+        Ok(Box::new(CommandJob {
+            params,
+            key_variables: ctx.key_variables.clone(),
+        }))
     }
 }
 
@@ -127,6 +138,8 @@ fn needs_placeholders(arg: &str) -> Vec<&str> {
 
 struct CommandJob {
     params: Params,
+    /// Removed from the program's environment: a printed environment would put a key in logs.
+    key_variables: Vec<String>,
 }
 
 /// The environment variable that holds upstream stage `stage`'s output directory.
@@ -162,6 +175,11 @@ impl Job for CommandJob {
                 var,
             ));
         }
+        // The signing keys are the engine's and the signing stages', never a command's.
+        process.env_remove(finetune_core::integrity::DEFAULT_KEY_ENV);
+        for name in &self.key_variables {
+            process.env_remove(name);
+        }
         let script = shell::script_index(&self.params.run);
         let variables: Vec<(String, String)> = placeholders
             .iter()
@@ -182,9 +200,6 @@ impl Job for CommandJob {
             .env("FINETUNE_OUT", &ctx.out_dir)
             .env("FINETUNE_WORKSPACE", &ctx.workspace)
             .env("FINETUNE_STAGE", &ctx.stage)
-            // The signing key is the engine's and the train stage's, never a command's: its
-            // output (and a printed environment) would carry it into logs.
-            .env_remove(finetune_core::integrity::DEFAULT_KEY_ENV)
             .envs(&self.params.env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -258,6 +273,7 @@ mod tests {
                 stage: "ingest".into(),
                 uses: "ingest_csv".into(),
             }],
+            key_variables: vec!["FINETUNE_HMAC_KEY".into(), "TEAM_KEY".into()],
         };
         Command.configure(&with, &ctx)
     }

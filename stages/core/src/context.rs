@@ -20,6 +20,9 @@ pub struct ConfigureContext {
     pub stage: String,
     /// The stages this one `needs`, in the order the pipeline lists them.
     pub upstream: Vec<UpstreamInfo>,
+    /// The environment variables that hold the pipeline's signing keys: a stage that starts
+    /// programs removes them from their environment.
+    pub key_variables: Vec<String>,
 }
 
 impl ConfigureContext {

@@ -17,6 +17,73 @@ pub const DEFAULT_KEY_ENV: &str = "FINETUNE_HMAC_KEY";
 pub const WORKSPACE_KEY: &str = ".finetune/hmac.key";
 /// Shorter keys are refused: an HMAC is only as strong as its key.
 const MIN_KEY_BYTES: usize = 16;
+/// A key of fewer different bytes is a word or a pattern, not a random key (a hex key of 16
+/// bytes or more has about 10 of the 16 digits in practice, nearly always 8 or more).
+const MIN_DISTINCT_BYTES: usize = 6;
+/// Variables the system or the shell set, whose values are known to anyone: never a key.
+const WELL_KNOWN_VARIABLES: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "PWD",
+    "OLDPWD",
+    "TERM",
+    "LANG",
+    "LANGUAGE",
+    "HOSTNAME",
+    "HOST",
+    "TMPDIR",
+    "TMP",
+    "TEMP",
+    "EDITOR",
+    "VISUAL",
+    "PAGER",
+    "DISPLAY",
+    "MAIL",
+    "SHLVL",
+    "TZ",
+    "CI",
+    "MANPATH",
+    "INFOPATH",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "CARGO_HOME",
+    "RUSTUP_HOME",
+    "_",
+];
+/// Prefixes of the same kind: locale, desktop, loader variables.
+const WELL_KNOWN_PREFIXES: &[&str] = &["LC_", "XDG_", "LD_", "DYLD_", "SSH_", "GIT_"];
+
+fn distinct_bytes(bytes: &[u8]) -> usize {
+    let mut seen = [false; 256];
+    bytes.iter().for_each(|&b| seen[usize::from(b)] = true);
+    seen.iter().filter(|&&s| s).count()
+}
+
+/// Whether `name` may hold a key: an environment variable's name, and none the system sets.
+pub fn check_key_variable(name: &str) -> Result<(), KeyError> {
+    let why = if name.is_empty()
+        || name.starts_with(|c: char| c.is_ascii_digit())
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        Some("it is not an environment variable name (letters, digits and `_`)")
+    } else if WELL_KNOWN_VARIABLES.contains(&name)
+        || WELL_KNOWN_PREFIXES.iter().any(|p| name.starts_with(p))
+    {
+        Some("it is a well-known variable whose value is no secret")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(KeyError::NotAKeyVariable {
+            name: name.to_string(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
 
 /// Where a fingerprinting stage takes its key from (`with:` of `fingerprint`, `train`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -84,6 +151,14 @@ pub enum KeyError {
         path.display()
     )]
     Exposed { path: PathBuf, mode: u32 },
+    #[error(
+        "`{name}` cannot hold an HMAC key: {why}; name a variable of your own, e.g. FINETUNE_HMAC_KEY"
+    )]
+    NotAKeyVariable { name: String, why: &'static str },
+    #[error(
+        "the HMAC key in {origin} does not look random (only {distinct} different bytes); use random bytes, e.g. `openssl rand -hex 32`"
+    )]
+    NotRandom { origin: KeySource, distinct: usize },
     #[error("cannot read key file {}: {err}", path.display())]
     Unreadable { path: PathBuf, err: std::io::Error },
     #[error("cannot create the workspace key {}: {err}", path.display())]
@@ -114,6 +189,13 @@ impl SigningKey {
             return Err(KeyError::TooShort {
                 origin: source,
                 len: secret.len(),
+            });
+        }
+        let distinct = distinct_bytes(&secret);
+        if distinct < MIN_DISTINCT_BYTES {
+            return Err(KeyError::NotRandom {
+                origin: source,
+                distinct,
             });
         }
         let mut key = SigningKey {
@@ -162,6 +244,7 @@ impl KeyConfig {
     /// The key this config names: `key_file` if set, else `key_env` if set; `None` when the
     /// user configured no key (the caller decides whether the workspace key will do).
     pub fn configured(&self, workspace: &Path) -> Result<Option<SigningKey>, KeyError> {
+        check_key_variable(&self.key_env)?;
         let source = match &self.key_file {
             Some(path) => KeySource::File { path: path.clone() },
             None if std::env::var_os(&self.key_env).is_some() => KeySource::Env {
@@ -185,12 +268,14 @@ impl KeyConfig {
 /// Loads the key from `source` (relative paths are relative to `workspace`).
 pub fn load(source: &KeySource, workspace: &Path) -> Result<SigningKey, KeyError> {
     match source {
-        KeySource::Env { name } => match std::env::var_os(name) {
-            Some(value) => SigningKey::new(value.into_encoded_bytes(), source.clone()),
-            None => Err(KeyError::Missing {
-                origin: source.clone(),
-            }),
-        },
+        KeySource::Env { name } => {
+            match check_key_variable(name).map(|()| std::env::var_os(name))? {
+                Some(value) => SigningKey::new(value.into_encoded_bytes(), source.clone()),
+                None => Err(KeyError::Missing {
+                    origin: source.clone(),
+                }),
+            }
+        }
         KeySource::File { path } | KeySource::Workspace { path } => {
             let secret = read_key_file(&workspace.join(path), source)?;
             SigningKey::new(secret, source.clone())
