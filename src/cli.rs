@@ -374,6 +374,12 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             for stray in &report.strays {
                 println!("{verb} artifacts/cache/{stray} (not a cache entry)");
             }
+            if report.scratch > 0 {
+                println!(
+                    "{verb} the checkpoints of {} interrupted runs in artifacts/scratch",
+                    report.scratch
+                );
+            }
             if report.damaged > 0 {
                 println!(
                     "{verb} {} damaged entries set aside in artifacts/damaged",

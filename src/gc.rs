@@ -1,5 +1,6 @@
 //! `finetune gc`: removes cache entries that no lock file references, whatever else lies in
-//! the cache directory, and the entries earlier runs set aside as damaged.
+//! the cache directory, the entries earlier runs set aside as damaged, and the checkpoints
+//! interrupted runs left in `artifacts/scratch/` to resume from.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -19,6 +20,8 @@ pub struct GcReport {
     pub strays: Vec<String>,
     /// Entries set aside as damaged (`artifacts/damaged/`), removed.
     pub damaged: usize,
+    /// Interrupted runs' scratch directories (`artifacts/scratch/`), removed.
+    pub scratch: usize,
     pub bytes_freed: u64,
     pub lock_files: Vec<PathBuf>,
 }
@@ -50,6 +53,7 @@ pub fn gc(workspace: &Workspace, extra_pipelines: &[PathBuf], dry_run: bool) -> 
     if !dry_run {
         store.clear_tmp()?;
         report.damaged = store.clear_damaged()?;
+        report.scratch = store.clear_scratch()?;
         let mut memo = DigestMemo::load(&workspace.memo_file());
         memo.forget_missing();
         memo.save()?;

@@ -202,6 +202,14 @@ pub fn run(
                     states[index] = State::WouldRun;
                     continue;
                 }
+                if forced.contains(&index) && store.discard_scratch(&key)? {
+                    sink.emit(Event::Notice {
+                        stage: decl.id.clone(),
+                        text: "--force starts clean: discarded the checkpoints an interrupted \
+                               run of this stage left to resume from"
+                            .to_string(),
+                    });
+                }
                 sink.emit(Event::StageStarted {
                     stage: decl.id.clone(),
                     uses: decl.uses.clone(),

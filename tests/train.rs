@@ -327,6 +327,54 @@ fn a_run_killed_mid_training_resumes_from_its_last_checkpoint_with_the_same_resu
     );
 }
 
+/// A killed `--force train` left checkpoints that the next `--force train` silently resumed
+/// from, and that neither `run` nor `gc` removed: a forced rerun now starts clean and says
+/// so, and `gc` removes an interrupted run's checkpoints.
+#[test]
+fn a_forced_rerun_starts_clean_and_gc_removes_what_a_killed_run_left() {
+    let ws = Ws::new();
+    short_run(&ws);
+    ws.run_ok(&[]);
+    let kill_forced_train = || {
+        let mut child = ws
+            .command(&["run", "--json", "--force", "train"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        kill_once_scratch_has(
+            &ws,
+            &mut child,
+            "checkpoints/checkpoint-20/trainer_state.json",
+        );
+    };
+    kill_forced_train();
+    let events = ws.run_ok(&["--force", "train"]);
+    let texts: Vec<&str> = events
+        .iter()
+        .filter(|e| e["stage"] == "train")
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert!(
+        texts.iter().any(|t| t.starts_with("--force starts clean")),
+        "{texts:?}"
+    );
+    assert!(
+        !texts.iter().any(|t| t.starts_with("resuming from")),
+        "{texts:?}"
+    );
+
+    kill_forced_train();
+    let out = ws.run(&["gc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("removed the checkpoints of 1 interrupted runs in artifacts/scratch"),
+        "{text}"
+    );
+    assert!(!ws.file("artifacts/scratch").exists());
+}
+
 /// Waits until the train stage of `ws`'s run has created its scratch directory (training has
 /// begun); panics if `child` ends first or nothing starts within 2 minutes.
 fn wait_for_training(ws: &Ws, child: &mut std::process::Child) {

@@ -192,6 +192,31 @@ impl Store {
         Ok(dir)
     }
 
+    /// Throws away what an interrupted run of `key` left in its scratch directory (for a
+    /// forced rerun, which starts clean). Returns whether there was anything.
+    pub fn discard_scratch(&self, key: &str) -> Result<bool> {
+        let dir = self.scratch.join(key);
+        let had_files = std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some());
+        match std::fs::remove_dir_all(&dir) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(err).with_context(|| format!("cannot remove {}", dir.display()))
+            }
+            _ => Ok(had_files),
+        }
+    }
+
+    /// Removes every scratch directory (for `gc`): what interrupted runs left to resume from.
+    /// Returns how many there were.
+    pub fn clear_scratch(&self) -> Result<usize> {
+        let count = std::fs::read_dir(&self.scratch).map_or(0, |entries| entries.count());
+        match std::fs::remove_dir_all(&self.scratch) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(err).with_context(|| format!("cannot remove {}", self.scratch.display()))
+            }
+            _ => Ok(count),
+        }
+    }
+
     /// Seals `staged` with its manifest and publishes it as the entry for `key`, replacing an
     /// existing entry (a forced rerun). Everything is flushed to disk before the rename.
     pub fn publish(&self, key: &str, staged: &Path) -> Result<Entry> {
