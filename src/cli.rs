@@ -161,6 +161,9 @@ pub fn main(registry: Registry) -> ExitCode {
             };
         }
     };
+    if !matches!(cli.command, Command::Run { .. }) {
+        die_quietly_on_a_closed_pipe();
+    }
     match execute(cli, &registry) {
         Ok(code) => code,
         Err(err) => {
@@ -169,6 +172,17 @@ pub fn main(registry: Registry) -> ExitCode {
                 || err.downcast_ref::<UsageError>().is_some();
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
+    }
+}
+
+/// `finetune verify | head` closes the pipe early; Rust ignores SIGPIPE, so the next print
+/// would panic. A command that only reports ends quietly instead, as `cat` and `grep` do. Not
+/// for `run`: its reporter drops write errors, so a closed pipe never stops a stage midway.
+fn die_quietly_on_a_closed_pipe() {
+    // SAFETY: called on the main thread before any other thread starts; SIG_DFL is a valid
+    // disposition for SIGPIPE, and no handler of ours is replaced.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

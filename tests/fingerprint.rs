@@ -510,3 +510,81 @@ fn a_fingerprint_that_names_its_own_key_file_does_not_verify() {
     assert!(!passed, "the forgery verified: {report}");
     assert!(report.contains("wrong key"), "{report}");
 }
+
+/// `covers[].dir` says where `verify` reads. An altered fingerprint pointing it at /etc/ssl
+/// was followed and hashed; now nothing in an altered file is followed, and even a correctly
+/// signed one that covers a directory outside the workspace is refused.
+#[test]
+fn verify_never_reads_outside_the_workspace() {
+    use finetune_core::integrity::{self, Fingerprint, KeySource};
+
+    let ws = Ws::new();
+    let out = with_key(&ws, Some(KEY), &["run"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let signed = output_dir(&ws, "reviews", "fingerprint");
+    let fingerprint_file = signed.join("fingerprint.json");
+    let genuine = std::fs::read(&fingerprint_file).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret.pem"), "not the workspace's").unwrap();
+
+    let mut altered: serde_json::Value = serde_json::from_slice(&genuine).unwrap();
+    altered["manifest"]["covers"][0]["dir"] = outside.path().display().to_string().into();
+    std::fs::write(&fingerprint_file, altered.to_string()).unwrap();
+    let (passed, report) = verify(&ws, Some(KEY), &["--key-env", "FINETUNE_HMAC_KEY"]);
+    assert!(!passed);
+    assert!(report.contains("altered  fingerprint.json"), "{report}");
+    assert!(!report.contains("secret.pem"), "it read outside: {report}");
+
+    let key_file = ws.file("team.key");
+    std::fs::write(&key_file, KEY).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = integrity::load(&KeySource::File { path: key_file }, ws.path()).unwrap();
+    let genuine: Fingerprint = serde_json::from_slice(&genuine).unwrap();
+    let mut covers: Vec<_> = genuine
+        .manifest
+        .covers
+        .iter()
+        .map(|covered| (covered.clone(), signed.join(&covered.dir)))
+        .collect();
+    covers[0].0.dir = outside.path().display().to_string();
+    covers[0].1 = outside.path().to_path_buf();
+    let signed_outside = integrity::sign(covers, genuine.manifest.context, &key).unwrap();
+    std::fs::write(
+        &fingerprint_file,
+        serde_json::to_vec(&signed_outside).unwrap(),
+    )
+    .unwrap();
+    let (passed, report) = verify(&ws, Some(KEY), &["--key-env", "FINETUNE_HMAC_KEY"]);
+    assert!(!passed);
+    assert!(
+        report.contains("outside the workspace; refusing to read it"),
+        "{report}"
+    );
+}
+
+/// `finetune verify | head` closed the pipe and the next print panicked; a reporting command
+/// now ends quietly, as `cat` does.
+#[test]
+fn a_closed_pipe_ends_a_report_quietly() {
+    let ws = Ws::new();
+    let out = with_key(&ws, Some(KEY), &["run"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = ws
+        .command(&["verify"])
+        .env("FINETUNE_HMAC_KEY", KEY)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc_sigpipe()),
+        "{:?}: {err}",
+        out.status
+    );
+}

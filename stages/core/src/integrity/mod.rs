@@ -256,21 +256,44 @@ pub fn verify(
             origin: key.source().clone(),
         });
     }
-    let mut problems = Vec::new();
-    if !key.verify(&fingerprint.manifest.signed_bytes()?, &fingerprint.mac) {
-        problems.push(Problem::Tampered);
-    }
     let manifest = &fingerprint.manifest;
+    if !key.verify(&manifest.signed_bytes()?, &fingerprint.mac) {
+        // Nothing in an altered file is followed: its `covers` could point anywhere.
+        return Ok(Verification {
+            key_id: manifest.key_id.clone(),
+            files: manifest.files.len(),
+            problems: vec![Problem::Tampered],
+        });
+    }
     let mut now = Vec::new();
     for covered in &manifest.covers {
-        now.extend(hash_covered(&dir.join(&covered.dir), covered)?);
+        now.extend(hash_covered(&inside(workspace, dir, covered)?, covered)?);
     }
-    problems.extend(compare(&manifest.files, &now));
+    let problems = compare(&manifest.files, &now);
     Ok(Verification {
         key_id: manifest.key_id.clone(),
         files: manifest.files.len(),
         problems,
     })
+}
+
+/// The directory `covered` names, refused unless it lies inside the workspace: even a
+/// signed fingerprint is never a reason to read elsewhere.
+fn inside(workspace: &Path, dir: &Path, covered: &Covered) -> Result<PathBuf, VerifyError> {
+    let target = dir.join(&covered.dir);
+    let resolve = |path: &Path| {
+        std::fs::canonicalize(path).with_context(|| format!("cannot resolve {}", path.display()))
+    };
+    let (root, resolved) = (resolve(workspace)?, resolve(&target)?);
+    if !resolved.starts_with(&root) {
+        return Err(VerifyError::Unreadable(anyhow::anyhow!(
+            "{} covers `{}`, which is {}, outside the workspace; refusing to read it",
+            dir.join(FINGERPRINT_FILE).display(),
+            covered.dir,
+            resolved.display()
+        )));
+    }
+    Ok(resolved)
 }
 
 /// Whether `source` is one the verifier holds rather than one the fingerprint could supply.
