@@ -3,7 +3,10 @@
 //! 1. a no-op rerun of a 5-stage pipeline (the whole process: start, parse, hash check, exit),
 //!    against the 20 ms target and the figures measured for dvc, snakemake and make;
 //! 2. SHA-256 of a 1 GiB file by the cache's hasher against `openssl dgst -sha256`;
-//! 3. a rerun after `touch` of a large input without a content change.
+//! 3. a rerun after `touch` of a large input without a content change;
+//! 4. what checking cache entries against their manifests (presence, type, size, digest
+//!    through the memo) adds to a no-op rerun of the default pipeline, against its 5 ms
+//!    target: every entry looked up with its checks, less reading the manifests alone.
 //!
 //! `FINETUNE_BENCH_MIB` sets the size of the large file (default 1024).
 
@@ -11,7 +14,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use finetune::cache::digest::sha256_file;
+use finetune::cache::digest::{DigestMemo, sha256_file};
+use finetune::cache::store::{Lookup, Store};
 
 const BIN: &str = env!("CARGO_BIN_EXE_finetune");
 const RUNS: usize = 21;
@@ -71,6 +75,86 @@ fn main() {
         gbps(touched),
         ms(untouched)
     );
+
+    entry_checks();
+}
+
+/// Benchmark 4, on a workspace that ran the default pipeline (a few seconds of training).
+fn entry_checks() {
+    let ws = tempfile::tempdir().expect("temp dir");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in ["data", "pipelines"] {
+        copy_tree(&repo.join(dir), &ws.path().join(dir));
+    }
+    let _ = std::fs::remove_file(ws.path().join("pipelines/reviews.lock"));
+    let first = Command::new(BIN)
+        .args(["run", "--json"])
+        .current_dir(ws.path())
+        .env_remove("FINETUNE_HMAC_KEY")
+        .output()
+        .expect("first run");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    time_run(ws.path(), "pipelines/reviews.yaml"); // the memo now stamps every entry's files
+    let lock: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(ws.path().join("pipelines/reviews.lock")).expect("lock file"),
+    )
+    .expect("lock JSON");
+    let keys: Vec<String> = lock["stages"]
+        .as_object()
+        .expect("stages")
+        .values()
+        .map(|s| s["key"].as_str().expect("key").to_string())
+        .collect();
+    let store = Store::new(&ws.path().join("artifacts"));
+    let memo_file = ws.path().join("artifacts/digests.json");
+    let mut files = 0;
+    let checked = median(RUNS, || {
+        let mut memo = DigestMemo::load(&memo_file);
+        timed(|| {
+            files = 0;
+            for key in &keys {
+                let Ok(Lookup::Hit(entry)) = store.lookup(key, &mut memo) else {
+                    panic!("entry {key} is not a clean hit");
+                };
+                files += entry.manifest.files.len();
+            }
+        })
+    });
+    let manifests_only = median(RUNS, || {
+        timed(|| {
+            for key in &keys {
+                let bytes = std::fs::read(store.entry_dir(key).join(".finetune-manifest.json"));
+                drop(bytes.expect("manifest"));
+            }
+        })
+    });
+    let added = checked.saturating_sub(manifests_only);
+    println!(
+        "entry checks on a no-op rerun of reviews.yaml ({} entries, {files} files): {:.3} ms \
+         (lookups with checks {:.3} ms, reading the manifests alone {:.3} ms) | target 5 ms: ratio {:.3}",
+        keys.len(),
+        ms(added),
+        ms(checked),
+        ms(manifests_only),
+        ms(added) / 5.0
+    );
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
 }
 
 fn setup_workspace(root: &Path, mib: u64) {
