@@ -38,8 +38,9 @@ fn load(source: &str) -> Option<String> {
         Ok(pipeline) => pipeline,
         Err(err) => return Some(checked(err.to_string(), source)),
     };
-    let root = std::env::temp_dir();
-    let workspace = Workspace::new(&root).expect("a workspace in the temp dir");
+    static ROOT: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let root = ROOT.get_or_init(|| tempfile::tempdir().expect("temp dir"));
+    let workspace = Workspace::new(root.path()).expect("a workspace");
     match Plan::build(pipeline, &registry(), &workspace) {
         Ok(_) => None,
         Err(err) => Some(checked(err.to_string(), source)),
