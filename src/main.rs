@@ -2,8 +2,9 @@
 
 use finetune::registry::Registry;
 
-/// Every installed stage plugin: the one place that decides which exist.
-fn plugins() -> Registry {
+/// Every installed stage plugin: the one place that decides which exist (tests/fuzz_pipeline.rs
+/// includes this file, so that every plugin's schema checks are fuzzed).
+pub(crate) fn plugins() -> Registry {
     Registry::new()
         .with(finetune_ingest::IngestCsv)
         .with(finetune_tokenize::Tokenize)

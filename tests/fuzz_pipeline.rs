@@ -9,19 +9,13 @@ use std::path::{Path, PathBuf};
 
 use finetune::pipeline::Pipeline;
 use finetune::plan::Plan;
-use finetune::registry::Registry;
 use finetune::workspace::Workspace;
 use proptest::prelude::*;
 
-fn registry() -> Registry {
-    Registry::new()
-        .with(finetune_ingest::IngestCsv)
-        .with(finetune_tokenize::Tokenize)
-        .with(finetune_train::Train)
-        .with(finetune_evaluate::Evaluate)
-        .with(finetune_fingerprint::Fingerprint)
-        .with(finetune_command::Command)
-}
+/// The binary's own registry: a new plugin is fuzzed as soon as it is installed.
+#[path = "../src/main.rs"]
+#[allow(dead_code)]
+mod binary;
 
 fn env(name: &str) -> Option<String> {
     match name {
@@ -41,7 +35,7 @@ fn load(source: &str) -> Option<String> {
     static ROOT: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
     let root = ROOT.get_or_init(|| tempfile::tempdir().expect("temp dir"));
     let workspace = Workspace::new(root.path()).expect("a workspace");
-    match Plan::build(pipeline, &registry(), &workspace) {
+    match Plan::build(pipeline, &binary::plugins(), &workspace) {
         Ok(_) => None,
         Err(err) => Some(checked(err.to_string(), source)),
     }

@@ -456,27 +456,7 @@ fn run_on_small_disk(ws: &Ws, bytes: u64, keep: &Path) -> std::process::Output {
          \"$0\" run --json; status=$?; cp -a artifacts/scratch/. '{}'/; exit $status",
         keep.display()
     );
-    let out = Command::new("unshare")
-        .args([
-            "--user",
-            "--map-root-user",
-            "--mount",
-            "sh",
-            "-c",
-            &script,
-            BIN,
-        ])
-        .current_dir(ws.path())
-        .env_remove("FINETUNE_HMAC_KEY")
-        .output()
-        .expect("this test needs util-linux's unshare");
-    assert_ne!(
-        out.status.code(),
-        Some(99),
-        "cannot mount a tmpfs in a user namespace here: {}",
-        stderr(&out)
-    );
-    out
+    in_own_namespace(ws, &script)
 }
 
 /// A disk that fills up mid-run fails the stage with the cause and the checkpoint it kept; that

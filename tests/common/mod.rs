@@ -201,3 +201,30 @@ pub fn kill_once_scratch_has(ws: &Ws, child: &mut std::process::Child, relative:
     child.wait().unwrap();
     found
 }
+
+/// Runs `script` with `sh -c` in `ws`, as root of a user and mount namespace of its own (so it
+/// may mount a tmpfs: a small disk), with `$0` the finetune binary. Fails if the machine does
+/// not allow such namespaces (the script should `exit 99` when its mount fails).
+pub fn in_own_namespace(ws: &Ws, script: &str) -> Output {
+    let out = Command::new("unshare")
+        .args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            BIN,
+        ])
+        .current_dir(ws.path())
+        .env_remove("FINETUNE_HMAC_KEY")
+        .output()
+        .expect("this test needs util-linux's unshare");
+    assert_ne!(
+        out.status.code(),
+        Some(99),
+        "cannot mount a tmpfs in a user namespace here: {}",
+        stderr(&out)
+    );
+    out
+}

@@ -21,31 +21,27 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 
 /// Every regular file under `dir`, relative to it, sorted; symlinks are followed.
 pub fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    let mut pending = vec![PathBuf::new()];
-    while let Some(relative) = pending.pop() {
-        let entries = std::fs::read_dir(dir.join(&relative))
-            .with_context(|| format!("cannot list {}", dir.join(&relative).display()))?;
-        for entry in entries {
-            let entry = entry?;
-            let child = relative.join(entry.file_name());
-            let meta = std::fs::metadata(entry.path())
-                .with_context(|| format!("cannot read {}", entry.path().display()))?;
-            if meta.is_dir() {
-                pending.push(child);
-            } else {
-                files.push(child);
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
+    Ok(walk(dir, Links::Follow)?
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect())
 }
 
 /// Every entry under `dir` that is not a directory (regular files, symlinks, anything else),
 /// relative to it, sorted, with its type; symlinks are not followed. What the cache uses to
 /// see exactly what a stage left behind.
 pub fn list_tree(dir: &Path) -> Result<Vec<(PathBuf, std::fs::FileType)>> {
+    walk(dir, Links::Keep)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Links {
+    Follow,
+    Keep,
+}
+
+/// The non-directories under `dir` with their types, sorted by path.
+fn walk(dir: &Path, links: Links) -> Result<Vec<(PathBuf, std::fs::FileType)>> {
     let mut found = Vec::new();
     let mut pending = vec![PathBuf::new()];
     while let Some(relative) = pending.pop() {
@@ -54,9 +50,11 @@ pub fn list_tree(dir: &Path) -> Result<Vec<(PathBuf, std::fs::FileType)>> {
         for entry in entries {
             let entry = entry?;
             let child = relative.join(entry.file_name());
-            let kind = entry
-                .file_type()
-                .with_context(|| format!("cannot read {}", entry.path().display()))?;
+            let kind = match links {
+                Links::Follow => std::fs::metadata(entry.path()).map(|m| m.file_type()),
+                Links::Keep => entry.file_type(),
+            }
+            .with_context(|| format!("cannot read {}", entry.path().display()))?;
             if kind.is_dir() {
                 pending.push(child);
             } else {
