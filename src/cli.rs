@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::UsageError;
 use crate::dag::DagFormat;
-use crate::pipeline::{Pipeline, PipelineError};
+use crate::pipeline::{Override, Pipeline, PipelineError};
 use crate::plan::Plan;
 use crate::registry::Registry;
 use crate::report::{Event, sink_for};
@@ -64,11 +64,19 @@ pub enum Command {
         /// One JSON event per line on stdout instead of progress output.
         #[arg(long)]
         json: bool,
+        /// Change a param for this run: `params.NAME=VALUE` or `stages.ID.with.KEY=VALUE`
+        /// (dotted for nested keys; VALUE read as a YAML scalar). Repeatable; recorded in the
+        /// lock file.
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]
+        set: Vec<Override>,
     },
     /// Show each stage as fresh or stale, and why (which param, file or upstream changed).
     Status {
         #[arg(value_name = "PIPELINE")]
         pipeline: Option<PathBuf>,
+        /// The same overrides as `run --set`, to see what such a run would do.
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]
+        set: Vec<Override>,
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -209,9 +217,10 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             dry_run,
             jobs,
             json,
+            set,
         } => {
             let (pipeline_file, targets) = split_run_args(&workspace, args);
-            let plan = load_plan(&workspace, &pipeline_file, registry)?;
+            let plan = load_plan(&workspace, &pipeline_file, registry, &set)?;
             let sink = sink_for(json);
             let _lock = if dry_run {
                 None
@@ -239,11 +248,16 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::Status { pipeline, json } => {
+        Command::Status {
+            pipeline,
+            json,
+            set,
+        } => {
             let plan = load_plan(
                 &workspace,
                 &pipeline.unwrap_or_else(|| DEFAULT_PIPELINE.into()),
                 registry,
+                &set,
             )?;
             let report = crate::status::status(&plan, &workspace)?;
             if json {
@@ -269,7 +283,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         }
         Command::Dag { pipeline, format } => {
             let file = pipeline.unwrap_or_else(|| DEFAULT_PIPELINE.into());
-            let pipeline = load_pipeline(&workspace, &file)?;
+            let pipeline = load_pipeline(&workspace, &file, &[])?;
             let dag = crate::dag::Dag::build(&pipeline)?;
             print!("{}", dag.render(&pipeline, format));
             Ok(ExitCode::SUCCESS)
@@ -333,7 +347,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             let targets = if resolved.is_dir() {
                 vec![resolved]
             } else {
-                let pipeline = load_pipeline(&workspace, &target)?;
+                let pipeline = load_pipeline(&workspace, &target, &[])?;
                 crate::verify::pipeline_targets(&workspace, &pipeline)?
             };
             let passed = crate::verify::verify_all(&workspace, &targets, key.as_ref());
@@ -350,7 +364,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             json,
         } => {
             let file = pipeline.unwrap_or_else(|| DEFAULT_PIPELINE.into());
-            let pipeline = load_pipeline(&workspace, &file)?;
+            let pipeline = load_pipeline(&workspace, &file, &[])?;
             let latest = crate::metrics::latest(&workspace, &pipeline)?;
             match diff {
                 None if json => println!("{}", serde_json::to_string_pretty(&latest)?),
@@ -473,6 +487,10 @@ fn predict(
     Ok(())
 }
 
+fn parse_override(text: &str) -> Result<Override, String> {
+    Override::parse(text)
+}
+
 /// `run [PIPELINE] [STAGE...]`: the first argument is the pipeline if it looks like a file.
 fn split_run_args(workspace: &Workspace, mut args: Vec<String>) -> (PathBuf, Vec<String>) {
     let first_is_file = args.first().is_some_and(|first| {
@@ -488,10 +506,10 @@ fn split_run_args(workspace: &Workspace, mut args: Vec<String>) -> (PathBuf, Vec
     }
 }
 
-fn load_pipeline(workspace: &Workspace, file: &Path) -> Result<Pipeline> {
+fn load_pipeline(workspace: &Workspace, file: &Path, set: &[Override]) -> Result<Pipeline> {
     let env = |name: &str| std::env::var(name).ok();
     let absolute = workspace.root.join(file);
-    let mut pipeline = Pipeline::load(&absolute, &env).map_err(|mut err| {
+    let mut pipeline = Pipeline::load_with(&absolute, &env, set).map_err(|mut err| {
         err.file = file.to_path_buf();
         err
     })?;
@@ -499,8 +517,13 @@ fn load_pipeline(workspace: &Workspace, file: &Path) -> Result<Pipeline> {
     Ok(pipeline)
 }
 
-fn load_plan<'r>(workspace: &Workspace, file: &Path, registry: &'r Registry) -> Result<Plan<'r>> {
-    let pipeline = load_pipeline(workspace, file)?;
+fn load_plan<'r>(
+    workspace: &Workspace,
+    file: &Path,
+    registry: &'r Registry,
+    set: &[Override],
+) -> Result<Plan<'r>> {
+    let pipeline = load_pipeline(workspace, file, set)?;
     Ok(Plan::build(pipeline, registry, workspace)?)
 }
 

@@ -310,6 +310,7 @@ pub fn run(
     if !options.dry_run {
         lock.stages.retain(|id, _| plan.index_of(id).is_some());
         lock.pipeline = plan.pipeline.name.clone();
+        lock.set = plan.pipeline.overrides.clone();
         lock.save(&lock_path)?;
         memo.save()?;
         link_outputs(plan, workspace, &states)?;

@@ -397,6 +397,79 @@ fn a_custom_key_variable_is_as_secret_and_a_key_must_look_like_one() {
     }
 }
 
+/// `--set` changes a param for one run without editing the file (issue 28): typed as a YAML
+/// scalar, seen by `${params.…}`, explained by `status`, recorded in the lock file; a key that
+/// names nothing is an error naming the `--set`.
+#[test]
+fn set_overrides_params_for_a_run_and_the_lock_file_records_it() {
+    let ws = Ws::new();
+    ws.run_ok(&[FIVE]);
+    let reason = |args: &[&str], stage: &str| {
+        let mut all = vec!["status", FIVE, "--json"];
+        all.extend_from_slice(args);
+        let out = ws.run(&all);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let found = report
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == stage)
+            .cloned();
+        found.unwrap()["reason"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        reason(&["--set", "params.seed=7"], "ingest"),
+        "param `split.seed` changed: 42 -> 7"
+    );
+    assert_eq!(
+        reason(&["--set", "stages.ingest.with.split.test=0.25"], "ingest"),
+        "param `split.test` changed: 0.2 -> 0.25"
+    );
+
+    let events = ws.run_ok(&[FIVE, "--set", "params.seed=7"]);
+    assert!(stages_with(&events, "stage_started").contains(&"ingest".to_string()));
+    let lock = read_json(&ws.file("fixtures/five.lock"));
+    assert_eq!(lock["set"], serde_json::json!(["params.seed=7"]));
+    assert_eq!(lock["stages"]["ingest"]["params"]["split"]["seed"], 7);
+    assert!(
+        stages_with(
+            &ws.run_ok(&[FIVE, "--set", "params.seed=7"]),
+            "stage_started"
+        )
+        .is_empty()
+    );
+    assert!(
+        stages_with(&ws.run_ok(&[FIVE]), "stage_started").is_empty(),
+        "the old entries are cached"
+    );
+    assert!(
+        read_json(&ws.file("fixtures/five.lock"))
+            .get("set")
+            .is_none()
+    );
+
+    for (set, expected) in [
+        (
+            "params.sed=1",
+            "--set params.sed=1: the pipeline has no param `sed`",
+        ),
+        (
+            "stages.nope.with.x=1",
+            "--set stages.nope.with.x=1: no stage `nope`; stages: ingest, count, labels, notes, report",
+        ),
+        ("stages.ingest.with.formt=csv", "formt"),
+        (
+            "seed=1",
+            "the key must be `params.NAME` or `stages.ID.with.KEY`",
+        ),
+    ] {
+        let out = ws.run(&["run", FIVE, "--set", set]);
+        assert_eq!(out.status.code(), Some(2), "{set}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expected), "{set}: {}", stderr(&out));
+    }
+}
+
 #[test]
 fn stages_lists_plugins_with_their_params() {
     let ws = Ws::new();

@@ -72,6 +72,9 @@ pub struct LockEntry {
 pub struct LockFile {
     pub schema: u32,
     pub pipeline: String,
+    /// The `--set` overrides of the run that wrote it, as given (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<String>,
     pub stages: BTreeMap<String, LockEntry>,
 }
 
@@ -118,6 +121,7 @@ impl LockFile {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(LockFile {
                 schema: SCHEMA,
                 pipeline: pipeline.to_string(),
+                set: Vec::new(),
                 stages: BTreeMap::new(),
             }),
             Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),

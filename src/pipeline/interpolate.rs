@@ -141,7 +141,7 @@ fn lookup(reference: &str, scope: &Scope) -> Result<Value, InterpolateError> {
 }
 
 /// An environment variable's text as a plain YAML scalar reads: `3` is 3, `off` stays text.
-fn typed(text: String) -> Value {
+pub(super) fn typed(text: String) -> Value {
     match super::yaml::resolve_plain(&text) {
         super::yaml::Value::Null => Value::Null,
         super::yaml::Value::Bool(b) => Value::Bool(b),

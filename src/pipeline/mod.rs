@@ -2,6 +2,7 @@
 //! positions so that every error names the file, line, column, stage and key at fault.
 
 mod interpolate;
+mod overrides;
 pub mod yaml;
 
 use std::collections::HashMap;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value as Json};
 
 use interpolate::{Scope, interpolate};
+pub use overrides::{Override, Target};
 use yaml::{Mark, Node, Value};
 
 /// A pipeline file, validated for shape and interpolated, not yet checked against plugins.
@@ -25,6 +27,8 @@ pub struct Pipeline {
     /// The environment variables that hold signing keys: `FINETUNE_HMAC_KEY` and every
     /// `key_env` a stage names. Never interpolated, never passed to a command.
     pub key_variables: Vec<String>,
+    /// The `--set` overrides applied, as written (recorded in the lock file).
+    pub overrides: Vec<String>,
 }
 
 /// One entry of `stages:`.
@@ -95,6 +99,15 @@ impl Pipeline {
         file: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Pipeline, PipelineError> {
+        Self::load_with(file, env, &[])
+    }
+
+    /// [`Pipeline::load`] with `--set` overrides applied.
+    pub fn load_with(
+        file: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+        overrides: &[Override],
+    ) -> Result<Pipeline, PipelineError> {
         let source = std::fs::read_to_string(file).map_err(|err| PipelineError {
             file: file.to_path_buf(),
             mark: Mark { line: 0, col: 0 },
@@ -102,7 +115,7 @@ impl Pipeline {
             key: None,
             message: format!("cannot read the pipeline file: {err}"),
         })?;
-        Self::parse(file, &source, env)
+        Self::parse_with(file, &source, env, overrides)
     }
 
     pub fn parse(
@@ -110,7 +123,17 @@ impl Pipeline {
         source: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Pipeline, PipelineError> {
-        let reader = Reader { file };
+        Self::parse_with(file, source, env, &[])
+    }
+
+    /// [`Pipeline::parse`] with `--set` overrides applied (see [`Override`]).
+    pub fn parse_with(
+        file: &Path,
+        source: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        overrides: &[Override],
+    ) -> Result<Pipeline, PipelineError> {
+        let reader = Reader { file, overrides };
         // Editors on Windows save UTF-8 with a byte-order mark; it is no part of the YAML.
         let source = source.strip_prefix('\u{feff}').unwrap_or(source);
         let root =
@@ -141,6 +164,7 @@ impl Pipeline {
 
 struct Reader<'a> {
     file: &'a Path,
+    overrides: &'a [Override],
 }
 
 const TOP_KEYS: &[&str] = &["name", "description", "params", "stages"];
@@ -261,6 +285,11 @@ impl Reader<'_> {
             }
             None => Json::Object(Map::new()),
         };
+        let mut params = params;
+        for o in self.overrides.iter().filter(|o| o.target == Target::Params) {
+            o.apply_to_params(&mut params)
+                .map_err(|message| self.error(root.mark, None, Some("params"), message))?;
+        }
         let (stages_mark, stage_entries) = match get("stages") {
             Some((_, _, node)) => (node.mark, self.mapping(node, None, Some("stages"))?),
             None => {
@@ -284,13 +313,44 @@ impl Reader<'_> {
             .iter()
             .map(|(id, mark, node)| self.stage(id, *mark, node, &scope))
             .collect::<Result<Vec<_>, _>>()?;
+        let stages = self.override_stages(stages, stages_mark)?;
         Ok(Pipeline {
             file: self.file.to_path_buf(),
             name,
             params,
             stages,
             key_variables,
+            overrides: self.overrides.iter().map(|o| o.text.clone()).collect(),
         })
+    }
+
+    /// Applies the `--set stages.ID.with…` overrides.
+    fn override_stages(
+        &self,
+        mut stages: Vec<StageDecl>,
+        mark: Mark,
+    ) -> Result<Vec<StageDecl>, PipelineError> {
+        for o in self.overrides {
+            let Target::Stage(id) = &o.target else {
+                continue;
+            };
+            let Some(decl) = stages.iter_mut().find(|s| s.id == *id) else {
+                let ids: Vec<&str> = stages.iter().map(|s| s.id.as_str()).collect();
+                return Err(self.error(
+                    mark,
+                    None,
+                    Some("stages"),
+                    format!(
+                        "--set {}: no stage `{id}`; stages: {}",
+                        o.text,
+                        ids.join(", ")
+                    ),
+                ));
+            };
+            o.apply_to_with(&mut decl.with)
+                .map_err(|message| self.error(mark, Some(id), Some("with"), message))?;
+        }
+        Ok(stages)
     }
 
     fn stage(
