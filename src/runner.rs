@@ -56,18 +56,31 @@ struct Finished {
 }
 
 /// Resolves stage ids given on the command line; an unknown id is a usage error.
+/// The stages `ids` name: an id, a matrix stage's declared id (every combination), or a
+/// prefix ending in `*` (`train@lr=1e-5*`).
 fn indices(plan: &Plan, ids: &[String], what: &str) -> Result<Vec<usize>> {
-    ids.iter()
-        .map(|id| {
-            plan.index_of(id).ok_or_else(|| {
-                let known: Vec<&str> = plan.pipeline.stages.iter().map(|s| s.id.as_str()).collect();
-                anyhow!(UsageError(format!(
-                    "unknown {what} stage `{id}`; the stages are: {}",
-                    known.join(", ")
-                )))
-            })
-        })
-        .collect()
+    let stages = &plan.pipeline.stages;
+    let mut found = Vec::new();
+    for id in ids {
+        let named: Vec<usize> = match (plan.index_of(id), id.strip_suffix('*')) {
+            (Some(index), _) => vec![index],
+            (None, Some(prefix)) => (0..stages.len())
+                .filter(|&i| stages[i].id.starts_with(prefix))
+                .collect(),
+            (None, None) => (0..stages.len())
+                .filter(|&i| stages[i].matrix_of.as_deref() == Some(id.as_str()))
+                .collect(),
+        };
+        if named.is_empty() {
+            let known: Vec<&str> = stages.iter().map(|s| s.id.as_str()).collect();
+            return Err(anyhow!(UsageError(format!(
+                "unknown {what} stage `{id}`; the stages are: {}",
+                known.join(", ")
+            ))));
+        }
+        found.extend(named);
+    }
+    Ok(found)
 }
 
 pub fn run(

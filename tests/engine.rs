@@ -470,6 +470,71 @@ fn set_overrides_params_for_a_run_and_the_lock_file_records_it() {
     }
 }
 
+/// `matrix:` declares one stage per combination (issue 28), each cached on its own with
+/// `${item.NAME}` bound; a need on the declared id fans in every combination; targets and
+/// `--force` take the declared id or a `*` prefix.
+#[test]
+fn a_matrix_stage_runs_once_per_combination() {
+    let ws = Ws::new();
+    let five = std::fs::read_to_string(ws.file(FIVE)).unwrap();
+    let ingest = &five[five.find("  ingest:").unwrap()..five.find("  count:").unwrap()];
+    ws.write(
+        "sweep.yaml",
+        format!(
+            "name: sweep\nparams:\n  seed: 42\nstages:\n{ingest}  trial:\n    uses: command\n    needs: [ingest]\n    \
+             matrix: {{ lr: [1e-5, 3e-5], seed: [1, 2] }}\n    with:\n      \
+             run: [sh, -c, 'echo \"lr=$0 seed=$1\" > \"$FINETUNE_OUT/x.txt\"', '${{item.lr}}', '${{item.seed}}']\n      \
+             outs: [x.txt]\n  report:\n    uses: command\n    needs: [trial]\n    with:\n      \
+             run: [sh, -c, 'env | sed -n \"s/^FINETUNE_NEEDS_[^=]*=//p\" | while read d; do cat \"$d/x.txt\"; done | sort > \"$FINETUNE_OUT/all.txt\"']\n      \
+             outs: [all.txt]\n"
+        ),
+    );
+    let events = ws.run_ok(&["sweep.yaml"]);
+    assert_eq!(
+        stages_with(&events, "stage_started"),
+        [
+            "ingest",
+            "report",
+            "trial@lr=1e-5,seed=1",
+            "trial@lr=1e-5,seed=2",
+            "trial@lr=3e-5,seed=1",
+            "trial@lr=3e-5,seed=2"
+        ]
+    );
+    let all = std::fs::read_to_string(output_dir(&ws, "sweep", "report").join("all.txt")).unwrap();
+    assert_eq!(
+        all,
+        "lr=0.00001 seed=1\nlr=0.00001 seed=2\nlr=0.00003 seed=1\nlr=0.00003 seed=2\n"
+    );
+    assert!(stages_with(&ws.run_ok(&["sweep.yaml"]), "stage_started").is_empty());
+    let events = ws.run_ok(&["sweep.yaml", "trial", "--force", "trial@lr=3e-5*"]);
+    assert_eq!(
+        stages_with(&events, "stage_started"),
+        ["trial@lr=3e-5,seed=1", "trial@lr=3e-5,seed=2"]
+    );
+
+    for (matrix, expected) in [
+        (
+            "{ lr: [] }",
+            "key `matrix`: `lr`: the list of values is empty",
+        ),
+        ("{ lr: [1, 1] }", "`lr`: `1` is listed twice"),
+        ("{ m: [a/b] }", "`a/b` cannot stand in a stage id"),
+    ] {
+        ws.write(
+            "bad.yaml",
+            format!("name: bad\nstages:\n  t:\n    uses: command\n    matrix: {matrix}\n    with: {{ run: [\"true\"] }}\n"),
+        );
+        let out = ws.run(&["run", "bad.yaml"]);
+        assert_eq!(out.status.code(), Some(2), "{matrix}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{matrix}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 #[test]
 fn stages_lists_plugins_with_their_params() {
     let ws = Ws::new();

@@ -16,6 +16,8 @@ pub struct Scope<'a> {
     /// Variables that hold signing keys (`FINETUNE_HMAC_KEY` and every `key_env` the pipeline
     /// names): never interpolated, since params are written to lock files and logs.
     pub secrets: &'a [String],
+    /// The combination of a `matrix:` stage, for `${item.NAME}`; `None` elsewhere.
+    pub item: Option<&'a Value>,
 }
 
 /// A reference that cannot be resolved; the caller adds the position.
@@ -33,7 +35,9 @@ pub enum InterpolateError {
         "`${{{reference}}}`: environment variable `{name}` is not set (give a default with `${{env.{name}:-VALUE}}`)"
     )]
     EnvNotSet { reference: String, name: String },
-    #[error("`${{{0}}}`: unknown reference; use `${{params.NAME}}` or `${{env.NAME}}`")]
+    #[error(
+        "`${{{0}}}`: unknown reference; use `${{params.NAME}}`, `${{env.NAME}}` or, in a stage with `matrix:`, `${{item.NAME}}`"
+    )]
     Unknown(String),
     #[error(
         "`${{{0}}}`: the HMAC key cannot be put into params (they are written to lock files and \
@@ -137,6 +141,11 @@ fn lookup(reference: &str, scope: &Scope) -> Result<Value, InterpolateError> {
             }),
         };
     }
+    if let Some(name) = reference.strip_prefix("item.")
+        && let Some(value) = scope.item.and_then(|item| item.get(name))
+    {
+        return Ok(value.clone());
+    }
     Err(InterpolateError::Unknown(reference.to_string()))
 }
 
@@ -174,6 +183,7 @@ mod tests {
                 params: Some(&params),
                 env: &env,
                 secrets: &["FINETUNE_HMAC_KEY".to_string(), "TEAM_KEY".to_string()],
+                item: None,
             },
         )
     }

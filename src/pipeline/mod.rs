@@ -2,6 +2,7 @@
 //! positions so that every error names the file, line, column, stage and key at fault.
 
 mod interpolate;
+mod matrix;
 mod overrides;
 pub mod yaml;
 
@@ -42,6 +43,8 @@ pub struct StageDecl {
     /// The position of the stage's own key, and of each key it contains.
     pub mark: Mark,
     marks: HashMap<String, Mark>,
+    /// For one combination of a `matrix:` stage, the id it was declared under.
+    pub matrix_of: Option<String>,
 }
 
 impl StageDecl {
@@ -168,7 +171,7 @@ struct Reader<'a> {
 }
 
 const TOP_KEYS: &[&str] = &["name", "description", "params", "stages"];
-const STAGE_KEYS: &[&str] = &["uses", "needs", "with", "description"];
+const STAGE_KEYS: &[&str] = &["uses", "needs", "with", "description", "matrix"];
 
 impl Reader<'_> {
     fn error(
@@ -280,6 +283,7 @@ impl Reader<'_> {
                     params: None,
                     env,
                     secrets: &key_variables,
+                    item: None,
                 };
                 self.to_json(node, &scope, None, "params", &mut ignored)?
             }
@@ -308,11 +312,13 @@ impl Reader<'_> {
             params: Some(&params),
             env,
             secrets: &key_variables,
+            item: None,
         };
         let stages = stage_entries
             .iter()
-            .map(|(id, mark, node)| self.stage(id, *mark, node, &scope))
+            .map(|(id, mark, node)| self.stages_of(id, *mark, node, &scope))
             .collect::<Result<Vec<_>, _>>()?;
+        let stages = matrix::fan_in(stages.into_iter().flatten().collect());
         let stages = self.override_stages(stages, stages_mark)?;
         Ok(Pipeline {
             file: self.file.to_path_buf(),
@@ -334,7 +340,12 @@ impl Reader<'_> {
             let Target::Stage(id) = &o.target else {
                 continue;
             };
-            let Some(decl) = stages.iter_mut().find(|s| s.id == *id) else {
+            let mut matched = stages
+                .iter_mut()
+                .filter(|s| s.id == *id || s.matrix_of.as_deref() == Some(id))
+                .peekable();
+            if matched.peek().is_none() {
+                drop(matched);
                 let ids: Vec<&str> = stages.iter().map(|s| s.id.as_str()).collect();
                 return Err(self.error(
                     mark,
@@ -346,21 +357,56 @@ impl Reader<'_> {
                         ids.join(", ")
                     ),
                 ));
-            };
-            o.apply_to_with(&mut decl.with)
-                .map_err(|message| self.error(mark, Some(id), Some("with"), message))?;
+            }
+            for decl in matched {
+                o.apply_to_with(&mut decl.with)
+                    .map_err(|message| self.error(mark, Some(id), Some("with"), message))?;
+            }
         }
         Ok(stages)
     }
 
-    fn stage(
+    /// The stage declared as `id`: one, or with `matrix:` one per combination of its values,
+    /// each with `${item.NAME}` bound and its own id (`train@lr=1e-5,seed=1`).
+    fn stages_of(
         &self,
         id: &str,
         mark: Mark,
         node: &Node,
         scope: &Scope,
+    ) -> Result<Vec<StageDecl>, PipelineError> {
+        let matrix = match &node.value {
+            Value::Map(entries) => entries.iter().find(|(k, _, _)| k == "matrix"),
+            _ => None,
+        };
+        let Some((_, _, matrix)) = matrix else {
+            return Ok(vec![self.stage(id, id, mark, node, scope)?]);
+        };
+        let combinations = matrix::combinations(matrix)
+            .map_err(|(at, message)| self.error(at, Some(id), Some("matrix"), message))?;
+        combinations
+            .iter()
+            .map(|combination| {
+                let scope = Scope {
+                    item: Some(&combination.item),
+                    ..*scope
+                };
+                let mut decl = self.stage(id, &combination.id(id), mark, node, &scope)?;
+                decl.matrix_of = Some(id.to_string());
+                Ok(decl)
+            })
+            .collect()
+    }
+
+    fn stage(
+        &self,
+        declared: &str,
+        id: &str,
+        mark: Mark,
+        node: &Node,
+        scope: &Scope,
     ) -> Result<StageDecl, PipelineError> {
-        if !is_plain_name(id) || id.contains('.') {
+        if !is_plain_name(declared) || declared.contains('.') {
             return Err(self.error(
                 mark,
                 Some(id),
@@ -401,6 +447,7 @@ impl Reader<'_> {
             with,
             mark,
             marks,
+            matrix_of: None,
         })
     }
 

@@ -142,12 +142,20 @@ struct CommandJob {
     key_variables: Vec<String>,
 }
 
-/// The environment variable that holds upstream stage `stage`'s output directory.
+/// The environment variable that holds upstream stage `stage`'s output directory: the id
+/// upper-cased, anything but letters and digits as `_` (`count@lr=1e-5` has `@`, `=`).
 fn needs_variable(stage: &str) -> String {
-    format!(
-        "FINETUNE_NEEDS_{}",
-        stage.to_uppercase().replace(['-', '.'], "_")
-    )
+    let name: String = stage
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("FINETUNE_NEEDS_{name}")
 }
 
 /// Lines of stderr kept for the error message of a failed command.
