@@ -67,7 +67,7 @@ pub enum Command {
         /// Change a param for this run: `params.NAME=VALUE` or `stages.ID.with.KEY=VALUE`
         /// (dotted for nested keys; VALUE read as a YAML scalar). Repeatable; recorded in the
         /// lock file.
-        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
         set: Vec<Override>,
     },
     /// Show each stage as fresh or stale, and why (which param, file or upstream changed).
@@ -75,7 +75,7 @@ pub enum Command {
         #[arg(value_name = "PIPELINE")]
         pipeline: Option<PathBuf>,
         /// The same overrides as `run --set`, to see what such a run would do.
-        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_override)]
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
         set: Vec<Override>,
         /// Print a JSON array instead of a table.
         #[arg(long)]
@@ -485,10 +485,6 @@ fn predict(
         }
     }
     Ok(())
-}
-
-fn parse_override(text: &str) -> Result<Override, String> {
-    Override::parse(text)
 }
 
 /// `run [PIPELINE] [STAGE...]`: the first argument is the pipeline if it looks like a file.

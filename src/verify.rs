@@ -15,7 +15,7 @@ use finetune_core::integrity::{self, FINGERPRINT_FILE, KeySource, SigningKey};
 
 use crate::cache::digest::DigestMemo;
 use crate::cache::lockfile::LockFile;
-use crate::cache::store::{Check, Lookup, Store};
+use crate::cache::store::{Lookup, Store};
 use crate::pipeline::Pipeline;
 use crate::workspace::Workspace;
 
@@ -150,7 +150,7 @@ fn verify_entry(
 ) -> Result<bool> {
     let users = record.users.join(", ");
     let short = crate::report::short(key);
-    match store.check(key, &mut DigestMemo::default(), Check::Rehash)? {
+    match store.lookup(key, &mut DigestMemo::default())? {
         Lookup::Hit(entry) => {
             if let Some(other) = record.digests.iter().find(|d| **d != entry.digest) {
                 println!(

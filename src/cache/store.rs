@@ -96,17 +96,6 @@ pub enum Lookup {
     Damaged(String),
 }
 
-/// How hard a check looks at an entry's files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
-    /// Presence, type and size of every file, and its digest through the memo: a file whose
-    /// (size, mtime, ctime, inode) stamp is unchanged since it was hashed is not read again.
-    /// What every cache hit costs.
-    Memoised,
-    /// Every file read and hashed again (`finetune verify --cache`).
-    Rehash,
-}
-
 pub struct Store {
     cache: PathBuf,
     tmp: PathBuf,
@@ -130,24 +119,18 @@ impl Store {
         self.cache.join(key)
     }
 
-    /// The entry for `key` if one was published and its files are what its manifest says.
+    /// The entry for `key` if one was published and its files are what its manifest says:
+    /// presence, type and size of every file, and its digest through `memo`, so a file whose
+    /// (size, mtime, ctime, inode) stamp is unchanged since it was hashed is not read again.
+    /// A fresh memo rehashes every file (`finetune verify --cache`).
     pub fn lookup(&self, key: &str, memo: &mut DigestMemo) -> Result<Lookup> {
-        self.check(key, memo, Check::Memoised)
-    }
-
-    /// Looks at the entry for `key` as hard as `check` says.
-    pub fn check(&self, key: &str, memo: &mut DigestMemo, check: Check) -> Result<Lookup> {
         let dir = self.entry_dir(key);
         let (manifest, bytes) = match read_manifest(&dir)? {
             ManifestRead::Found(manifest, bytes) => (manifest, bytes),
             ManifestRead::Missing => return Ok(Lookup::Missing),
             ManifestRead::Unusable(problem) => return Ok(Lookup::Damaged(problem)),
         };
-        let problem = match check {
-            Check::Memoised => first_problem(&dir, &manifest, memo)?,
-            Check::Rehash => first_problem(&dir, &manifest, &mut DigestMemo::default())?,
-        };
-        Ok(match problem {
+        Ok(match first_problem(&dir, &manifest, memo)? {
             Some(problem) => Lookup::Damaged(problem),
             None => Lookup::Hit(Entry {
                 digest: sha256_bytes(&bytes),
@@ -197,24 +180,16 @@ impl Store {
     pub fn discard_scratch(&self, key: &str) -> Result<bool> {
         let dir = self.scratch.join(key);
         let had_files = std::fs::read_dir(&dir).is_ok_and(|mut entries| entries.next().is_some());
-        match std::fs::remove_dir_all(&dir) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                Err(err).with_context(|| format!("cannot remove {}", dir.display()))
-            }
-            _ => Ok(had_files),
-        }
+        remove_dir_if_present(&dir)?;
+        Ok(had_files)
     }
 
     /// Removes every scratch directory (for `gc`): what interrupted runs left to resume from.
     /// Returns how many there were.
     pub fn clear_scratch(&self) -> Result<usize> {
         let count = std::fs::read_dir(&self.scratch).map_or(0, |entries| entries.count());
-        match std::fs::remove_dir_all(&self.scratch) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                Err(err).with_context(|| format!("cannot remove {}", self.scratch.display()))
-            }
-            _ => Ok(count),
-        }
+        remove_dir_if_present(&self.scratch)?;
+        Ok(count)
     }
 
     /// Seals `staged` with its manifest and publishes it as the entry for `key`, replacing an
@@ -329,22 +304,23 @@ impl Store {
     /// Removes the entries set aside as damaged (for `gc`); returns how many there were.
     pub fn clear_damaged(&self) -> Result<usize> {
         let count = std::fs::read_dir(&self.damaged).map_or(0, |entries| entries.count());
-        match std::fs::remove_dir_all(&self.damaged) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                Err(err).with_context(|| format!("cannot remove {}", self.damaged.display()))
-            }
-            _ => Ok(count),
-        }
+        remove_dir_if_present(&self.damaged)?;
+        Ok(count)
     }
 
     /// Removes leftovers of runs that were killed: only call while holding the workspace lock.
     pub fn clear_tmp(&self) -> Result<()> {
-        match std::fs::remove_dir_all(&self.tmp) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                Err(err).with_context(|| format!("cannot remove {}", self.tmp.display()))
-            }
-            _ => Ok(()),
+        remove_dir_if_present(&self.tmp)
+    }
+}
+
+/// Removes `dir` and everything under it; a directory that is not there is no error.
+fn remove_dir_if_present(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("cannot remove {}", dir.display()))
         }
+        _ => Ok(()),
     }
 }
 

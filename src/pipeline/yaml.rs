@@ -153,6 +153,8 @@ impl Builder {
     fn push(&mut self, event: Event, mark: Mark) -> Result<(), SyntaxError> {
         match event {
             Event::Scalar(text, style, anchor, tag) => {
+                // Counted here, once: an alias to it counts its copy in the Alias arm.
+                self.bytes += text.len();
                 let explicit_string = tag.is_some_and(|t| t.suffix == "str");
                 let value = if style == TScalarStyle::Plain && !explicit_string {
                     resolve_plain(&text)
@@ -225,9 +227,6 @@ impl Builder {
                     "the document expands to more than {MAX_NODES} values (an alias bomb?); refusing it"
                 ),
             });
-        }
-        if let Value::Str(text) = &node.value {
-            self.bytes += text.len();
         }
         self.check_text_budget(node.mark)?;
         if anchor != 0 {
