@@ -201,8 +201,25 @@ impl Store {
         }
         let manifest = Manifest::of_dir(staged)?;
         let bytes = serde_json::to_vec_pretty(&manifest)?;
+        self.install(key, staged, manifest, &bytes)
+    }
+
+    /// Publishes `staged`, whose files were fetched (and each checked against its digest) by
+    /// the manifest `bytes` of another machine, as the entry for `key`.
+    pub fn publish_fetched(&self, key: &str, staged: &Path, bytes: &[u8]) -> Result<Entry> {
+        let manifest = parse_foreign_manifest(bytes).map_err(anyhow::Error::msg)?;
+        let listed: Vec<PathBuf> = manifest.files.iter().map(|f| PathBuf::from(&f.path)).collect();
+        if list_files(staged)? != listed {
+            bail!("the fetched files of {key} are not the ones its manifest lists");
+        }
+        self.install(key, staged, manifest, bytes)
+    }
+
+    /// Seals `staged` with `manifest` (whose serialised form is `bytes`) and moves it into
+    /// the cache as the entry for `key`. Everything is flushed to disk before the rename.
+    fn install(&self, key: &str, staged: &Path, manifest: Manifest, bytes: &[u8]) -> Result<Entry> {
         let manifest_path = staged.join(MANIFEST);
-        std::fs::write(&manifest_path, &bytes)
+        std::fs::write(&manifest_path, bytes)
             .with_context(|| format!("cannot write {}", manifest_path.display()))?;
         sync_tree(staged)?;
         std::fs::create_dir_all(&self.cache)
@@ -218,7 +235,7 @@ impl Store {
         let _ = std::fs::remove_dir_all(self.scratch.join(key));
         Ok(Entry {
             dir: target,
-            digest: sha256_bytes(&bytes),
+            digest: sha256_bytes(bytes),
             manifest,
         })
     }
@@ -331,6 +348,32 @@ pub fn remember(memo: &mut DigestMemo, entry: &Entry) -> Result<()> {
         memo.record(&entry.dir.join(&file.path), &file.sha256)?;
     }
     Ok(())
+}
+
+/// A manifest that came from elsewhere (a remote), checked before any of it is used: it
+/// must parse, list plain relative paths, each once and in order, and be byte for byte what
+/// this version writes for those files, so its digest is the one a local run would record.
+pub fn parse_foreign_manifest(bytes: &[u8]) -> Result<Manifest, String> {
+    let manifest: Manifest =
+        serde_json::from_slice(bytes).map_err(|err| format!("its manifest is not valid: {err}"))?;
+    for pair in manifest.files.windows(2) {
+        if Path::new(&pair[0].path) >= Path::new(&pair[1].path) {
+            return Err(format!(
+                "its manifest lists `{}` out of order or twice",
+                pair[1].path
+            ));
+        }
+    }
+    if let Some(file) = manifest.files.iter().find(|f| !is_inside(&f.path)) {
+        return Err(format!(
+            "its manifest names `{}`, a path outside the entry",
+            file.path
+        ));
+    }
+    if serde_json::to_vec_pretty(&manifest).ok().as_deref() != Some(bytes) {
+        return Err("its manifest is not in the form finetune writes".into());
+    }
+    Ok(manifest)
 }
 
 enum ManifestRead {
