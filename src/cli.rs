@@ -1,5 +1,5 @@
 //! The command line: `run`, `status`, `dag`, `stages`, `audit`, `verify`, `metrics`,
-//! `predict`, `gc`.
+//! `predict`, `push`, `pull`, `gc`.
 //!
 //! Exit codes: 0 success, 1 a stage failed, 2 a bad pipeline file or bad usage.
 
@@ -14,8 +14,10 @@ use crate::dag::DagFormat;
 use crate::pipeline::{Override, Pipeline, PipelineError};
 use crate::plan::Plan;
 use crate::registry::Registry;
+use crate::remote::RemoteGcOptions;
+use crate::remote::commands::{Target, gc_remote_command, pull_command, push_command};
 use crate::report::{Event, sink_for};
-use crate::runner::{RunOptions, run};
+use crate::runner::{RunOptions, Shard, run};
 use crate::workspace::Workspace;
 
 pub const DEFAULT_PIPELINE: &str = "pipelines/reviews.yaml";
@@ -69,6 +71,18 @@ pub enum Command {
         /// lock file.
         #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
         set: Vec<Override>,
+        /// Fetch a stage missing from the local cache from the remote, when it has it (every
+        /// file checked), rather than run it.
+        #[arg(long)]
+        pull: bool,
+        /// The remote for --pull: a name from .finetune/config.toml, or a URL
+        /// (s3://BUCKET/PREFIX, a directory). Default: $FINETUNE_REMOTE, then the config's.
+        #[arg(long, value_name = "NAME | URL", requires = "pull")]
+        remote: Option<String>,
+        /// Run only the K-th of N shares of the targets (by stage id; of the final stages
+        /// when no target is named), with what they need: a sweep split across CI jobs.
+        #[arg(long, value_name = "K/N", value_parser = Shard::parse)]
+        shard: Option<Shard>,
     },
     /// Show each stage as fresh or stale, and why (which param, file or upstream changed).
     Status {
@@ -77,6 +91,10 @@ pub enum Command {
         /// The same overrides as `run --set`, to see what such a run would do.
         #[arg(long = "set", value_name = "KEY=VALUE", value_parser = Override::parse)]
         set: Vec<Override>,
+        /// Also ask this remote (default: $FINETUNE_REMOTE, then .finetune/config.toml's)
+        /// which stale stages it can serve.
+        #[arg(long, value_name = "NAME | URL")]
+        remote: Option<String>,
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -146,6 +164,37 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Upload the cache entries the lock files reference to the remote, each file under its
+    /// digest (stored once), each entry's manifest last.
+    Push {
+        /// Pipelines whose lock files name the entries (default: every pipelines/*.lock).
+        #[arg(value_name = "PIPELINE")]
+        pipelines: Vec<PathBuf>,
+        /// Every entry in the local cache instead.
+        #[arg(long, conflicts_with = "pipelines")]
+        all: bool,
+        /// A name from .finetune/config.toml, or a URL (s3://BUCKET/PREFIX, a directory).
+        /// Default: $FINETUNE_REMOTE, then the config's default_remote.
+        #[arg(long, value_name = "NAME | URL")]
+        remote: Option<String>,
+        /// Transfers at once.
+        #[arg(long, short = 'j', value_name = "N")]
+        jobs: Option<usize>,
+    },
+    /// Fetch the cache entries the lock files reference from the remote, each file checked
+    /// against its digest; `finetune run` then finds them cached.
+    Pull {
+        /// Pipelines whose lock files name the entries (default: every pipelines/*.lock).
+        #[arg(value_name = "PIPELINE")]
+        pipelines: Vec<PathBuf>,
+        /// A name from .finetune/config.toml, or a URL. Default: $FINETUNE_REMOTE, then the
+        /// config's default_remote.
+        #[arg(long, value_name = "NAME | URL")]
+        remote: Option<String>,
+        /// Transfers at once.
+        #[arg(long, short = 'j', value_name = "N")]
+        jobs: Option<usize>,
+    },
     /// Delete cache entries that no lock file (pipelines/*.lock) references.
     Gc {
         /// More pipelines whose lock files keep their entries.
@@ -154,6 +203,32 @@ pub enum Command {
         /// List what would be removed; remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Collect the remote instead (`--remote=NAME|URL`, or the default one): its entries
+        /// no lock file references, then the files no remaining entry lists.
+        #[arg(
+            long,
+            value_name = "NAME | URL",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = ""
+        )]
+        remote: Option<String>,
+        /// With --remote, the lock files committed at git revision REV keep their entries
+        /// too (repeatable).
+        #[arg(long = "rev", value_name = "REV", requires = "remote")]
+        revisions: Vec<String>,
+        /// With --remote, every commit's lock files keep their entries.
+        #[arg(long, requires = "remote")]
+        all_commits: bool,
+        /// With --remote, keep unreferenced files younger than this: a push in flight
+        /// uploads its files before its manifest.
+        #[arg(
+            long,
+            value_name = "SECONDS",
+            default_value_t = 3600,
+            requires = "remote"
+        )]
+        min_age: i64,
     },
 }
 
@@ -218,8 +293,12 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             jobs,
             json,
             set,
+            pull,
+            remote,
+            shard,
         } => {
             let (pipeline_file, targets) = split_run_args(&workspace, args);
+            let pull = pull_remote(&workspace, pull, remote.as_deref())?;
             let plan = load_plan(&workspace, &pipeline_file, registry, &set)?;
             let sink = sink_for(json);
             let _lock = if dry_run {
@@ -237,6 +316,8 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 dry_run,
                 jobs: jobs
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                pull,
+                shard,
             };
             stop_on_ctrl_c();
             let summary = run(&plan, &workspace, &options, sink.as_ref())?;
@@ -252,6 +333,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             pipeline,
             json,
             set,
+            remote,
         } => {
             let plan = load_plan(
                 &workspace,
@@ -259,7 +341,8 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 registry,
                 &set,
             )?;
-            let report = crate::status::status(&plan, &workspace)?;
+            let remote = status_remote(&workspace, remote.as_deref());
+            let report = crate::status::status(&plan, &workspace, remote.as_ref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -273,6 +356,11 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                             .map(crate::report::short)
                             .unwrap_or("")
                             .to_string()
+                    } else if stage.on_remote == Some(true) {
+                        format!(
+                            "{}; the remote has it (`run --pull` fetches it)",
+                            stage.reason
+                        )
                     } else {
                         stage.reason.clone()
                     };
@@ -390,7 +478,53 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             predict(registry, &workspace, &model, texts, batch_size, json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gc { pipelines, dry_run } => {
+        Command::Push {
+            pipelines,
+            all,
+            remote,
+            jobs,
+        } => {
+            let target = Target {
+                remote: remote.as_deref(),
+                jobs,
+            };
+            push_command(&workspace, &pipelines, all, target)
+        }
+        Command::Pull {
+            pipelines,
+            remote,
+            jobs,
+        } => {
+            let target = Target {
+                remote: remote.as_deref(),
+                jobs,
+            };
+            pull_command(&workspace, &pipelines, target)
+        }
+        Command::Gc {
+            pipelines,
+            dry_run,
+            remote: Some(remote),
+            revisions,
+            all_commits,
+            min_age,
+        } => {
+            let options = RemoteGcOptions {
+                pipelines,
+                revisions,
+                all_commits,
+                dry_run,
+                min_age_s: min_age,
+            };
+            gc_remote_command(
+                &workspace,
+                Some(remote.as_str()).filter(|r| !r.is_empty()),
+                &options,
+            )
+        }
+        Command::Gc {
+            pipelines, dry_run, ..
+        } => {
             let _lock = workspace.lock(|| {
                 eprintln!("waiting for another finetune to finish in this workspace...")
             })?;
@@ -485,6 +619,34 @@ fn predict(
         }
     }
     Ok(())
+}
+
+/// The remote `run --pull` fetches from; a remote that cannot be opened fails the run early.
+fn pull_remote(
+    workspace: &Workspace,
+    pull: bool,
+    flag: Option<&str>,
+) -> Result<Option<std::sync::Arc<finetune_remote::Remote>>> {
+    if !pull {
+        return Ok(None);
+    }
+    let chosen = crate::remote::config::require(workspace, flag)?;
+    let remote = crate::remote::open(workspace, &chosen, finetune_remote::Access::Read)?;
+    Ok(Some(std::sync::Arc::new(remote)))
+}
+
+/// The remote `status` asks, if one is given or configured; one that cannot be opened is a
+/// warning (status still reports the local cache).
+fn status_remote(workspace: &Workspace, flag: Option<&str>) -> Option<finetune_remote::Remote> {
+    let opened = crate::remote::config::choose(workspace, flag).and_then(|chosen| {
+        chosen
+            .map(|chosen| crate::remote::open(workspace, &chosen, finetune_remote::Access::Read))
+            .transpose()
+    });
+    opened.unwrap_or_else(|err| {
+        eprintln!("warning: not asking the remote: {err:#}");
+        None
+    })
 }
 
 /// `run [PIPELINE] [STAGE...]`: the first argument is the pipeline if it looks like a file.

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod plan;
 pub mod registry;
+pub mod remote;
 pub mod report;
 pub mod runner;
 pub mod status;

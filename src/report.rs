@@ -24,6 +24,15 @@ pub enum Event {
         key: String,
         output: String,
     },
+    /// Not in the local cache: fetched from the remote (and checked) instead of run.
+    StagePulled {
+        stage: String,
+        key: String,
+        output: String,
+        remote: String,
+        files: usize,
+        bytes: u64,
+    },
     StageFinished {
         stage: String,
         key: String,
@@ -58,6 +67,7 @@ pub enum Event {
     RunFinished {
         ran: usize,
         cached: usize,
+        pulled: usize,
         failed: usize,
         skipped: usize,
         duration_s: f64,
@@ -166,6 +176,18 @@ fn plain_line(event: &Event) -> Option<String> {
             ..
         } => format!("[{stage}] running {uses} ({reason})"),
         Event::StageCached { stage, key, .. } => format!("[{stage}] cached ({})", short(key)),
+        Event::StagePulled {
+            stage,
+            key,
+            remote,
+            files,
+            bytes,
+            ..
+        } => format!(
+            "[{stage}] pulled from {remote} ({}, {files} files, {})",
+            short(key),
+            crate::remote::human_bytes(*bytes)
+        ),
         Event::StageFinished {
             stage, duration_s, ..
         } => format!("[{stage}] done in {duration_s:.2}s"),
@@ -179,6 +201,7 @@ fn plain_line(event: &Event) -> Option<String> {
         Event::RunFinished {
             ran,
             cached,
+            pulled,
             failed,
             skipped,
             duration_s,
@@ -186,8 +209,13 @@ fn plain_line(event: &Event) -> Option<String> {
         } => {
             let memory =
                 peak_rss_mib.map_or(String::new(), |m| format!(", peak memory {m:.0} MiB"));
+            let pulled = if *pulled > 0 {
+                format!("{pulled} pulled, ")
+            } else {
+                String::new()
+            };
             format!(
-                "{ran} ran, {cached} cached, {failed} failed, {skipped} skipped in {duration_s:.2}s{memory}"
+                "{ran} ran, {cached} cached, {pulled}{failed} failed, {skipped} skipped in {duration_s:.2}s{memory}"
             )
         }
     })

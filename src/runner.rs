@@ -1,14 +1,15 @@
 //! Runs a plan: every selected stage after the stages it needs, independent stages in parallel,
 //! each either found in the cache by its key or run into a staging directory and published.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
 use finetune_core::{RunContext, Upstream};
+use finetune_remote::Remote;
 
 use crate::UsageError;
 use crate::cache::digest::DigestMemo;
@@ -16,6 +17,7 @@ use crate::cache::lockfile::{KeyInputs, LockEntry, LockFile, OutputRecord};
 use crate::cache::store::{Entry, Lookup, Store, remember};
 use crate::explain::why_stale;
 use crate::plan::Plan;
+use crate::remote::Pulled;
 use crate::report::{Event, Sink, StageReporter};
 use crate::workspace::Workspace;
 
@@ -27,12 +29,75 @@ pub struct RunOptions {
     pub force: Vec<String>,
     pub dry_run: bool,
     pub jobs: usize,
+    /// Fetch a stage missing from the local cache from this remote, when it has it, rather
+    /// than run it (`run --pull`).
+    pub pull: Option<Arc<Remote>>,
+    /// Run only this share of the targets (`--shard K/N`), for a sweep split across CI jobs.
+    pub shard: Option<Shard>,
+}
+
+/// `K/N`: the K-th of N shares of a run's targets (1-based), taken by stage id in order, so
+/// that every job computes the same split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub fn parse(text: &str) -> Result<Shard, String> {
+        let bad = || format!("`{text}` is not a shard: write K/N with 1 <= K <= N, e.g. 2/4");
+        let (k, n) = text.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            k.trim().parse::<usize>().map_err(|_| bad())?,
+            n.trim().parse::<usize>().map_err(|_| bad())?,
+        );
+        if index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// This shard's part of `stages`, dealt out round-robin in the order of their ids.
+    fn take(&self, plan: &Plan, mut stages: Vec<usize>) -> Vec<usize> {
+        stages.sort_by(|&a, &b| plan.pipeline.stages[a].id.cmp(&plan.pipeline.stages[b].id));
+        stages.dedup();
+        stages
+            .into_iter()
+            .enumerate()
+            .filter(|(position, _)| position % self.count == self.index - 1)
+            .map(|(_, stage)| stage)
+            .collect()
+    }
+}
+
+/// The stages a run brings up to date, with what they need: the targets (all stages when
+/// none), or this shard's part of them (of the final stages when none are named).
+fn selection(plan: &Plan, options: &RunOptions) -> Result<BTreeSet<usize>> {
+    let all = || (0..plan.stages.len()).collect::<Vec<usize>>();
+    let targets = if options.targets.is_empty() {
+        match options.shard {
+            None => return Ok(all().into_iter().collect()),
+            Some(_) => all()
+                .into_iter()
+                .filter(|&i| plan.dag.with_descendants(&[i]).len() == 1)
+                .collect(),
+        }
+    } else {
+        indices(plan, &options.targets, "target")?
+    };
+    let targets = match options.shard {
+        Some(shard) => shard.take(plan, targets),
+        None => targets,
+    };
+    Ok(plan.dag.with_ancestors(&targets))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunSummary {
     pub ran: usize,
     pub cached: usize,
+    pub pulled: usize,
     pub failed: usize,
     pub skipped: usize,
 }
@@ -90,12 +155,7 @@ pub fn run(
     sink: &dyn Sink,
 ) -> Result<RunSummary> {
     let started = Instant::now();
-    let selected = if options.targets.is_empty() {
-        (0..plan.stages.len()).collect()
-    } else {
-        plan.dag
-            .with_ancestors(&indices(plan, &options.targets, "target")?)
-    };
+    let selected = selection(plan, options)?;
     let forced = plan
         .dag
         .with_descendants(&indices(plan, &options.force, "--force")?);
@@ -183,13 +243,35 @@ pub fn run(
                 } else {
                     store.lookup(&key, &mut memo)?
                 };
+                let (lookup, pulled) = match (lookup, &options.pull) {
+                    (Lookup::Missing, Some(remote))
+                        if !forced.contains(&index) && !options.dry_run =>
+                    {
+                        let recorded = recorded
+                            .filter(|r| r.key == key)
+                            .map(|r| r.output.digest.as_str());
+                        match pull_instead(
+                            remote, &store, workspace, &decl.id, &key, recorded, sink,
+                        ) {
+                            Some(entry) => (Lookup::Hit(entry), true),
+                            None => (Lookup::Missing, false),
+                        }
+                    }
+                    (lookup, _) => (lookup, false),
+                };
                 let reason = match lookup {
                     Lookup::Hit(entry) => {
-                        sink.emit(Event::StageCached {
-                            stage: decl.id.clone(),
-                            key: key.clone(),
-                            output: entry.digest.clone(),
-                        });
+                        if pulled {
+                            let _ = remember(&mut memo, &entry);
+                            summary.pulled += 1;
+                        } else {
+                            sink.emit(Event::StageCached {
+                                stage: decl.id.clone(),
+                                key: key.clone(),
+                                output: entry.digest.clone(),
+                            });
+                            summary.cached += 1;
+                        }
                         let duration_s = recorded
                             .filter(|r| r.key == key)
                             .map_or(0.0, |r| r.duration_s);
@@ -198,7 +280,6 @@ pub fn run(
                             lock_entry(&key, inputs, &entry, duration_s),
                         );
                         states[index] = State::Done(entry);
-                        summary.cached += 1;
                         continue;
                     }
                     Lookup::Damaged(problem) => {
@@ -331,6 +412,7 @@ pub fn run(
     sink.emit(Event::RunFinished {
         ran: summary.ran,
         cached: summary.cached,
+        pulled: summary.pulled,
         failed: summary.failed,
         skipped: summary.skipped,
         duration_s: started.elapsed().as_secs_f64(),
@@ -366,6 +448,63 @@ fn damaged(
         ),
     });
     Ok(format!("its cache entry was damaged ({problem})"))
+}
+
+/// `run --pull`: the stage's entry fetched from the remote, if it has one that passes every
+/// check. A refused entry or an unreachable remote is a notice, and the stage runs: the remote
+/// is a cache, and a cache miss never fails a run.
+fn pull_instead(
+    remote: &Remote,
+    store: &Store,
+    workspace: &Workspace,
+    stage: &str,
+    key: &str,
+    recorded: Option<&str>,
+    sink: &dyn Sink,
+) -> Option<Entry> {
+    let notice = |text: String| {
+        sink.emit(Event::Notice {
+            stage: stage.to_string(),
+            text,
+        })
+    };
+    let bar = crate::remote::TransferBar::new("pull");
+    let pulled = crate::remote::pull_entry(remote, store, workspace, key, recorded, &bar);
+    bar.finish();
+    match pulled {
+        Ok(Pulled::Entry(entry, caveat)) => {
+            if let Some(caveat) = caveat {
+                notice(format!(
+                    "pulled entry {}: {caveat}",
+                    crate::report::short(key)
+                ));
+            }
+            sink.emit(Event::StagePulled {
+                stage: stage.to_string(),
+                key: key.to_string(),
+                output: entry.digest.clone(),
+                remote: remote.url().to_string(),
+                files: entry.manifest.files.len(),
+                bytes: entry.manifest.bytes(),
+            });
+            Some(entry)
+        }
+        Ok(Pulled::Absent) => None,
+        Ok(Pulled::Refused(why)) => {
+            notice(format!(
+                "refused the remote's entry {}: {why}; running the stage instead",
+                crate::report::short(key)
+            ));
+            None
+        }
+        Err(err) => {
+            notice(format!(
+                "cannot pull from {}: {err:#}; running the stage instead",
+                remote.url()
+            ));
+            None
+        }
+    }
 }
 
 /// Durations are recorded to the millisecond: enough for review, and stable to read.

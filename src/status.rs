@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
+use finetune_remote::Remote;
 use serde::Serialize;
 
 use crate::cache::digest::DigestMemo;
@@ -10,6 +11,7 @@ use crate::cache::lockfile::LockFile;
 use crate::cache::store::{Entry, Lookup, Store};
 use crate::explain::why_stale;
 use crate::plan::Plan;
+use crate::remote::remote_entry;
 use crate::workspace::Workspace;
 
 #[derive(Debug, Clone, Serialize)]
@@ -21,9 +23,19 @@ pub struct StageStatus {
     pub key: Option<String>,
     /// Empty when fresh.
     pub reason: String,
+    /// For a stale stage, when a remote was asked: whether it has the stage's entry (so
+    /// that `run --pull` fetches it rather than run it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_remote: Option<bool>,
 }
 
-pub fn status(plan: &Plan, workspace: &Workspace) -> Result<Vec<StageStatus>> {
+/// Each stage's state. With a remote, a stale stage whose entry the remote holds says so, and
+/// the stages after it are judged as if it were pulled.
+pub fn status(
+    plan: &Plan,
+    workspace: &Workspace,
+    mut remote: Option<&Remote>,
+) -> Result<Vec<StageStatus>> {
     let store = Store::new(&workspace.artifacts());
     let lock = LockFile::load(
         &workspace.root.join(LockFile::path_for(&plan.pipeline.file)),
@@ -40,6 +52,7 @@ pub fn status(plan: &Plan, workspace: &Workspace) -> Result<Vec<StageStatus>> {
             fresh: false,
             key: None,
             reason: String::new(),
+            on_remote: None,
         };
         let stale_upstream: Vec<&str> = decl
             .needs
@@ -75,6 +88,17 @@ pub fn status(plan: &Plan, workspace: &Workspace) -> Result<Vec<StageStatus>> {
                         }
                         Lookup::Missing => {
                             status.reason = why_stale(lock.stages.get(&decl.id), &inputs, &key);
+                            match remote.map(|r| remote_entry(r, &store, &key)) {
+                                Some(Ok(held)) => {
+                                    status.on_remote = Some(held.is_some());
+                                    outputs.extend(held.map(|entry| (index, entry)));
+                                }
+                                Some(Err(err)) => {
+                                    eprintln!("warning: not asking the remote further: {err:#}");
+                                    remote = None;
+                                }
+                                None => {}
+                            }
                         }
                     }
                     status.key = Some(key);

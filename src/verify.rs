@@ -8,13 +8,11 @@
 
 use std::path::{Path, PathBuf};
 
-use std::collections::BTreeMap;
-
 use anyhow::{Context, Result, bail};
 use finetune_core::integrity::{self, FINGERPRINT_FILE, KeySource, SigningKey};
 
 use crate::cache::digest::DigestMemo;
-use crate::cache::lockfile::LockFile;
+use crate::cache::lockfile::{LockFile, Reference, References};
 use crate::cache::store::{Lookup, Store};
 use crate::pipeline::Pipeline;
 use crate::workspace::Workspace;
@@ -101,19 +99,10 @@ pub fn verify_all(workspace: &Workspace, targets: &[PathBuf], key: Option<&Signi
     all_passed
 }
 
-/// One cache entry as the lock files record it.
-struct Recorded {
-    /// `reviews.lock: train`, for each lock file and stage that reference it.
-    users: Vec<String>,
-    /// The output digests recorded for it.
-    digests: Vec<String>,
-}
-
 /// `verify --cache`: rehashes every entry the workspace's lock files (and those of
 /// `pipelines`) reference and prints one verdict each. A damaged entry is moved aside, so the
 /// next run computes it again. Call with the workspace lock held. Returns whether all passed.
 pub fn verify_cache(workspace: &Workspace, pipelines: &[PathBuf]) -> Result<bool> {
-    let mut recorded: BTreeMap<String, Recorded> = BTreeMap::new();
     let lock_files = LockFile::discover(&workspace.root, pipelines)?;
     if lock_files.is_empty() {
         bail!(
@@ -121,23 +110,12 @@ pub fn verify_cache(workspace: &Workspace, pipelines: &[PathBuf]) -> Result<bool
              run a pipeline first"
         );
     }
-    for path in &lock_files {
-        let lock = LockFile::load(path, "")
-            .with_context(|| format!("verify --cache reads {}", path.display()))?;
-        let name = display(workspace, path);
-        for (stage, entry) in lock.stages {
-            let record = recorded.entry(entry.key).or_insert(Recorded {
-                users: Vec::new(),
-                digests: Vec::new(),
-            });
-            record.users.push(format!("{name}: {stage}"));
-            record.digests.push(entry.output.digest);
-        }
-    }
+    let references = References::of(lock_files, |path| display(workspace, path))
+        .context("verify --cache reads the lock files")?;
     let store = Store::new(&workspace.artifacts());
     let mut all_passed = true;
-    for (key, record) in &recorded {
-        all_passed &= verify_entry(workspace, &store, key, record)?;
+    for (key, reference) in &references.entries {
+        all_passed &= verify_entry(workspace, &store, key, reference)?;
     }
     Ok(all_passed)
 }
@@ -146,7 +124,7 @@ fn verify_entry(
     workspace: &Workspace,
     store: &Store,
     key: &str,
-    record: &Recorded,
+    record: &Reference,
 ) -> Result<bool> {
     let users = record.users.join(", ");
     let short = crate::report::short(key);

@@ -139,3 +139,48 @@ impl LockFile {
         Ok(true)
     }
 }
+
+/// Every cache entry some lock files reference, by key: who references it and the output
+/// digests they recorded for it.
+#[derive(Debug, Default)]
+pub struct References {
+    pub lock_files: Vec<PathBuf>,
+    pub entries: BTreeMap<String, Reference>,
+}
+
+#[derive(Debug, Default)]
+pub struct Reference {
+    /// `reviews.lock: train`, for each lock file and stage that reference it.
+    pub users: Vec<String>,
+    /// The output digests recorded for it.
+    pub digests: Vec<String>,
+}
+
+impl References {
+    /// The entries the lock files at `paths` reference; `shown` names a lock file in messages.
+    pub fn of(paths: Vec<PathBuf>, shown: impl Fn(&Path) -> String) -> Result<References> {
+        let mut references = References::default();
+        for path in &paths {
+            let lock = LockFile::load(path, "")?;
+            references.add(&shown(path), lock);
+        }
+        references.lock_files = paths;
+        Ok(references)
+    }
+
+    /// Adds the entries `lock` references, as used by `name`.
+    pub fn add(&mut self, name: &str, lock: LockFile) {
+        for (stage, entry) in lock.stages {
+            let reference = self.entries.entry(entry.key).or_default();
+            reference.users.push(format!("{name}: {stage}"));
+            reference.digests.push(entry.output.digest);
+        }
+    }
+
+    /// The one output digest the lock files agree on for `key`, if they record one.
+    pub fn digest_of(&self, key: &str) -> Option<&str> {
+        let digests = &self.entries.get(key)?.digests;
+        let first = digests.first()?;
+        digests.iter().all(|d| d == first).then_some(first.as_str())
+    }
+}

@@ -208,7 +208,11 @@ impl Store {
     /// the manifest `bytes` of another machine, as the entry for `key`.
     pub fn publish_fetched(&self, key: &str, staged: &Path, bytes: &[u8]) -> Result<Entry> {
         let manifest = parse_foreign_manifest(bytes).map_err(anyhow::Error::msg)?;
-        let listed: Vec<PathBuf> = manifest.files.iter().map(|f| PathBuf::from(&f.path)).collect();
+        let listed: Vec<PathBuf> = manifest
+            .files
+            .iter()
+            .map(|f| PathBuf::from(&f.path))
+            .collect();
         if list_files(staged)? != listed {
             bail!("the fetched files of {key} are not the ones its manifest lists");
         }

@@ -99,6 +99,12 @@ pub struct Remote {
     jobs: usize,
 }
 
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("url", &self.url).finish()
+    }
+}
+
 /// Transfers at once, by default: enough to hide an object store's per-request latency.
 pub const DEFAULT_JOBS: usize = 8;
 
@@ -182,12 +188,10 @@ impl Remote {
         }));
         match put {
             Ok(_) => Ok(EntryPush::Uploaded),
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                Ok(match self.entry(key)? {
-                    Some(existing) if existing == manifest => EntryPush::AlreadyThere,
-                    _ => EntryPush::Differs,
-                })
-            }
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(match self.entry(key)? {
+                Some(existing) if existing == manifest => EntryPush::AlreadyThere,
+                _ => EntryPush::Differs,
+            }),
             // A store without conditional writes: look first, then write. Two pushers racing
             // here both write a complete manifest; the last one stays.
             Err(object_store::Error::NotImplemented { .. }) => match self.entry(key)? {
@@ -209,6 +213,7 @@ impl Remote {
     /// Uploads each blob the remote lacks (or holds at another size), several at once.
     /// Returns how many were uploaded; the rest were there.
     pub fn upload(&self, files: &[BlobFile], progress: &dyn Progress) -> Result<usize> {
+        progress.begin(files.len(), files.iter().map(|f| f.size).sum());
         self.runtime.block_on(async {
             let uploaded: Vec<bool> = futures::stream::iter(files)
                 .map(|file| transfer::upload_one(self, file, progress))
@@ -223,6 +228,7 @@ impl Remote {
     /// its digest is refused (and deleted from the remote, where allowed, so that the next
     /// push replaces it).
     pub fn download(&self, files: &[BlobFile], progress: &dyn Progress) -> Result<()> {
+        progress.begin(files.len(), files.iter().map(|f| f.size).sum());
         self.runtime.block_on(async {
             futures::stream::iter(files)
                 .map(|file| transfer::download_one(self, file, progress))

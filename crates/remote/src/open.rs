@@ -43,7 +43,10 @@ pub(crate) fn store_for(
         }
         None => base.join(url),
     };
-    Ok((Arc::new(directory(url, &dir, access)?), ObjectPath::default()))
+    Ok((
+        Arc::new(directory(url, &dir, access)?),
+        ObjectPath::default(),
+    ))
 }
 
 fn directory(url: &str, dir: &Path, access: Access) -> Result<LocalFileSystem> {
@@ -116,7 +119,10 @@ fn profile_settings() -> Result<Vec<(AmazonS3ConfigKey, String)>> {
             file_from("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
             profile.as_str(),
         ),
-        (file_from("AWS_CONFIG_FILE", "config"), config_section.as_str()),
+        (
+            file_from("AWS_CONFIG_FILE", "config"),
+            config_section.as_str(),
+        ),
     ];
     let wanted: [(&str, AmazonS3ConfigKey, &[&str]); 5] = [
         (

@@ -14,6 +14,8 @@ use crate::{BlobFile, Remote, RemoteError, Result};
 
 /// Told of the bytes and files moved, for a progress bar.
 pub trait Progress: Send + Sync {
+    /// A transfer of `files` files, `bytes` bytes in all, begins.
+    fn begin(&self, files: usize, bytes: u64);
     fn advance(&self, bytes: u64);
     fn file_done(&self);
 }
@@ -21,6 +23,7 @@ pub trait Progress: Send + Sync {
 pub struct NoProgress;
 
 impl Progress for NoProgress {
+    fn begin(&self, _files: usize, _bytes: u64) {}
     fn advance(&self, _bytes: u64) {}
     fn file_done(&self) {}
 }
