@@ -169,6 +169,7 @@ pub fn run(
     let mut states: Vec<State> = (0..plan.stages.len()).map(|_| State::Pending).collect();
     let mut summary = RunSummary::default();
     let jobs = options.jobs.max(1);
+    let mut pull_from = options.pull.clone();
 
     std::thread::scope(|scope| -> Result<()> {
         let (done_tx, done_rx) = mpsc::channel::<Finished>();
@@ -243,7 +244,7 @@ pub fn run(
                 } else {
                     store.lookup(&key, &mut memo)?
                 };
-                let (lookup, pulled) = match (lookup, &options.pull) {
+                let (lookup, pulled) = match (lookup, &pull_from) {
                     (Lookup::Missing, Some(remote))
                         if !forced.contains(&index) && !options.dry_run =>
                     {
@@ -253,8 +254,12 @@ pub fn run(
                         match pull_instead(
                             remote, &store, workspace, &decl.id, &key, recorded, sink,
                         ) {
-                            Some(entry) => (Lookup::Hit(entry), true),
-                            None => (Lookup::Missing, false),
+                            Attempt::Pulled(entry) => (Lookup::Hit(entry), true),
+                            Attempt::Run => (Lookup::Missing, false),
+                            Attempt::Unreachable => {
+                                pull_from = None;
+                                (Lookup::Missing, false)
+                            }
                         }
                     }
                     (lookup, _) => (lookup, false),
@@ -450,9 +455,18 @@ fn damaged(
     Ok(format!("its cache entry was damaged ({problem})"))
 }
 
+/// What asking the remote for a stage's entry came to.
+enum Attempt {
+    Pulled(Entry),
+    /// The remote has no entry that passes every check: run the stage.
+    Run,
+    /// The remote failed (unreachable, no permission): run the stage, and ask no more.
+    Unreachable,
+}
+
 /// `run --pull`: the stage's entry fetched from the remote, if it has one that passes every
-/// check. A refused entry or an unreachable remote is a notice, and the stage runs: the remote
-/// is a cache, and a cache miss never fails a run.
+/// check. A refused entry or a failing remote is a notice, and the stage runs: the remote is
+/// a cache, and a cache miss never fails a run.
 fn pull_instead(
     remote: &Remote,
     store: &Store,
@@ -461,7 +475,7 @@ fn pull_instead(
     key: &str,
     recorded: Option<&str>,
     sink: &dyn Sink,
-) -> Option<Entry> {
+) -> Attempt {
     let notice = |text: String| {
         sink.emit(Event::Notice {
             stage: stage.to_string(),
@@ -487,22 +501,23 @@ fn pull_instead(
                 files: entry.manifest.files.len(),
                 bytes: entry.manifest.bytes(),
             });
-            Some(entry)
+            Attempt::Pulled(entry)
         }
-        Ok(Pulled::Absent) => None,
+        Ok(Pulled::Absent) => Attempt::Run,
         Ok(Pulled::Refused(why)) => {
             notice(format!(
                 "refused the remote's entry {}: {why}; running the stage instead",
                 crate::report::short(key)
             ));
-            None
+            Attempt::Run
         }
         Err(err) => {
             notice(format!(
-                "cannot pull from {}: {err:#}; running the stage instead",
+                "cannot pull from {}: {err:#}; running the stage instead, and not asking the \
+                 remote again in this run",
                 remote.url()
             ));
-            None
+            Attempt::Unreachable
         }
     }
 }

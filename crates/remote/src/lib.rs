@@ -59,13 +59,14 @@ pub enum RemoteError {
     BadUrl { url: String, why: String },
     #[error("{}: {why}", path.display())]
     AwsConfig { path: PathBuf, why: String },
-    #[error("remote {remote}: cannot {op} {object}: {source}")]
+    /// The store's own message already holds its causes, so it is not a `source` too (which
+    /// would print each cause twice).
+    #[error("remote {remote}: cannot {op} {object}: {cause}")]
     Store {
         remote: String,
         op: &'static str,
         object: String,
-        #[source]
-        source: object_store::Error,
+        cause: object_store::Error,
     },
     #[error("remote {remote}: {object} is not what its name says: {why}")]
     Corrupt {
@@ -146,14 +147,11 @@ impl Remote {
     pub fn entry(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let location = self.entry_path(key)?;
         self.runtime.block_on(async {
-            let got = transfer::retrying(|| async {
-                match self.store.get(&location).await {
-                    Ok(result) => result.bytes().await.map(Some),
-                    Err(object_store::Error::NotFound { .. }) => Ok(None),
-                    Err(err) => Err(err),
-                }
-            })
-            .await;
+            let got = match self.store.get(&location).await {
+                Ok(result) => result.bytes().await.map(Some),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(err) => Err(err),
+            };
             got.map(|bytes| bytes.map(|b| b.to_vec()))
                 .map_err(|source| self.store_error("read", &location, source))
         })
@@ -165,7 +163,7 @@ impl Remote {
             futures::stream::iter(keys)
                 .map(|key| async move {
                     let location = self.entry_path(key)?;
-                    match transfer::retrying(|| self.store.head(&location)).await {
+                    match self.store.head(&location).await {
                         Ok(_) => Ok(true),
                         Err(object_store::Error::NotFound { .. }) => Ok(false),
                         Err(source) => Err(self.store_error("look up", &location, source)),
@@ -182,10 +180,9 @@ impl Remote {
         let location = self.entry_path(key)?;
         let payload = PutPayload::from(bytes::Bytes::copy_from_slice(manifest));
         let create = PutOptions::from(PutMode::Create);
-        let put = self.runtime.block_on(transfer::retrying(|| {
-            self.store
-                .put_opts(&location, payload.clone(), create.clone())
-        }));
+        let put = self
+            .runtime
+            .block_on(self.store.put_opts(&location, payload.clone(), create));
         match put {
             Ok(_) => Ok(EntryPush::Uploaded),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(match self.entry(key)? {
@@ -199,9 +196,7 @@ impl Remote {
                 Some(_) => Ok(EntryPush::Differs),
                 None => {
                     self.runtime
-                        .block_on(transfer::retrying(|| {
-                            self.store.put(&location, payload.clone())
-                        }))
+                        .block_on(self.store.put(&location, payload))
                         .map_err(|source| self.store_error("write", &location, source))?;
                     Ok(EntryPush::Uploaded)
                 }
@@ -260,10 +255,7 @@ impl Remote {
     }
 
     fn delete(&self, location: &ObjectPath) -> Result<()> {
-        match self
-            .runtime
-            .block_on(transfer::retrying(|| self.store.delete(location)))
-        {
+        match self.runtime.block_on(self.store.delete(location)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(source) => Err(self.store_error("delete", location, source)),
         }
@@ -330,13 +322,13 @@ impl Remote {
         &self,
         op: &'static str,
         location: &ObjectPath,
-        source: object_store::Error,
+        cause: object_store::Error,
     ) -> RemoteError {
         RemoteError::Store {
             remote: self.url.clone(),
             op,
             object: location.to_string(),
-            source,
+            cause,
         }
     }
 }

@@ -31,12 +31,12 @@ impl Progress for NoProgress {
 /// Files up to this size go up in one request; larger ones in parts of this size, so memory
 /// stays bounded by the number of transfers, not the size of a model.
 const PART_BYTES: usize = 32 << 20;
-/// Attempts of one operation that failed for a reason that may pass (a dropped connection, a
-/// server error). The S3 client also retries each request itself.
+/// Attempts of a download that failed for a reason that may pass: the S3 client retries each
+/// request that fails to start, but not a body cut off midway.
 const ATTEMPTS: u32 = 4;
 
 /// An error that may pass if the operation is tried again.
-pub(crate) trait Transient {
+trait Transient {
     fn is_transient(&self) -> bool;
 }
 
@@ -68,7 +68,7 @@ impl From<object_store::Error> for FetchError {
 }
 
 /// Runs `op` again after a growing pause while it fails transiently.
-pub(crate) async fn retrying<T, E, F, Fut>(mut op: F) -> std::result::Result<T, E>
+async fn retrying<T, E, F, Fut>(mut op: F) -> std::result::Result<T, E>
 where
     E: Transient,
     F: FnMut() -> Fut,
@@ -96,7 +96,7 @@ pub(crate) async fn upload_one(
     progress: &dyn Progress,
 ) -> Result<bool> {
     let location = remote.blob_path(&file.sha256)?;
-    match retrying(|| remote.store.head(&location)).await {
+    match remote.store.head(&location).await {
         Ok(meta) if meta.size == file.size => {
             progress.advance(file.size);
             progress.file_done();
@@ -111,8 +111,9 @@ pub(crate) async fn upload_one(
     };
     if file.size <= PART_BYTES as u64 {
         let bytes = bytes::Bytes::from(std::fs::read(&file.path).map_err(local_error)?);
-        let payload = PutPayload::from(bytes);
-        retrying(|| remote.store.put(&location, payload.clone()))
+        remote
+            .store
+            .put(&location, PutPayload::from(bytes))
             .await
             .map_err(|source| remote.store_error("write", &location, source))?;
         progress.advance(file.size);
