@@ -66,7 +66,12 @@ pub fn pull_entry(
         Ok(()) => store.publish_fetched(key, &staged, &bytes),
         Err(RemoteError::Corrupt { object, why, .. }) => {
             let _ = std::fs::remove_dir_all(&staged);
-            return Ok(Pulled::Refused(format!("{object}: {why}")));
+            // The entry cannot be pulled by anyone as it is. Without its manifest it is merely
+            // absent, and the next push of it uploads it whole again.
+            let _ = remote.delete_entry(key);
+            return Ok(Pulled::Refused(format!(
+                "{object} is not what its name says: {why}"
+            )));
         }
         Err(err) => Err(err.into()),
     };
