@@ -107,9 +107,11 @@ fn the_model_compiles_no_data_report_or_audit_dependency() {
 
 #[test]
 fn the_lower_crates_know_nothing_above_them() {
-    // kernels: nothing of ours; model: no optimizer, trainer or stage; trainer: no stage.
+    // kernels and remote: nothing of ours; model: no optimizer, trainer or stage; trainer: no
+    // stage.
     for (package, above) in [
         ("finetune-kernels", &["finetune-"][..]),
+        ("finetune-remote", &["finetune-"][..]),
         (
             "finetune-model",
             &[

@@ -66,7 +66,7 @@ pub enum RemoteError {
         remote: String,
         op: &'static str,
         object: String,
-        cause: object_store::Error,
+        cause: Box<object_store::Error>,
     },
     #[error("remote {remote}: {object} is not what its name says: {why}")]
     Corrupt {
@@ -328,7 +328,7 @@ impl Remote {
             remote: self.url.clone(),
             op,
             object: location.to_string(),
-            cause,
+            cause: Box::new(cause),
         }
     }
 }
