@@ -1,0 +1,164 @@
+//! Remote cache benchmark (`cargo bench --bench remote`), each figure printed with its ratio:
+//!
+//! 1. `finetune push` of a MiniLM-sized entry (the all-MiniLM-L6-v2 directory as a stage's
+//!    output, ~90 MB: what the Amazon MiniLM run's train stage holds) to an empty directory
+//!    remote, against `cp -r` of the same entry (goal: throughput >= 0.8x of cp's);
+//! 2. `finetune pull` of it into an empty cache (every file hashed and checked, the entry
+//!    flushed to disk before it is published), against the same `cp -r`;
+//! 3. a no-op `finetune run --pull` when nothing is stale (goal <= 50 ms).
+//!
+//! Whole processes are timed (start, lock, lookups, transfer, exit), medians of several runs.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_finetune");
+const PIPELINE: &str = "name: minilm\nstages:\n  model:\n    uses: command\n    with:\n      \
+    run: [sh, -c, 'cp model/* {out}/']\n      deps: [model]\n";
+
+fn main() {
+    let model = finetune_fixtures::minilm();
+    let ws = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir_all(ws.path().join("model")).expect("mkdir");
+    for entry in std::fs::read_dir(&model).expect("model dir") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::copy(
+                &path,
+                ws.path().join("model").join(path.file_name().unwrap()),
+            )
+            .expect("copy model");
+        }
+    }
+    std::fs::write(ws.path().join("minilm.yaml"), PIPELINE).expect("pipeline");
+    finetune(ws.path(), &["run", "minilm.yaml"]);
+    let entry =
+        std::fs::canonicalize(ws.path().join("artifacts/runs/minilm/model")).expect("entry");
+    let bytes = dir_bytes(&entry);
+    let mb = bytes as f64 / 1e6;
+
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let mut n = 0;
+    let mut fresh = || {
+        n += 1;
+        scratch.path().join(format!("{n}"))
+    };
+    let cp = median(5, || {
+        let to = fresh();
+        timed(|| {
+            let status = Command::new("cp").arg("-r").arg(&entry).arg(&to).status();
+            assert!(status.expect("cp").success());
+        })
+    });
+    let remote = fresh();
+    let push = median(5, || {
+        let to = fresh();
+        timed(|| {
+            finetune(
+                ws.path(),
+                &["push", "minilm.yaml", "--remote", to.to_str().unwrap()],
+            );
+        })
+    });
+    finetune(
+        ws.path(),
+        &["push", "minilm.yaml", "--remote", remote.to_str().unwrap()],
+    );
+
+    let puller = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(
+        ws.path().join("minilm.yaml"),
+        puller.path().join("minilm.yaml"),
+    )
+    .expect("copy");
+    std::fs::copy(
+        ws.path().join("minilm.lock"),
+        puller.path().join("minilm.lock"),
+    )
+    .expect("copy");
+    let pull = median(5, || {
+        let _ = std::fs::remove_dir_all(puller.path().join("artifacts"));
+        timed(|| {
+            finetune(
+                puller.path(),
+                &["pull", "minilm.yaml", "--remote", remote.to_str().unwrap()],
+            );
+        })
+    });
+    let rate = |d: Duration| mb / d.as_secs_f64();
+    println!(
+        "push {mb:.1} MB to a directory remote: median {:.0} ms, {:.0} MB/s | cp -r {:.0} ms, {:.0} MB/s | ratio {:.2} (goal >= 0.8)",
+        ms(push),
+        rate(push),
+        ms(cp),
+        rate(cp),
+        cp.as_secs_f64() / push.as_secs_f64()
+    );
+    println!(
+        "pull {mb:.1} MB from a directory remote (hashed, checked, synced): median {:.0} ms, {:.0} MB/s | cp -r {:.0} ms | ratio {:.2} (goal >= 0.8)",
+        ms(pull),
+        rate(pull),
+        ms(cp),
+        cp.as_secs_f64() / pull.as_secs_f64()
+    );
+
+    let noop = median(21, || {
+        timed(|| {
+            let out = finetune(
+                ws.path(),
+                &[
+                    "run",
+                    "--json",
+                    "minilm.yaml",
+                    "--pull",
+                    "--remote",
+                    remote.to_str().unwrap(),
+                ],
+            );
+            assert!(out.contains("stage_cached"), "not a no-op: {out}");
+        })
+    });
+    println!(
+        "no-op run --pull, nothing stale: median {:.1} ms over 21 runs | goal 50 ms: ratio {:.2}",
+        ms(noop),
+        ms(noop) / 50.0
+    );
+}
+
+fn finetune(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("finetune");
+    assert!(
+        out.status.success(),
+        "finetune {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .expect("entry")
+        .map(|e| e.expect("file").metadata().expect("stat").len())
+        .sum()
+}
+
+fn timed(work: impl FnOnce()) -> Duration {
+    let start = Instant::now();
+    work();
+    start.elapsed()
+}
+
+fn median(runs: usize, mut sample: impl FnMut() -> Duration) -> Duration {
+    let mut samples: Vec<Duration> = (0..runs).map(|_| sample()).collect();
+    samples.sort();
+    samples[runs / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
