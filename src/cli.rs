@@ -456,7 +456,7 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             let latest = crate::metrics::latest(&workspace, &pipeline)?;
             match diff {
                 None if json => println!("{}", serde_json::to_string_pretty(&latest)?),
-                None => crate::metrics::print_latest(&latest),
+                None => crate::metrics::print_latest(&pipeline, &latest),
                 Some(rev) => {
                     let old = crate::metrics::at_revision(&workspace, &pipeline, &rev)?;
                     if json {

@@ -125,17 +125,73 @@ fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, f64>) {
     }
 }
 
-/// `stage  metric  value`, aligned.
-pub fn print_latest(metrics: &StageMetrics) {
+/// `stage  metric  value`, aligned; then each matrix stage's combinations as one table, a
+/// row per combination and a column per metric, for comparing a sweep at a glance.
+pub fn print_latest(pipeline: &Pipeline, metrics: &StageMetrics) {
+    let matrix_of = |stage: &str| {
+        pipeline
+            .stage(stage)
+            .and_then(|decl| decl.matrix_of.clone())
+    };
     let rows: Vec<[String; 3]> = metrics
         .iter()
+        .filter(|(stage, _)| matrix_of(stage).is_none())
         .flat_map(|(stage, values)| {
             values
                 .iter()
                 .map(move |(name, x)| [stage.clone(), name.clone(), format_value(Some(*x))])
         })
         .collect();
-    print_table(&["stage", "metric", "value"], &rows);
+    if !rows.is_empty() {
+        print_table(&["stage", "metric", "value"], &rows);
+    }
+    let mut sweeps: BTreeMap<String, Vec<(&String, &BTreeMap<String, f64>)>> = BTreeMap::new();
+    for (stage, values) in metrics {
+        if let Some(declared) = matrix_of(stage) {
+            sweeps.entry(declared).or_default().push((stage, values));
+        }
+    }
+    for (declared, runs) in sweeps {
+        if !rows.is_empty() {
+            println!();
+        }
+        print_sweep(&declared, &runs);
+    }
+}
+
+/// One matrix stage: `lr  seed  metric...`, a row per combination (from its id,
+/// `train@lr=1e-05,seed=1`).
+fn print_sweep(declared: &str, runs: &[(&String, &BTreeMap<String, f64>)]) {
+    let combination = |id: &str| -> Vec<(String, String)> {
+        id.split_once('@')
+            .map(|(_, items)| items)
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let keys: Vec<String> = runs
+        .first()
+        .map(|(id, _)| combination(id).into_iter().map(|(k, _)| k).collect())
+        .unwrap_or_default();
+    let names: std::collections::BTreeSet<&String> =
+        runs.iter().flat_map(|(_, values)| values.keys()).collect();
+    let header: Vec<String> = keys
+        .iter()
+        .cloned()
+        .chain(names.iter().map(|n| n.to_string()))
+        .collect();
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|(id, values)| {
+            let mut row: Vec<String> = combination(id).into_iter().map(|(_, v)| v).collect();
+            row.extend(names.iter().map(|n| format_value(values.get(*n).copied())));
+            row
+        })
+        .collect();
+    println!("{declared} (matrix, {} combinations):", runs.len());
+    print_rows(&header, &rows);
 }
 
 /// `stage  metric  REV  workspace  change`, for every metric in either run.
@@ -185,22 +241,28 @@ fn format_value(x: Option<f64>) -> String {
 }
 
 fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.to_vec()).collect();
+    print_rows(&header, &rows);
+}
+
+fn print_rows(header: &[String], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(String::len).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.len());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let line = |cells: &[String]| {
         let padded: Vec<String> = cells
             .iter()
-            .zip(widths)
+            .zip(&widths)
             .map(|(cell, width)| format!("{cell:width$}"))
             .collect();
         println!("{}", padded.join("  ").trim_end());
     };
-    line(header.to_vec());
+    line(header);
     for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        line(row);
     }
 }

@@ -447,8 +447,9 @@ fn a_sweep_split_by_shard_fills_one_remote_that_serves_the_whole_sweep() {
     let url = remote.path().to_str().unwrap();
     let sweep = "name: sweep\nstages:\n  trial:\n    uses: command\n    \
                  matrix: { lr: [1, 2, 3], seed: [1, 2] }\n    with:\n      \
-                 run: [sh, -c, 'echo \"$0 $1\" > \"$FINETUNE_OUT/x.txt\"', '${item.lr}', '${item.seed}']\n      \
-                 outs: [x.txt]\n";
+                 run: [sh, -c, 'echo \"$0 $1\" > \"$FINETUNE_OUT/x.txt\"; \
+                 echo \"{\\\"loss\\\": $0.$1}\" > \"$FINETUNE_OUT/metrics.json\"', '${item.lr}', '${item.seed}']\n      \
+                 outs: [x.txt, metrics.json]\n";
     let mut ran = Vec::new();
     for shard in ["1/4", "2/4", "3/4", "4/4"] {
         let job = Ws::new();
@@ -488,6 +489,20 @@ fn a_sweep_split_by_shard_fills_one_remote_that_serves_the_whole_sweep() {
         "{events:?}"
     );
     assert_eq!(stages_with(&events, "stage_pulled").len(), 6);
+
+    // `metrics` shows the sweep as one table: a row per combination.
+    let table = said(all.run(&["metrics", "sweep.yaml"]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines[0], "trial (matrix, 6 combinations):", "{table}");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["lr", "seed", "loss"]
+    );
+    assert_eq!(
+        lines[7].split_whitespace().collect::<Vec<_>>(),
+        ["3", "2", "3.2000"],
+        "{table}"
+    );
 
     for bad in ["0/4", "5/4", "x"] {
         let out = all.run(&["run", "sweep.yaml", "--shard", bad]);
