@@ -184,8 +184,9 @@ fn plain_line(event: &Event) -> Option<String> {
             bytes,
             ..
         } => format!(
-            "[{stage}] pulled from {remote} ({}, {files} files, {})",
+            "[{stage}] pulled from {remote} ({}, {}, {})",
             short(key),
+            crate::remote::count(*files, "file"),
             crate::remote::human_bytes(*bytes)
         ),
         Event::StageFinished {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use finetune_remote::Access;
 
-use super::{RemoteGcOptions, config, gc_remote, human_bytes, open, pull, push};
+use super::{RemoteGcOptions, config, count, gc_remote, human_bytes, open, pull, push};
 use crate::cache::digest::DigestMemo;
 use crate::cache::lockfile::{LockFile, References};
 use crate::cache::store::Store;
@@ -87,14 +87,13 @@ pub fn push_command(
         );
     }
     println!(
-        "pushed {} entries to {} ({} files, {} uploaded; {} files were there); {} entries were \
-         there already",
-        report.uploaded.len(),
+        "pushed {} to {} ({}, {} uploaded; {} there already); {} there already",
+        count(report.uploaded.len(), "entry"),
         remote.url(),
-        report.files_uploaded,
+        count(report.files_uploaded, "file"),
         human_bytes(report.bytes),
-        report.files_present,
-        report.present
+        count(report.files_present, "file"),
+        count(report.present, "entry")
     );
     Ok(if report.damaged.is_empty() {
         ExitCode::SUCCESS
@@ -128,9 +127,9 @@ pub fn pull_command(
         println!("absent    {}: the remote does not have it", short(key));
     }
     println!(
-        "pulled {} entries from {}; {} were here already, {} not on the remote, {} refused \
+        "pulled {} from {}; {} here already, {} not on the remote, {} refused \
          (`finetune run` links the outputs)",
-        report.pulled.len(),
+        count(report.pulled.len(), "entry"),
         remote.url(),
         report.present,
         report.absent.len(),

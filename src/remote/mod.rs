@@ -79,6 +79,15 @@ impl Progress for TransferBar {
     }
 }
 
+/// `1 file`, `3 files`, `2 entries`.
+pub fn count(n: usize, noun: &str) -> String {
+    match (n, noun.strip_suffix('y')) {
+        (1, _) => format!("1 {noun}"),
+        (_, Some(stem)) => format!("{n} {stem}ies"),
+        (_, None) => format!("{n} {noun}s"),
+    }
+}
+
 /// Bytes for people: `91.3 MB`.
 pub fn human_bytes(bytes: u64) -> String {
     indicatif::DecimalBytes(bytes).to_string()
