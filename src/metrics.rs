@@ -145,7 +145,7 @@ pub fn print_latest(pipeline: &Pipeline, metrics: &StageMetrics) {
     if !rows.is_empty() {
         print_table(&["stage", "metric", "value"], &rows);
     }
-    let mut sweeps: BTreeMap<String, Vec<(&String, &BTreeMap<String, f64>)>> = BTreeMap::new();
+    let mut sweeps: BTreeMap<String, Vec<SweepRun>> = BTreeMap::new();
     for (stage, values) in metrics {
         if let Some(declared) = matrix_of(stage) {
             sweeps.entry(declared).or_default().push((stage, values));
@@ -159,9 +159,12 @@ pub fn print_latest(pipeline: &Pipeline, metrics: &StageMetrics) {
     }
 }
 
+/// One combination of a matrix stage: its id and its metrics.
+type SweepRun<'a> = (&'a String, &'a BTreeMap<String, f64>);
+
 /// One matrix stage: `lr  seed  metric...`, a row per combination (from its id,
 /// `train@lr=1e-05,seed=1`).
-fn print_sweep(declared: &str, runs: &[(&String, &BTreeMap<String, f64>)]) {
+fn print_sweep(declared: &str, runs: &[SweepRun]) {
     let combination = |id: &str| -> Vec<(String, String)> {
         id.split_once('@')
             .map(|(_, items)| items)
