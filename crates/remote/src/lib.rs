@@ -96,6 +96,9 @@ pub struct Remote {
     store: Arc<dyn ObjectStore>,
     root: ObjectPath,
     url: String,
+    /// A directory remote's directory: uploads copy files into it with the kernel's copy
+    /// (`copy_file_range`) rather than through memory.
+    directory: Option<PathBuf>,
     runtime: tokio::runtime::Runtime,
     jobs: usize,
 }
@@ -114,7 +117,7 @@ impl Remote {
     /// the AWS environment variables, then the AWS config and credentials files), `file:///dir`
     /// or a directory path (relative to `base`).
     pub fn open(url: &str, base: &Path, access: Access) -> Result<Remote> {
-        let (store, root) = open::store_for(url, base, access)?;
+        let (store, root, directory) = open::store_for(url, base, access)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(4)
             .enable_all()
@@ -127,6 +130,7 @@ impl Remote {
             store,
             root,
             url: url.to_string(),
+            directory,
             runtime,
             jobs: DEFAULT_JOBS,
         })

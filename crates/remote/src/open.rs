@@ -13,12 +13,13 @@ use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
 use crate::{Access, RemoteError, Result};
 
-/// The store for `url` and the path of the remote's root inside it.
+/// The store for `url`, the path of the remote's root inside it, and for a directory remote
+/// the directory (which uploads copy into directly).
 pub(crate) fn store_for(
     url: &str,
     base: &Path,
     access: Access,
-) -> Result<(Arc<dyn ObjectStore>, ObjectPath)> {
+) -> Result<(Arc<dyn ObjectStore>, ObjectPath, Option<PathBuf>)> {
     let bad = |why: String| RemoteError::BadUrl {
         url: url.to_string(),
         why,
@@ -30,7 +31,7 @@ pub(crate) fn store_for(
         }
         let root = ObjectPath::parse(prefix.trim_matches('/'))
             .map_err(|err| bad(format!("the prefix is not a valid object path: {err}")))?;
-        return Ok((s3(url, bucket)?, root));
+        return Ok((s3(url, bucket)?, root, None));
     }
     let dir = match url.strip_prefix("file://") {
         Some(path) if Path::new(path).is_absolute() => PathBuf::from(path),
@@ -43,10 +44,8 @@ pub(crate) fn store_for(
         }
         None => base.join(url),
     };
-    Ok((
-        Arc::new(directory(url, &dir, access)?),
-        ObjectPath::default(),
-    ))
+    let store = directory(url, &dir, access)?;
+    Ok((Arc::new(store), ObjectPath::default(), Some(dir)))
 }
 
 fn directory(url: &str, dir: &Path, access: Access) -> Result<LocalFileSystem> {

@@ -109,7 +109,10 @@ pub(crate) async fn upload_one(
         path: file.path.clone(),
         source,
     };
-    if file.size <= PART_BYTES as u64 {
+    if let Some(dir) = &remote.directory {
+        copy_into(&dir.join(location.as_ref()), &file.path).map_err(local_error)?;
+        progress.advance(file.size);
+    } else if file.size <= PART_BYTES as u64 {
         let bytes = bytes::Bytes::from(std::fs::read(&file.path).map_err(local_error)?);
         remote
             .store
@@ -122,6 +125,22 @@ pub(crate) async fn upload_one(
     }
     progress.file_done();
     Ok(true)
+}
+
+/// Copies `from` to `to` through a temporary file beside it and one rename, so that a reader
+/// sees no blob or a whole one; a blob already there is replaced by the same bytes.
+fn copy_into(to: &Path, from: &Path) -> std::io::Result<()> {
+    static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let parent = to.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = to.file_name().unwrap_or_default().to_string_lossy();
+    let temp = parent.join(format!(".{name}.{}.{n}.part", std::process::id()));
+    let copied = std::fs::copy(from, &temp).and_then(|_| std::fs::rename(&temp, to));
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    copied
 }
 
 async fn upload_in_parts(
