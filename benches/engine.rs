@@ -12,7 +12,10 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
+use common::{median, ms, timed};
 
 use finetune::cache::digest::{DigestMemo, sha256_file};
 use finetune::cache::store::{Lookup, Store};
@@ -223,20 +226,4 @@ fn time_run(root: &Path, pipeline: &str) -> Duration {
             "the rerun was not a no-op:\n{text}"
         );
     })
-}
-
-fn timed(work: impl FnOnce()) -> Duration {
-    let start = Instant::now();
-    work();
-    start.elapsed()
-}
-
-fn median(runs: usize, mut sample: impl FnMut() -> Duration) -> Duration {
-    let mut samples: Vec<Duration> = (0..runs).map(|_| sample()).collect();
-    samples.sort();
-    samples[runs / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }

@@ -11,7 +11,10 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
+use common::{median, ms};
 
 const BIN: &str = env!("CARGO_BIN_EXE_finetune");
 const PIPELINE: &str = "name: minilm\nstages:\n  model:\n    uses: command\n    with:\n      \
@@ -163,17 +166,5 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// otherwise land on whichever command runs next.
 fn timed(work: impl FnOnce()) -> Duration {
     let _ = Command::new("sync").status();
-    let start = Instant::now();
-    work();
-    start.elapsed()
-}
-
-fn median(runs: usize, mut sample: impl FnMut() -> Duration) -> Duration {
-    let mut samples: Vec<Duration> = (0..runs).map(|_| sample()).collect();
-    samples.sort();
-    samples[runs / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+    common::timed(work)
 }

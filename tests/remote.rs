@@ -116,18 +116,10 @@ fn outputs(ws: &Ws, pipeline: &str, stages: &[&str]) -> Vec<(String, Vec<u8>)> {
     let mut files = Vec::new();
     for stage in stages {
         let dir = output_dir(ws, pipeline, stage);
-        let mut pending = vec![dir.clone()];
-        while let Some(at) = pending.pop() {
-            for entry in std::fs::read_dir(&at).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    pending.push(path);
-                } else {
-                    let name = path.strip_prefix(&dir).unwrap().display().to_string();
-                    files.push((format!("{stage}/{name}"), std::fs::read(&path).unwrap()));
-                }
-            }
-        }
+        walk(&dir, &mut |path| {
+            let name = path.strip_prefix(&dir).unwrap().display().to_string();
+            files.push((format!("{stage}/{name}"), std::fs::read(path).unwrap()));
+        });
     }
     files.sort();
     files
@@ -427,17 +419,7 @@ fn gc_remote_keeps_what_the_lock_files_reference_here_and_at_git_revisions() {
 
 fn count_files(dir: &Path) -> usize {
     let mut count = 0;
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(at) = pending.pop() {
-        for entry in std::fs::read_dir(&at).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                pending.push(path);
-            } else {
-                count += 1;
-            }
-        }
-    }
+    walk(dir, &mut |_| count += 1);
     count
 }
 

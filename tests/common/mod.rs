@@ -93,7 +93,8 @@ impl Ws {
     }
 }
 
-fn walk(dir: &Path, visit: &mut dyn FnMut(&Path)) {
+/// Calls `visit` with every file under `dir` (none if it is not there).
+pub fn walk(dir: &Path, visit: &mut dyn FnMut(&Path)) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
