@@ -577,7 +577,92 @@ fn bad_training_params_are_refused_before_anything_runs() {
             "heads: 3",
             "key `with.model.scratch`: hidden (128) must be a multiple of heads (3)",
         ),
+        (
+            "        lr: 1.0e-3",
+            "        lr: 1.0e-3\n        learning_rate: 1.0e-3",
+            "key `with.training.learning_rate`: `learning_rate` (TrainingArguments' name) and `lr` are one setting; give one",
+        ),
+        (
+            "save_total_limit: 1",
+            "save_total_limit: 1\n        output_dir: out",
+            "key `with.training.output_dir`: unknown field `output_dir`",
+        ),
     ]);
+}
+
+/// Removes what a clock measured (`*seconds*`, `*runtime*`, `*per_second*`) from a JSON value.
+fn drop_wall_clock(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.retain(|key, _| {
+                !(key.contains("seconds") || key.contains("runtime") || key.contains("per_second"))
+            });
+            map.values_mut().for_each(drop_wall_clock);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_wall_clock),
+        _ => {}
+    }
+}
+
+/// A `training:` block in TrainingArguments' own names (as pasted from a Python script)
+/// trains exactly the model the short names do: every file of the train output is the same
+/// bytes, but for its wall-clock records.
+#[test]
+fn trainer_names_train_the_same_bits_as_ours() {
+    let ws = Ws::new();
+    let ours = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
+    let theirs = ours
+        .replace("name: reviews\n", "name: reviews-hf\n")
+        .replace("        epochs: 8\n", "        num_train_epochs: 8\n")
+        .replace("        batch_size: 16\n", "        per_device_train_batch_size: 16\n        per_device_eval_batch_size: 64\n        gradient_accumulation_steps: 1\n")
+        .replace("        lr: 1.0e-3\n", "        learning_rate: 1.0e-3\n")
+        .replace("        schedule: linear\n", "        lr_scheduler_type: linear\n")
+        .replace("metric_for_best_model: accuracy", "metric_for_best_model: eval_accuracy\n        greater_is_better: true");
+    assert_eq!(theirs.matches("num_train_epochs").count(), 1, "{theirs}");
+    assert!(theirs.contains("learning_rate") && theirs.contains("lr_scheduler_type"));
+    ws.write("pipelines/reviews-hf.yaml", theirs);
+    ws.run_ok(&[]);
+    let events = ws.run_ok(&["pipelines/reviews-hf.yaml"]);
+    assert!(
+        stages_with(&events, "stage_started").contains(&"train".to_string()),
+        "the other spelling trains on its own (its params differ as written): {events:?}"
+    );
+    let files = |pipeline: &str| {
+        let dir = output_dir(&ws, pipeline, "train");
+        let mut files = Vec::new();
+        walk(&dir, &mut |path| {
+            let name = path.strip_prefix(&dir).unwrap().display().to_string();
+            let wall_clock = name == "run_history.json"
+                || name == ".finetune-manifest.json"
+                || name.ends_with("timings.jsonl")
+                || name.contains("tensorboard");
+            if name.ends_with("trainer_state.json") {
+                // As in Trainer's, its log history has the speeds: compare the rest.
+                let mut state = read_json(path);
+                drop_wall_clock(&mut state);
+                files.push((name, state.to_string().into_bytes()));
+            } else if !wall_clock {
+                files.push((name, std::fs::read(path).unwrap()));
+            }
+        });
+        files.sort();
+        files
+    };
+    let (a, b) = (files("reviews"), files("reviews-hf"));
+    assert!(a.iter().any(|(name, _)| name == "model/model.safetensors"));
+    assert_eq!(
+        a.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+        b.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let (x, y) = (String::from_utf8_lossy(x), String::from_utf8_lossy(y));
+        let differing: Vec<(&str, &str)> =
+            x.lines().zip(y.lines()).filter(|(a, b)| a != b).collect();
+        assert!(
+            x == y,
+            "{name} differs between the two spellings: {differing:?}"
+        );
+    }
 }
 
 /// Counts far beyond any run are config errors that name the key: a batch of 2^62 × 4

@@ -15,7 +15,8 @@ pub enum ScheduleKind {
     Linear,
     /// Linear warmup, then half a cosine down to 0.
     Cosine,
-    /// Linear warmup, then constant.
+    /// Linear warmup, then constant (TrainingArguments' `constant_with_warmup`).
+    #[serde(alias = "constant_with_warmup")]
     Constant,
 }
 

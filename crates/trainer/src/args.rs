@@ -8,7 +8,44 @@ use serde_json::json;
 
 use finetune_optim::ScheduleKind;
 
-/// `with: training:` of a `train` stage.
+/// TrainingArguments' names for the settings `training:` calls more briefly (the rest share
+/// their names), so that a block pasted from a Python script runs as it is.
+pub const TRAINER_NAMES: &[(&str, &str)] = &[
+    ("num_train_epochs", "epochs"),
+    ("per_device_train_batch_size", "batch_size"),
+    ("per_device_eval_batch_size", "eval_batch_size"),
+    ("gradient_accumulation_steps", "grad_accum"),
+    ("learning_rate", "lr"),
+    ("lr_scheduler_type", "schedule"),
+    // transformers' name before 4.41.
+    ("evaluation_strategy", "eval_strategy"),
+];
+
+/// Rewrites TrainingArguments' names in a `training:` mapping to ours, in place, so that both
+/// spellings of a pipeline train, record and key the same. A setting given by both names is an
+/// error that names both.
+pub fn accept_trainer_names(
+    training: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ConfigError> {
+    for (theirs, ours) in TRAINER_NAMES {
+        let Some(value) = training.remove(*theirs) else {
+            continue;
+        };
+        if training.contains_key(*ours) {
+            return Err(ConfigError::at(
+                format!("training.{theirs}"),
+                format!(
+                    "`{theirs}` (TrainingArguments' name) and `{ours}` are one setting; give one"
+                ),
+            ));
+        }
+        training.insert(ours.to_string(), value);
+    }
+    Ok(())
+}
+
+/// `with: training:` of a `train` stage. Each setting also answers to its TrainingArguments
+/// name ([`TRAINER_NAMES`]).
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingArgs {

@@ -37,7 +37,8 @@ use finetune_regularizers::Attack;
 use finetune_rng::SplitMix64;
 
 pub use args::{
-    EarlyStoppingArgs, EvalSplit, METRICS, MemoryBudgetError, Padding, Strategy, TrainingArgs,
+    EarlyStoppingArgs, EvalSplit, METRICS, MemoryBudgetError, Padding, Strategy, TRAINER_NAMES,
+    TrainingArgs, accept_trainer_names,
 };
 pub use callbacks::{
     Callback, EarlyStopping, JsonlFile, Logger, RecordSink, RunHistory, jsonl_logger,

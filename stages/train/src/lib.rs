@@ -99,6 +99,7 @@ impl Stage for Train {
     }
 
     fn configure(&self, with: &Value, ctx: &ConfigureContext) -> Result<Box<dyn Job>, ConfigError> {
+        let with = &with_our_names(with)?;
         let params: TrainParams = parse_params(with)?;
         ctx.upstream_using("tokenize")?;
         params.training.validate()?;
@@ -142,9 +143,18 @@ impl Stage for Train {
     }
 }
 
+/// `with:` with TrainingArguments' names under `training:` rewritten to ours.
+fn with_our_names(with: &Value) -> Result<Value, ConfigError> {
+    let mut with = with.clone();
+    if let Some(training) = with.get_mut("training").and_then(Value::as_object_mut) {
+        finetune_trainer::accept_trainer_names(training)?;
+    }
+    Ok(with)
+}
+
 struct TrainJob {
     params: TrainParams,
-    /// The `with:` as the pipeline gave it, for run_history.json.
+    /// The `with:` as the pipeline gave it (in our names), for run_history.json.
     with: Value,
     /// The key that signs checkpoints and the output, when one is configured.
     signing: Option<Arc<SigningKey>>,
