@@ -138,15 +138,19 @@ pub enum Command {
     Metrics {
         #[arg(value_name = "PIPELINE")]
         pipeline: Option<PathBuf>,
-        /// Compare with the run recorded by the lock file committed at git revision REV.
-        #[arg(long, value_name = "REV")]
-        diff: Option<String>,
+        /// Compare the run recorded by the lock file committed at git revision A with the
+        /// workspace's latest run, or with the one committed at B.
+        #[arg(long, value_names = ["A", "B"], num_args = 1..=2)]
+        diff: Vec<String>,
         /// With --diff, list unchanged metrics too.
         #[arg(long)]
         all: bool,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "md")]
         json: bool,
+        /// Print the table in Markdown (for a pull-request comment).
+        #[arg(long)]
+        md: bool,
     },
     /// Label texts with a trained model: the arguments, or stdin one text a line.
     Predict {
@@ -450,23 +454,16 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             diff,
             all,
             json,
+            md,
         } => {
             let file = pipeline.unwrap_or_else(|| DEFAULT_PIPELINE.into());
             let pipeline = load_pipeline(&workspace, &file, &[])?;
-            let latest = crate::metrics::latest(&workspace, &pipeline)?;
-            match diff {
-                None if json => println!("{}", serde_json::to_string_pretty(&latest)?),
-                None => crate::metrics::print_latest(&pipeline, &latest),
-                Some(rev) => {
-                    let old = crate::metrics::at_revision(&workspace, &pipeline, &rev)?;
-                    if json {
-                        let both = serde_json::json!({ rev: old, "workspace": latest });
-                        println!("{}", serde_json::to_string_pretty(&both)?);
-                    } else {
-                        crate::metrics::print_diff(&rev, &old, &latest, all);
-                    }
-                }
-            }
+            let format = match (json, md) {
+                (true, _) => crate::metrics::Format::Json,
+                (false, true) => crate::metrics::Format::Markdown,
+                (false, false) => crate::metrics::Format::Text,
+            };
+            crate::metrics::show(&workspace, &pipeline, &diff, all, format)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Predict {

@@ -20,6 +20,45 @@ const METRICS_FILE: &str = "metrics.json";
 /// Stage id -> dotted metric name -> value, for the stages that wrote a `metrics.json`.
 pub type StageMetrics = BTreeMap<String, BTreeMap<String, f64>>;
 
+/// How `metrics` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Markdown,
+    Json,
+}
+
+/// `finetune metrics [--diff A [B]]`: the latest run's metrics, or a comparison of the run
+/// committed at revision A with the workspace's latest (or with the one committed at B).
+pub fn show(
+    workspace: &Workspace,
+    pipeline: &Pipeline,
+    diff: &[String],
+    all: bool,
+    format: Format,
+) -> Result<()> {
+    let Some(old_rev) = diff.first() else {
+        let latest = latest(workspace, pipeline)?;
+        match format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&latest)?),
+            Format::Text | Format::Markdown => print_latest(pipeline, &latest, format),
+        }
+        return Ok(());
+    };
+    let old = at_revision(workspace, pipeline, old_rev)?;
+    let (new_name, new) = match diff.get(1) {
+        Some(new_rev) => (new_rev.as_str(), at_revision(workspace, pipeline, new_rev)?),
+        None => ("workspace", latest(workspace, pipeline)?),
+    };
+    if format == Format::Json {
+        let both = serde_json::json!({ old_rev: old, new_name: new });
+        println!("{}", serde_json::to_string_pretty(&both)?);
+    } else {
+        print_diff((old_rev, &old), (new_name, &new), all, format);
+    }
+    Ok(())
+}
+
 /// The metrics of the latest run (`artifacts/runs/<pipeline>/<stage>/metrics.json`).
 pub fn latest(workspace: &Workspace, pipeline: &Pipeline) -> Result<StageMetrics> {
     let run_dir = workspace.run_dir(&pipeline.name);
@@ -127,7 +166,7 @@ fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, f64>) {
 
 /// `stage  metric  value`, aligned; then each matrix stage's combinations as one table, a
 /// row per combination and a column per metric, for comparing a sweep at a glance.
-pub fn print_latest(pipeline: &Pipeline, metrics: &StageMetrics) {
+pub fn print_latest(pipeline: &Pipeline, metrics: &StageMetrics, format: Format) {
     let matrix_of = |stage: &str| {
         pipeline
             .stage(stage)
@@ -143,7 +182,7 @@ pub fn print_latest(pipeline: &Pipeline, metrics: &StageMetrics) {
         })
         .collect();
     if !rows.is_empty() {
-        print_table(&["stage", "metric", "value"], &rows);
+        print_table(&["stage", "metric", "value"], &rows, format);
     }
     let mut sweeps: BTreeMap<String, Vec<SweepRun>> = BTreeMap::new();
     for (stage, values) in metrics {
@@ -155,7 +194,7 @@ pub fn print_latest(pipeline: &Pipeline, metrics: &StageMetrics) {
         if !rows.is_empty() {
             println!();
         }
-        print_sweep(&declared, &runs);
+        print_sweep(&declared, &runs, format);
     }
 }
 
@@ -164,7 +203,7 @@ type SweepRun<'a> = (&'a String, &'a BTreeMap<String, f64>);
 
 /// One matrix stage: `lr  seed  metric...`, a row per combination (from its id,
 /// `train@lr=1e-05,seed=1`).
-fn print_sweep(declared: &str, runs: &[SweepRun]) {
+fn print_sweep(declared: &str, runs: &[SweepRun], format: Format) {
     let combination = |id: &str| -> Vec<(String, String)> {
         id.split_once('@')
             .map(|(_, items)| items)
@@ -194,11 +233,16 @@ fn print_sweep(declared: &str, runs: &[SweepRun]) {
         })
         .collect();
     println!("{declared} (matrix, {} combinations):", runs.len());
-    print_rows(&header, &rows);
+    print_rows(&header, &rows, format);
 }
 
 /// `stage  metric  REV  workspace  change`, for every metric in either run.
-pub fn print_diff(rev: &str, old: &StageMetrics, new: &StageMetrics, all: bool) {
+pub fn print_diff(
+    (old_name, old): (&str, &StageMetrics),
+    (new_name, new): (&str, &StageMetrics),
+    all: bool,
+    format: Format,
+) {
     let mut rows = Vec::new();
     let stages: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
     for stage in stages {
@@ -229,10 +273,14 @@ pub fn print_diff(rev: &str, old: &StageMetrics, new: &StageMetrics, all: bool) 
         }
     }
     if rows.is_empty() {
-        println!("no metric differs between {rev} and the workspace");
+        println!("no metric differs between {old_name} and {new_name}");
         return;
     }
-    print_table(&["stage", "metric", rev, "workspace", "change"], &rows);
+    print_table(
+        &["stage", "metric", old_name, new_name, "change"],
+        &rows,
+        format,
+    );
 }
 
 fn format_value(x: Option<f64>) -> String {
@@ -243,13 +291,17 @@ fn format_value(x: Option<f64>) -> String {
     }
 }
 
-fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]], format: Format) {
     let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
     let rows: Vec<Vec<String>> = rows.iter().map(|r| r.to_vec()).collect();
-    print_rows(&header, &rows);
+    print_rows(&header, &rows, format);
 }
 
-fn print_rows(header: &[String], rows: &[Vec<String>]) {
+fn print_rows(header: &[String], rows: &[Vec<String>], format: Format) {
+    if format == Format::Markdown {
+        print_markdown(header, rows);
+        return;
+    }
     let mut widths: Vec<usize> = header.iter().map(String::len).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -265,6 +317,23 @@ fn print_rows(header: &[String], rows: &[Vec<String>]) {
         println!("{}", padded.join("  ").trim_end());
     };
     line(header);
+    for row in rows {
+        line(row);
+    }
+}
+
+/// A GitHub-flavoured Markdown table; numbers (the columns after the first two) right-aligned.
+fn print_markdown(header: &[String], rows: &[Vec<String>]) {
+    let cell = |text: &str| text.replace('|', "\\|");
+    let line = |cells: &[String]| {
+        let cells: Vec<String> = cells.iter().map(|c| cell(c)).collect();
+        println!("| {} |", cells.join(" | "));
+    };
+    line(header);
+    let rule: Vec<&str> = (0..header.len())
+        .map(|i| if i < 2 { "---" } else { "---:" })
+        .collect();
+    println!("|{}|", rule.join("|"));
     for row in rows {
         line(row);
     }

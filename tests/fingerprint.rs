@@ -351,6 +351,30 @@ fn metrics_show_and_diff_the_runs(ws: &Ws) {
         "train did not change: {table}"
     );
 
+    // Markdown for a pull-request comment; two revisions compare without the workspace.
+    let out = ws.run(&["metrics", "--diff", "HEAD", "--md"]);
+    let markdown = stdout(&out);
+    let lines: Vec<&str> = markdown.lines().collect();
+    assert_eq!(
+        lines[0], "| stage | metric | HEAD | workspace | change |",
+        "{markdown}"
+    );
+    assert_eq!(lines[1], "|---|---|---:|---:|---:|");
+    assert!(
+        lines.contains(&"| evaluate | examples | 200 | 100 | -100 |"),
+        "{markdown}"
+    );
+    git(&["add", "pipelines"]);
+    git(&["commit", "-q", "-m", "the run on the validation split"]);
+    let out = ws.run(&["metrics", "--diff", "HEAD~1", "HEAD", "--md"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("| evaluate | examples | 200 | 100 | -100 |"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).starts_with("| stage | metric | HEAD~1 | HEAD | change |"));
+
     let out = ws.run(&["metrics", "--diff", "no-such-rev"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
