@@ -353,3 +353,61 @@ fn like_datasets_picks_the_rows_of_hugging_face_train_test_split() {
         stderr(&out)
     );
 }
+
+#[test]
+fn label_names_name_the_labels_through_to_the_trained_model() {
+    let ws = Ws::new();
+    let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
+    let named = yaml.replace(
+        "      labels: [\"0\", \"1\"]   # 0 = negative, 1 = positive\n",
+        "      labels: [\"0\", \"1\"]\n      label_names: { 0: negative, 1: positive }\n",
+    );
+    assert_ne!(named, yaml);
+    ws.write("pipelines/reviews.yaml", &named);
+    ws.run_ok(&[]);
+    let labels = read_json(&output_dir(&ws, "reviews", "ingest").join("labels.json"));
+    assert_eq!(labels["names"], serde_json::json!(["negative", "positive"]));
+    assert_eq!(labels["label2id"]["positive"], 1);
+    let config = read_json(&output_dir(&ws, "reviews", "train").join("model/config.json"));
+    assert_eq!(
+        config["id2label"],
+        serde_json::json!({"0": "negative", "1": "positive"})
+    );
+    let out = ws.run(&[
+        "predict",
+        "--model",
+        "artifacts/runs/reviews/train",
+        "works great, love it",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("negative\t") || said.starts_with("positive\t"),
+        "{said}"
+    );
+
+    // A label without a name, a name for no label, and two labels under one name.
+    for (names, expected) in [
+        (
+            "{ 0: negative }",
+            "label `1` of data/raw/product_reviews.tsv has no name in `label_names`",
+        ),
+        (
+            "{ 0: negative, 1: positive, 2: neutral }",
+            "`label_names` names `2`, a label data/raw/product_reviews.tsv does not hold",
+        ),
+        (
+            "{ 0: same, 1: same }",
+            "key `with.label_names.1`: `same` is empty or names another label too",
+        ),
+    ] {
+        let bad = yaml.replace(
+            "      labels: [\"0\", \"1\"]   # 0 = negative, 1 = positive\n",
+            &format!("      labels: [\"0\", \"1\"]\n      label_names: {names}\n"),
+        );
+        ws.write("pipelines/reviews.yaml", bad);
+        let out = ws.run(&["run"]);
+        assert_ne!(out.status.code(), Some(0), "{names}");
+        assert!(stderr(&out).contains(expected), "{names}: {}", stderr(&out));
+    }
+}

@@ -64,7 +64,10 @@ impl Job for IngestJob {
         let path = ctx.resolve(&self.params.path);
         ctx.reporter
             .message(&format!("reading {}", self.params.path.display()));
-        let table = read::read_table(&path, &self.params.path, &self.params, ctx.reporter)?;
+        let mut table = read::read_table(&path, &self.params.path, &self.params, ctx.reporter)?;
+        if let Some(names) = &self.params.label_names {
+            table.labels = named(&table.labels, names, &self.params.path)?;
+        }
         if table.dropped.total() > 0 {
             ctx.reporter.message(&format!(
                 "dropped {} of {} rows: {}",
@@ -88,4 +91,31 @@ impl Job for IngestJob {
         ));
         Ok(())
     }
+}
+
+/// The labels (in id order) under the names `label_names` gives them. A label without a name,
+/// or a name for a label the data does not hold (a typo), is an error.
+fn named(
+    labels: &[String],
+    names: &std::collections::BTreeMap<String, String>,
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<String>> {
+    if let Some(unused) = names.keys().find(|k| !labels.contains(k)) {
+        anyhow::bail!(
+            "`label_names` names `{unused}`, a label {} does not hold (its labels: {})",
+            path.display(),
+            labels.join(", ")
+        );
+    }
+    labels
+        .iter()
+        .map(|label| {
+            names.get(label).cloned().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "label `{label}` of {} has no name in `label_names`",
+                    path.display()
+                )
+            })
+        })
+        .collect()
 }

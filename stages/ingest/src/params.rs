@@ -1,3 +1,4 @@
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use finetune_core::ConfigError;
@@ -27,6 +28,10 @@ pub struct Params {
     /// Labels in id order. Default: the labels found, sorted (numerically if all are integers).
     /// A label not in this list is an error.
     pub labels: Option<Vec<String>>,
+    /// Names for the labels as the file writes them (`{ 0: negative, 1: positive }`): what
+    /// labels.json, the trained model's `id2label` and `predict` show. Every label the data
+    /// holds needs one; no two labels may share a name.
+    pub label_names: Option<BTreeMap<String, String>>,
     /// Trim surrounding whitespace from texts and labels.
     #[serde(default = "yes")]
     pub trim: bool,
@@ -177,6 +182,17 @@ impl Params {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(names) = &self.label_names {
+            let mut seen = BTreeSet::new();
+            for (label, name) in names {
+                if name.trim().is_empty() || !seen.insert(name) {
+                    return Err(ConfigError::at(
+                        format!("label_names.{label}"),
+                        format!("`{name}` is empty or names another label too"),
+                    ));
+                }
+            }
+        }
         if let Some(c) = self.delimiter
             && (!c.is_ascii() || c == '"' || c == '\n' || c == '\r')
         {
