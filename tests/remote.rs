@@ -289,6 +289,12 @@ fn the_config_file_names_the_default_remote_and_status_says_what_it_can_serve() 
         "every stage, the downstream ones judged as if pulled:\n{text}"
     );
     // `pull` fills the cache; the run then finds everything cached.
+    // Without a lock file there is nothing to name the entries by: `pull` says so.
+    let nothing = said(second.run(&["pull", FIVE]));
+    assert!(
+        nothing.starts_with("nothing to pull: no lock file"),
+        "{nothing}"
+    );
     // The lock file, committed in a real repository, names the entries to pull.
     std::fs::copy(
         first.file("fixtures/five.lock"),

@@ -113,6 +113,13 @@ pub fn pull_command(
         .with_jobs(target.jobs.unwrap_or(finetune_remote::DEFAULT_JOBS));
     let _lock = workspace.lock(wait_notice)?;
     let references = references(workspace, pipelines)?;
+    if references.entries.is_empty() {
+        println!(
+            "nothing to pull: no lock file names an entry (run the pipeline once, or commit its \
+             lock file); `finetune run --pull` fetches stage by stage as it computes the keys"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let store = Store::new(&workspace.artifacts());
     let mut memo = DigestMemo::load(&workspace.memo_file());
     let report = pull(workspace, &store, &mut memo, &remote, &references)?;
