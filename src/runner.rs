@@ -443,13 +443,12 @@ fn damaged(
         ));
     }
     let moved = store.set_aside(key)?;
-    let shown = moved.strip_prefix(&workspace.root).unwrap_or(&moved);
     sink.emit(Event::Notice {
         stage: stage.to_string(),
         text: format!(
             "cache entry {} is damaged: {problem}; moved it to {} and running the stage again",
             crate::report::short(key),
-            shown.display()
+            workspace.display(&moved)
         ),
     });
     Ok(format!("its cache entry was damaged ({problem})"))

@@ -6,7 +6,7 @@
 //! every file rehashed (the digest memo is not trusted), and the manifest compared with the
 //! output digest the lock file recorded.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use finetune_core::integrity::{self, FINGERPRINT_FILE, KeySource, SigningKey};
@@ -70,7 +70,7 @@ pub fn pipeline_targets(workspace: &Workspace, pipeline: &Pipeline) -> Result<Ve
 pub fn verify_all(workspace: &Workspace, targets: &[PathBuf], key: Option<&SigningKey>) -> bool {
     let mut all_passed = true;
     for dir in targets {
-        let shown = display(workspace, dir);
+        let shown = workspace.display(dir);
         match integrity::verify(dir, &workspace.root, key) {
             Ok(result) if result.passed() => {
                 println!(
@@ -110,7 +110,7 @@ pub fn verify_cache(workspace: &Workspace, pipelines: &[PathBuf]) -> Result<bool
              run a pipeline first"
         );
     }
-    let references = References::of(lock_files, |path| display(workspace, path))
+    let references = References::of(lock_files, |path| workspace.display(path))
         .context("verify --cache reads the lock files")?;
     let store = Store::new(&workspace.artifacts());
     let mut all_passed = true;
@@ -159,16 +159,9 @@ fn verify_entry(
             println!(
                 "FAILED  {short} ({users}): {problem}; moved to {}, so the next `finetune run` \
                  computes it again",
-                display(workspace, &moved)
+                workspace.display(&moved)
             );
             Ok(false)
         }
     }
-}
-
-fn display(workspace: &Workspace, dir: &Path) -> String {
-    dir.strip_prefix(&workspace.root)
-        .unwrap_or(dir)
-        .display()
-        .to_string()
 }

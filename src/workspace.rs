@@ -23,6 +23,14 @@ impl Workspace {
         Ok(Workspace { root })
     }
 
+    /// `path` as messages show it: relative to the workspace when inside it.
+    pub fn display(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+
     pub fn artifacts(&self) -> PathBuf {
         self.root.join("artifacts")
     }

@@ -1,7 +1,7 @@
 //! The remote's commands as the user sees them: `push`, `pull` and `gc --remote`, each
 //! choosing its remote, taking the workspace lock, and printing what it did.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -35,13 +35,8 @@ fn references(workspace: &Workspace, pipelines: &[PathBuf]) -> Result<References
             .map(|p| workspace.root.join(LockFile::path_for(p)))
             .collect()
     };
-    let shown = |path: &Path| {
-        path.strip_prefix(&workspace.root)
-            .unwrap_or(path)
-            .display()
-            .to_string()
-    };
-    References::of(paths.into_iter().filter(|p| p.exists()).collect(), shown)
+    let paths = paths.into_iter().filter(|p| p.exists()).collect();
+    References::of(paths, |path| workspace.display(path))
 }
 
 /// `finetune push [PIPELINE...] [--all]`.

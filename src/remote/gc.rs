@@ -91,14 +91,8 @@ fn unix_now() -> i64 {
 
 /// Every entry the work tree's lock files and those at the chosen revisions reference.
 fn referenced(workspace: &Workspace, options: &RemoteGcOptions) -> Result<References> {
-    let shown = |path: &Path| {
-        path.strip_prefix(&workspace.root)
-            .unwrap_or(path)
-            .display()
-            .to_string()
-    };
     let local = LockFile::discover(&workspace.root, &options.pipelines)?;
-    let mut references = References::of(local, shown)?;
+    let mut references = References::of(local, |path| workspace.display(path))?;
     let mut revisions = options.revisions.clone();
     if options.all_commits {
         revisions.extend(git_lines(&workspace.root, &["rev-list", "--all"])?);
