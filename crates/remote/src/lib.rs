@@ -23,7 +23,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
-pub use transfer::{NoProgress, Progress};
+pub use transfer::Progress;
 
 /// One file of an entry: its content digest, its size, and where it is (or goes) locally.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,7 +267,7 @@ impl Remote {
 
     /// The objects under `v1/<kind>/` named by a digest and then `suffix`.
     fn list(&self, kind: &str, suffix: &str) -> Result<Vec<Listed>> {
-        let prefix = self.root.clone().join("v1").join(kind);
+        let prefix = self.area(kind);
         let metas: Vec<object_store::ObjectMeta> = self
             .runtime
             .block_on(self.store.list(Some(&prefix)).try_collect())
@@ -290,23 +290,17 @@ impl Remote {
 
     fn entry_path(&self, key: &str) -> Result<ObjectPath> {
         self.check_name("entry key", key)?;
-        Ok(self
-            .root
-            .clone()
-            .join("v1")
-            .join("entries")
-            .join(format!("{key}.json")))
+        Ok(self.area("entries").join(format!("{key}.json")))
     }
 
     fn blob_path(&self, sha256: &str) -> Result<ObjectPath> {
         self.check_name("file digest", sha256)?;
-        Ok(self
-            .root
-            .clone()
-            .join("v1")
-            .join("blobs")
-            .join(&sha256[..2])
-            .join(sha256))
+        Ok(self.area("blobs").join(&sha256[..2]).join(sha256))
+    }
+
+    /// `v1/<kind>` under the remote's root: where its entries or its blobs are.
+    fn area(&self, kind: &str) -> ObjectPath {
+        self.root.clone().join("v1").join(kind)
     }
 
     /// Names come from manifests, which may have been tampered with: only a digest can name

@@ -20,14 +20,6 @@ pub trait Progress: Send + Sync {
     fn file_done(&self);
 }
 
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn begin(&self, _files: usize, _bytes: u64) {}
-    fn advance(&self, _bytes: u64) {}
-    fn file_done(&self) {}
-}
-
 /// Files up to this size go up in one request; larger ones in parts of this size, so memory
 /// stays bounded by the number of transfers, not the size of a model.
 const PART_BYTES: usize = 32 << 20;
@@ -35,29 +27,22 @@ const PART_BYTES: usize = 32 << 20;
 /// request that fails to start, but not a body cut off midway.
 const ATTEMPTS: u32 = 4;
 
-/// An error that may pass if the operation is tried again.
-trait Transient {
-    fn is_transient(&self) -> bool;
-}
-
-impl Transient for object_store::Error {
-    fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
-        )
-    }
-}
-
 /// A download fails at the remote (maybe transiently) or on the local disk (not retried).
 enum FetchError {
     Remote(object_store::Error),
     Local(std::io::Error),
 }
 
-impl Transient for FetchError {
+impl FetchError {
+    /// Whether trying again may help: a remote failure of the generic kind (a connection
+    /// dropped midway), not a missing object, a refusal or the local disk.
     fn is_transient(&self) -> bool {
-        matches!(self, FetchError::Remote(err) if err.is_transient())
+        matches!(
+            self,
+            FetchError::Remote(
+                object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
+            )
+        )
     }
 }
 
@@ -68,11 +53,10 @@ impl From<object_store::Error> for FetchError {
 }
 
 /// Runs `op` again after a growing pause while it fails transiently.
-async fn retrying<T, E, F, Fut>(mut op: F) -> std::result::Result<T, E>
+async fn retrying<T, F, Fut>(mut op: F) -> std::result::Result<T, FetchError>
 where
-    E: Transient,
     F: FnMut() -> Fut,
-    Fut: Future<Output = std::result::Result<T, E>>,
+    Fut: Future<Output = std::result::Result<T, FetchError>>,
 {
     let mut pause = Duration::from_millis(200);
     let mut attempt = 1;
@@ -150,22 +134,20 @@ async fn upload_in_parts(
     progress: &dyn Progress,
 ) -> Result<()> {
     let write_error = |source| remote.store_error("write", location, source);
+    let local_error = |source| RemoteError::Local {
+        path: file.path.clone(),
+        source,
+    };
     let upload = remote
         .store
         .put_multipart(location)
         .await
         .map_err(write_error)?;
     let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-    let mut reader = std::fs::File::open(&file.path).map_err(|source| RemoteError::Local {
-        path: file.path.clone(),
-        source,
-    })?;
+    let mut reader = std::fs::File::open(&file.path).map_err(local_error)?;
     let mut part = vec![0u8; PART_BYTES];
     loop {
-        let read = read_full(&mut reader, &mut part).map_err(|source| RemoteError::Local {
-            path: file.path.clone(),
-            source,
-        })?;
+        let read = read_full(&mut reader, &mut part).map_err(local_error)?;
         if read == 0 {
             break;
         }
