@@ -205,9 +205,15 @@ impl Store {
     }
 
     /// Publishes `staged`, whose files were fetched (and each checked against its digest) by
-    /// the manifest `bytes` of another machine, as the entry for `key`.
-    pub fn publish_fetched(&self, key: &str, staged: &Path, bytes: &[u8]) -> Result<Entry> {
-        let manifest = parse_foreign_manifest(bytes).map_err(anyhow::Error::msg)?;
+    /// another machine's manifest, as the entry for `key`: `manifest` as
+    /// [`parse_foreign_manifest`] read it from `bytes`.
+    pub fn publish_fetched(
+        &self,
+        key: &str,
+        staged: &Path,
+        manifest: Manifest,
+        bytes: &[u8],
+    ) -> Result<Entry> {
         let listed: Vec<PathBuf> = manifest
             .files
             .iter()

@@ -12,7 +12,7 @@
 //! `--remote` and `FINETUNE_REMOTE` take a name from that file or a URL.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -92,7 +92,7 @@ pub fn require(workspace: &Workspace, flag: Option<&str>) -> Result<Chosen> {
     })
 }
 
-fn load(path: &PathBuf) -> Result<Config> {
+fn load(path: &Path) -> Result<Config> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),

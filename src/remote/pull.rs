@@ -63,7 +63,7 @@ pub fn pull_entry(
         })
         .collect();
     let published = match remote.download(&files, progress) {
-        Ok(()) => store.publish_fetched(key, &staged, &bytes),
+        Ok(()) => store.publish_fetched(key, &staged, manifest, &bytes),
         Err(RemoteError::Corrupt { object, why, .. }) => {
             let _ = std::fs::remove_dir_all(&staged);
             // The entry cannot be pulled by anyone as it is. Without its manifest it is merely
