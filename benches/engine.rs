@@ -15,12 +15,10 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{median, ms, timed};
+use common::{BIN, finetune, median, ms, timed};
 
 use finetune::cache::digest::{DigestMemo, sha256_file};
 use finetune::cache::store::{Lookup, Store};
-
-const BIN: &str = env!("CARGO_BIN_EXE_finetune");
 const RUNS: usize = 21;
 
 fn main() {
@@ -181,16 +179,7 @@ fn setup_workspace(root: &Path, mib: u64) {
     )
     .expect("pipeline");
     for pipeline in ["five.yaml", "big.yaml"] {
-        let out = Command::new(BIN)
-            .args(["run", pipeline, "--json"])
-            .current_dir(root)
-            .output()
-            .expect("first run");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        finetune(root, &["run", pipeline, "--json"]);
     }
 }
 
@@ -214,13 +203,7 @@ fn write_big_file(path: &Path, mib: u64) {
 
 fn time_run(root: &Path, pipeline: &str) -> Duration {
     timed(|| {
-        let out = Command::new(BIN)
-            .args(["run", pipeline, "--json"])
-            .current_dir(root)
-            .output()
-            .expect("run");
-        assert!(out.status.success());
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = finetune(root, &["run", pipeline, "--json"]);
         assert!(
             !text.contains("stage_started"),
             "the rerun was not a no-op:\n{text}"

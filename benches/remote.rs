@@ -14,9 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{median, ms};
-
-const BIN: &str = env!("CARGO_BIN_EXE_finetune");
+use common::{finetune, median, ms};
 const PIPELINE: &str = "name: minilm\nstages:\n  model:\n    uses: command\n    with:\n      \
     run: [sh, -c, 'cp model/* {out}/']\n      deps: [model]\n";
 
@@ -139,20 +137,6 @@ fn main() {
         ms(noop),
         ms(noop) / 50.0
     );
-}
-
-fn finetune(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("finetune");
-    assert!(
-        out.status.success(),
-        "finetune {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
