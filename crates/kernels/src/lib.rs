@@ -33,12 +33,18 @@
 //! [`FusedOps`] is the extension trait: implemented by the flex backend ([`cpu`]) and by burn's
 //! autodiff decorator over any backend that has the [`cpu::Kernels`] ([`autodiff`]). Results equal
 //! burn's own operations up to float reassociation (the tests compare them).
+//!
+//! On every other device (CUDA, Vulkan, wgpu) the same functions take burn's own tensor
+//! operations ([`generic`]), which is also the path the flex device takes inside
+//! [`with_generic_ops`]; [`runs_fused`] says which path a device gets. The model calls these
+//! functions and never asks which.
 
 mod autodiff;
 mod cpu;
 mod dropout;
 mod erf;
 mod expf;
+mod generic;
 mod pool;
 mod rows;
 mod slots;
@@ -46,6 +52,7 @@ mod tasks;
 
 pub use cpu::Kernels;
 pub use dropout::{Dropout, Mask};
+pub use generic::{runs_fused, with_generic_ops};
 pub use pool::{exclusive_device, keep_freed_tensor_buffers, on_own_pool};
 pub use rows::RowGradient;
 pub use tasks::{LANE, PARALLEL_CHUNK, task_len};
@@ -91,6 +98,9 @@ pub trait FusedOps: Backend {
 /// `x · weight + bias`, `x: [rows, in]`, `weight: [in, out]`.
 #[inline]
 pub fn dense(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
+    if !runs_fused(&x.device()) {
+        return generic::dense(x, weight, bias);
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dense(
         x.into_dispatch(),
         weight.into_dispatch(),
@@ -101,12 +111,18 @@ pub fn dense(x: Tensor<2>, weight: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
 /// GELU with erf, elementwise.
 #[inline]
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !runs_fused(&x.device()) {
+        return generic::gelu(x);
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_gelu(x.into_dispatch()))
 }
 
 /// `x ⊙ mask`: dropout with the mask's seed; the gradient is masked the same way.
 #[inline]
 pub fn dropout<const D: usize>(x: Tensor<D>, mask: Mask) -> Tensor<D> {
+    if !runs_fused(&x.device()) {
+        return generic::dropout(x, mask);
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_dropout(
         x.into_dispatch(),
         mask,
@@ -116,6 +132,9 @@ pub fn dropout<const D: usize>(x: Tensor<D>, mask: Mask) -> Tensor<D> {
 /// The rows of `table` at `ids`.
 #[inline]
 pub fn embedding(table: Tensor<2>, ids: Tensor<2, Int>) -> Tensor<3> {
+    if !runs_fused(&table.device()) {
+        return generic::embedding(table, ids);
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_embedding(
         table.into_dispatch(),
         ids.into_dispatch(),
@@ -137,6 +156,9 @@ pub fn attention(
     divisor: f32,
     dropout: Option<Mask>,
 ) -> Tensor<3> {
+    if !runs_fused(&q.device()) {
+        return generic::attention(q, k, v, mask, heads, divisor, dropout);
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
         q.into_dispatch(),
         k.into_dispatch(),
@@ -158,6 +180,9 @@ pub fn add_norm<const D: usize>(
     beta: Tensor<1>,
     epsilon: f64,
 ) -> Tensor<D> {
+    if !runs_fused(&x.device()) {
+        return generic::add_norm(x, residual, gamma, beta, epsilon);
+    }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_add_norm(
         x.into_dispatch(),
         residual.into_dispatch(),
@@ -224,13 +249,13 @@ mod tests {
             (bits(y.inner()), bits(grad))
         };
         let (ours, ours_grad) = run(gelu);
-        let (theirs, theirs_grad) = run(burn::tensor::activation::gelu);
+        let (theirs, theirs_grad) = run(|x| with_generic_ops(true, || gelu(x)));
         assert_eq!(ours, theirs, "values");
         assert_eq!(ours_grad, theirs_grad, "gradients");
         let plain = x.inner();
         assert_eq!(
             bits(gelu(plain.clone())),
-            bits(burn::tensor::activation::gelu(plain))
+            bits(with_generic_ops(true, || gelu(plain)))
         );
     }
 
@@ -279,7 +304,7 @@ mod tests {
                 );
                 let y = match ours {
                     true => dense(x.clone(), w.clone(), b.clone()),
-                    false => burn::tensor::module::linear(x.clone(), w.clone(), Some(b.clone())),
+                    false => with_generic_ops(true, || dense(x.clone(), w.clone(), b.clone())),
                 };
                 let grads = (y.clone() * upstream.clone()).sum().backward();
                 let grad = |t: &Tensor<2>| t.grad(&grads).expect("a gradient");
@@ -304,11 +329,9 @@ mod tests {
                     weight.clone().inner(),
                     bias.clone().inner(),
                 ),
-                burn::tensor::module::linear(
-                    plain_x,
-                    weight.clone().inner(),
-                    Some(bias.clone().inner()),
-                ),
+                with_generic_ops(true, || {
+                    dense(plain_x, weight.clone().inner(), bias.clone().inner())
+                }),
                 "eval output",
             );
         }
@@ -327,8 +350,29 @@ mod tests {
         let expected: Vec<f32> = (0..70 * 900).map(|i| mask.value(i)).collect();
         let y = y.inner().into_data();
         assert_eq!(y.as_slice::<f32>().expect("f32"), expected.as_slice());
-        let masked_upstream = upstream.inner() * Tensor::from_data(y, &Device::flex());
-        assert_eq!(bits(grad), bits(masked_upstream));
+        let masked_upstream = upstream.clone().inner() * Tensor::from_data(y, &Device::flex());
+        assert_eq!(bits(grad), bits(masked_upstream.clone()));
+        // The generic path applies the same mask, forward and backward.
+        let x = Tensor::<2>::ones([70, 900], &device).require_grad();
+        let y = with_generic_ops(true, || dropout(x.clone(), mask));
+        let grads = (y.clone() * upstream.clone()).sum().backward();
+        assert_eq!(y.inner().into_data().as_slice::<f32>().expect("f32"), expected.as_slice());
+        assert_eq!(bits(x.grad(&grads).expect("a gradient")), bits(masked_upstream));
+    }
+
+    #[test]
+    fn the_generic_switch_holds_for_its_work_alone() {
+        let device = Device::flex();
+        assert!(runs_fused(&device) && runs_fused(&device.clone().autodiff()));
+        with_generic_ops(true, || {
+            assert!(!runs_fused(&device));
+            with_generic_ops(false, || assert!(runs_fused(&device)));
+            assert!(!runs_fused(&device), "restored after the inner work");
+        });
+        assert!(runs_fused(&device));
+        let panicked = std::panic::catch_unwind(|| with_generic_ops(true, || panic!("in work")));
+        assert!(panicked.is_err());
+        assert!(runs_fused(&device), "restored after a panic");
     }
 
     #[test]
@@ -345,7 +389,7 @@ mod tests {
             let t = table.clone().require_grad();
             let y = match ours {
                 true => embedding(t.clone(), ids.clone()),
-                false => burn::tensor::module::embedding(t.clone(), ids.clone()),
+                false => with_generic_ops(true, || embedding(t.clone(), ids.clone())),
             };
             let grads = (y.clone() * upstream.clone()).sum().backward();
             (bits(y.inner()), bits(t.grad(&grads).expect("a gradient")))
@@ -353,8 +397,8 @@ mod tests {
         assert_eq!(run(true), run(false));
     }
 
-    /// burn's chain for what [`attention`] computes: the heads split out, `q·kᵀ`, softmax of
-    /// the scaled and masked scores, dropout, `·v`, the heads merged back.
+    /// burn's chain for what [`attention`] computes (the generic path): the heads split out,
+    /// `q·kᵀ`, softmax of the scaled and masked scores, dropout, `·v`, the heads merged back.
     fn attention_by_burn(
         q: Tensor<3>,
         k: Tensor<3>,
@@ -364,22 +408,9 @@ mod tests {
         divisor: f32,
         dropout_mask: Option<Mask>,
     ) -> Tensor<3> {
-        let [batch, rows, hidden] = q.dims();
-        let seq = k.dims()[1];
-        let split = |t: Tensor<3>, len: usize| {
-            t.reshape([batch, len, heads, hidden / heads])
-                .swap_dims(1, 2)
-        };
-        let (q, k, v) = (split(q, rows), split(k, seq), split(v, seq));
-        let scores = q.matmul(k.transpose()).div_scalar(divisor) + mask;
-        let mut probs = burn::tensor::activation::softmax(scores, 3);
-        if let Some(m) = dropout_mask {
-            probs = dropout(probs, m);
-        }
-        probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, rows, hidden])
+        with_generic_ops(true, || {
+            attention(q, k, v, mask, heads, divisor, dropout_mask)
+        })
     }
 
     #[test]
@@ -485,12 +516,9 @@ mod tests {
             );
             let y = match ours {
                 true => add_norm(x.clone(), r.clone(), g.clone(), b.clone(), epsilon),
-                false => burn::tensor::module::layer_norm(
-                    x.clone() + r.clone(),
-                    g.clone(),
-                    Some(b.clone()),
-                    epsilon,
-                ),
+                false => with_generic_ops(true, || {
+                    add_norm(x.clone(), r.clone(), g.clone(), b.clone(), epsilon)
+                }),
             };
             let grads = (y.clone() * upstream.clone()).sum().backward();
             let grad = |t: &Tensor<3>| t.grad(&grads).expect("a gradient");
@@ -518,12 +546,9 @@ mod tests {
             beta.clone().inner(),
             epsilon,
         );
-        let plain_ref = burn::tensor::module::layer_norm(
-            x.inner() + residual.inner(),
-            gamma.inner(),
-            Some(beta.inner()),
-            epsilon,
-        );
+        let plain_ref = with_generic_ops(true, || {
+            add_norm(x.inner(), residual.inner(), gamma.inner(), beta.inner(), epsilon)
+        });
         assert_close(plain, plain_ref, "eval output");
     }
 }
