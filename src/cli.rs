@@ -164,6 +164,10 @@ pub enum Command {
         /// Texts per forward pass.
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
+        /// Where to run the model: cpu, cuda[:N], vulkan[:N], wgpu[:N] (in a build with that
+        /// feature) or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// One JSON object per text instead of `label<TAB>probability<TAB>text`.
         #[arg(long)]
         json: bool,
@@ -470,9 +474,11 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             model,
             texts,
             batch_size,
+            device,
             json,
         } => {
-            predict(registry, &workspace, &model, texts, batch_size, json)?;
+            let batch = PredictBatch { batch_size, device };
+            predict(registry, &workspace, &model, texts, &batch, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Push {
@@ -557,13 +563,19 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
     }
 }
 
+/// How `finetune predict` runs its forward passes.
+struct PredictBatch {
+    batch_size: usize,
+    device: String,
+}
+
 /// `finetune predict`: texts from the arguments or stdin, through the registered predictor.
 fn predict(
     registry: &Registry,
     workspace: &Workspace,
     model: &Path,
     mut texts: Vec<String>,
-    batch_size: usize,
+    batch: &PredictBatch,
     json: bool,
 ) -> Result<()> {
     let predictor = registry
@@ -592,7 +604,7 @@ fn predict(
     if texts.is_empty() {
         return Err(UsageError("no texts: give them as arguments or on stdin".into()).into());
     }
-    let predictions = predictor.predict(&dir, &texts, batch_size)?;
+    let predictions = predictor.predict(&dir, &texts, batch.batch_size, &batch.device)?;
     for (text, prediction) in texts.iter().zip(&predictions) {
         let probability = prediction
             .probabilities

@@ -161,7 +161,7 @@ fn the_default_pipeline_trains_a_model_from_scratch_reproducibly() {
         assert_eq!(*l1 as f32, *l2 as f32);
     }
 
-    let device = finetune_model::device("cpu").unwrap();
+    let device = finetune_model::device("cpu").unwrap().device().clone();
     let (model, report) = finetune_model::hf::load(&out_a.join("model"), None, 0, &device).unwrap();
     assert!(report.newly_initialized.is_empty() && report.unexpected.is_empty());
     assert_eq!(model.config.labels, ["0", "1"]);
@@ -791,7 +791,7 @@ fn dropout_free_run(ws: &Ws, extra: &str) {
 }
 
 fn model_tensors(out: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let device = finetune_model::device("cpu").unwrap();
+    let device = finetune_model::device("cpu").unwrap().device().clone();
     let (model, _) = finetune_model::hf::load(&out.join("model"), None, 0, &device).unwrap();
     finetune_model::hf::named_tensors(&model)
 }

@@ -356,8 +356,14 @@ mod tests {
         let x = Tensor::<2>::ones([70, 900], &device).require_grad();
         let y = with_generic_ops(true, || dropout(x.clone(), mask));
         let grads = (y.clone() * upstream.clone()).sum().backward();
-        assert_eq!(y.inner().into_data().as_slice::<f32>().expect("f32"), expected.as_slice());
-        assert_eq!(bits(x.grad(&grads).expect("a gradient")), bits(masked_upstream));
+        assert_eq!(
+            y.inner().into_data().as_slice::<f32>().expect("f32"),
+            expected.as_slice()
+        );
+        assert_eq!(
+            bits(x.grad(&grads).expect("a gradient")),
+            bits(masked_upstream)
+        );
     }
 
     #[test]
@@ -547,7 +553,13 @@ mod tests {
             epsilon,
         );
         let plain_ref = with_generic_ops(true, || {
-            add_norm(x.inner(), residual.inner(), gamma.inner(), beta.inner(), epsilon)
+            add_norm(
+                x.inner(),
+                residual.inner(),
+                gamma.inner(),
+                beta.inner(),
+                epsilon,
+            )
         });
         assert_close(plain, plain_ref, "eval output");
     }

@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
     let [input, output, labels @ ..] = args.as_slice() else {
         anyhow::bail!("usage: export IN_DIR OUT_DIR [LABELS...]");
     };
-    let device = finetune_model::device("cpu")?;
+    let device = finetune_model::device("cpu")?.device().clone();
     let labels = (!labels.is_empty()).then_some(labels);
     let (model, report) = load(&PathBuf::from(input), labels, 42, &device)?;
     eprintln!(

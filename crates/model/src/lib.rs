@@ -10,9 +10,11 @@
 //! - [`predict`] and [`probabilities`]: inference without autodiff.
 //!
 //! Nothing here assumes the CPU: every tensor is made on the device the caller passes, and
-//! [`device`] turns a pipeline's `device:` string into one.
+//! [`device`] turns a pipeline's `device:` string into one ([`DeviceSpec`], [`ComputeDevice`]):
+//! the CPU with the fused kernels, or burn's own operations on the CPU or a GPU.
 
 mod config;
+mod device;
 pub mod hf;
 mod inference;
 mod init;
@@ -24,6 +26,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 
 pub use config::{Activation, Family, ModelConfig, ScratchError, ScratchSpec};
+pub use device::{ComputeDevice, DeviceReport, DeviceSpec, built_in as built_in_devices};
 pub use inference::{Example, Predictions, predict, probabilities};
 pub use init::InitSource;
 pub use model::{Batch, Classifier, Dense, Embeddings, EncoderLayer, Head, Output};
@@ -49,7 +52,8 @@ pub enum ModelError {
         key: String,
         message: String,
     },
-    #[error("device `{0}` is not available in this build (available: cpu)")]
+    /// A device name this build does not know or cannot open.
+    #[error("{0}")]
     Device(String),
 }
 
@@ -62,16 +66,9 @@ impl ModelError {
     }
 }
 
-/// The device a pipeline's `device:` names. `cpu` is burn's flex backend; GPU backends are
-/// added here, and only here, when they can be built.
-pub fn device(name: &str) -> Result<Device, ModelError> {
-    match name {
-        "cpu" | "flex" => {
-            finetune_kernels::keep_freed_tensor_buffers();
-            Ok(Device::flex())
-        }
-        other => Err(ModelError::Device(other.to_string())),
-    }
+/// The device a pipeline's `device:` names, opened (see [`DeviceSpec`] for the names).
+pub fn device(name: &str) -> Result<ComputeDevice, ModelError> {
+    DeviceSpec::parse(name)?.open()
 }
 
 /// The device a pipeline gets without a `device:` key.

@@ -10,7 +10,7 @@ fn spec() -> ScratchSpec {
 
 #[test]
 fn a_scratch_model_is_initialised_like_transformers_and_reproducible() {
-    let device = finetune_model::device("cpu").unwrap();
+    let device = finetune_model::device("cpu").unwrap().device().clone();
     let config = spec()
         .to_config(500, 0, vec!["neg".into(), "pos".into()])
         .unwrap();

@@ -94,6 +94,9 @@ impl Optimizer for FusedAdamW {
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
         let device = tensor.device();
+        if !finetune_kernels::runs_fused(&device) {
+            return self.step_on_device(lr, tensor, grad, state);
+        }
         let (time, moment_1, moment_2) = match state {
             Some(state) => {
                 let momentum = state.momentum;
@@ -126,6 +129,40 @@ impl Optimizer for FusedAdamW {
     fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
         state.momentum = state.momentum.to_device(device);
         state
+    }
+}
+
+impl FusedAdamW {
+    /// [`update_chunk`]'s operations as tensor operations, where the tensors live (a GPU: the
+    /// moments never leave it, and burn's fusion makes the chain one kernel there).
+    fn step_on_device<const D: usize>(
+        &self,
+        lr: LearningRate,
+        weights: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<AdamWState<D>>,
+    ) -> (Tensor<D>, Option<AdamWState<D>>) {
+        let (time, m, v) = match state {
+            Some(state) => {
+                let momentum = state.momentum;
+                (momentum.time + 1, momentum.moment_1, momentum.moment_2)
+            }
+            None => (1, grad.zeros_like(), grad.zeros_like()),
+        };
+        let c = self.coefficients(lr, time);
+        let g = grad.mul_scalar(c.gradient_scale);
+        let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(c.one_minus_beta1);
+        let v = v.mul_scalar(c.beta2) + (g.clone() * g).mul_scalar(c.one_minus_beta2);
+        let m_hat = m.clone().div_scalar(c.bias_correction1);
+        let v_hat = v.clone().div_scalar(c.bias_correction2);
+        let delta = m_hat / v_hat.sqrt().add_scalar(c.epsilon);
+        let decayed = match c.decay_factor {
+            Some(factor) => weights.mul_scalar(factor),
+            None => weights,
+        };
+        let weights = decayed - delta.mul_scalar(c.lr);
+        let momentum = AdaptiveMomentumState::new(time, m, v);
+        (weights, Some(AdamWState::new(momentum)))
     }
 }
 
@@ -271,6 +308,61 @@ mod tests {
             let next_loaded = loaded.step(1e-3, b.clone(), grads_of(&b, 99));
             assert_eq!(weights(&next_ours), weights(&next_loaded));
         }
+    }
+
+    /// The tensor-operation path that GPUs take (here on the flex device, with the generic
+    /// operations asked for) makes the same f32 operations in the same order as the host pass:
+    /// the same weights and moments bit for bit over five steps, clipping's scale included.
+    #[test]
+    fn the_device_path_steps_as_the_host_pass() {
+        let _device = finetune_kernels::exclusive_device();
+        let device = Device::flex().autodiff();
+        let fused = FusedAdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+            weight_decay: 0.01,
+            gradient_scale: GradientScale::default(),
+        };
+        let grads_of = |m: &Linear, seed: u64| {
+            device.seed(seed);
+            let x = Tensor::<2>::random([8, 300], Distribution::Normal(0.0, 1.0), &device);
+            let loss = m.forward(x).powi_scalar(2).mean();
+            GradientsParams::from_grads(loss.backward(), m)
+        };
+        let initial: Linear = LinearConfig::new(300, 250).init(&device);
+        let train = |generic: bool| {
+            finetune_kernels::with_generic_ops(generic, || {
+                let mut optimizer = ModuleOptimizer::from(fused.clone());
+                let mut model = initial.clone();
+                for step in 0..5u64 {
+                    fused.gradient_scale.set(if step == 2 { 0.25 } else { 1.0 });
+                    let grads = grads_of(&model, step);
+                    model = optimizer.step(1e-3, model, grads);
+                }
+                (
+                    model,
+                    optimizer.into_bytes().expect("the optimizer's record"),
+                )
+            })
+        };
+        let ((host, host_state), (on_device, device_state)) = (train(false), train(true));
+        let weights = |m: &Linear| m.weight.val().into_data();
+        assert_eq!(weights(&host), weights(&on_device));
+        assert_ne!(weights(&host), weights(&initial), "the weights moved");
+        // The records' bytes differ in layout metadata; the moments must not: loaded into the
+        // host pass, each state takes the same next step.
+        let next = |state| {
+            let mut optimizer = ModuleOptimizer::from(fused.clone())
+                .from_bytes(state)
+                .expect("load");
+            weights(&optimizer.step(1e-3, host.clone(), grads_of(&host, 99)))
+        };
+        assert_eq!(
+            next(host_state),
+            next(device_state),
+            "the moments and step counts"
+        );
     }
 
     /// A scaled step is the step of the gradient multiplied first (as clipping multiplied it,

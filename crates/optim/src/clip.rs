@@ -18,6 +18,10 @@ pub fn global_norm<M: Module>(
     grads: &mut GradientsParams,
     extra: Option<&[f32]>,
 ) -> f64 {
+    let squares = SquaredSums::of(module, grads);
+    if !squares.fused {
+        return squares.norm_with(extra);
+    }
     let taken = TakenGradients::take(module, grads);
     let mut tasks = taken.tasks();
     if let Some(values) = extra {
@@ -63,6 +67,54 @@ fn squared_norm_portable(values: &[f32]) -> f64 {
         *lane += f64::from(v) * f64::from(v);
     }
     lanes.iter().sum::<f64>()
+}
+
+/// Each gradient's `Σ v²` as a tensor on its own device, for a device the fused kernels do not
+/// serve (a GPU): there the gradients stay put, and one small read brings the sums back.
+struct SquaredSums<'a> {
+    grads: &'a GradientsParams,
+    sums: Vec<Tensor<1>>,
+    /// Whether the gradients are on the fused kernels' device (then nothing is summed here).
+    fused: bool,
+}
+
+impl<'a> SquaredSums<'a> {
+    fn of<M: Module>(module: &M, grads: &'a GradientsParams) -> Self {
+        let mut sums = SquaredSums {
+            grads,
+            sums: Vec::new(),
+            fused: false,
+        };
+        module.visit(&mut sums);
+        sums
+    }
+
+    /// The norm of these sums and `extra`'s, the sums added in f64 in the model's order.
+    fn norm_with(self, extra: Option<&[f32]>) -> f64 {
+        let host = extra.map_or(0.0, squared_norm);
+        if self.sums.is_empty() {
+            return host.sqrt();
+        }
+        let sums = Tensor::cat(self.sums, 0).into_data();
+        let sums = sums.as_slice::<f32>().expect("f32 gradients");
+        (sums.iter().map(|&s| f64::from(s)).sum::<f64>() + host).sqrt()
+    }
+}
+
+impl ModuleVisitor for SquaredSums<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.fused {
+            return;
+        }
+        if let Some(grad) = self.grads.get::<D>(param.id) {
+            if finetune_kernels::runs_fused(&grad.device()) {
+                self.fused = true;
+                self.sums.clear();
+                return;
+            }
+            self.sums.push((grad.clone() * grad).sum());
+        }
+    }
 }
 
 /// Every parameter's gradient, taken out of `GradientsParams` (so that each buffer has one

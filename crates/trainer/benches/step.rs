@@ -9,13 +9,16 @@
 //! ../shared/BURN_NOTES.md). Also prints the step's split into gradients (forward, backward, norm
 //! and clipping) and AdamW, and the time the linear layers' matmuls take alone.
 //! `FINETUNE_BENCH_RUNS` sets the number of timed runs of each (default 5).
+//! `FINETUNE_BENCH_DEVICE` names the device as a pipeline's `device:` does (default `cpu`;
+//! `cuda` in a `--features cuda` build, with the reference run on `cuda` too); each timed
+//! step then ends with a sync of the device, so that a GPU's queued work is in the time.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use finetune_model::{Batch, Classifier, hf};
+use finetune_model::{Batch, Classifier, ComputeDevice, hf};
 use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, update_gradients};
 
 const BATCH: usize = 16;
@@ -32,9 +35,18 @@ fn main() {
     let model_dir = std::env::var_os("FINETUNE_MODEL_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| shared.join("models/all-MiniLM-L6-v2"));
+    let device_name = std::env::var("FINETUNE_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = finetune_model::device(&device_name).unwrap_or_else(|e| panic!("{e}"));
+    let torch_device = if device.is_gpu() { "cuda" } else { "cpu" };
     let (reference, reference_name) = match std::env::var_os("HF_PYTHON") {
         Some(python) => (
-            torch_step(&PathBuf::from(python), &model_dir, &shared, seq),
+            torch_step(
+                &PathBuf::from(python),
+                &model_dir,
+                &shared,
+                seq,
+                torch_device,
+            ),
             "PyTorch's (measured now)",
         ),
         None => (
@@ -46,88 +58,118 @@ fn main() {
         ),
     };
     // Measured as the train stage runs: on a pool of its own, the reference left outside it.
-    finetune_kernels::on_own_pool(|| measure(seq, &shared, &model_dir, reference, reference_name));
+    finetune_kernels::on_own_pool(|| {
+        device.run(|| {
+            let bench = Bench {
+                seq,
+                shared: &shared,
+                model_dir: &model_dir,
+                device: &device,
+            };
+            bench.measure(reference, reference_name)
+        })
+    });
 }
 
-/// Loads MiniLM, times its forward pass and its training step, and prints both against the
-/// reference (`reference` seconds a step).
-fn measure(seq: usize, shared: &Path, model_dir: &Path, reference: f64, reference_name: &str) {
-    // Real sentences, cut to `seq` tokens when shorter widths are asked for.
-    let rows: Vec<Vec<i32>> = golden_rows(shared, BATCH)
-        .into_iter()
-        .map(|row| row[..row.len().min(seq)].to_vec())
-        .collect();
-    let labels = vec!["negative".to_string(), "positive".to_string()];
-    let device = finetune_model::device("cpu").expect("cpu");
-    let train_device = device.clone().autodiff();
+struct Bench<'a> {
+    seq: usize,
+    shared: &'a Path,
+    model_dir: &'a Path,
+    device: &'a ComputeDevice,
+}
 
-    let (model, _) = hf::load(model_dir, Some(&labels), 42, &device).expect("load MiniLM");
-    let batch = Batch::from_rows(&rows, &model.config, Some(seq), &device);
-    let forward = median(|| {
-        let _ = model.logits(&batch).into_data();
-    });
+impl Bench<'_> {
+    /// Loads MiniLM, times its forward pass and its training step, and prints both against the
+    /// reference (`reference` seconds a step).
+    fn measure(&self, reference: f64, reference_name: &str) {
+        let Bench {
+            seq,
+            shared,
+            model_dir,
+            device: compute,
+        } = *self;
+        let sync = || compute.device().sync().expect("the device's queued work");
+        // Real sentences, cut to `seq` tokens when shorter widths are asked for.
+        let rows: Vec<Vec<i32>> = golden_rows(shared, BATCH)
+            .into_iter()
+            .map(|row| row[..row.len().min(seq)].to_vec())
+            .collect();
+        let labels = vec!["negative".to_string(), "positive".to_string()];
+        let device = compute.device().clone();
+        let train_device = device.clone().autodiff();
 
-    let (model, _) = hf::load(model_dir, Some(&labels), 42, &train_device).expect("load MiniLM");
-    let micro = [MicroBatch {
-        rows: rows.clone(),
-        labels: (0..BATCH as i64).map(|i| i % 2).collect(),
-    }];
-    let mut optimizer = AdamW {
-        weight_decay: 0.01,
-        ..Default::default()
+        let (model, _) = hf::load(model_dir, Some(&labels), 42, &device).expect("load MiniLM");
+        let batch = Batch::from_rows(&rows, &model.config, Some(seq), &device);
+        let forward = median(|| {
+            let _ = model.logits(&batch).into_data();
+        });
+
+        let (model, _) =
+            hf::load(model_dir, Some(&labels), 42, &train_device).expect("load MiniLM");
+        let micro = [MicroBatch {
+            rows: rows.clone(),
+            labels: (0..BATCH as i64).map(|i| i % 2).collect(),
+        }];
+        let mut optimizer = AdamW {
+            weight_decay: 0.01,
+            ..Default::default()
+        }
+        .build(&model);
+        let plan = UpdatePlan {
+            lr: 5e-5,
+            max_grad_norm: Some(1.0),
+            pad_to: Some(seq),
+            dropout_seed: 0,
+            attack: None,
+            words: optimizer.word_gradient(),
+        };
+        // flex runs each operation to completion before returning; a GPU's queue is synced.
+        let mut phases: Vec<[Duration; 2]> = Vec::new();
+        let mut slot = Some(model);
+        let mut step = || {
+            let started = Instant::now();
+            let model = slot.take().expect("the model of the last step");
+            let (grads, _) = update_gradients(&model, &micro, &plan, &train_device);
+            sync();
+            let gradients = started.elapsed();
+            slot = Some(optimizer.step(plan.lr, model, grads));
+            sync();
+            phases.push([gradients, started.elapsed() - gradients]);
+        };
+        step(); // warm-up: allocations, optimizer state
+        let train_step = median(&mut step);
+        let phase = |i: usize| {
+            let mut all: Vec<Duration> = phases[1..].iter().map(|p| p[i]).collect();
+            all.sort();
+            all[all.len() / 2]
+        };
+        let model = slot.expect("the trained model");
+        let matmuls = matmul_time(&model.valid(), &device, seq);
+
+        println!(
+            "MiniLM-L6, batch {BATCH} x {seq} tokens, on {}, median of {}:",
+            compute.describe(),
+            runs()
+        );
+        println!("  forward (eval):                  {:7.1} ms", ms(forward));
+        println!(
+            "  forward + backward + AdamW step: {:7.1} ms | {reference_name} {:.1} ms | ratio {:.2}",
+            ms(train_step),
+            reference * 1e3,
+            train_step.as_secs_f64() / reference
+        );
+        println!(
+            "    of which forward + backward + gradient norm and clipping {:.1} ms, AdamW {:.1} ms (medians)",
+            ms(phase(0)),
+            ms(phase(1))
+        );
+        println!(
+            "  profile: the linear layers' matmuls alone take {:.1} ms ({:.0}% of the step); everything else {:.1} ms",
+            ms(matmuls),
+            100.0 * matmuls.as_secs_f64() / train_step.as_secs_f64(),
+            ms(train_step.saturating_sub(matmuls))
+        );
     }
-    .build(&model);
-    let plan = UpdatePlan {
-        lr: 5e-5,
-        max_grad_norm: Some(1.0),
-        pad_to: Some(seq),
-        dropout_seed: 0,
-        attack: None,
-        words: optimizer.word_gradient(),
-    };
-    // flex runs each operation to completion before returning, so the clock needs no sync.
-    let mut phases: Vec<[Duration; 2]> = Vec::new();
-    let mut slot = Some(model);
-    let mut step = || {
-        let started = Instant::now();
-        let model = slot.take().expect("the model of the last step");
-        let (grads, _) = update_gradients(&model, &micro, &plan, &train_device);
-        let gradients = started.elapsed();
-        slot = Some(optimizer.step(plan.lr, model, grads));
-        phases.push([gradients, started.elapsed() - gradients]);
-    };
-    step(); // warm-up: allocations, optimizer state
-    let train_step = median(&mut step);
-    let phase = |i: usize| {
-        let mut all: Vec<Duration> = phases[1..].iter().map(|p| p[i]).collect();
-        all.sort();
-        all[all.len() / 2]
-    };
-    let model = slot.expect("the trained model");
-    let matmuls = matmul_time(&model.valid(), &device, seq);
-
-    println!(
-        "MiniLM-L6, batch {BATCH} x {seq} tokens, flex CPU backend, median of {}:",
-        runs()
-    );
-    println!("  forward (eval):                  {:7.1} ms", ms(forward));
-    println!(
-        "  forward + backward + AdamW step: {:7.1} ms | {reference_name} {:.1} ms | ratio {:.2}",
-        ms(train_step),
-        reference * 1e3,
-        train_step.as_secs_f64() / reference
-    );
-    println!(
-        "    of which forward + backward + gradient norm and clipping {:.1} ms, AdamW {:.1} ms (medians)",
-        ms(phase(0)),
-        ms(phase(1))
-    );
-    println!(
-        "  profile: the linear layers' matmuls alone take {:.1} ms ({:.0}% of the step); everything else {:.1} ms",
-        ms(matmuls),
-        100.0 * matmuls.as_secs_f64() / train_step.as_secs_f64(),
-        ms(train_step.saturating_sub(matmuls))
-    );
 }
 
 /// The linear layers' matmuls of one training step, run alone: each layer's forward product
@@ -189,6 +231,7 @@ fn torch_step(
     model_dir: &std::path::Path,
     shared: &std::path::Path,
     seq: usize,
+    device: &str,
 ) -> f64 {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../benches/reference/torch_step.py");
@@ -199,6 +242,7 @@ fn torch_step(
         .arg("--golden")
         .arg(shared.join("golden/tokenize_minilm.jsonl"))
         .args(["--tokens", &seq.to_string(), "--runs", &runs().to_string()])
+        .args(["--device", device])
         .env("OMP_NUM_THREADS", "2")
         .output()
         .expect("run the PyTorch reference");

@@ -267,18 +267,21 @@ fn tensorboard_tag(key: &str) -> String {
     }
 }
 
-/// Writes run_history.json when training ends: the stage's params, one entry per epoch (train
-/// loss, the evaluation that ended it, duration, throughput), the last evaluation, totals.
+/// Writes run_history.json when training ends: the stage's params, the device it ran on, one
+/// entry per epoch (train loss, the evaluation that ended it, duration, throughput), the last
+/// evaluation, totals.
 pub struct RunHistory {
     path: PathBuf,
     params: Value,
+    device: Value,
 }
 
 impl RunHistory {
-    pub fn new(path: &Path, params: Value) -> Self {
+    pub fn new(path: &Path, params: Value, device: Value) -> Self {
         RunHistory {
             path: path.to_path_buf(),
             params,
+            device,
         }
     }
 }
@@ -311,6 +314,7 @@ impl Callback for RunHistory {
             .collect();
         let history = json!({
             "params": self.params,
+            "device": self.device,
             "epochs": epochs,
             "final": evaluations.last(),
             "global_step": state.global_step,

@@ -1,9 +1,9 @@
 //! Scoring a model during training: the [`Evaluator`] the trainer calls, and the loss and
 //! metrics of a model on a labelled split.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use burn::tensor::Device;
-use finetune_model::{Classifier, Example, predict};
+use finetune_model::{Classifier, Example, Predictions, predict};
 use serde_json::{Value, json};
 
 use crate::metrics::Metrics;
@@ -50,12 +50,40 @@ pub fn evaluate(
     if examples.is_empty() {
         return Ok(json!({}));
     }
-    let predictions = predict(model, examples, batch_size, device);
+    let predictions = predict_fitting(model, examples, batch_size, device)?;
     let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
     metrics_json(
         predictions.loss,
         &Metrics::compute(&truth, &predictions.predicted, labels),
     )
+}
+
+/// [`predict`] in batches of `batch_size`, halved (after the device's cached memory is freed)
+/// each time the device runs out of memory: an evaluation shrinks its own batch, never the
+/// training's. On the CPU nothing is caught: there an allocation failure ends the process.
+pub fn predict_fitting(
+    model: &Classifier,
+    examples: &[Example],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Predictions> {
+    let mut batch = batch_size;
+    loop {
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            predict(model, examples, batch, device)
+        }));
+        match attempt {
+            Ok(predictions) => return Ok(predictions),
+            Err(payload) if crate::run::is_out_of_memory(payload.as_ref()) => {
+                device.memory_cleanup();
+                if batch == 1 {
+                    bail!("the device ran out of memory evaluating one example at a time");
+                }
+                batch = batch.div_ceil(2);
+            }
+            Err(payload) => std::panic::resume_unwind(payload),
+        }
+    }
 }
 
 /// `{"loss": …, "accuracy": …, …}`: the loss first, then every metric.

@@ -45,7 +45,7 @@ pub use callbacks::{
     tensorboard_logger,
 };
 pub use checkpoint::{Checkpoints, Restored, restore};
-pub use evaluation::{DatasetEvaluator, Evaluator, evaluate, metrics_json};
+pub use evaluation::{DatasetEvaluator, Evaluator, evaluate, metrics_json, predict_fitting};
 pub use metrics::{ClassScores, Metrics};
 pub use regularize::{AwpConfig, MixoutConfig, RegularizerError, Regularizers, with_mixout_masks};
 pub use state::{Control, EpochSummary, Record, TrainerState};

@@ -247,8 +247,8 @@ impl Trainer<'_> {
                 lr,
                 length,
             };
-            let (grads, stats) = self.gradients(&model, run, &update)?;
-            model = run.optimizer.step(lr, model, grads);
+            let stats;
+            (model, stats) = self.update(model, run, &update)?;
             anyhow::ensure!(
                 stats.loss.is_finite(),
                 "the loss became {} at step {} (learning rate {lr:.3e}): training diverged",
@@ -370,10 +370,51 @@ impl Trainer<'_> {
             match attempt {
                 Ok(done) => return Ok(done),
                 Err(payload) if is_out_of_memory(payload.as_ref()) => {
+                    self.device.memory_cleanup();
                     self.split_micro_batch(run, length, "the device ran out of memory")?;
                 }
                 Err(payload) => std::panic::resume_unwind(payload),
             }
+        }
+    }
+
+    /// One update: the gradients, then the optimizer's step.
+    ///
+    /// A GPU queues work and reports a failed allocation at the next sync, and every tensor
+    /// computed after it is unusable: there the step is synced before the update counts, and
+    /// on running out of memory the model and optimizer go back to their state before it (kept
+    /// as handles: no copy of the weights on the device), the cached memory is freed and the
+    /// gradients are taken again in smaller micro-batches. The CPU computes each operation
+    /// before returning, so nothing is kept there.
+    fn update(
+        &mut self,
+        model: Classifier,
+        run: &mut Run,
+        update: &Update,
+    ) -> Result<(Classifier, UpdateStats)> {
+        let queued = !finetune_kernels::runs_fused(&self.device);
+        loop {
+            let (grads, stats) = self.gradients(&model, run, update)?;
+            if !queued {
+                return Ok((run.optimizer.step(update.lr, model, grads), stats));
+            }
+            let optimizer_before = run.optimizer.clone();
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let stepped = run.optimizer.step(update.lr, model.clone(), grads);
+                self.device.sync().map(|()| stepped)
+            }));
+            let failure = match stepped {
+                Ok(Ok(stepped)) => return Ok((stepped, stats)),
+                Ok(Err(error)) => error.to_string(),
+                Err(payload) if is_out_of_memory(payload.as_ref()) => "out of memory".into(),
+                Err(payload) => std::panic::resume_unwind(payload),
+            };
+            if !failure.to_ascii_lowercase().contains("memory") {
+                anyhow::bail!("the device failed during the optimizer's step: {failure}");
+            }
+            run.optimizer = optimizer_before;
+            self.device.memory_cleanup();
+            self.split_micro_batch(run, update.length, "the device ran out of memory")?;
         }
     }
 
@@ -601,7 +642,7 @@ impl Trainer<'_> {
 
 /// Whether a panic is an allocation failure (cubecl reports `OutOfMemory` through a panic from
 /// `into_data`/`into_scalar`).
-fn is_out_of_memory(payload: &(dyn std::any::Any + Send)) -> bool {
+pub(crate) fn is_out_of_memory(payload: &(dyn std::any::Any + Send)) -> bool {
     let lower = finetune_core::panic_text(payload)
         .unwrap_or("")
         .to_ascii_lowercase();

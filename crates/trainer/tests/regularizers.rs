@@ -31,7 +31,7 @@ fn labels() -> Vec<String> {
 }
 
 fn cpu() -> burn::tensor::Device {
-    finetune_model::device("cpu").unwrap()
+    finetune_model::device("cpu").unwrap().device().clone()
 }
 
 /// A 2-layer, 64-wide BERT from seed 1 (dropout on), on the autodiff device.

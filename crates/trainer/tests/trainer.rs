@@ -25,7 +25,11 @@ fn fresh_model(seed: u64) -> Classifier {
         serde_json::from_value(json!({"layers": 2, "hidden": 64, "heads": 4, "max_positions": 64}))
             .unwrap();
     let config = spec.to_config(30522, 0, labels()).unwrap();
-    let device = finetune_model::device("cpu").unwrap().autodiff();
+    let device = finetune_model::device("cpu")
+        .unwrap()
+        .device()
+        .clone()
+        .autodiff();
     finetune_model::scratch(&config, seed, &device)
 }
 
@@ -50,7 +54,7 @@ fn trainer<'a>(args: &'a TrainingArgs, labels: &'a [String]) -> Trainer<'a> {
         checkpoints: None,
         pad_to: None,
         labels,
-        device: finetune_model::device("cpu").unwrap(),
+        device: finetune_model::device("cpu").unwrap().device().clone(),
         inject_oom_at: None,
         awp: None,
         stop_requested: || false,
@@ -154,7 +158,11 @@ fn stopping_at_step_k_and_resuming_gives_the_weights_of_an_uninterrupted_run() {
 
     let mut second = trainer(&args, &labels);
     second.checkpoints = Some(checkpoints.clone());
-    let device = finetune_model::device("cpu").unwrap().autodiff();
+    let device = finetune_model::device("cpu")
+        .unwrap()
+        .device()
+        .clone()
+        .autodiff();
     let restored = restore(&latest, &labels, &device, |m| second.optimizer(m)).unwrap();
     assert_eq!(restored.state.global_step, 15);
     let resumed = second.train(Start::Resume(restored), &data).unwrap();
@@ -236,7 +244,11 @@ fn the_best_checkpoint_survives_rotation_and_becomes_the_output_model() {
         .collect();
     assert_eq!(kept, [4, 8], "the best and the newest are kept, no more");
     assert_eq!(outcome.model_step, 4);
-    let device = finetune_model::device("cpu").unwrap().autodiff();
+    let device = finetune_model::device("cpu")
+        .unwrap()
+        .device()
+        .clone()
+        .autodiff();
     let best = restore(
         &scratch.path().join("checkpoint-4"),
         &labels,
@@ -267,7 +279,11 @@ fn word_embedding_state_round_trips_and_falls_back_to_dense() {
     use finetune_optim::STATE_FILE;
     use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, WordGradient, update};
     let _device = finetune_kernels::exclusive_device();
-    let device = finetune_model::device("cpu").unwrap().autodiff();
+    let device = finetune_model::device("cpu")
+        .unwrap()
+        .device()
+        .clone()
+        .autodiff();
     let micro = [MicroBatch {
         rows: vec![vec![101, 2307, 102], vec![101, 2919, 2307, 102]],
         labels: vec![0, 1],

@@ -35,7 +35,11 @@ fn samples(n: usize) -> (Vec<Vec<i32>>, Vec<i64>) {
 fn batch_16_equals_batch_8_accumulated_twice() {
     // The CPU backend's RNG is the process's: another test's seeding would change the masks.
     let _device = finetune_kernels::exclusive_device();
-    let device = finetune_model::device("cpu").unwrap().autodiff();
+    let device = finetune_model::device("cpu")
+        .unwrap()
+        .device()
+        .clone()
+        .autodiff();
     let labels = vec!["negative".to_string(), "positive".to_string()];
     let (rows, targets) = samples(16);
     let adamw = AdamW {
@@ -117,7 +121,11 @@ fn batch_16_equals_batch_8_accumulated_twice() {
 #[test]
 fn word_embeddings_by_rows_equal_the_dense_update() {
     let _device = finetune_kernels::exclusive_device();
-    let device = finetune_model::device("cpu").unwrap().autodiff();
+    let device = finetune_model::device("cpu")
+        .unwrap()
+        .device()
+        .clone()
+        .autodiff();
     let labels = vec!["negative".to_string(), "positive".to_string()];
     let (rows, targets) = samples(48);
     let run = |word_rows: bool, max_grad_norm: Option<f64>| {

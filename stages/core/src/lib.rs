@@ -57,12 +57,14 @@ pub struct Audit {
 /// Loads a trained model from a directory and labels texts with it: what `finetune predict`
 /// calls, so that the engine needs no ML code. The `train` plugin provides one.
 pub trait Predictor: Send + Sync {
-    /// Labels and class probabilities for each text, `batch_size` texts per forward pass.
+    /// Labels and class probabilities for each text, `batch_size` texts per forward pass, on
+    /// the device `device` names (as a pipeline's `device:` does).
     fn predict(
         &self,
         model_dir: &std::path::Path,
         texts: &[String],
         batch_size: usize,
+        device: &str,
     ) -> anyhow::Result<Vec<Prediction>>;
 }
 

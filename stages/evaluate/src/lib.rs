@@ -19,9 +19,9 @@ use finetune_core::{
 use serde::Deserialize;
 use serde_json::json;
 
-use finetune_model::{Example, hf, predict};
+use finetune_model::{ComputeDevice, DeviceSpec, Example, hf};
 use finetune_tokenize::tokenized::{read_examples, read_labels, read_texts};
-use finetune_trainer::{Metrics, metrics_json};
+use finetune_trainer::{Metrics, metrics_json, predict_fitting};
 
 mod predictor;
 mod report;
@@ -38,7 +38,7 @@ pub struct EvaluateParams {
     /// Examples per forward pass.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
-    /// Where to run: `cpu`.
+    /// Where to run: a device name as train's `device:` takes (`cpu`, `cuda`, `auto`, ...).
     #[serde(default = "finetune_model::default_device_name")]
     pub device: String,
 }
@@ -87,14 +87,16 @@ impl Stage for Evaluate {
         if params.batch_size == 0 {
             return Err(ConfigError::at("batch_size", "must be at least 1"));
         }
-        finetune_model::device(&params.device)
+        let device = DeviceSpec::parse(&params.device)
             .map_err(|e| ConfigError::at("device", e.to_string()))?;
-        Ok(Box::new(EvaluateJob { params }))
+        Ok(Box::new(EvaluateJob { params, device }))
     }
 }
 
 struct EvaluateJob {
     params: EvaluateParams,
+    /// `device:`, checked; `auto` is resolved when the key is made.
+    device: DeviceSpec,
 }
 
 impl Job for EvaluateJob {
@@ -111,13 +113,20 @@ impl Job for EvaluateJob {
         }
     }
 
+    /// `device: auto`'s output differs with the device it picks; any other keeps its old key.
+    fn key_extra(&self) -> Option<Value> {
+        (self.device == DeviceSpec::Auto)
+            .then(|| json!({ "device": self.device.resolved().to_string() }))
+    }
+
     fn run(&self, ctx: &RunContext) -> Result<()> {
-        finetune_kernels::on_own_pool(|| self.evaluate(ctx))
+        let device = self.device.open()?;
+        finetune_kernels::on_own_pool(|| device.run(|| self.evaluate(ctx, &device)))
     }
 }
 
 impl EvaluateJob {
-    fn evaluate(&self, ctx: &RunContext) -> Result<()> {
+    fn evaluate(&self, ctx: &RunContext, compute: &ComputeDevice) -> Result<()> {
         let tokenized = &ctx.upstream_using("tokenize")?.dir;
         let trained = &ctx.upstream_using("train")?.dir;
         let split = &self.params.split;
@@ -128,14 +137,15 @@ impl EvaluateJob {
         }
         let texts = read_texts(&split_file)?;
         let labels = read_labels(&tokenized.join("labels.json"))?;
-        let device = finetune_model::device(&self.params.device)?;
+        let device = compute.device().clone();
         let (model, _) = hf::load(&trained.join("model"), Some(&labels), 0, &device)
             .context("cannot load the trained model")?;
         ctx.reporter.message(&format!(
-            "evaluating on {} {split} examples",
-            examples.len()
+            "evaluating on {} {split} examples on {}",
+            examples.len(),
+            compute.describe()
         ));
-        let predictions = predict(&model, &examples, self.params.batch_size, &device);
+        let predictions = predict_fitting(&model, &examples, self.params.batch_size, &device)?;
         let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
         let metrics = Metrics::compute(&truth, &predictions.predicted, &labels);
         let mut summary = metrics_json(predictions.loss, &metrics)?;

@@ -3,9 +3,8 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
-use burn::tensor::Device;
 use finetune_core::Prediction;
-use finetune_model::{hf, probabilities};
+use finetune_model::{ComputeDevice, hf, probabilities};
 
 /// `finetune predict`: a saved model directory (`config.json`, `model.safetensors` and the
 /// `tokenizer.json` it was trained with, as `train` writes to `model/`) applied to raw texts.
@@ -17,12 +16,28 @@ impl finetune_core::Predictor for ModelPredictor {
         model_dir: &Path,
         texts: &[String],
         batch_size: usize,
+        device: &str,
+    ) -> Result<Vec<Prediction>> {
+        let compute = finetune_model::device(device)?;
+        finetune_kernels::on_own_pool(|| {
+            compute.run(|| self.predict_on(&compute, model_dir, texts, batch_size))
+        })
+    }
+}
+
+impl ModelPredictor {
+    fn predict_on(
+        &self,
+        compute: &ComputeDevice,
+        model_dir: &Path,
+        texts: &[String],
+        batch_size: usize,
     ) -> Result<Vec<Prediction>> {
         let tokenizer_file = model_dir.join("tokenizer.json");
         let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_file)
             .map_err(|err| anyhow!("cannot load {}: {err}", tokenizer_file.display()))?;
-        let device = Device::flex();
-        let (model, _) = hf::load(model_dir, None, 0, &device)
+        let device = compute.device();
+        let (model, _) = hf::load(model_dir, None, 0, device)
             .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
         let rows = texts
             .iter()
@@ -34,7 +49,7 @@ impl finetune_core::Predictor for ModelPredictor {
             })
             .collect::<Result<Vec<Vec<i32>>>>()?;
         let labels = &model.config.labels;
-        Ok(probabilities(&model, &rows, batch_size, &device)
+        Ok(probabilities(&model, &rows, batch_size, device)
             .into_iter()
             .map(|row| {
                 let best = row

@@ -25,7 +25,7 @@ use finetune_core::{
 use serde::Deserialize;
 use serde_json::json;
 
-use finetune_model::{Classifier, Example, ScratchSpec, hf};
+use finetune_model::{Classifier, ComputeDevice, DeviceSpec, Example, ScratchSpec, hf};
 use finetune_tokenize::tokenized::{read_examples, read_labels, tokenizer_facts};
 use finetune_trainer::{
     Callback, Checkpoints, DatasetEvaluator, EarlyStopping, EvalSplit, Evaluator, Padding,
@@ -48,7 +48,8 @@ pub struct TrainParams {
     /// `awp:` (Adversarial Weight Perturbation) and `mixout:`; either, both or neither.
     #[serde(default)]
     pub regularizers: Regularizers,
-    /// Where to train: `cpu` (burn's flex backend).
+    /// Where to train: `cpu` (burn's flex backend with the fused kernels), `cpu-generic`,
+    /// `cuda[:N]`, `vulkan[:N]`, `wgpu[:N]` (in a build with that feature) or `auto`.
     #[serde(default = "finetune_model::default_device_name")]
     pub device: String,
     /// When this key is configured (`key_env` set, or `key_file` given), every checkpoint and
@@ -104,7 +105,7 @@ impl Stage for Train {
         ctx.upstream_using("tokenize")?;
         params.training.validate()?;
         params.regularizers.validate()?;
-        finetune_model::device(&params.device)
+        let device = DeviceSpec::parse(&params.device)
             .map_err(|e| ConfigError::at("device", e.to_string()))?;
         match &params.model {
             ModelSource::From { from } => {
@@ -137,6 +138,7 @@ impl Stage for Train {
             .map(Arc::new);
         Ok(Box::new(TrainJob {
             params,
+            device,
             signing,
             with: with.clone(),
         }))
@@ -157,6 +159,8 @@ struct TrainJob {
     /// The `with:` as the pipeline gave it (in our names), for run_history.json.
     with: Value,
     /// The key that signs checkpoints and the output, when one is configured.
+    /// `device:`, checked; `auto` is resolved when the key is made.
+    device: DeviceSpec,
     signing: Option<Arc<SigningKey>>,
 }
 
@@ -170,20 +174,29 @@ impl Job for TrainJob {
         }
     }
 
-    /// A signed output differs with the key; an unsigned one keeps its old cache key.
+    /// A signed output differs with the key, and `device: auto`'s with the device it picks
+    /// (a GPU's floats are not the CPU's); any other output keeps its old cache key.
     fn key_extra(&self) -> Option<Value> {
-        self.signing
-            .as_ref()
-            .map(|key| json!({ "key_id": key.id() }))
+        let mut extra = serde_json::Map::new();
+        if let Some(key) = &self.signing {
+            extra.insert("key_id".into(), json!(key.id()));
+        }
+        if self.device == DeviceSpec::Auto {
+            extra.insert("device".into(), json!(self.device.resolved().to_string()));
+        }
+        (!extra.is_empty()).then_some(Value::Object(extra))
     }
 
     fn run(&self, ctx: &RunContext) -> Result<()> {
-        finetune_kernels::on_own_pool(|| self.train(ctx))
+        let device = self.device.open()?;
+        ctx.reporter
+            .message(&format!("training on {}", device.describe()));
+        finetune_kernels::on_own_pool(|| device.run(|| self.train(ctx, &device)))
     }
 }
 
 impl TrainJob {
-    fn train(&self, ctx: &RunContext) -> Result<()> {
+    fn train(&self, ctx: &RunContext, compute: &ComputeDevice) -> Result<()> {
         let tokenized = &ctx.upstream_using("tokenize")?.dir;
         let split = |name: &str| {
             read_examples(&tokenized.join(format!("{name}.parquet")), |ids, label| {
@@ -199,7 +212,7 @@ impl TrainJob {
         let test = split("test")?;
         let labels = read_labels(&tokenized.join("labels.json"))?;
         let tokenizer_json = tokenized.join("tokenizer.json");
-        let device = finetune_model::device(&self.params.device)?;
+        let device = compute.device().clone();
         device.seed(args.seed);
         let checkpoints =
             Checkpoints::new(ctx.scratch_dir.join("checkpoints")).signed_with(self.signing.clone());
@@ -244,7 +257,7 @@ impl TrainJob {
         }
         let mut trainer = Trainer {
             args,
-            callbacks: self.callbacks(ctx)?,
+            callbacks: self.callbacks(ctx, compute)?,
             evaluator: (!eval_examples.is_empty()).then(|| {
                 Box::new(DatasetEvaluator {
                     examples: &eval_examples,
@@ -356,7 +369,11 @@ impl TrainJob {
         Ok(())
     }
 
-    fn callbacks<'a>(&self, ctx: &'a RunContext) -> Result<Vec<Box<dyn Callback + 'a>>> {
+    fn callbacks<'a>(
+        &self,
+        ctx: &'a RunContext,
+        compute: &ComputeDevice,
+    ) -> Result<Vec<Box<dyn Callback + 'a>>> {
         let args = &self.params.training;
         let logs = ctx.out_dir.join("logs");
         let mut callbacks: Vec<Box<dyn Callback + 'a>> = vec![
@@ -376,6 +393,7 @@ impl TrainJob {
         callbacks.push(Box::new(RunHistory::new(
             &ctx.out_dir.join("run_history.json"),
             self.with.clone(),
+            json!(compute.report()),
         )));
         Ok(callbacks)
     }
