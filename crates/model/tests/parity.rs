@@ -15,6 +15,20 @@ fn device() -> Device {
     finetune_model::device("cpu").unwrap().device().clone()
 }
 
+/// Runs `check` on the fused CPU path, on the generic path (burn's own operations, as every
+/// GPU runs them) and on `$FINETUNE_TEST_DEVICE` when set (`cuda` in scripts/gpu-check.sh).
+fn on_each_device(check: impl Fn(&Device)) {
+    let mut names = vec!["cpu".to_string(), "cpu-generic".to_string()];
+    if let Ok(extra) = std::env::var("FINETUNE_TEST_DEVICE") {
+        names.push(extra);
+    }
+    for name in names {
+        let compute = finetune_model::device(&name).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("on {}", compute.describe());
+        compute.run(|| check(compute.device()));
+    }
+}
+
 fn json(path: PathBuf) -> Value {
     serde_json::from_slice(
         &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
@@ -68,7 +82,8 @@ fn unpadded_hidden(
     burn::tensor::Tensor<2>,
     Option<burn::tensor::Tensor<2>>,
 ) {
-    let batch = Batch::from_rows(rows, &model.config, None, &device());
+    let device = model.embeddings.word.weight.device();
+    let batch = Batch::from_rows(rows, &model.config, None, &device);
     let out = model.forward(&batch);
     let hidden = out.last_hidden_state.dims()[2];
     let width = batch.input_ids.dims()[1];
@@ -81,9 +96,13 @@ fn unpadded_hidden(
 }
 
 fn check_tiny(name: &str) {
+    on_each_device(|device| check_tiny_on(name, device));
+}
+
+fn check_tiny_on(name: &str, device: &Device) {
     let dir = fixtures().join("golden").join(name);
     let expected = json(dir.join("expected.json"));
-    let (model, report) = load(&dir, None, 0, &device()).unwrap();
+    let (model, report) = load(&dir, None, 0, device).unwrap();
     assert!(
         report.newly_initialized.is_empty() && report.unexpected.is_empty(),
         "{name}: {report:?}"
@@ -99,7 +118,7 @@ fn check_tiny(name: &str) {
         "{name}: hidden {hidden_diff:e}, logits {logits_diff:e}"
     );
     // The classification path computes the last layer for the first token only.
-    let batch = Batch::from_rows(&rows, &model.config, None, &device());
+    let batch = Batch::from_rows(&rows, &model.config, None, device);
     let first_only: Vec<f32> = model.logits(&batch).into_data().try_to_vec().unwrap();
     let path_diff = max_abs_diff(&first_only, &logits);
     assert!(
@@ -125,12 +144,16 @@ fn tiny_roberta_matches_transformers() {
 
 #[test]
 fn minilm_hidden_states_and_pooler_match_transformers_with_padding() {
+    on_each_device(minilm_matches_on);
+}
+
+fn minilm_matches_on(device: &Device) {
     let expected = json(fixtures().join("golden/minilm_hidden_states.json"));
     let (model, report) = load(
         &minilm(),
         Some(&["negative".into(), "positive".into()]),
         42,
-        &device(),
+        device,
     )
     .unwrap();
     assert_eq!(

@@ -344,7 +344,9 @@ impl Trainer<'_> {
                 })
                 .collect();
             let step = run.state.global_step;
-            let inject_oom = self.inject_oom_at.take_if(|at| *at == step + 1).is_some();
+            // On a device that queues work the fault comes at the step's sync (see `update`).
+            let inject_oom = finetune_kernels::runs_fused(&self.device)
+                && self.inject_oom_at.take_if(|at| *at == step + 1).is_some();
             // The gradients borrow the model: after an out-of-memory failure it is still the
             // one of the last completed update, and the optimizer only steps (and takes the
             // model, without a copy) once every gradient exists.
@@ -399,8 +401,14 @@ impl Trainer<'_> {
                 return Ok((run.optimizer.step(update.lr, model, grads), stats));
             }
             let optimizer_before = run.optimizer.clone();
+            let step = run.state.global_step;
+            let inject_oom = self.inject_oom_at.take_if(|at| *at == step + 1).is_some();
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let stepped = run.optimizer.step(update.lr, model.clone(), grads);
+                if inject_oom {
+                    // After the step has changed the optimizer's state: what a restart undoes.
+                    panic!("injected fault (FINETUNE_FAULT_OOM_AT_STEP): OutOfMemory at sync");
+                }
                 self.device.sync().map(|()| stepped)
             }));
             let failure = match stepped {
