@@ -195,3 +195,51 @@ fn a_device_this_build_lacks_is_refused_with_the_feature_to_build() {
         );
     }
 }
+
+/// `finetune predict --json` on the real MiniLM checkpoint: each text's probabilities.
+fn predicted(ws: &Ws, extra: &[&str], texts: &[&str]) -> Vec<Vec<f64>> {
+    let model = model_dir();
+    let mut args = vec!["predict", "--json", "--model", model.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(texts);
+    let out = ws.run(&args);
+    assert!(out.status.success(), "{extra:?}: {}", stderr(&out));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let row: Value = serde_json::from_str(line).unwrap();
+            let probabilities = row["probabilities"].as_object().unwrap();
+            probabilities
+                .values()
+                .map(|p| p.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn predict_in_bf16_stays_within_bf16s_precision_of_f32() {
+    let ws = Ws::new();
+    let texts = [
+        "Great sound, and the battery lasts all week.",
+        "Stopped working after two days; the seller never answered.",
+        "It is fine.",
+    ];
+    let f32s = predicted(&ws, &[], &texts);
+    let generic = predicted(&ws, &["--device", "cpu-generic"], &texts);
+    let bf16s = predicted(&ws, &["--bf16"], &texts);
+    assert_eq!(f32s.len(), texts.len());
+    let mut bf16_moved = false;
+    for ((a, g), b) in f32s.iter().zip(&generic).zip(&bf16s) {
+        for ((x, y), z) in a.iter().zip(g).zip(b) {
+            assert!((x - y).abs() <= 1e-5, "generic path {y} against {x}");
+            assert!((x - z).abs() <= 2e-2, "bf16 {z} against f32 {x}");
+            bf16_moved |= x != z;
+        }
+    }
+    assert!(
+        bf16_moved,
+        "bf16 gave f32's probabilities exactly: it did not run in bf16"
+    );
+}

@@ -167,6 +167,9 @@ pub struct DeviceReport {
     /// What the backend compiles kernels for (`ptx_sm90`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compiles_for: Option<String>,
+    /// The float type, where it is not f32 ([`ComputeDevice::use_bf16`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
     /// The NVIDIA kernel driver's version line, where there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
@@ -185,6 +188,7 @@ impl ComputeDevice {
                 name: if generic_ops { "cpu-generic" } else { "cpu" }.into(),
                 adapter: None,
                 compiles_for: None,
+                precision: None,
                 driver: None,
                 note: None,
             },
@@ -215,7 +219,7 @@ impl ComputeDevice {
     pub fn describe(&self) -> String {
         let r = &self.report;
         let driver = r.driver.as_ref().map(|d| format!("driver {d}"));
-        let details: Vec<&str> = [&r.adapter, &r.compiles_for, &driver]
+        let details: Vec<&str> = [&r.adapter, &r.compiles_for, &r.precision, &driver]
             .into_iter()
             .filter_map(|detail| detail.as_deref())
             .collect();
@@ -233,6 +237,27 @@ impl ComputeDevice {
     /// own operations). The choice is the calling thread's, so the work runs here.
     pub fn run<R>(&self, work: impl FnOnce() -> R) -> R {
         finetune_kernels::with_generic_ops(self.generic_ops, work)
+    }
+
+    /// Makes every float tensor this device creates from now on bfloat16: weights, activations
+    /// and outputs (burn has no autocast, so this is the whole computation's precision, and
+    /// sound only where nothing trains: prediction and evaluation). The fused CPU kernels are
+    /// f32-only, so the device then takes burn's own operations. Must come before the device
+    /// makes its first tensor: burn fixes a device's float type once.
+    pub fn use_bf16(&mut self) -> Result<(), ModelError> {
+        use burn::tensor::FloatDType;
+        let name = &self.report.name;
+        if !self.device.supports_dtype(FloatDType::BF16) {
+            return Err(ModelError::Device(format!(
+                "device `{name}` has no bf16 arithmetic; use f32"
+            )));
+        }
+        self.device.configure(FloatDType::BF16).map_err(|e| {
+            ModelError::Device(format!("device `{name}`: cannot switch to bf16: {e}"))
+        })?;
+        self.generic_ops = true;
+        self.report.precision = Some("bf16".into());
+        Ok(())
     }
 
     /// Hands cached allocations back to the device (after running out of memory).
@@ -281,6 +306,7 @@ mod gpu {
                 name: spec.to_string(),
                 adapter: identity.as_ref().map(|id| id.name.clone()),
                 compiles_for: identity.map(|id| id.fingerprint),
+                precision: None,
                 driver: nvidia_driver(),
                 note: None,
             },

@@ -57,15 +57,24 @@ pub struct Audit {
 /// Loads a trained model from a directory and labels texts with it: what `finetune predict`
 /// calls, so that the engine needs no ML code. The `train` plugin provides one.
 pub trait Predictor: Send + Sync {
-    /// Labels and class probabilities for each text, `batch_size` texts per forward pass, on
-    /// the device `device` names (as a pipeline's `device:` does).
+    /// Labels and class probabilities for each text, run as `options` say.
     fn predict(
         &self,
         model_dir: &std::path::Path,
         texts: &[String],
-        batch_size: usize,
-        device: &str,
+        options: &PredictOptions,
     ) -> anyhow::Result<Vec<Prediction>>;
+}
+
+/// How a [`Predictor`] runs its forward passes.
+#[derive(Debug, Clone)]
+pub struct PredictOptions {
+    /// Texts per forward pass.
+    pub batch_size: usize,
+    /// A device name, as a pipeline's `device:` takes it.
+    pub device: String,
+    /// Weights and activations in bfloat16 instead of f32.
+    pub bf16: bool,
 }
 
 /// One text's predicted label, and the probability of every label in the model's order.

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
-use finetune_core::Prediction;
+use finetune_core::{PredictOptions, Prediction};
 use finetune_model::{ComputeDevice, hf, probabilities};
 
 /// `finetune predict`: a saved model directory (`config.json`, `model.safetensors` and the
@@ -15,12 +15,14 @@ impl finetune_core::Predictor for ModelPredictor {
         &self,
         model_dir: &Path,
         texts: &[String],
-        batch_size: usize,
-        device: &str,
+        options: &PredictOptions,
     ) -> Result<Vec<Prediction>> {
-        let compute = finetune_model::device(device)?;
+        let mut compute = finetune_model::device(&options.device)?;
+        if options.bf16 {
+            compute.use_bf16()?;
+        }
         finetune_kernels::on_own_pool(|| {
-            compute.run(|| self.predict_on(&compute, model_dir, texts, batch_size))
+            compute.run(|| self.predict_on(&compute, model_dir, texts, options.batch_size))
         })
     }
 }
