@@ -8,7 +8,8 @@
 //! against `FINETUNE_BENCH_REFERENCE_S` (default 0.5 s: PyTorch 2 + MKL on this machine type in
 //! ../shared/BURN_NOTES.md). Also prints the step's split into gradients (forward, backward, norm
 //! and clipping) and AdamW, and the time the linear layers' matmuls take alone.
-//! `FINETUNE_BENCH_RUNS` sets the number of timed runs of each (default 5).
+//! `FINETUNE_BENCH_RUNS` sets the number of timed runs of each (default 5), and
+//! `FINETUNE_BENCH_BATCH` the rows per batch (default 16).
 //! `FINETUNE_BENCH_DEVICE` names the device as a pipeline's `device:` does (default `cpu`;
 //! `cuda` in a `--features cuda` build, with the reference run on `cuda` too); each timed
 //! step then ends with a sync of the device, so that a GPU's queued work is in the time.
@@ -21,7 +22,13 @@ use burn::tensor::{Device, Tensor};
 use finetune_model::{Batch, Classifier, ComputeDevice, hf};
 use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, update_gradients};
 
-const BATCH: usize = 16;
+/// Rows per batch: `FINETUNE_BENCH_BATCH`, default 16.
+fn batch_rows() -> usize {
+    std::env::var("FINETUNE_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
+}
 
 fn main() {
     let seq: usize = std::env::var("FINETUNE_BENCH_TOKENS")
@@ -90,7 +97,7 @@ impl Bench<'_> {
         } = *self;
         let sync = || compute.device().sync().expect("the device's queued work");
         // Real sentences, cut to `seq` tokens when shorter widths are asked for.
-        let rows: Vec<Vec<i32>> = golden_rows(shared, BATCH)
+        let rows: Vec<Vec<i32>> = golden_rows(shared, rows_per_batch)
             .into_iter()
             .map(|row| row[..row.len().min(seq)].to_vec())
             .collect();
@@ -108,7 +115,7 @@ impl Bench<'_> {
             hf::load(model_dir, Some(&labels), 42, &train_device).expect("load MiniLM");
         let micro = [MicroBatch {
             rows: rows.clone(),
-            labels: (0..BATCH as i64).map(|i| i % 2).collect(),
+            labels: (0..rows_per_batch as i64).map(|i| i % 2).collect(),
         }];
         let mut optimizer = AdamW {
             weight_decay: 0.01,
@@ -147,7 +154,7 @@ impl Bench<'_> {
         let matmuls = matmul_time(&model.valid(), &device, seq);
 
         println!(
-            "MiniLM-L6, batch {BATCH} x {seq} tokens, on {}, median of {}:",
+            "MiniLM-L6, batch {rows_per_batch} x {seq} tokens, on {}, median of {}:",
             compute.describe(),
             runs()
         );
@@ -176,7 +183,8 @@ impl Bench<'_> {
 /// and its two backward products (attention is a fused kernel, not matmuls).
 fn matmul_time(model: &Classifier, device: &Device, seq: usize) -> Duration {
     let c = &model.config;
-    let tokens = BATCH * seq;
+    let rows_per_batch = batch_rows();
+    let tokens = rows_per_batch * seq;
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let mut shapes: Vec<([usize; 2], [usize; 2])> = Vec::new();
     let mut linear = |rows: usize, d_in: usize, d_out: usize| {
@@ -187,7 +195,7 @@ fn matmul_time(model: &Classifier, device: &Device, seq: usize) -> Duration {
     for layer in 0..c.num_layers {
         // The last layer computes the first token's row only (`Classifier::logits`).
         let rows = match layer + 1 == c.num_layers {
-            true => BATCH,
+            true => rows_per_batch,
             false => tokens,
         };
         linear(tokens, h, h); // key
@@ -243,6 +251,7 @@ fn torch_step(
         .arg(shared.join("golden/tokenize_minilm.jsonl"))
         .args(["--tokens", &seq.to_string(), "--runs", &runs().to_string()])
         .args(["--device", device])
+        .args(["--batch", &batch_rows().to_string()])
         .env("OMP_NUM_THREADS", "2")
         .output()
         .expect("run the PyTorch reference");
