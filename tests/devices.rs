@@ -123,38 +123,8 @@ fn the_default_pipeline_with_awp_and_mixout_runs_the_same_on_the_generic_path() 
 /// in halves, ending where a run at 8 × 2 from the start ends.
 #[test]
 fn an_out_of_memory_failure_at_a_queued_devices_sync_rolls_the_step_back() {
-    let (faulty, small) = (Ws::new(), Ws::new());
-    for ws in [&faulty, &small] {
-        let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
-        let yaml = yaml
-            .replace(
-                "{ layers: 2, hidden: 128, heads: 4 }",
-                "{ layers: 2, hidden: 128, heads: 4, dropout: 0.0 }",
-            )
-            .replace(
-                "        epochs: 8\n",
-                "        epochs: 8\n        max_steps: 10\n",
-            );
-        ws.write("pipelines/reviews.yaml", yaml);
-        on_device(ws, "pipelines/reviews.yaml", "cpu-generic");
-    }
-    let yaml = std::fs::read_to_string(small.file("pipelines/reviews.yaml")).unwrap();
-    small.write(
-        "pipelines/reviews.yaml",
-        yaml.replace("batch_size: 16\n", "batch_size: 8\n        grad_accum: 2\n"),
-    );
-    let out = faulty
-        .command(&["run", "--json"])
-        .env("FINETUNE_FAULT_OOM_AT_STEP", "5")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    small.run_ok(&[]);
-    let (a, b) = (
-        output_dir(&faulty, "reviews", "train"),
-        output_dir(&small, "reviews", "train"),
-    );
-    let splits: Vec<Value> = std::fs::read_to_string(a.join("logs/train.jsonl"))
+    let runs = HalfBatchRuns::run(|ws| on_device(ws, "pipelines/reviews.yaml", "cpu-generic"));
+    let splits: Vec<Value> = std::fs::read_to_string(runs.faulty_train.join("logs/train.jsonl"))
         .unwrap()
         .lines()
         .map(|line| serde_json::from_str::<Value>(line).unwrap())
@@ -162,19 +132,7 @@ fn an_out_of_memory_failure_at_a_queued_devices_sync_rolls_the_step_back() {
         .collect();
     assert_eq!(splits.len(), 1, "{splits:?}");
     assert_eq!(splits[0]["step"], 4, "the split happens at update 5");
-    let weights = |out: &Path| {
-        let device = finetune_model::device("cpu").unwrap().device().clone();
-        let (model, _) = finetune_model::hf::load(&out.join("model"), None, 0, &device).unwrap();
-        finetune_model::hf::named_tensors(&model)
-    };
-    for ((name, _, x), (_, _, y)) in weights(&a).iter().zip(&weights(&b)) {
-        let worst = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0.0, f32::max);
-        assert!(worst < 1e-4, "{name}: weights differ by {worst}");
-    }
+    assert_same_weights(&runs.faulty_train, &runs.small_train, 1e-4);
 }
 
 #[test]

@@ -773,29 +773,6 @@ fn fine_tuning_minilm_on_the_reference_protocol_reaches_090_on_the_test_split() 
     assert_eq!(history["epochs"].as_array().unwrap().len(), 3);
 }
 
-/// The default pipeline cut to 12 updates, without dropout (so that micro-batches of
-/// different sizes draw no different masks), with `extra` training settings.
-fn dropout_free_run(ws: &Ws, extra: &str) {
-    let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
-    let yaml = yaml
-        .replace(
-            "{ layers: 2, hidden: 128, heads: 4 }",
-            "{ layers: 2, hidden: 128, heads: 4, dropout: 0.0 }",
-        )
-        .replace(
-            "        epochs: 8\n",
-            &format!("        epochs: 8\n        max_steps: 12\n{extra}"),
-        );
-    assert!(yaml.contains("dropout: 0.0") && yaml.contains("max_steps: 12"));
-    ws.write("pipelines/reviews.yaml", yaml);
-}
-
-fn model_tensors(out: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let device = finetune_model::device("cpu").unwrap().device().clone();
-    let (model, _) = finetune_model::hf::load(&out.join("model"), None, 0, &device).unwrap();
-    finetune_model::hf::named_tensors(&model)
-}
-
 fn split_events(out: &Path) -> Vec<Value> {
     log_records(out)
         .into_iter()
@@ -805,21 +782,9 @@ fn split_events(out: &Path) -> Vec<Value> {
 
 #[test]
 fn an_out_of_memory_failure_halves_the_micro_batch_and_keeps_the_effective_batch() {
-    let (faulty, small) = (Ws::new(), Ws::new());
-    dropout_free_run(&faulty, "");
-    dropout_free_run(&small, "");
-    let yaml = std::fs::read_to_string(small.file("pipelines/reviews.yaml")).unwrap();
-    small.write(
-        "pipelines/reviews.yaml",
-        yaml.replace("batch_size: 16\n", "batch_size: 8\n        grad_accum: 2\n"),
-    );
-    let out = faulty
-        .command(&["run", "--json"])
-        .env("FINETUNE_FAULT_OOM_AT_STEP", "5")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let messages: Vec<String> = events(&out)
+    let runs = HalfBatchRuns::run(|_| {});
+    let out = &runs.out;
+    let messages: Vec<String> = events(out)
         .iter()
         .filter_map(|e| e["text"].as_str().map(String::from))
         .collect();
@@ -829,12 +794,8 @@ fn an_out_of_memory_failure_halves_the_micro_batch_and_keeps_the_effective_batch
             .any(|m| m.starts_with("step 5: micro_batch_split: the device ran out of memory")),
         "{messages:?}"
     );
-    small.run_ok(&[]);
-    let (a, b) = (
-        output_dir(&faulty, "reviews", "train"),
-        output_dir(&small, "reviews", "train"),
-    );
-    let splits = split_events(&a);
+    let (a, b) = (&runs.faulty_train, &runs.small_train);
+    let splits = split_events(a);
     assert_eq!(splits.len(), 1, "{splits:?}");
     assert_eq!(splits[0]["step"], 4, "the split happens before update 5");
     assert_eq!(
@@ -844,19 +805,13 @@ fn an_out_of_memory_failure_halves_the_micro_batch_and_keeps_the_effective_batch
         ),
         (Some(8), Some(2))
     );
-    assert!(split_events(&b).is_empty());
+    assert!(split_events(b).is_empty());
 
     // Updates 1-4 at 16 × 1 equal 8 × 2 to float tolerance (the loss is sample-weighted), and
     // from update 5 on both runs compute the same micro-batches.
-    let mut worst = 0.0f32;
-    for ((name, _, x), (_, _, y)) in model_tensors(&a).iter().zip(&model_tensors(&b)) {
-        for (p, q) in x.iter().zip(y) {
-            worst = worst.max((p - q).abs());
-        }
-        assert!(worst < 1e-4, "{name}: weights differ by {worst}");
-    }
+    assert_same_weights(a, b, 1e-4);
     let loss = |out: &Path| loss_curve(out).last().unwrap().1;
-    assert!((loss(&a) - loss(&b)).abs() < 1e-4);
+    assert!((loss(a) - loss(b)).abs() < 1e-4);
 }
 
 #[test]

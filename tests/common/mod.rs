@@ -229,3 +229,79 @@ pub fn in_own_namespace(ws: &Ws, script: &str) -> Output {
     );
     out
 }
+
+/// The default pipeline cut to 12 updates, without dropout (so that micro-batches of
+/// different sizes draw no different masks), with `extra` training settings.
+pub fn dropout_free_run(ws: &Ws, extra: &str) {
+    let yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml")).unwrap();
+    let yaml = yaml
+        .replace(
+            "{ layers: 2, hidden: 128, heads: 4 }",
+            "{ layers: 2, hidden: 128, heads: 4, dropout: 0.0 }",
+        )
+        .replace(
+            "        epochs: 8\n",
+            &format!("        epochs: 8\n        max_steps: 12\n{extra}"),
+        );
+    assert!(yaml.contains("dropout: 0.0") && yaml.contains("max_steps: 12"));
+    ws.write("pipelines/reviews.yaml", yaml);
+}
+
+/// Two dropout-free runs of the default pipeline, each first edited by `prepare`: one with an
+/// out-of-memory fault injected at update 5, one at micro-batch 8 × 2 from the start, which
+/// must end alike.
+pub struct HalfBatchRuns {
+    /// The faulty run's output (its events).
+    pub out: Output,
+    pub faulty_train: PathBuf,
+    pub small_train: PathBuf,
+    /// The workspaces the train outputs are in.
+    _workspaces: (Ws, Ws),
+}
+
+impl HalfBatchRuns {
+    pub fn run(prepare: impl Fn(&Ws)) -> HalfBatchRuns {
+        let (faulty, small) = (Ws::new(), Ws::new());
+        for ws in [&faulty, &small] {
+            dropout_free_run(ws, "");
+            prepare(ws);
+        }
+        let yaml = std::fs::read_to_string(small.file("pipelines/reviews.yaml")).unwrap();
+        small.write(
+            "pipelines/reviews.yaml",
+            yaml.replace("batch_size: 16\n", "batch_size: 8\n        grad_accum: 2\n"),
+        );
+        let out = faulty
+            .command(&["run", "--json"])
+            .env("FINETUNE_FAULT_OOM_AT_STEP", "5")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        small.run_ok(&[]);
+        HalfBatchRuns {
+            out,
+            faulty_train: output_dir(&faulty, "reviews", "train"),
+            small_train: output_dir(&small, "reviews", "train"),
+            _workspaces: (faulty, small),
+        }
+    }
+}
+
+/// Every tensor of the model a train output saved, by name.
+pub fn model_tensors(out: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let device = finetune_model::device("cpu").unwrap().device().clone();
+    let (model, _) = finetune_model::hf::load(&out.join("model"), None, 0, &device).unwrap();
+    finetune_model::hf::named_tensors(&model)
+}
+
+/// Asserts that two train outputs saved the same weights to within `tolerance`.
+pub fn assert_same_weights(a: &Path, b: &Path, tolerance: f32) {
+    for ((name, _, x), (_, _, y)) in model_tensors(a).iter().zip(&model_tensors(b)) {
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < tolerance, "{name}: weights differ by {worst}");
+    }
+}

@@ -259,6 +259,14 @@ mod tests {
     use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
     use burn::tensor::Distribution;
 
+    /// The gradients of `‖m(x)‖²` for a random batch `x` drawn from `seed`.
+    fn gradients(m: &Linear, seed: u64, device: &Device) -> GradientsParams {
+        device.seed(seed);
+        let x = Tensor::<2>::random([8, 300], Distribution::Normal(0.0, 1.0), device);
+        let loss = m.forward(x).powi_scalar(2).mean();
+        GradientsParams::from_grads(loss.backward(), m)
+    }
+
     /// Five steps of burn's AdamW and of this one on the same weights and gradients, with and
     /// without decay: the weights must agree bit for bit, and so must the moments.
     #[test]
@@ -279,12 +287,7 @@ mod tests {
                 gradient_scale: GradientScale::default(),
             };
             let mut ours = ModuleOptimizer::from(fused.clone());
-            let grads_of = |m: &Linear, seed: u64| {
-                device.seed(seed);
-                let x = Tensor::<2>::random([8, 300], Distribution::Normal(0.0, 1.0), &device);
-                let loss = m.forward(x).powi_scalar(2).mean();
-                GradientsParams::from_grads(loss.backward(), m)
-            };
+            let grads_of = |m: &Linear, seed: u64| gradients(m, seed, &device);
             let initial: Linear = LinearConfig::new(300, 250).init(&device);
             let (mut a, mut b) = (initial.clone(), initial.clone());
             for step in 0..5u64 {
@@ -324,12 +327,7 @@ mod tests {
             weight_decay: 0.01,
             gradient_scale: GradientScale::default(),
         };
-        let grads_of = |m: &Linear, seed: u64| {
-            device.seed(seed);
-            let x = Tensor::<2>::random([8, 300], Distribution::Normal(0.0, 1.0), &device);
-            let loss = m.forward(x).powi_scalar(2).mean();
-            GradientsParams::from_grads(loss.backward(), m)
-        };
+        let grads_of = |m: &Linear, seed: u64| gradients(m, seed, &device);
         let initial: Linear = LinearConfig::new(300, 250).init(&device);
         let train = |generic: bool| {
             finetune_kernels::with_generic_ops(generic, || {

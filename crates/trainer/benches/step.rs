@@ -95,6 +95,7 @@ impl Bench<'_> {
             model_dir,
             device: compute,
         } = *self;
+        let rows_per_batch = batch_rows();
         let sync = || compute.device().sync().expect("the device's queued work");
         // Real sentences, cut to `seq` tokens when shorter widths are asked for.
         let rows: Vec<Vec<i32>> = golden_rows(shared, rows_per_batch)
