@@ -343,21 +343,40 @@ mod gpu {
     }
 
     /// Runs `probe`, turning a panic into its message without printing it: the panic is an
-    /// answer here (no driver), not a crash. The hook is the process's, so a panic on another
-    /// thread in this moment is not printed either; that thread still unwinds as it would.
+    /// answer here (no driver), not a crash. The backends open the device on a thread of their
+    /// own, so the probe's own panic is often only "the channel closed"; the first panic seen
+    /// while it runs (any thread's) names the cause, e.g. the driver library that is missing.
+    /// The hook is the process's, so a panic elsewhere in this moment is not printed either;
+    /// that thread still unwinds as it would.
     #[cfg(any(feature = "cuda", feature = "vulkan", feature = "wgpu"))]
     fn quietly<R>(probe: impl FnOnce() -> R) -> Result<R, String> {
+        use std::sync::{Arc, Mutex};
+        let first_panic: Arc<Mutex<Option<String>>> = Arc::default();
         let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
+        let seen = Arc::clone(&first_panic);
+        std::panic::set_hook(Box::new(move |info| {
+            let mut first = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            first.get_or_insert_with(|| panic_message(info.payload()));
+        }));
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(probe));
         std::panic::set_hook(hook);
         result.map_err(|payload| {
-            payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "the backend panicked".into())
+            let first = first_panic
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            first
+                .clone()
+                .unwrap_or_else(|| panic_message(payload.as_ref()))
         })
+    }
+
+    #[cfg(any(feature = "cuda", feature = "vulkan", feature = "wgpu"))]
+    fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+        payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the backend panicked".into())
     }
 }
 
