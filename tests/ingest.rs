@@ -11,9 +11,12 @@ use serde_json::Value;
 
 /// Runs a one-stage pipeline ingesting `path` with extra `with:` lines; returns the output dir.
 fn ingest(ws: &Ws, path: &str, extra: &str) -> Result<std::path::PathBuf, String> {
-    let yaml = format!(
-        "name: t\nstages:\n  ingest:\n    uses: ingest_csv\n    with:\n      path: {path}\n{extra}"
-    );
+    ingest_with(ws, &format!("      path: {path}\n{extra}"))
+}
+
+/// Runs a one-stage pipeline whose ingest has these `with:` lines; returns the output dir.
+fn ingest_with(ws: &Ws, with: &str) -> Result<std::path::PathBuf, String> {
+    let yaml = format!("name: t\nstages:\n  ingest:\n    uses: ingest_csv\n    with:\n{with}");
     ws.write("t.yaml", yaml);
     let out = ws.run(&["run", "t.yaml"]);
     if out.status.success() {
@@ -410,4 +413,381 @@ fn label_names_name_the_labels_through_to_the_trained_model() {
         assert_ne!(out.status.code(), Some(0), "{names}");
         assert!(stderr(&out).contains(expected), "{names}: {}", stderr(&out));
     }
+}
+
+/// The `with:` lines of a pipeline that is refused before anything runs (exit 2); the message.
+fn config_error(ws: &Ws, with: &str) -> String {
+    let yaml = format!("name: t\nstages:\n  ingest:\n    uses: ingest_csv\n    with:\n{with}");
+    ws.write("t.yaml", yaml);
+    let out = ws.run(&["run", "t.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    stderr(&out)
+}
+
+/// The Amazon sentences and labels, in file order.
+fn amazon_rows() -> Vec<(String, String)> {
+    let tsv = std::fs::read_to_string(repo().join("data/raw/product_reviews.tsv")).unwrap();
+    tsv.lines()
+        .map(|line| {
+            let (text, label) = line.rsplit_once('\t').unwrap();
+            (text.to_string(), label.to_string())
+        })
+        .collect()
+}
+
+fn csv_of(rows: &[(String, String)]) -> String {
+    let mut csv = String::from("text,label\n");
+    for (text, label) in rows {
+        csv.push_str(&format!("\"{}\",{label}\n", text.replace('"', "\"\"")));
+    }
+    csv
+}
+
+fn jsonl_of(rows: &[(String, String)]) -> String {
+    rows.iter()
+        .map(|(text, label)| {
+            let label: i64 = label.parse().unwrap();
+            format!("{}\n", serde_json::json!({"text": text, "label": label}))
+        })
+        .collect()
+}
+
+/// A Parquet file as pandas writes one: the given columns, nullable.
+fn write_parquet(path: &std::path::Path, columns: Vec<(&str, arrow::array::ArrayRef)>) {
+    use arrow::datatypes::{Field, Schema};
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(name, array)| Field::new(*name, array.data_type().clone(), true))
+        .collect();
+    let schema = std::sync::Arc::new(Schema::new(fields));
+    let arrays = columns.into_iter().map(|(_, array)| array).collect();
+    let batch = arrow::array::RecordBatch::try_new(schema.clone(), arrays).unwrap();
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(File::create(path).unwrap(), schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+fn amazon_parquet(ws: &Ws, name: &str, rows: &[(String, String)]) {
+    let texts = StringArray::from_iter_values(rows.iter().map(|(t, _)| t.as_str()));
+    let labels = Int64Array::from_iter_values(rows.iter().map(|(_, l)| l.parse::<i64>().unwrap()));
+    write_parquet(
+        &ws.file(name),
+        vec![
+            ("label", std::sync::Arc::new(labels)),
+            ("text", std::sync::Arc::new(texts)),
+        ],
+    );
+}
+
+#[test]
+fn jsonl_and_parquet_give_the_same_splits_as_the_tsv() {
+    let ws = Ws::new();
+    let rows = amazon_rows();
+    ws.write("reviews.jsonl", jsonl_of(&rows));
+    amazon_parquet(&ws, "reviews.parquet", &rows);
+    let extra = "      drop_duplicates: true\n";
+    let tsv = ingest(
+        &ws,
+        "data/raw/product_reviews.tsv",
+        &format!("{TSV}{extra}"),
+    )
+    .unwrap();
+    let named = format!("      text: text\n      label: label\n{extra}");
+    for file in ["reviews.jsonl", "reviews.parquet"] {
+        let dir = ingest(&ws, file, &named).unwrap();
+        for split in ["train", "validation", "test"] {
+            assert_eq!(
+                read_split(&dir, split),
+                read_split(&tsv, split),
+                "{file} {split}"
+            );
+        }
+        let stats = read_json(&dir.join("stats.json"));
+        assert_eq!(stats["rows_read"], 1000, "{file}");
+        assert_eq!(stats["dropped"]["duplicate_text"], 10, "{file}");
+        assert_eq!(
+            read_json(&dir.join("labels.json")),
+            read_json(&tsv.join("labels.json"))
+        );
+    }
+    // Parquet columns by index too (`label` is column 0 in this file).
+    let dir = ingest(
+        &ws,
+        "reviews.parquet",
+        &format!("      text: 1\n      label: 0\n{extra}"),
+    )
+    .unwrap();
+    assert_eq!(read_split(&dir, "test"), read_split(&tsv, "test"));
+}
+
+#[test]
+fn given_splits_are_kept_whole_and_the_rest_is_split_off_train() {
+    let ws = Ws::new();
+    let rows = amazon_rows();
+    let (train_rows, test_rows) = rows.split_at(800);
+    ws.write("train.csv", csv_of(train_rows));
+    ws.write("test.jsonl", jsonl_of(test_rows));
+    let with = "      splits: {train: train.csv, test: test.jsonl}\n      text: text\n      label: label\n";
+    let dir = ingest_with(&ws, with).unwrap();
+    let (test, test_labels) = read_split(&dir, "test");
+    let expected: Vec<String> = test_rows.iter().map(|(t, _)| t.clone()).collect();
+    assert_eq!(test, expected, "the test file, whole and in order");
+    let expected_labels: Vec<i64> = test_rows.iter().map(|(_, l)| l.parse().unwrap()).collect();
+    assert_eq!(test_labels, expected_labels);
+    let (train, _) = read_split(&dir, "train");
+    let (validation, _) = read_split(&dir, "validation");
+    assert_eq!(
+        (train.len(), validation.len()),
+        (720, 80),
+        "10% of train, stratified"
+    );
+    assert!(
+        validation
+            .iter()
+            .all(|t| train_rows.iter().any(|(r, _)| r == t))
+    );
+    let stats = read_json(&dir.join("stats.json"));
+    assert_eq!(
+        stats["sources"],
+        serde_json::json!({"train": "train.csv", "test": "test.jsonl"})
+    );
+
+    // All three given: nothing is split off, and a test row that repeats a train row is
+    // dropped as a duplicate (the leak `drop_duplicates` guards against), named by file.
+    amazon_parquet(&ws, "validation.parquet", &rows[700..800]);
+    ws.write("train.csv", csv_of(&rows[..700]));
+    let mut leaky = test_rows.to_vec();
+    leaky.push(rows[3].clone());
+    ws.write("test.jsonl", jsonl_of(&leaky));
+    let with = "      splits: {train: train.csv, validation: validation.parquet, test: test.jsonl}\n      text: text\n      label: label\n      drop_duplicates: true\n";
+    let dir = ingest_with(&ws, with).unwrap();
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut expected = [Vec::new(), Vec::new(), Vec::new()];
+    for (split, rows) in [&rows[..700], &rows[700..800], &leaky[..]]
+        .into_iter()
+        .enumerate()
+    {
+        for (text, _) in rows {
+            if seen.insert(text.as_str()) {
+                expected[split].push(text.clone());
+            }
+        }
+    }
+    assert_eq!(read_split(&dir, "validation").0, expected[1]);
+    assert_eq!(read_split(&dir, "test").0, expected[2]);
+    assert!(
+        !expected[2].contains(&rows[3].0),
+        "the leaked train row is dropped from test"
+    );
+    assert_eq!(read_split(&dir, "train").0, expected[0]);
+    // The drops are named by file once there are several: PROVENANCE.md's duplicate lines
+    // 286, 408, 525, 544 are train.csv's 287, 409, 526, 545 (a header line first), and 745 is
+    // the validation file's row 45.
+    let out = ws.run(&["run", "t.yaml", "--force", "ingest"]);
+    assert!(out.status.success());
+    let places = "11 with a duplicate text (train.csv lines 287, 409, 526, 545; validation.parquet row 45, …)";
+    assert!(stderr(&out).contains(places), "{}", stderr(&out));
+
+    // Settings that contradict each other, or the files, are refused before anything runs.
+    let err = config_error(
+        &ws,
+        "      path: train.csv\n      splits: {train: train.csv}\n      text: text\n      label: label\n",
+    );
+    assert!(
+        err.contains("key `with.splits`") && err.contains("not both"),
+        "{err}"
+    );
+    let err = config_error(&ws, "      text: text\n      label: label\n");
+    assert!(
+        err.contains("key `with.path`") && err.contains("missing"),
+        "{err}"
+    );
+    let err = config_error(
+        &ws,
+        "      splits: {train: train.csv, test: test.jsonl}\n      text: text\n      label: label\n      split: {test: 0.3}\n",
+    );
+    assert!(
+        err.contains("key `with.split.test`") && err.contains("test.jsonl"),
+        "{err}"
+    );
+    let err = config_error(
+        &ws,
+        "      path: test.jsonl\n      text: 0\n      label: label\n",
+    );
+    assert!(
+        err.contains("key `with.text`") && err.contains("name the key"),
+        "{err}"
+    );
+    let err = config_error(
+        &ws,
+        "      path: test.jsonl\n      text: text\n      label: label\n      header: true\n",
+    );
+    assert!(
+        err.contains("key `with.header`") && err.contains("csv and tsv"),
+        "{err}"
+    );
+    // A given split whose every row is dropped is an error, not an empty split.
+    // (A fresh workspace: `ingest_with` checks that a failure leaves no cache entry.)
+    let ws = Ws::new();
+    ws.write("train.csv", csv_of(&rows[..700]));
+    ws.write("dup.jsonl", jsonl_of(&rows[..5]));
+    let err = ingest_with(&ws, "      splits: {train: train.csv, test: dup.jsonl}\n      text: text\n      label: label\n      drop_duplicates: true\n").unwrap_err();
+    assert!(
+        err.contains("the test split is empty: every row of dup.jsonl was dropped"),
+        "{err}"
+    );
+}
+
+#[test]
+fn broken_json_lines_name_the_line_and_are_errors_or_counted_skips() {
+    let ws = Ws::new();
+    let good = "{\"text\": \"fine\", \"label\": 1}\n{\"text\": \"awful\", \"label\": 0}\n";
+    let cases: [(&str, &[u8], &str); 6] = [
+        (
+            "bad.jsonl",
+            b"{\"text\": \"fine\", \"label\": 1}\n{\"text\": \"oops\", \n",
+            "bad.jsonl:2: not valid JSON",
+        ),
+        (
+            "key.jsonl",
+            b"{\"text\": \"fine\", \"label\": 1}\n{\"body\": \"x\", \"label\": 0}\n",
+            "key.jsonl:2: no key `text`; the object has: body, label",
+        ),
+        (
+            "type.jsonl",
+            b"{\"text\": 5, \"label\": 1}\n",
+            "type.jsonl:1: key `text` holds a number, not a text",
+        ),
+        (
+            "array.jsonl",
+            b"[1, 2]\n",
+            "array.jsonl:1: a list, not a JSON object",
+        ),
+        (
+            "utf8.jsonl",
+            b"{\"text\": \"fine\", \"label\": 1}\n{\"text\": \"bad \xff\", \"label\": 0}\n",
+            "utf8.jsonl:2: invalid UTF-8 at byte offset 43 of the file",
+        ),
+        (
+            "multi.jsonl",
+            b"{\"text\": \"fine\", \"label\": [0, 1]}\n",
+            "multi.jsonl:1: key `label` holds a list of labels",
+        ),
+    ];
+    let named = "      text: text\n      label: label\n";
+    for (name, contents, expected) in cases {
+        let mut contents = contents.to_vec();
+        contents.extend_from_slice(good.as_bytes());
+        ws.write(name, contents);
+        let err = ingest(&ws, name, named).unwrap_err();
+        assert!(err.contains(expected), "{name}: {err}");
+    }
+    // Malformed rows can be skipped and counted; blank lines are no rows; null is empty.
+    let rows = format!(
+        "{good}\n{{\"text\": \"oops\", \n{{\"text\": null, \"label\": 1}}\n{{\"text\": \"no label\", \"label\": null}}\n{}{}",
+        "{\"text\": \"great\", \"label\": 1}\n{\"text\": \"bad\", \"label\": 0}\n",
+        "{\"text\": \"superb\", \"label\": 1}\n{\"text\": \"dire\", \"label\": 0}\n"
+    );
+    ws.write("mixed.jsonl", rows);
+    let extra =
+        format!("{named}      on_bad_row: skip\n      split: {{validation: 0.0, test: 0.5}}\n");
+    let stats = read_json(
+        &ingest(&ws, "mixed.jsonl", &extra)
+            .unwrap()
+            .join("stats.json"),
+    );
+    assert_eq!(stats["rows_read"], 9, "{stats}");
+    assert_eq!(stats["dropped"]["bad_row"], 1);
+    assert_eq!(stats["dropped"]["empty_text"], 1);
+    assert_eq!(stats["dropped"]["empty_label"], 1);
+    assert_eq!(stats["rows_kept"], 6);
+    let lossy =
+        format!("{named}      encoding: lossy\n      split: {{validation: 0.0, test: 0.5}}\n");
+    ws.write(
+        "utf8.jsonl",
+        [
+            b"{\"text\": \"bad \xff\", \"label\": 0}\n".as_slice(),
+            good.as_bytes(),
+            b"{\"text\": \"ok\", \"label\": 1}\n{\"text\": \"no\", \"label\": 0}\n",
+        ]
+        .concat(),
+    );
+    let dir = ingest(&ws, "utf8.jsonl", &lossy).unwrap();
+    let all: Vec<String> = ["train", "test"]
+        .iter()
+        .flat_map(|s| read_split(&dir, s).0)
+        .collect();
+    assert!(all.contains(&"bad \u{fffd}".to_string()), "{all:?}");
+}
+
+#[test]
+fn parquet_columns_of_the_wrong_type_or_name_and_broken_files_are_named() {
+    use arrow::array::{ArrayRef, Float64Array};
+    use std::sync::Arc;
+    let ws = Ws::new();
+    let texts: ArrayRef = Arc::new(StringArray::from(vec![
+        Some("fine"),
+        None,
+        Some("awful"),
+        Some("great"),
+        Some("bad"),
+        Some("superb"),
+        Some("dire"),
+    ]));
+    let labels: ArrayRef = Arc::new(Int64Array::from(vec![1, 1, 0, 1, 0, 1, 0]));
+    write_parquet(
+        &ws.file("r.parquet"),
+        vec![("review", texts.clone()), ("stars", labels.clone())],
+    );
+    let err = ingest(&ws, "r.parquet", "      text: text\n      label: stars\n").unwrap_err();
+    assert!(
+        err.contains(
+            "r.parquet: no column named `text` for the text; its columns are: review, stars"
+        ),
+        "{err}"
+    );
+    let err = ingest(&ws, "r.parquet", "      text: review\n      label: 5\n").unwrap_err();
+    assert!(
+        err.contains("the label column is index 5, but rows have 2 fields"),
+        "{err}"
+    );
+    let err = ingest(&ws, "r.parquet", "      text: stars\n      label: review\n").unwrap_err();
+    assert!(
+        err.contains("r.parquet: the text column `stars` holds Int64; it must hold strings"),
+        "{err}"
+    );
+    let floats: ArrayRef = Arc::new(Float64Array::from(vec![1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0]));
+    write_parquet(
+        &ws.file("f.parquet"),
+        vec![("review", texts.clone()), ("score", floats)],
+    );
+    let err = ingest(&ws, "f.parquet", "      text: review\n      label: score\n").unwrap_err();
+    assert!(
+        err.contains(
+            "the label column `score` holds Float64; it must hold strings, integers or booleans"
+        ),
+        "{err}"
+    );
+    ws.write("broken.parquet", "text,label\nnot parquet,1\n");
+    let err = ingest(
+        &ws,
+        "broken.parquet",
+        "      text: text\n      label: label\n",
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("cannot read broken.parquet as Parquet"),
+        "{err}"
+    );
+    // A null text is an empty one, dropped and counted by row.
+    let dir = ingest(
+        &ws,
+        "r.parquet",
+        "      text: review\n      label: stars\n      split: {validation: 0.0, test: 0.34}\n",
+    )
+    .unwrap();
+    let stats = read_json(&dir.join("stats.json"));
+    assert_eq!(stats["dropped"]["empty_text"], 1, "{stats}");
+    assert_eq!(stats["rows_kept"], 6);
 }

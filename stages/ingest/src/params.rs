@@ -9,21 +9,25 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
-    /// The file to read, relative to the workspace.
-    pub path: PathBuf,
-    /// `csv` (comma, quoted fields, header row) or `tsv` (tab, no quoting, no header).
-    #[serde(default)]
-    pub format: Format,
-    /// The field separator, overriding the format's (one ASCII character).
+    /// The file to read, relative to the workspace; ingest splits it. Or give `splits`.
+    pub path: Option<PathBuf>,
+    /// Splits given as files (`{train: a.csv, validation: b.csv, test: c.csv}`), instead of
+    /// `path`: the train file is required, a split not given is split off it as with `path`.
+    pub splits: Option<GivenSplits>,
+    /// `csv` (comma, quoted fields, header row), `tsv` (tab, no quoting, no header), `jsonl`
+    /// (one JSON object per line) or `parquet`. Default: from each file's extension
+    /// (`.jsonl`/`.ndjson`, `.parquet`/`.pq`), otherwise csv.
+    pub format: Option<Format>,
+    /// The field separator of csv/tsv, overriding the format's (one ASCII character).
     pub delimiter: Option<char>,
     /// Whether the first row names the columns (default: csv yes, tsv no).
     pub header: Option<bool>,
     /// Whether `"` quotes fields (default: csv yes, tsv no, so a TSV of sentences with
     /// unbalanced quotes reads one row per line).
     pub quoting: Option<bool>,
-    /// The text column: a header name or a 0-based index.
+    /// The text column: a header name or a 0-based index (a key, for JSON Lines).
     pub text: Column,
-    /// The label column: a header name or a 0-based index.
+    /// The label column: a header name or a 0-based index (a key, for JSON Lines).
     pub label: Column,
     /// Labels in id order. Default: the labels found, sorted (numerically if all are integers).
     /// A label not in this list is an error.
@@ -56,16 +60,51 @@ pub struct Params {
     pub split: SplitParams,
 }
 
+/// Splits given as files.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GivenSplits {
+    pub train: PathBuf,
+    pub validation: Option<PathBuf>,
+    pub test: Option<PathBuf>,
+}
+
+/// The three splits, in the order ingest reads and writes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitName {
+    Train,
+    Validation,
+    Test,
+}
+
+impl SplitName {
+    pub const ALL: [SplitName; 3] = [SplitName::Train, SplitName::Validation, SplitName::Test];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SplitName::Train => "train",
+            SplitName::Validation => "validation",
+            SplitName::Test => "test",
+        }
+    }
+}
+
+/// One file to read, and the split it is (None: `path`, to be split).
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub split: Option<SplitName>,
+    pub path: PathBuf,
+    pub format: Format,
+}
+
 /// How the rows are divided.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SplitParams {
-    /// Fraction of rows for validation.
-    #[serde(default = "default_validation")]
-    pub validation: f64,
-    /// Fraction of rows for test.
-    #[serde(default = "default_test")]
-    pub test: f64,
+    /// Fraction of rows for validation (default 0.1; 0 when `splits.validation` is given).
+    validation: Option<f64>,
+    /// Fraction of rows for test (default 0.2; 0 when `splits.test` is given).
+    test: Option<f64>,
     /// Seed of the shuffle; the same seed gives the same split in every finetune version.
     #[serde(default = "default_seed")]
     pub seed: u64,
@@ -90,13 +129,42 @@ impl SplitParams {
     pub fn stratified(&self) -> bool {
         self.stratify.unwrap_or(self.like.is_none())
     }
+
+    /// The fraction split off for validation, as written or by default.
+    pub fn validation(&self) -> f64 {
+        self.validation.unwrap_or(DEFAULT_VALIDATION)
+    }
+
+    /// The fraction split off for test, as written or by default.
+    pub fn test(&self) -> f64 {
+        self.test.unwrap_or(DEFAULT_TEST)
+    }
+
+    /// These parameters with nothing split off for the splits given as files.
+    pub fn without_given(&self, given: Option<&GivenSplits>) -> SplitParams {
+        let none_if_given = |split| given_path(given, split).is_some().then_some(0.0);
+        SplitParams {
+            validation: none_if_given(SplitName::Validation).or(self.validation),
+            test: none_if_given(SplitName::Test).or(self.test),
+            ..self.clone()
+        }
+    }
+}
+
+fn given_path(given: Option<&GivenSplits>, split: SplitName) -> Option<&PathBuf> {
+    let given = given?;
+    match split {
+        SplitName::Train => Some(&given.train),
+        SplitName::Validation => given.validation.as_ref(),
+        SplitName::Test => given.test.as_ref(),
+    }
 }
 
 impl Default for SplitParams {
     fn default() -> Self {
         SplitParams {
-            validation: default_validation(),
-            test: default_test(),
+            validation: None,
+            test: None,
             seed: default_seed(),
             stratify: None,
             sample: None,
@@ -130,6 +198,24 @@ pub enum Format {
     #[default]
     Csv,
     Tsv,
+    Jsonl,
+    Parquet,
+}
+
+impl Format {
+    /// The format a file's extension implies: JSON Lines and Parquet by name, else CSV (a
+    /// `.tsv` stays CSV unless `format: tsv` says so, as before these formats existed).
+    pub fn of(path: &std::path::Path) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("jsonl" | "ndjson") => Format::Jsonl,
+            Some("parquet" | "pq") => Format::Parquet,
+            _ => Format::Csv,
+        }
+    }
+
+    pub fn is_delimited(self) -> bool {
+        matches!(self, Format::Csv | Format::Tsv)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -151,12 +237,8 @@ pub enum OnBadRow {
 fn yes() -> bool {
     true
 }
-fn default_validation() -> f64 {
-    0.1
-}
-fn default_test() -> f64 {
-    0.2
-}
+const DEFAULT_VALIDATION: f64 = 0.1;
+const DEFAULT_TEST: f64 = 0.2;
 fn default_seed() -> u64 {
     42
 }
@@ -165,23 +247,112 @@ fn default_max_text_bytes() -> usize {
 }
 
 impl Params {
-    pub fn delimiter_byte(&self) -> u8 {
-        match (self.delimiter, self.format) {
-            (Some(c), _) => c as u8,
-            (None, Format::Csv) => b',',
-            (None, Format::Tsv) => b'\t',
+    /// The files to read, train (or `path`) first.
+    pub fn sources(&self) -> Vec<Source> {
+        let source = |split, path: &PathBuf| Source {
+            split,
+            path: path.clone(),
+            format: self.format.unwrap_or_else(|| Format::of(path)),
+        };
+        match (&self.path, &self.splits) {
+            (Some(path), _) => vec![source(None, path)],
+            (None, given) => SplitName::ALL
+                .into_iter()
+                .filter_map(|split| {
+                    given_path(given.as_ref(), split).map(|p| source(Some(split), p))
+                })
+                .collect(),
         }
     }
 
-    pub fn has_header(&self) -> bool {
-        self.header.unwrap_or(self.format == Format::Csv)
+    /// The split fractions, with nothing split off for the splits given as files.
+    pub fn split_fractions(&self) -> SplitParams {
+        self.split.without_given(self.splits.as_ref())
     }
 
-    pub fn uses_quotes(&self) -> bool {
-        self.quoting.unwrap_or(self.format == Format::Csv)
+    pub fn delimiter_byte(&self, format: Format) -> u8 {
+        match (self.delimiter, format) {
+            (Some(c), _) => c as u8,
+            (None, Format::Tsv) => b'\t',
+            (None, _) => b',',
+        }
+    }
+
+    pub fn has_header(&self, format: Format) -> bool {
+        self.header.unwrap_or(format == Format::Csv)
+    }
+
+    pub fn uses_quotes(&self, format: Format) -> bool {
+        self.quoting.unwrap_or(format == Format::Csv)
+    }
+
+    /// `path` or `splits`, not both; csv-only options only where a file is csv or tsv.
+    fn validate_sources(&self) -> Result<(), ConfigError> {
+        match (&self.path, &self.splits) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::at(
+                    "splits",
+                    "give `path` (one file, split here) or `splits` (the splits as files), not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::at(
+                    "path",
+                    "missing: give `path` (one file) or `splits: {train: ..., validation: ..., test: ...}`",
+                ));
+            }
+            _ => {}
+        }
+        for (split, fraction) in [
+            (SplitName::Validation, self.split.validation),
+            (SplitName::Test, self.split.test),
+        ] {
+            if let (Some(file), Some(fraction)) =
+                (given_path(self.splits.as_ref(), split), fraction)
+            {
+                return Err(ConfigError::at(
+                    format!("split.{}", split.as_str()),
+                    format!(
+                        "{fraction} would split a {0} set off train, but `splits.{0}` gives it ({1}); drop one",
+                        split.as_str(),
+                        file.display()
+                    ),
+                ));
+            }
+        }
+        let sources = self.sources();
+        if !sources.iter().any(|s| s.format.is_delimited()) {
+            for (key, set) in [
+                ("delimiter", self.delimiter.is_some()),
+                ("header", self.header.is_some()),
+                ("quoting", self.quoting.is_some()),
+            ] {
+                if set {
+                    return Err(ConfigError::at(
+                        key,
+                        "applies to csv and tsv files only, and none is read here",
+                    ));
+                }
+            }
+        }
+        if let Some(jsonl) = sources.iter().find(|s| s.format == Format::Jsonl) {
+            for (key, column) in [("text", &self.text), ("label", &self.label)] {
+                if let Column::Index(i) = column {
+                    return Err(ConfigError::at(
+                        key,
+                        format!(
+                            "{i} is a column index, but {} is JSON Lines, whose rows are objects: name the key",
+                            jsonl.path.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_sources()?;
         if let Some(names) = &self.label_names {
             let mut seen = BTreeSet::new();
             for (label, name) in names {
@@ -203,7 +374,8 @@ impl Params {
                 ),
             ));
         }
-        let (validation, test) = (self.split.validation, self.split.test);
+        let fractions = self.split_fractions();
+        let (validation, test) = (fractions.validation(), fractions.test());
         for (key, value) in [("split.validation", validation), ("split.test", test)] {
             if !(0.0..1.0).contains(&value) {
                 return Err(ConfigError::at(

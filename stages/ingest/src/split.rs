@@ -37,23 +37,25 @@ fn sample_quotas(groups: &[Vec<usize>], rows: usize) -> Result<Vec<usize>> {
     Ok(quotas)
 }
 
-/// With `stratify`, every label is split on its own (so each split keeps the label shares);
-/// per label, `round(n · fraction)` rows go to test and to validation. Rows are shuffled with
-/// SplitMix64 from `seed`, then each split is put back in file order.
-pub fn split(table: &Table, params: &SplitParams) -> Result<Splits> {
+/// Divides `pool` (indices into `table.rows`, in file order). With `stratify`, every label is
+/// split on its own (so each split keeps the label shares); per label, `round(n · fraction)`
+/// rows go to test and to validation. Rows are shuffled with SplitMix64 from `seed`, then each
+/// split is put back in file order.
+pub fn split(table: &Table, pool: &[usize], params: &SplitParams) -> Result<Splits> {
     if params.like == Some(SplitLike::Datasets) {
-        return split_like_datasets(table.rows.len(), params);
+        return split_like_datasets(pool, params);
     }
     let groups: Vec<Vec<usize>> = if params.stratified() {
         (0..table.labels.len() as u32)
             .map(|label| {
-                (0..table.rows.len())
+                pool.iter()
+                    .copied()
                     .filter(|&i| table.rows[i].label == label)
                     .collect()
             })
             .collect()
     } else {
-        vec![(0..table.rows.len()).collect()]
+        vec![pool.to_vec()]
     };
     let quotas = match params.sample {
         Some(rows) => sample_quotas(&groups, rows)?,
@@ -69,8 +71,8 @@ pub fn split(table: &Table, params: &SplitParams) -> Result<Splits> {
         rng.shuffle(&mut group);
         group.truncate(quota);
         let n = group.len() as f64;
-        let n_test = (n * params.test).round() as usize;
-        let n_validation = ((n * params.validation).round() as usize).min(group.len() - n_test);
+        let n_test = (n * params.test()).round() as usize;
+        let n_validation = ((n * params.validation()).round() as usize).min(group.len() - n_test);
         splits.test.extend_from_slice(&group[..n_test]);
         splits
             .validation
@@ -80,13 +82,13 @@ pub fn split(table: &Table, params: &SplitParams) -> Result<Splits> {
             .extend_from_slice(&group[n_test + n_validation..]);
     }
     for (name, rows, fraction) in [
-        ("validation", &splits.validation, params.validation),
-        ("test", &splits.test, params.test),
+        ("validation", &splits.validation, params.validation()),
+        ("test", &splits.test, params.test()),
     ] {
         if fraction > 0.0 && rows.is_empty() {
             bail!(
                 "the {name} split is empty: {} rows{} are too few for a {name} fraction of {fraction}; use more data or a larger fraction",
-                table.rows.len(),
+                pool.len(),
                 if params.stratified() {
                     " split per label"
                 } else {
@@ -96,10 +98,7 @@ pub fn split(table: &Table, params: &SplitParams) -> Result<Splits> {
         }
     }
     if splits.train.is_empty() {
-        bail!(
-            "the train split is empty: {} rows are too few",
-            table.rows.len()
-        );
+        bail!("the train split is empty: {} rows are too few", pool.len());
     }
     splits.train.sort_unstable();
     splits.validation.sort_unstable();
@@ -107,15 +106,19 @@ pub fn split(table: &Table, params: &SplitParams) -> Result<Splits> {
     Ok(splits)
 }
 
-/// datasets' `train_test_split(test_size, seed)`: `ceil(n · test)` test rows, the first of
-/// `default_rng(seed).permutation(n)`, the rest for training.
-fn split_like_datasets(n: usize, params: &SplitParams) -> Result<Splits> {
-    let order = crate::numpy::permutation(params.seed, n);
-    let n_test = (params.test * n as f64).ceil() as usize;
+/// datasets' `train_test_split(test_size, seed)` of the `n` rows of `pool`: `ceil(n · test)`
+/// test rows, the first of `default_rng(seed).permutation(n)`, the rest for training.
+fn split_like_datasets(pool: &[usize], params: &SplitParams) -> Result<Splits> {
+    let n = pool.len();
+    let order: Vec<usize> = crate::numpy::permutation(params.seed, n)
+        .into_iter()
+        .map(|i| pool[i])
+        .collect();
+    let n_test = (params.test() * n as f64).ceil() as usize;
     if n_test >= n {
         bail!("the train split is empty: {n} rows are too few");
     }
-    if params.test > 0.0 && n_test == 0 {
+    if params.test() > 0.0 && n_test == 0 {
         bail!("the test split is empty: {n} rows");
     }
     let mut test = order[..n_test].to_vec();

@@ -44,13 +44,30 @@ pub fn write_outputs(out: &Path, table: &Table, splits: &Splits, params: &Params
         "label2id": table.labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect::<serde_json::Map<_, _>>(),
     });
     write_json(&out.join("labels.json"), &labels)?;
-    let stats = json!({
-        "source": params.path,
+    let mut stats = json!({
         "rows_read": table.rows_read,
         "rows_kept": table.rows.len(),
         "dropped": table.dropped,
         "splits": split_stats,
     });
+    // `source` for one file (as before splits could be given), `sources` by split otherwise.
+    let (key, sources) = match &params.path {
+        Some(path) => ("source", json!(path)),
+        None => {
+            let by_split: serde_json::Map<_, _> = params
+                .sources()
+                .iter()
+                .map(|s| {
+                    let split = s.split.map_or("train", |n| n.as_str());
+                    (split.to_string(), json!(s.path))
+                })
+                .collect();
+            ("sources", by_split.into())
+        }
+    };
+    if let Some(object) = stats.as_object_mut() {
+        object.shift_insert(0, key.to_string(), sources);
+    }
     write_json(&out.join("stats.json"), &stats)
 }
 

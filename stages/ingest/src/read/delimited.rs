@@ -1,111 +1,21 @@
-//! Reading and cleaning: from the raw file to labelled rows, with every drop counted.
+//! CSV and TSV files, through the csv crate: a header row or not, quoting or not, and errors
+//! that name the line (and for bad UTF-8, the byte offset in the file).
 
-use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use finetune_core::Reporter;
-use serde::Serialize;
 
-use crate::params::{Column, Encoding, OnBadRow, Params};
+use super::{Cleaner, Place, resolve_column};
+use crate::params::{Encoding, Format};
 
-pub struct Row {
-    pub text: String,
-    pub label: u32,
-}
-
-/// Why rows were left out, by count, with the first few line numbers of each reason so that a
-/// user can find them.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Dropped {
-    pub empty_text: u64,
-    pub duplicate_text: u64,
-    pub empty_label: u64,
-    pub bad_row: u64,
-    #[serde(skip)]
-    first_lines: BTreeMap<&'static str, Vec<u64>>,
-}
-
-/// How many line numbers per reason a message lists.
-const LINES_SHOWN: usize = 5;
-
-impl Dropped {
-    fn drop_row(&mut self, reason: &'static str, line: u64) {
-        let count = match reason {
-            EMPTY_TEXT => &mut self.empty_text,
-            DUPLICATE_TEXT => &mut self.duplicate_text,
-            EMPTY_LABEL => &mut self.empty_label,
-            _ => &mut self.bad_row,
-        };
-        *count += 1;
-        let lines = self.first_lines.entry(reason).or_default();
-        if lines.len() < LINES_SHOWN {
-            lines.push(line);
-        }
-    }
-
-    pub fn total(&self) -> u64 {
-        self.empty_text + self.duplicate_text + self.empty_label + self.bad_row
-    }
-}
-
-const EMPTY_TEXT: &str = "an empty or whitespace-only text";
-const DUPLICATE_TEXT: &str = "a duplicate text";
-const EMPTY_LABEL: &str = "an empty label";
-const BAD_ROW: &str = "a malformed row";
-
-/// `3 with an empty or whitespace-only text (lines 2, 4, 9), 1 with a duplicate text (line 7)`.
-impl std::fmt::Display for Dropped {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let counts = [
-            (EMPTY_TEXT, self.empty_text),
-            (DUPLICATE_TEXT, self.duplicate_text),
-            (EMPTY_LABEL, self.empty_label),
-            (BAD_ROW, self.bad_row),
-        ];
-        let mut first = true;
-        for (reason, count) in counts.into_iter().filter(|(_, count)| *count > 0) {
-            let lines = self.first_lines.get(reason).cloned().unwrap_or_default();
-            let listed: Vec<String> = lines.iter().map(u64::to_string).collect();
-            let more = if count > lines.len() as u64 {
-                ", …"
-            } else {
-                ""
-            };
-            let noun = if lines.len() == 1 { "line" } else { "lines" };
-            write!(
-                f,
-                "{}{count} with {reason} ({noun} {}{more})",
-                if first { "" } else { ", " },
-                listed.join(", ")
-            )?;
-            first = false;
-        }
-        Ok(())
-    }
-}
-
-pub struct Table {
-    pub rows: Vec<Row>,
-    /// Label names in id order.
-    pub labels: Vec<String>,
-    pub rows_read: u64,
-    pub dropped: Dropped,
-}
-
-/// Reads `path` (named `shown` in messages) into rows with label ids.
-pub fn read_table(
-    path: &Path,
-    shown: &Path,
-    params: &Params,
-    reporter: &dyn Reporter,
-) -> Result<Table> {
+pub fn read(path: &Path, format: Format, cleaner: &mut Cleaner) -> Result<()> {
+    let (params, shown) = (cleaner.params, cleaner.shown);
     let total_bytes = std::fs::metadata(path)
         .with_context(|| format!("cannot read {}", shown.display()))?
         .len();
     let mut reader = csv::ReaderBuilder::new()
-        .delimiter(params.delimiter_byte())
-        .quoting(params.uses_quotes())
+        .delimiter(params.delimiter_byte(format))
+        .quoting(params.uses_quotes(format))
         .has_headers(false)
         .flexible(true)
         .from_path(path)
@@ -113,19 +23,7 @@ pub fn read_table(
     let mut record = csv::ByteRecord::new();
     let mut fields_expected = None;
     let mut columns = None;
-    let mut raw_rows: Vec<(String, String)> = Vec::new();
-    let mut seen_texts = HashSet::new();
-    let mut dropped = Dropped::default();
-    let mut rows_read = 0u64;
-    let bad_row = |dropped: &mut Dropped, line: u64, message: String| -> Result<()> {
-        match params.on_bad_row {
-            OnBadRow::Error => bail!("{message} (set `on_bad_row: skip` to skip such rows)"),
-            OnBadRow::Skip => {
-                dropped.drop_row(BAD_ROW, line);
-                Ok(())
-            }
-        }
-    };
+    let mut rows = 0u64;
     loop {
         let more = reader
             .read_byte_record(&mut record)
@@ -141,16 +39,14 @@ pub fn read_table(
         let (text_col, label_col) = match columns {
             Some(columns) => columns,
             None => {
-                let header = params.has_header().then(|| decode_header(&record));
+                let header = params.has_header(format).then(|| decode_header(&record));
+                let resolve = |column, role| {
+                    let names = header.as_deref();
+                    resolve_column(column, names, "the header has", record.len(), shown, role)
+                };
                 let resolved = (
-                    resolve_column(&params.text, header.as_deref(), record.len(), shown, "text")?,
-                    resolve_column(
-                        &params.label,
-                        header.as_deref(),
-                        record.len(),
-                        shown,
-                        "label",
-                    )?,
+                    resolve(&params.text, "text")?,
+                    resolve(&params.label, "label")?,
                 );
                 columns = Some(resolved);
                 fields_expected = Some(record.len());
@@ -160,111 +56,28 @@ pub fn read_table(
                 resolved
             }
         };
-        rows_read += 1;
-        if rows_read.is_multiple_of(4096) {
-            reporter.progress(position.byte(), total_bytes);
+        rows += 1;
+        if rows.is_multiple_of(4096) {
+            cleaner.progress(position.byte(), total_bytes);
         }
         if Some(record.len()) != fields_expected {
-            bad_row(
-                &mut dropped,
-                line,
-                format!(
-                    "{}:{line}: expected {} fields, found {}",
-                    shown.display(),
-                    fields_expected.unwrap_or(0),
-                    record.len()
-                ),
-            )?;
-            continue;
-        }
-        let text = decode_field(&record, text_col, params.encoding, shown, &position, "text")?;
-        let label = decode_field(
-            &record,
-            label_col,
-            params.encoding,
-            shown,
-            &position,
-            "label",
-        )?;
-        let (text, label) = if params.trim {
-            (text.trim().to_string(), label.trim().to_string())
-        } else {
-            (text, label)
-        };
-        if text.len() > params.max_text_bytes {
-            bad_row(
-                &mut dropped,
-                line,
-                format!(
-                    "{}:{line}: the text is {} bytes, over `max_text_bytes` ({})",
-                    shown.display(),
-                    text.len(),
-                    params.max_text_bytes
-                ),
-            )?;
-            continue;
-        }
-        if params.drop_empty && text.trim().is_empty() {
-            dropped.drop_row(EMPTY_TEXT, line);
-            continue;
-        }
-        if label.is_empty() {
-            dropped.drop_row(EMPTY_LABEL, line);
-            continue;
-        }
-        if params.drop_duplicates && !seen_texts.insert(text.clone()) {
-            dropped.drop_row(DUPLICATE_TEXT, line);
-            continue;
-        }
-        if let Some(allowed) = &params.labels
-            && !allowed.contains(&label)
-        {
-            bail!(
-                "{}:{line}: label `{label}` is not in `labels` ({})",
-                shown.display(),
-                allowed.join(", ")
+            let message = format!(
+                "{}: expected {} fields, found {}",
+                Place::Line(line).at(shown),
+                fields_expected.unwrap_or(0),
+                record.len()
             );
+            cleaner.bad_row(Place::Line(line), message)?;
+            continue;
         }
-        raw_rows.push((text, label));
+        let field =
+            |index, role| decode_field(&record, index, params.encoding, shown, &position, role);
+        let text = field(text_col, "text")?;
+        let label = field(label_col, "label")?;
+        cleaner.take(Place::Line(line), text, label)?;
     }
-    if rows_read == 0 {
-        bail!(
-            "{} has no data rows{}",
-            shown.display(),
-            if params.has_header() {
-                " (only a header, or nothing)"
-            } else {
-                ""
-            }
-        );
-    }
-    if raw_rows.is_empty() {
-        bail!(
-            "{}: all {rows_read} rows were dropped: {}",
-            shown.display(),
-            dropped
-        );
-    }
-    let labels = label_names(&raw_rows, params, shown)?;
-    let ids: BTreeMap<&str, u32> = labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.as_str(), i as u32))
-        .collect();
-    let rows = raw_rows
-        .iter()
-        .map(|(text, label)| Row {
-            text: text.clone(),
-            label: ids[label.as_str()],
-        })
-        .collect();
-    reporter.progress(total_bytes, total_bytes);
-    Ok(Table {
-        rows,
-        labels,
-        rows_read,
-        dropped,
-    })
+    cleaner.progress(total_bytes, total_bytes);
+    Ok(())
 }
 
 fn describe_csv_error(err: csv::Error, shown: &Path) -> anyhow::Error {
@@ -285,37 +98,6 @@ fn decode_header(record: &csv::ByteRecord) -> Vec<String> {
                 .to_string()
         })
         .collect()
-}
-
-fn resolve_column(
-    column: &Column,
-    header: Option<&[String]>,
-    fields: usize,
-    shown: &Path,
-    role: &str,
-) -> Result<usize> {
-    match (column, header) {
-        (Column::Index(i), _) if *i < fields => Ok(*i),
-        (Column::Index(i), _) => bail!(
-            "{}: the {role} column is index {i}, but rows have {fields} fields",
-            shown.display()
-        ),
-        (Column::Name(name), Some(header)) => {
-            header.iter().position(|h| h == name).with_context(|| {
-                format!(
-                    "{}: no column named `{name}` for the {role}; the header has: {}",
-                    shown.display(),
-                    header.join(", ")
-                )
-            })
-        }
-        (Column::Name(name), None) => {
-            bail!(
-                "{}: the {role} column is named `{name}`, but the file has no header row (`header: false`); use an index",
-                shown.display()
-            )
-        }
-    }
 }
 
 fn decode_field(
@@ -341,29 +123,4 @@ fn decode_field(
             )
         }
     }
-}
-
-fn label_names(rows: &[(String, String)], params: &Params, shown: &Path) -> Result<Vec<String>> {
-    if let Some(labels) = &params.labels {
-        return Ok(labels.clone());
-    }
-    let mut names: Vec<String> = rows
-        .iter()
-        .map(|(_, l)| l.clone())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    if names.iter().all(|n| n.parse::<i64>().is_ok()) {
-        names.sort_by_key(|n| n.parse::<i64>().unwrap_or(0));
-    } else {
-        names.sort();
-    }
-    if names.len() < 2 {
-        bail!(
-            "{}: only one label ({}) in the data; a classifier needs at least two",
-            shown.display(),
-            names.join(", ")
-        );
-    }
-    Ok(names)
 }
