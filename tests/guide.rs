@@ -10,9 +10,9 @@
 //!   must match the lines under them. Numbers and hex digests match any number or digest of the
 //!   same shape (durations, keys and float metrics vary between machines); `[..]` matches any
 //!   text within a line, a line `...` any lines; a last line `[exit: N]` expects that status;
-//! - every ```python block runs with `FINETUNE_PYTHON` (default `python3`); it needs pandas
-//!   and pyarrow, which .ci/run installs. Outside CI a missing pandas skips those blocks with a
-//!   warning; in CI it fails.
+//! - every ```python block runs with `FINETUNE_PYTHON` (default `python3`); it needs pandas,
+//!   pyarrow and transformers (docs/guide/requirements.txt), which .ci/run installs. Outside
+//!   CI a missing one skips those blocks with a warning; in CI it fails.
 //!
 //! `FINETUNE_GUIDE_BLESS=1` rewrites the expected output of every command that differs;
 //! `FINETUNE_GUIDE_BLESS=all` also rewrites each output that matches only by the shape of its
@@ -232,16 +232,17 @@ impl Guide {
     }
 
     fn python(&mut self, block: &Block) {
-        let (has_pandas, _) = self.bash("\"$FINETUNE_PYTHON\" -c 'import pandas, pyarrow'");
+        let (has_pandas, _) =
+            self.bash("\"$FINETUNE_PYTHON\" -c 'import pandas, pyarrow, transformers'");
         if has_pandas != 0 {
             assert!(
                 std::env::var_os("CI").is_none(),
-                "{}: CI must provide pandas and pyarrow for {} (see .ci/run)",
+                "{}: CI must provide pandas, pyarrow and transformers for {} (see .ci/run)",
                 place(block),
                 self.python
             );
             eprintln!(
-                "warning: {} not run: {} has no pandas/pyarrow (set FINETUNE_PYTHON)",
+                "warning: {} not run: {} lacks pandas, pyarrow or transformers (set FINETUNE_PYTHON)",
                 place(block),
                 self.python
             );

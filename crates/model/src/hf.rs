@@ -12,6 +12,7 @@ use crate::ModelError;
 use crate::config::{Family, ModelConfig};
 use crate::init::InitSource;
 use crate::model::Classifier;
+use crate::tokenizer_files::tokenizer_files;
 use crate::weights::{HfName, Init, Names, Part, WeightSource, build, named_parts, transpose};
 
 /// What loading a checkpoint did, as Hugging Face reports it.
@@ -272,16 +273,32 @@ pub fn save(model: &Classifier, dir: &Path) -> Result<(), ModelError> {
     write_atomic(&dir.join("config.json"), config.as_bytes())
 }
 
-/// [`save`], plus the tokenizer.json the model was trained with: a directory that
-/// `AutoTokenizer` and `AutoModelForSequenceClassification` both load.
+/// [`save`], plus the tokenizer.json the model was trained with and the tokenizer_config.json
+/// and special_tokens_map.json derived from it: a directory that `AutoTokenizer` (truncating at
+/// the model's length), `AutoModelForSequenceClassification` and `pipeline(...)` load.
 pub fn save_with_tokenizer(
     model: &Classifier,
     dir: &Path,
     tokenizer_json: &Path,
 ) -> Result<(), ModelError> {
-    save(model, dir)?;
     let bytes = std::fs::read(tokenizer_json).map_err(|e| ModelError::io(tokenizer_json, e))?;
-    write_atomic(&dir.join("tokenizer.json"), &bytes)
+    let tokenizer: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| ModelError::Config {
+            file: tokenizer_json.to_path_buf(),
+            key: "-".into(),
+            message: format!("not a tokenizer.json: {e}"),
+        })?;
+    save(model, dir)?;
+    write_atomic(&dir.join("tokenizer.json"), &bytes)?;
+    let (tokenizer_config, special_tokens_map) = tokenizer_files(&model.config, &tokenizer);
+    write_json(&dir.join("tokenizer_config.json"), &tokenizer_config)?;
+    write_json(&dir.join("special_tokens_map.json"), &special_tokens_map)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
 }
 
 /// `bytes` at `path`, atomically and durably ([`finetune_atomic`]).

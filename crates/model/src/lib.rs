@@ -5,7 +5,8 @@
 //! - [`Classifier`]: the encoder (BERT, MiniLM, DistilBERT, RoBERTa) and its classification
 //!   head, run on a [`Batch`] of token rows, with the fused kernels of `finetune-kernels`.
 //! - [`build`] from a [`WeightSource`]: a checkpoint file ([`hf::load`]) or seeded
-//!   initialisation ([`scratch`]); [`hf::save`] writes Hugging Face's layout back.
+//!   initialisation ([`scratch`]); [`hf::save`] writes Hugging Face's layout back, and
+//!   [`hf::save_with_tokenizer`] the tokenizer files beside it ([`tokenizer_files`]).
 //! - [`named_parts`] and [`param_names`]: the model's modules under their checkpoint names.
 //! - [`predict`] and [`probabilities`]: inference without autodiff.
 //!
@@ -19,6 +20,7 @@ pub mod hf;
 mod inference;
 mod init;
 mod model;
+mod tokenizer_files;
 mod weights;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +32,7 @@ pub use device::{ComputeDevice, DeviceReport, DeviceSpec, built_in as built_in_d
 pub use inference::{Example, Predictions, predict, probabilities};
 pub use init::InitSource;
 pub use model::{Batch, Classifier, Dense, Embeddings, EncoderLayer, Head, Output};
+pub use tokenizer_files::{SpecialTokens, tokenizer_files};
 pub use weights::{HfName, Init, Part, WeightSource, build, named_parts, param_names};
 
 /// Everything that can go wrong reading or writing a model, naming the file and key.
