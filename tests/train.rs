@@ -590,6 +590,114 @@ fn bad_training_params_are_refused_before_anything_runs() {
     ]);
 }
 
+/// The default pipeline with `training:` edited by `(from, to)` pairs, as `pipelines/NAME.yaml`.
+fn edited_default(ws: &Ws, name: &str, edits: &[(&str, &str)]) {
+    let mut yaml = std::fs::read_to_string(ws.file("pipelines/reviews.yaml"))
+        .unwrap()
+        .replace("name: reviews\n", &format!("name: {name}\n"));
+    for (from, to) in edits {
+        assert!(
+            yaml.contains(from),
+            "{from:?} is not in the default pipeline"
+        );
+        yaml = yaml.replace(from, to);
+    }
+    ws.write(&format!("pipelines/{name}.yaml"), yaml);
+}
+
+/// `label_smoothing_factor: 0.1` keeps the training loss above the entropy of its target
+/// (0.95, 0.05): 0.1985, which the plain loss falls far below on these 700 sentences.
+/// `class_weights: [1, 20]` makes the model call (nearly) every test review positive, which the
+/// plain run does not. A weight list that does not fit the labels fails the stage naming both.
+#[test]
+fn label_smoothing_and_class_weights_change_what_the_model_learns() {
+    let ws = Ws::new();
+    let limit = "        save_total_limit: 1\n";
+    edited_default(&ws, "plain", &[]);
+    let smoothing = format!("{limit}        label_smoothing_factor: 0.1\n");
+    edited_default(&ws, "smoothed", &[(limit, &smoothing)]);
+    let weights = format!("{limit}        class_weights: [1, 20]\n");
+    let few_epochs = ("epochs: 8", "epochs: 2");
+    edited_default(&ws, "weighted", &[(limit, &weights), few_epochs]);
+    edited_default(&ws, "plain-short", &[few_epochs]);
+    for pipeline in ["plain", "smoothed", "weighted", "plain-short"] {
+        ws.run_ok(&[&format!("pipelines/{pipeline}.yaml")]);
+    }
+
+    let smoothing_floor = -(0.95f64 * 0.95f64.ln() + 0.05 * 0.05f64.ln());
+    let lowest = |pipeline: &str| {
+        loss_curve(&output_dir(&ws, pipeline, "train"))
+            .iter()
+            .map(|(_, loss)| *loss)
+            .fold(f64::INFINITY, f64::min)
+    };
+    let (plain, smoothed) = (lowest("plain"), lowest("smoothed"));
+    assert!(plain < smoothing_floor / 10.0, "plain loss {plain}");
+    assert!(
+        smoothed >= smoothing_floor - 1e-4 && smoothed < smoothing_floor + 0.05,
+        "smoothed loss {smoothed}, floor {smoothing_floor}"
+    );
+
+    // confusion[true][predicted]: the share of test rows predicted positive.
+    let called_positive = |pipeline: &str| {
+        let metrics = read_json(&output_dir(&ws, pipeline, "evaluate").join("metrics.json"));
+        let confusion = metrics["confusion"].as_array().unwrap();
+        let positive: u64 = confusion.iter().map(|row| row[1].as_u64().unwrap()).sum();
+        positive as f64 / metrics["examples"].as_f64().unwrap()
+    };
+    let (plain, weighted) = (called_positive("plain-short"), called_positive("weighted"));
+    assert!(
+        weighted > 0.9,
+        "weighted: {weighted} of the test rows called positive"
+    );
+    assert!(
+        plain < 0.7,
+        "plain: {plain} of the test rows called positive"
+    );
+    let history = read_json(&output_dir(&ws, "weighted", "train").join("run_history.json"));
+    let recorded: Vec<f64> = history["params"]["training"]["class_weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_f64().unwrap())
+        .collect();
+    assert_eq!(recorded, [1.0, 20.0]);
+
+    let three = format!("{limit}        class_weights: [1, 2, 3]\n");
+    edited_default(&ws, "misfit", &[(limit, &three)]);
+    let out = ws.run(&["run", "pipelines/misfit.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "`training.class_weights`: 3 weights for 2 labels (0, 1); give one per label"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_loss_params_are_refused_before_anything_runs() {
+    let limit = "save_total_limit: 1";
+    refused_before_anything_runs(&[
+        (
+            limit,
+            "save_total_limit: 1\n        label_smoothing_factor: 1.0",
+            "key `with.training.label_smoothing_factor`: 1 is not in [0, 1)",
+        ),
+        (
+            limit,
+            "save_total_limit: 1\n        class_weights: [1, 0]",
+            "key `with.training.class_weights`: 0 is not a positive weight",
+        ),
+        (
+            limit,
+            "save_total_limit: 1\n        class_weights: balance",
+            "key `with.training.class_weights`: `balanced` or a list of one positive weight per label",
+        ),
+    ]);
+}
+
 /// Removes what a clock measured (`*seconds*`, `*runtime*`, `*per_second*`) from a JSON value.
 fn drop_wall_clock(value: &mut Value) {
     match value {
@@ -771,6 +879,27 @@ fn fine_tuning_minilm_on_the_reference_protocol_reaches_090_on_the_test_split() 
         "800 rows at batch 16 for 3 epochs"
     );
     assert_eq!(history["epochs"].as_array().unwrap().len(), 3);
+    // The tokenizer files derived from tokenizer.json and config.json say what the model's
+    // own published ones say.
+    let saved = train.join("model");
+    assert_eq!(
+        read_json(&saved.join("special_tokens_map.json")),
+        read_json(&model.join("special_tokens_map.json"))
+    );
+    let (ours, published) = (
+        read_json(&saved.join("tokenizer_config.json")),
+        read_json(&model.join("tokenizer_config.json")),
+    );
+    for key in [
+        "model_max_length",
+        "cls_token",
+        "sep_token",
+        "pad_token",
+        "unk_token",
+        "mask_token",
+    ] {
+        assert_eq!(ours[key], published[key], "tokenizer_config.json: {key}");
+    }
 }
 
 fn split_events(out: &Path) -> Vec<Value> {

@@ -130,6 +130,7 @@ impl Bench<'_> {
             dropout_seed: 0,
             attack: None,
             words: optimizer.word_gradient(),
+            loss: &finetune_trainer::Loss::default(),
         };
         // flex runs each operation to completion before returning; a GPU's queue is synced.
         let mut phases: Vec<[Duration; 2]> = Vec::new();

@@ -128,6 +128,81 @@ pub struct TrainingArgs {
     /// Write TensorBoard event files under logs/tensorboard.
     #[serde(default = "yes")]
     pub tensorboard: bool,
+    /// label_smoothing_factor: ε in [0, 1); the target spreads ε evenly over all labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_smoothing_factor: Option<f64>,
+    /// Weights of the labels in the loss: `balanced` (n / (labels · n_label), from the train
+    /// split, as scikit-learn's) or one positive weight per label, in label-id order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_weights: Option<ClassWeights>,
+}
+
+/// `class_weights:` `balanced`, or a list.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(
+    untagged,
+    expecting = "`balanced` or a list of one positive weight per label"
+)]
+pub enum ClassWeights {
+    Named(NamedWeights),
+    Given(Vec<f64>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NamedWeights {
+    Balanced,
+}
+
+impl ClassWeights {
+    /// One weight per label for a train split whose labels (ids) are `labels`, out of
+    /// `classes`. A list of the wrong length, or `balanced` with a label absent from the
+    /// split, is an error naming the key.
+    pub fn resolve(
+        &self,
+        labels: impl Iterator<Item = i64>,
+        names: &[String],
+    ) -> Result<Vec<f32>, ConfigError> {
+        let classes = names.len();
+        match self {
+            ClassWeights::Given(weights) if weights.len() == classes => {
+                Ok(weights.iter().map(|&w| w as f32).collect())
+            }
+            ClassWeights::Given(weights) => Err(ConfigError::at(
+                "training.class_weights",
+                format!(
+                    "{} weights for {classes} labels ({}); give one per label, in this order",
+                    weights.len(),
+                    names.join(", ")
+                ),
+            )),
+            ClassWeights::Named(NamedWeights::Balanced) => {
+                let mut counts = vec![0u64; classes];
+                let mut n = 0u64;
+                for label in labels {
+                    if let Some(count) = usize::try_from(label).ok().and_then(|l| counts.get_mut(l))
+                    {
+                        *count += 1;
+                        n += 1;
+                    }
+                }
+                if let Some(absent) = counts.iter().position(|&c| c == 0) {
+                    return Err(ConfigError::at(
+                        "training.class_weights",
+                        format!(
+                            "`balanced` weighs labels by their train rows, and label `{}` has none",
+                            names[absent]
+                        ),
+                    ));
+                }
+                let per_label = n as f64 / classes as f64;
+                Ok(counts
+                    .iter()
+                    .map(|&c| (per_label / c as f64) as f32)
+                    .collect())
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -249,6 +324,16 @@ impl TrainingArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let at =
             |key: &str, message: String| Err(ConfigError::at(format!("training.{key}"), message));
+        if let Some(eps) = self.label_smoothing_factor
+            && !(0.0..1.0).contains(&eps)
+        {
+            return at("label_smoothing_factor", format!("{eps} is not in [0, 1)"));
+        }
+        if let Some(ClassWeights::Given(weights)) = &self.class_weights
+            && let Some(bad) = weights.iter().find(|w| !(w.is_finite() && **w > 0.0))
+        {
+            return at("class_weights", format!("{bad} is not a positive weight"));
+        }
         for (key, value) in [
             ("epochs", self.epochs),
             ("batch_size", self.batch_size),
@@ -427,4 +512,40 @@ fn epoch() -> Strategy {
 }
 fn yes() -> bool {
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| i.to_string()).collect()
+    }
+
+    #[test]
+    fn balanced_weights_are_scikit_learns() {
+        // n / (classes · n_label): 4 rows, 3 of label 0 and 1 of label 1.
+        let weights = ClassWeights::Named(NamedWeights::Balanced)
+            .resolve([0, 0, 1, 0].into_iter(), &names(2))
+            .unwrap();
+        assert_eq!(weights, vec![4.0 / 6.0, 2.0]);
+    }
+
+    #[test]
+    fn class_weights_that_do_not_fit_the_labels_name_the_key_and_the_labels() {
+        let given = ClassWeights::Given(vec![1.0, 2.0, 3.0]);
+        let error = given.resolve([0, 1].into_iter(), &names(2)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "`training.class_weights`: 3 weights for 2 labels (0, 1); give one per label, in this order"
+        );
+        let balanced = ClassWeights::Named(NamedWeights::Balanced);
+        let error = balanced.resolve([0, 0].into_iter(), &names(2)).unwrap_err();
+        assert!(error.to_string().contains("label `1` has none"), "{error}");
+        let fitting = ClassWeights::Given(vec![1.0, 2.5]);
+        assert_eq!(
+            fitting.resolve([0].into_iter(), &names(2)).unwrap(),
+            vec![1.0, 2.5]
+        );
+    }
 }

@@ -37,8 +37,8 @@ use finetune_regularizers::Attack;
 use finetune_rng::SplitMix64;
 
 pub use args::{
-    EarlyStoppingArgs, EvalSplit, METRICS, MemoryBudgetError, Padding, Strategy, TRAINER_NAMES,
-    TrainingArgs, accept_trainer_names,
+    ClassWeights, EarlyStoppingArgs, EvalSplit, METRICS, MemoryBudgetError, Padding, Strategy,
+    TRAINER_NAMES, TrainingArgs, accept_trainer_names,
 };
 pub use callbacks::{
     Callback, EarlyStopping, JsonlFile, Logger, RecordSink, RunHistory, jsonl_logger,
@@ -50,8 +50,8 @@ pub use metrics::{ClassScores, Metrics};
 pub use regularize::{AwpConfig, MixoutConfig, RegularizerError, Regularizers, with_mixout_masks};
 pub use state::{Control, EpochSummary, Record, TrainerState};
 pub use update::{
-    AdamW, Gradients, MicroBatch, OPTIMIZER_FILE, Optimizer, UpdatePlan, UpdateStats, WordGradient,
-    clip_to_global_norm, gradients, gradients_taking, update, update_gradients,
+    AdamW, Gradients, Loss, MicroBatch, OPTIMIZER_FILE, Optimizer, UpdatePlan, UpdateStats,
+    WordGradient, clip_to_global_norm, gradients, gradients_taking, update, update_gradients,
 };
 
 /// Where a run starts: a fresh model, or a checkpoint. Made once per run, so its size is moot.
@@ -122,6 +122,18 @@ impl Trainer<'_> {
     /// The AWP attack on `model`'s parameters, when the run has one.
     fn attack(&self, model: &Classifier) -> Result<Option<Attack>> {
         attack_on(self.awp, model)
+    }
+
+    /// The loss the run trains with; `balanced` weights come from `train`'s labels.
+    pub fn loss(&self, train: &[Example]) -> Result<Loss> {
+        let class_weights = match &self.args.class_weights {
+            Some(weights) => Some(weights.resolve(train.iter().map(|e| e.label), self.labels)?),
+            None => None,
+        };
+        Ok(Loss {
+            class_weights,
+            label_smoothing: self.args.label_smoothing_factor.unwrap_or(0.0) as f32,
+        })
     }
 }
 

@@ -13,7 +13,9 @@ use finetune_regularizers::Attack;
 use serde_json::{Value, json};
 
 use crate::state::EpochSummary;
-use crate::update::{Gradients, MicroBatch, Optimizer, UpdatePlan, UpdateStats, update_gradients};
+use crate::update::{
+    Gradients, Loss, MicroBatch, Optimizer, UpdatePlan, UpdateStats, update_gradients,
+};
 use crate::{
     Callback, Checkpoints, Control, Outcome, Record, Restored, Start, Strategy, Trainer,
     TrainerState, epoch_order, mix, optimizer_for, restore,
@@ -68,6 +70,7 @@ struct Pending {
 /// and gives back).
 struct Run {
     optimizer: Optimizer,
+    loss: Loss,
     state: TrainerState,
     schedule: Schedule,
     attack: Option<Attack>,
@@ -114,7 +117,7 @@ impl Trainer<'_> {
     pub fn train(&mut self, start: Start, train: &[Example]) -> Result<Outcome> {
         // The device's RNG is process-wide: one training at a time keeps runs reproducible.
         let _device = finetune_kernels::exclusive_device();
-        let (mut model, mut run) = self.begin(start, train.len())?;
+        let (mut model, mut run) = self.begin(start, train)?;
         self.each(&run.state, &mut run.control, |c, s, k| {
             c.on_train_begin(s, k)
         })?;
@@ -129,9 +132,10 @@ impl Trainer<'_> {
     }
 
     /// The model, optimizer and state a run starts from.
-    fn begin(&mut self, start: Start, n_train: usize) -> Result<(Classifier, Run)> {
+    fn begin(&mut self, start: Start, train: &[Example]) -> Result<(Classifier, Run)> {
         let args = self.args;
-        let (per_epoch, total) = self.plan(n_train);
+        let (per_epoch, total) = self.plan(train.len());
+        let loss = self.loss(train)?;
         let schedule = self.schedule(total);
         let budget = args.max_memory_bytes()?;
         let (model, attack, optimizer, state) = match start {
@@ -155,6 +159,7 @@ impl Trainer<'_> {
         };
         let run = Run {
             optimizer,
+            loss,
             train_seconds_before: state.train_seconds,
             state,
             schedule,
@@ -366,6 +371,7 @@ impl Trainer<'_> {
                         .as_ref()
                         .filter(|_| awp.is_some_and(|a| a.active(epoch, step))),
                     words: run.optimizer.word_gradient(),
+                    loss: &run.loss,
                 };
                 update_gradients(model, &micro, &plan, &model_device(&self.device))
             }));

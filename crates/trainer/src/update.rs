@@ -12,6 +12,7 @@ use anyhow::{Result, anyhow, bail};
 use burn::module::ParamGroup;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{GradientsAccumulator, GradientsParams, LearningRate, ModuleOptimizer};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use finetune_kernels::RowGradient;
@@ -198,6 +199,61 @@ fn write_in_fixed_order(optimizer: &ModuleOptimizer, path: &Path) -> Result<()> 
     Ok(())
 }
 
+/// The training loss: cross-entropy, with class weights and label smoothing as PyTorch's
+/// `CrossEntropyLoss(weight=w, label_smoothing=ε)` defines them (Trainer's
+/// `label_smoothing_factor` is the same without weights): row i costs
+/// `(1-ε)·w[y_i]·(-log p_i[y_i]) + ε/K·Σ_c w[c]·(-log p_i[c])`, and the update's loss is their
+/// sum over Σ w[y_i] of all the update's rows, so that accumulated micro-batches give exactly
+/// the one large batch's loss and gradient (each micro-batch scaled by its share of the weight,
+/// not of the rows).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Loss {
+    /// One weight per label, in label-id order; `None`: all 1.
+    pub class_weights: Option<Vec<f32>>,
+    /// ε in [0, 1).
+    pub label_smoothing: f32,
+}
+
+impl Loss {
+    /// Plain cross-entropy, through burn's own loss (the results of runs without weights or
+    /// smoothing are those of before either existed).
+    fn is_plain(&self) -> bool {
+        self.class_weights.is_none() && self.label_smoothing == 0.0
+    }
+
+    fn weight(&self, label: i64) -> f64 {
+        self.class_weights
+            .as_ref()
+            .map_or(1.0, |w| f64::from(w[label as usize]))
+    }
+
+    /// Σ over rows of their cost (see [`Loss`]), not yet divided by the update's weight.
+    fn sum(&self, logits: Tensor<2>, labels: &[i64], device: &Device) -> Tensor<1> {
+        let [rows, classes] = logits.dims();
+        let log_p = log_softmax(logits, 1);
+        let targets =
+            Tensor::<2, Int>::from_data(TensorData::new(labels.to_vec(), [rows, 1]), device);
+        let row_weights: Vec<f32> = labels.iter().map(|&y| self.weight(y) as f32).collect();
+        let row_weights = Tensor::<1>::from_data(TensorData::new(row_weights, [rows]), device);
+        let picked = log_p.clone().gather(1, targets).reshape([rows]);
+        let nll = picked.mul(row_weights).sum().neg();
+        let eps = self.label_smoothing;
+        if eps == 0.0 {
+            return nll;
+        }
+        let class_weights: Vec<f32> = (0..classes as i64).map(|c| self.weight(c) as f32).collect();
+        let class_weights =
+            Tensor::<1>::from_data(TensorData::new(class_weights, [classes]), device)
+                .reshape([1, classes]);
+        let smooth = log_p
+            .mul(class_weights)
+            .sum()
+            .neg()
+            .div_scalar(classes as f32);
+        nll.mul_scalar(1.0 - eps).add(smooth.mul_scalar(eps))
+    }
+}
+
 /// Token rows and their labels: one micro-batch.
 #[derive(Debug, Clone)]
 pub struct MicroBatch {
@@ -208,7 +264,8 @@ pub struct MicroBatch {
 /// What an update measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct UpdateStats {
-    /// Mean cross-entropy over all samples of the update.
+    /// The update's loss ([`Loss`]): mean cross-entropy over its samples, weighted and
+    /// smoothed as configured.
     pub loss: f64,
     /// Global L2 norm of the gradient before clipping.
     pub grad_norm: f64,
@@ -231,6 +288,7 @@ pub struct UpdatePlan<'a> {
     /// How to take the word embeddings' gradient: as the optimizer steps them
     /// ([`Optimizer::word_gradient`]).
     pub words: WordGradient,
+    pub loss: &'a Loss,
 }
 
 /// Applies one optimizer update from `micro_batches` (all of them: one update).
@@ -256,7 +314,14 @@ pub fn update_gradients(
 ) -> (Gradients, UpdateStats) {
     let gradients_of = |model: &Classifier| {
         device.seed(plan.dropout_seed);
-        gradients_taking(model, micro_batches, plan.pad_to, plan.words, device)
+        gradients_taking(
+            model,
+            micro_batches,
+            plan.pad_to,
+            plan.words,
+            plan.loss,
+            device,
+        )
     };
     let (clean, loss) = gradients_of(model);
     let (mut grads, awp_loss) = match plan.attack {
@@ -299,22 +364,36 @@ pub fn gradients(
     pad_to: Option<usize>,
     device: &Device,
 ) -> (GradientsParams, f64) {
-    let (grads, loss) = gradients_taking(model, micro_batches, pad_to, WordGradient::Dense, device);
+    let dense = WordGradient::Dense;
+    let (grads, loss) = gradients_taking(
+        model,
+        micro_batches,
+        pad_to,
+        dense,
+        &Loss::default(),
+        device,
+    );
     (grads.params, loss)
 }
 
-/// [`gradients`], with the word embeddings' gradient taken as `words` says.
+/// [`gradients`] of `loss`, with the word embeddings' gradient taken as `words` says.
 pub fn gradients_taking(
     model: &Classifier,
     micro_batches: &[MicroBatch],
     pad_to: Option<usize>,
     words: WordGradient,
+    loss: &Loss,
     device: &Device,
 ) -> (Gradients, f64) {
     // One Mixout mask per update, shared by its micro-batches, as one large batch would draw.
     let masked = with_mixout_masks(model);
     let model = masked.as_ref().unwrap_or(model);
     let total: usize = micro_batches.iter().map(|m| m.rows.len()).sum();
+    let total_weight: f64 = micro_batches
+        .iter()
+        .flat_map(|m| &m.labels)
+        .map(|&y| loss.weight(y))
+        .sum();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let mut accumulated = GradientsAccumulator::new();
     let mut word_rows: Option<RowGradient> = None;
@@ -333,8 +412,13 @@ pub fn gradients_taking(
                 (model.logits_from_words(leaf.clone(), &batch), Some(leaf))
             }
         };
-        let loss = loss_fn.forward(logits, targets).mul_scalar(share);
-        let mut backward = loss.backward();
+        let micro_loss = if loss.is_plain() {
+            loss_fn.forward(logits, targets).mul_scalar(share)
+        } else {
+            let sum = loss.sum(logits, &micro.labels, device);
+            sum.div_scalar(total_weight as f32)
+        };
+        let mut backward = micro_loss.backward();
         if let Some(leaf) = leaf {
             let rows = lookup_gradient(model, &batch, &leaf, &mut backward);
             match &mut word_rows {
@@ -343,7 +427,7 @@ pub fn gradients_taking(
             }
         }
         let grads = GradientsParams::from_grads(backward, model);
-        loss_sum += f64::from(loss.into_scalar::<f32>());
+        loss_sum += f64::from(micro_loss.into_scalar::<f32>());
         accumulated.accumulate(model, grads);
     }
     let grads = Gradients {

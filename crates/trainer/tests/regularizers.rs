@@ -159,6 +159,7 @@ fn awp_and_mixout_with_accumulation_equal_one_large_batch() {
             dropout_seed: 7,
             attack: Some(&attack),
             words: optimizer.word_gradient(),
+            loss: &finetune_trainer::Loss::default(),
         };
         let (model, stats) = update(model, &mut optimizer, &micro_batches(sizes), &plan, &device);
         (tensors(&model), stats)
@@ -425,6 +426,7 @@ fn mixout_targets_are_the_starting_weights_and_the_optimizer_never_moves_them() 
             dropout_seed: step,
             attack: None,
             words: optimizer.word_gradient(),
+            loss: &finetune_trainer::Loss::default(),
         };
         (model, _) = update(model, &mut optimizer, &batches, &plan, &device);
     }

@@ -296,6 +296,7 @@ fn word_embedding_state_round_trips_and_falls_back_to_dense() {
             dropout_seed: 3,
             attack: None,
             words: optimizer.word_gradient(),
+            loss: &finetune_trainer::Loss::default(),
         };
         update(model, optimizer, &micro, &plan, &device).0
     };

@@ -4,8 +4,11 @@
 mod common;
 use common::{fixtures, minilm, repo};
 
+use finetune_model::Batch;
 use finetune_model::hf::{load, named_tensors};
-use finetune_trainer::{AdamW, MicroBatch, UpdatePlan, update};
+use finetune_trainer::{
+    AdamW, Loss, MicroBatch, UpdatePlan, WordGradient, gradients_taking, update,
+};
 
 /// The first `n` Amazon sentences: MiniLM ids from the golden file, labels from the shipped data.
 fn samples(n: usize) -> (Vec<Vec<i32>>, Vec<i64>) {
@@ -33,6 +36,75 @@ fn samples(n: usize) -> (Vec<Vec<i32>>, Vec<i64>) {
 
 #[test]
 fn batch_16_equals_batch_8_accumulated_twice() {
+    accumulation_matches_one_batch(&Loss::default());
+}
+
+/// With class weights each micro-batch's loss scales by its share of the update's weight, not
+/// of its rows; label smoothing changes nothing about that.
+#[test]
+fn weighted_and_smoothed_batch_16_equals_8_plus_8_and_5_plus_11() {
+    accumulation_matches_one_batch(&weighted_smoothed());
+}
+
+fn weighted_smoothed() -> Loss {
+    Loss {
+        class_weights: Some(vec![0.3, 1.7]),
+        label_smoothing: 0.1,
+    }
+}
+
+/// The weighted, smoothed loss of MiniLM's logits on 16 real sentences is PyTorch's
+/// `cross_entropy(logits, y, weight=w, label_smoothing=ε)`, written out here in f64 (the same
+/// formula gives torch's value to 1e-15 on random logits: see the #27 note).
+#[test]
+fn the_weighted_smoothed_loss_is_pytorchs() {
+    let _device = finetune_kernels::exclusive_device();
+    let device = finetune_model::device("cpu")
+        .unwrap()
+        .device()
+        .clone()
+        .autodiff();
+    let labels = vec!["negative".to_string(), "positive".to_string()];
+    let (rows, targets) = samples(16);
+    let (model, _) = load(&minilm(), Some(&labels), 42, &device).unwrap();
+    let model = model.without_dropout();
+    let logits: Vec<f64> = model
+        .logits(&Batch::from_rows(&rows, &model.config, None, &device))
+        .into_data()
+        .iter::<f32>()
+        .map(f64::from)
+        .collect();
+    let loss = weighted_smoothed();
+    let (w, eps) = ([0.3f64, 1.7], 0.1f64);
+    let (mut cost, mut weight) = (0.0, 0.0);
+    for (row, &y) in logits.chunks(2).zip(&targets) {
+        let top = row[0].max(row[1]);
+        let log_sum = top + row.iter().map(|z| (z - top).exp()).sum::<f64>().ln();
+        let neg_log_p = |c: usize| log_sum - row[c];
+        let y = y as usize;
+        cost += (1.0 - eps) * w[y] * neg_log_p(y)
+            + eps / 2.0 * (w[0] * neg_log_p(0) + w[1] * neg_log_p(1));
+        weight += w[y];
+    }
+    let expected = cost / weight;
+    let micro = [MicroBatch {
+        rows,
+        labels: targets,
+    }];
+    let dense = WordGradient::Dense;
+    let (_, ours) = gradients_taking(&model, &micro, None, dense, &loss, &device);
+    let (_, plain) = gradients_taking(&model, &micro, None, dense, &Loss::default(), &device);
+    assert!(
+        (ours - expected).abs() < 1e-5,
+        "ours {ours}, PyTorch's formula {expected}"
+    );
+    assert!(
+        (ours - plain).abs() > 1e-3,
+        "weights and smoothing must change the loss ({ours} vs {plain})"
+    );
+}
+
+fn accumulation_matches_one_batch(loss: &Loss) {
     // The CPU backend's RNG is the process's: another test's seeding would change the masks.
     let _device = finetune_kernels::exclusive_device();
     let device = finetune_model::device("cpu")
@@ -69,6 +141,7 @@ fn batch_16_equals_batch_8_accumulated_twice() {
             dropout_seed: 0,
             attack: None,
             words: optimizer.word_gradient(),
+            loss,
         };
         let (model, stats) = update(model, &mut optimizer, &micro, &plan, &device);
         (named_tensors(&model), stats)
@@ -150,6 +223,7 @@ fn word_embeddings_by_rows_equal_the_dense_update() {
                 dropout_seed: step as u64,
                 attack: None,
                 words: optimizer.word_gradient(),
+                loss: &Loss::default(),
             };
             let stats;
             (model, stats) = update(model, &mut optimizer, &micro, &plan, &device);
