@@ -590,43 +590,32 @@ fn given_splits_are_kept_whole_and_the_rest_is_split_off_train() {
     assert!(stderr(&out).contains(places), "{}", stderr(&out));
 
     // Settings that contradict each other, or the files, are refused before anything runs.
-    let err = config_error(
-        &ws,
-        "      path: train.csv\n      splits: {train: train.csv}\n      text: text\n      label: label\n",
-    );
-    assert!(
-        err.contains("key `with.splits`") && err.contains("not both"),
-        "{err}"
-    );
-    let err = config_error(&ws, "      text: text\n      label: label\n");
-    assert!(
-        err.contains("key `with.path`") && err.contains("missing"),
-        "{err}"
-    );
-    let err = config_error(
-        &ws,
-        "      splits: {train: train.csv, test: test.jsonl}\n      text: text\n      label: label\n      split: {test: 0.3}\n",
-    );
-    assert!(
-        err.contains("key `with.split.test`") && err.contains("test.jsonl"),
-        "{err}"
-    );
-    let err = config_error(
-        &ws,
-        "      path: test.jsonl\n      text: 0\n      label: label\n",
-    );
-    assert!(
-        err.contains("key `with.text`") && err.contains("name the key"),
-        "{err}"
-    );
-    let err = config_error(
-        &ws,
-        "      path: test.jsonl\n      text: text\n      label: label\n      header: true\n",
-    );
-    assert!(
-        err.contains("key `with.header`") && err.contains("csv and tsv"),
-        "{err}"
-    );
+    let refused: [(&str, [&str; 2]); 5] = [
+        (
+            "      path: train.csv\n      splits: {train: train.csv}\n      text: text\n      label: label\n",
+            ["key `with.splits`", "not both"],
+        ),
+        (
+            "      text: text\n      label: label\n",
+            ["key `with.path`", "missing"],
+        ),
+        (
+            "      splits: {train: train.csv, test: test.jsonl}\n      text: text\n      label: label\n      split: {test: 0.3}\n",
+            ["key `with.split.test`", "test.jsonl"],
+        ),
+        (
+            "      path: test.jsonl\n      text: 0\n      label: label\n",
+            ["key `with.text`", "name the key"],
+        ),
+        (
+            "      path: test.jsonl\n      text: text\n      label: label\n      header: true\n",
+            ["key `with.header`", "csv and tsv"],
+        ),
+    ];
+    for (with, fragments) in refused {
+        let err = config_error(&ws, with);
+        assert!(fragments.iter().all(|f| err.contains(f)), "{with}: {err}");
+    }
     // A given split whose every row is dropped is an error, not an empty split.
     // (A fresh workspace: `ingest_with` checks that a failure leaves no cache entry.)
     let ws = Ws::new();

@@ -4,11 +4,19 @@
 mod common;
 use common::{fixtures, minilm, repo};
 
+use burn::tensor::Device;
 use finetune_model::Batch;
 use finetune_model::hf::{load, named_tensors};
 use finetune_trainer::{
     AdamW, Loss, MicroBatch, UpdatePlan, WordGradient, gradients_taking, update,
 };
+
+/// The CPU device with autodiff, and the reviews' two labels.
+fn training_device_and_labels() -> (Device, Vec<String>) {
+    let device = finetune_model::device("cpu").unwrap().device().clone();
+    let labels = vec!["negative".to_string(), "positive".to_string()];
+    (device.autodiff(), labels)
+}
 
 /// The first `n` Amazon sentences: MiniLM ids from the golden file, labels from the shipped data.
 fn samples(n: usize) -> (Vec<Vec<i32>>, Vec<i64>) {
@@ -59,12 +67,7 @@ fn weighted_smoothed() -> Loss {
 #[test]
 fn the_weighted_smoothed_loss_is_pytorchs() {
     let _device = finetune_kernels::exclusive_device();
-    let device = finetune_model::device("cpu")
-        .unwrap()
-        .device()
-        .clone()
-        .autodiff();
-    let labels = vec!["negative".to_string(), "positive".to_string()];
+    let (device, labels) = training_device_and_labels();
     let (rows, targets) = samples(16);
     let (model, _) = load(&minilm(), Some(&labels), 42, &device).unwrap();
     let model = model.without_dropout();
@@ -107,12 +110,7 @@ fn the_weighted_smoothed_loss_is_pytorchs() {
 fn accumulation_matches_one_batch(loss: &Loss) {
     // The CPU backend's RNG is the process's: another test's seeding would change the masks.
     let _device = finetune_kernels::exclusive_device();
-    let device = finetune_model::device("cpu")
-        .unwrap()
-        .device()
-        .clone()
-        .autodiff();
-    let labels = vec!["negative".to_string(), "positive".to_string()];
+    let (device, labels) = training_device_and_labels();
     let (rows, targets) = samples(16);
     let adamw = AdamW {
         weight_decay: 0.01,
@@ -194,12 +192,7 @@ fn accumulation_matches_one_batch(loss: &Loss) {
 #[test]
 fn word_embeddings_by_rows_equal_the_dense_update() {
     let _device = finetune_kernels::exclusive_device();
-    let device = finetune_model::device("cpu")
-        .unwrap()
-        .device()
-        .clone()
-        .autodiff();
-    let labels = vec!["negative".to_string(), "positive".to_string()];
+    let (device, labels) = training_device_and_labels();
     let (rows, targets) = samples(48);
     let run = |word_rows: bool, max_grad_norm: Option<f64>| {
         let (mut model, _) = load(&minilm(), Some(&labels), 42, &device).unwrap();
