@@ -239,6 +239,28 @@ fn the_evaluate_stage_reports_on_the_saved_model(ws: &Ws, train_test: &Value) {
     let accuracy = correct as f64 / batch.num_rows() as f64;
     assert_eq!(Some(accuracy), metrics["accuracy"].as_f64());
 
+    // DVCLive's layout: the confusion pairs are predictions.parquet's, row by row, and each
+    // eval series is the run's own per-epoch record.
+    let pairs = read_json(&out.join("plots/sklearn/confusion_matrix.json"));
+    let pairs = pairs.as_array().unwrap();
+    assert_eq!(pairs.len(), 200);
+    for (row, pair) in pairs.iter().enumerate() {
+        assert_eq!(pair["actual"], labels.value(row), "row {row}");
+        assert_eq!(pair["predicted"], predictions.value(row), "row {row}");
+    }
+    let history = read_json(&output_dir(ws, "reviews", "train").join("run_history.json"));
+    let mut expected = String::from("step\teval/accuracy\n");
+    for epoch in history["epochs"].as_array().unwrap() {
+        expected += &format!("{}\t{}\n", epoch["step"], epoch["eval_accuracy"]);
+    }
+    let series = std::fs::read_to_string(out.join("plots/metrics/eval/accuracy.tsv")).unwrap();
+    assert_eq!(series, expected);
+    let train_loss = std::fs::read_to_string(out.join("plots/metrics/train/loss.tsv")).unwrap();
+    assert_eq!(
+        train_loss.lines().count(),
+        1 + loss_curve(&output_dir(ws, "reviews", "train")).len()
+    );
+
     for picture in ["confusion_matrix.svg", "training_curves.svg"] {
         let data = std::fs::read(out.join(picture)).unwrap();
         let tree = usvg::Tree::from_data(&data, &usvg::Options::default())

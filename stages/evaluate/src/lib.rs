@@ -2,7 +2,8 @@
 //! `tokenize` output. Writes `metrics.json` (loss, accuracy, precision/recall/F1 macro,
 //! weighted and per class with label names, the confusion matrix), `predictions.parquet`
 //! (text, label, prediction, probabilities), the pictures (`confusion_matrix.svg`,
-//! `training_curves.svg`) and a one-page `report.md` / `report.html` that links them.
+//! `training_curves.svg`), a one-page `report.md` / `report.html` that links them, and the
+//! training curves and confusion pairs in DVCLive's layout under `plots/` (for `dvc plots`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use finetune_model::{ComputeDevice, DeviceSpec, Example, hf};
 use finetune_tokenize::tokenized::{read_examples, read_labels, read_texts};
 use finetune_trainer::{Metrics, metrics_json, predict_fitting};
 
+mod dvclive;
 mod predictor;
 mod report;
 
@@ -59,8 +61,9 @@ impl Stage for Evaluate {
         "evaluate"
     }
 
+    /// 2: the DVCLive plots under `plots/`.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -162,6 +165,13 @@ impl EvaluateJob {
         )?;
         let log = report::read_log(&trained.join("logs/train.jsonl"))?;
         report::write_all(&ctx.out_dir, &metrics, &summary, &log, split)?;
+        let names = |ids: &[usize]| ids.iter().map(|&i| labels[i].as_str()).collect::<Vec<_>>();
+        dvclive::write_plots(
+            &ctx.out_dir,
+            &log,
+            &names(&truth),
+            &names(&predictions.predicted),
+        )?;
         ctx.reporter.message(&format!(
             "{split}: accuracy {:.4}, macro F1 {:.4}; report.html",
             metrics.accuracy, metrics.f1_macro

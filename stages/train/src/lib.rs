@@ -2,8 +2,9 @@
 //! output with the `finetune-trainer` loop, configured under `with: training:` as Trainer is
 //! with TrainingArguments.
 //!
-//! Output: `model/` (config.json, model.safetensors, tokenizer.json: loadable by Python
-//! `transformers`; the best checkpoint's with `load_best_model_at_end`), `metrics.json` (the
+//! Output: `model/` (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+//! special_tokens_map.json: loadable by Python `transformers`; the best checkpoint's with
+//! `load_best_model_at_end`), `metrics.json` (the
 //! output model on the evaluation split, and on the test split), `logs/train.jsonl`,
 //! `logs/tensorboard/`, `run_history.json`, and `checkpoints/`. Checkpoints are written to the
 //! stage's scratch directory first, which survives a crash: a rerun resumes from the last one.
@@ -82,8 +83,9 @@ impl Stage for Train {
         "train"
     }
 
+    /// 2: the model directory has tokenizer_config.json and special_tokens_map.json.
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
