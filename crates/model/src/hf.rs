@@ -268,9 +268,7 @@ pub fn save(model: &Classifier, dir: &Path) -> Result<(), ModelError> {
         })
     })
     .map_err(|e| ModelError::io(&weights, e))?;
-    let mut config = serde_json::to_string_pretty(&model.config.to_hf_json()).unwrap_or_default();
-    config.push('\n');
-    write_atomic(&dir.join("config.json"), config.as_bytes())
+    write_json(&dir.join("config.json"), &model.config.to_hf_json())
 }
 
 /// [`save`], plus the tokenizer.json the model was trained with and the tokenizer_config.json
@@ -295,6 +293,7 @@ pub fn save_with_tokenizer(
     write_json(&dir.join("special_tokens_map.json"), &special_tokens_map)
 }
 
+/// `value` pretty-printed with a final newline, atomically.
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> {
     let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
     text.push('\n');

@@ -14,6 +14,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+use crate::report::write;
+
 pub const METRICS_DIR: &str = "plots/metrics";
 pub const CONFUSION_JSON: &str = "plots/sklearn/confusion_matrix.json";
 
@@ -65,14 +67,6 @@ fn series_by_name(log: &[Value]) -> BTreeMap<String, Vec<(u64, f64)>> {
         }
     }
     series
-}
-
-fn write(path: &Path, text: &str) -> Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]

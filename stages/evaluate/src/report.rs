@@ -45,7 +45,12 @@ pub fn write_all(
     write(&dir.join("report.html"), &page.html())
 }
 
-fn write(path: &Path, text: &str) -> Result<()> {
+/// `text` at `path`, creating the directories it lies in.
+pub(crate) fn write(path: &Path, text: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
