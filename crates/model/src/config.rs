@@ -18,6 +18,9 @@ pub enum Family {
     DistilBert,
     /// RoBERTa: positions start after the padding index; `dense → tanh → out_proj` on `<s>`.
     Roberta,
+    /// ELECTRA discriminators: BERT's layers under embeddings of their own (narrower) width,
+    /// projected up by `embeddings_project`; `dropout → dense → GELU → dropout → out_proj`.
+    Electra,
 }
 
 impl Family {
@@ -26,6 +29,7 @@ impl Family {
             Family::Bert => "bert",
             Family::DistilBert => "distilbert",
             Family::Roberta => "roberta",
+            Family::Electra => "electra",
         }
     }
 
@@ -35,7 +39,13 @@ impl Family {
             Family::Bert => "bert",
             Family::DistilBert => "distilbert",
             Family::Roberta => "roberta",
+            Family::Electra => "electra",
         }
+    }
+
+    /// Whether the tokenizer's token type ids reach the model.
+    pub fn has_token_types(self) -> bool {
+        matches!(self, Family::Bert | Family::Electra)
     }
 }
 
@@ -53,6 +63,9 @@ pub struct ModelConfig {
     pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
+    /// Width of the embedding tables; below `hidden_size` only in ELECTRA, whose
+    /// `embeddings_project` maps it up.
+    pub embedding_size: usize,
     pub num_layers: usize,
     pub num_heads: usize,
     pub intermediate_size: usize,
@@ -91,12 +104,13 @@ impl ModelConfig {
             "bert" => Family::Bert,
             "distilbert" => Family::DistilBert,
             "roberta" | "xlm-roberta" | "camembert" => Family::Roberta,
+            "electra" => Family::Electra,
             other => {
                 return Err(ModelError::Config {
                     file: file.into(),
                     key: "model_type".into(),
                     message: format!(
-                        "`{other}` is not supported; supported: bert (MiniLM too), distilbert, roberta"
+                        "`{other}` is not supported; supported: bert (MiniLM too), distilbert, roberta, electra"
                     ),
                 });
             }
@@ -107,6 +121,7 @@ impl ModelConfig {
                 family,
                 vocab_size: get.usize("vocab_size")?,
                 hidden_size: get.usize("dim")?,
+                embedding_size: get.usize("dim")?,
                 num_layers: get.usize("n_layers")?,
                 num_heads: get.usize("n_heads")?,
                 intermediate_size: get.usize("hidden_dim")?,
@@ -124,10 +139,16 @@ impl ModelConfig {
             }
         } else {
             let hidden_dropout = get.f64_or("hidden_dropout_prob", 0.1);
+            let hidden_size = get.usize("hidden_size")?;
             ModelConfig {
                 family,
                 vocab_size: get.usize("vocab_size")?,
-                hidden_size: get.usize("hidden_size")?,
+                hidden_size,
+                embedding_size: match family {
+                    // ElectraConfig's own default, for a config.json that leaves it out.
+                    Family::Electra => get.usize_or("embedding_size", 128),
+                    _ => hidden_size,
+                },
                 num_layers: get.usize("num_hidden_layers")?,
                 num_heads: get.usize("num_attention_heads")?,
                 intermediate_size: get.usize("intermediate_size")?,
@@ -181,9 +202,12 @@ impl ModelConfig {
             self.intermediate_size as u64,
             self.num_layers as u64,
         );
+        let e = self.embedding_size as u64;
+        let projection = if e == h { 0 } else { e * h + h };
         let embeddings =
-            (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) as u64 * h
-                + 2 * h;
+            (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) as u64 * e
+                + 2 * e
+                + projection;
         let layer = 4 * (h * h + h) + 2 * (h * i) + i + h + 4 * h;
         let head = h * h + h + (h + 1) * self.labels.len().max(1) as u64;
         embeddings + l * layer + head
@@ -227,6 +251,7 @@ impl ModelConfig {
             Family::Bert => "BertForSequenceClassification",
             Family::DistilBert => "DistilBertForSequenceClassification",
             Family::Roberta => "RobertaForSequenceClassification",
+            Family::Electra => "ElectraForSequenceClassification",
         };
         object.insert("architectures".into(), json!([architecture]));
         let id2label: BTreeMap<String, &String> = self
@@ -253,7 +278,7 @@ impl ModelConfig {
             Activation::GeluTanh => "gelu_new",
             Activation::Relu => "relu",
         };
-        match self.family {
+        let mut json = match self.family {
             Family::DistilBert => json!({
                 "model_type": "distilbert", "vocab_size": self.vocab_size, "dim": self.hidden_size,
                 "n_layers": self.num_layers, "n_heads": self.num_heads, "hidden_dim": self.intermediate_size,
@@ -272,7 +297,11 @@ impl ModelConfig {
                 "classifier_dropout": self.classifier_dropout, "pad_token_id": self.pad_token_id,
                 "initializer_range": self.initializer_range, "position_embedding_type": "absolute",
             }),
+        };
+        if self.family == Family::Electra {
+            json["embedding_size"] = json!(self.embedding_size);
         }
+        json
     }
 }
 
@@ -448,6 +477,7 @@ impl ScratchSpec {
             family: Family::Bert,
             vocab_size,
             hidden_size: self.hidden,
+            embedding_size: self.hidden,
             num_layers: self.layers,
             num_heads: self.heads,
             intermediate_size: self.intermediate.unwrap_or(4 * self.hidden),

@@ -47,6 +47,8 @@ pub struct Embeddings {
     pub token_type: Option<Embedding>,
     pub norm: LayerNorm,
     pub dropout: Dropout,
+    /// ELECTRA's `embeddings_project`, from the embedding width up to the hidden size.
+    pub project: Option<Dense>,
 }
 
 #[derive(Module, Debug)]
@@ -67,8 +69,8 @@ pub struct EncoderLayer {
     pub activation: Activation,
 }
 
-/// `dense` is BERT's pooler, DistilBERT's pre_classifier, RoBERTa's classifier.dense; `out`
-/// is the final projection to the labels.
+/// `dense` is BERT's pooler, DistilBERT's pre_classifier, RoBERTa's and ELECTRA's
+/// classifier.dense; `out` is the final projection to the labels.
 #[derive(Module, Debug)]
 pub struct Head {
     pub dense: Dense,
@@ -234,7 +236,11 @@ impl Embeddings {
             }
             None => norm_of_sum(&self.norm, words, positions, epsilon),
         };
-        self.dropout.forward(sum)
+        let embedded = self.dropout.forward(sum);
+        match &self.project {
+            Some(project) => project.forward(embedded),
+            None => embedded,
+        }
     }
 }
 
@@ -299,6 +305,11 @@ impl Head {
                 let inner = self.dense.forward(self.dropout.forward(first)).tanh();
                 (None, self.out.forward(self.dropout.forward(inner)))
             }
+            // GELU with erf where BERT's pooler has tanh, as the ELECTRA authors chose.
+            Family::Electra => {
+                let inner = gelu(self.dense.forward(self.dropout.forward(first)));
+                (None, self.out.forward(self.dropout.forward(inner)))
+            }
         }
     }
 }
@@ -327,7 +338,7 @@ impl Classifier {
 
     /// Every Dense layer, in the order of [`crate::weights::named_parts`].
     pub fn dense_layers_mut(&mut self) -> Vec<&mut Dense> {
-        let mut all = Vec::new();
+        let mut all: Vec<&mut Dense> = self.embeddings.project.iter_mut().collect();
         for layer in &mut self.layers {
             let EncoderLayer {
                 query,
@@ -358,6 +369,9 @@ impl Classifier {
         for layer in &self.layers {
             norm(&layer.attention_norm);
             norm(&layer.output_norm);
+        }
+        if let Some(project) = &self.embeddings.project {
+            ids.push(project.bias.id);
         }
         for layer in &self.layers {
             for dense in [

@@ -114,7 +114,9 @@ fn unknown_token(model: &Value) -> Option<String> {
 pub fn tokenizer_files(config: &ModelConfig, tokenizer: &Value) -> (Value, Value) {
     let special = SpecialTokens::of(tokenizer, config.pad_token_id);
     let inputs = match config.family {
-        Family::Bert => json!(["input_ids", "token_type_ids", "attention_mask"]),
+        Family::Bert | Family::Electra => {
+            json!(["input_ids", "token_type_ids", "attention_mask"])
+        }
         Family::DistilBert | Family::Roberta => json!(["input_ids", "attention_mask"]),
     };
     let mut tokenizer_config = Map::new();

@@ -88,6 +88,9 @@ impl Names {
     fn embeddings_norm(&self) -> HfName {
         HfName::encoder("embeddings.LayerNorm")
     }
+    fn embeddings_project(&self) -> HfName {
+        HfName::encoder("embeddings_project")
+    }
     fn layer(&self, i: usize) -> LayerNames {
         let n = |suffix: &str| HfName::encoder(suffix);
         match self.0 {
@@ -104,7 +107,7 @@ impl Names {
                     output_norm: n(&format!("{p}.output_layer_norm")),
                 }
             }
-            Family::Bert | Family::Roberta => {
+            Family::Bert | Family::Roberta | Family::Electra => {
                 let p = format!("encoder.layer.{i}");
                 LayerNames {
                     query: n(&format!("{p}.attention.self.query")),
@@ -123,13 +126,13 @@ impl Names {
         match self.0 {
             Family::Bert => HfName::encoder("pooler.dense"),
             Family::DistilBert => HfName::head("pre_classifier"),
-            Family::Roberta => HfName::head("classifier.dense"),
+            Family::Roberta | Family::Electra => HfName::head("classifier.dense"),
         }
     }
     pub(crate) fn head_out(&self) -> HfName {
         match self.0 {
             Family::Bert | Family::DistilBert => HfName::head("classifier"),
-            Family::Roberta => HfName::head("classifier.out_proj"),
+            Family::Roberta | Family::Electra => HfName::head("classifier.out_proj"),
         }
     }
 }
@@ -151,7 +154,7 @@ pub fn build(
     device: &Device,
 ) -> Result<Classifier, ModelError> {
     let names = Names(config.family);
-    let h = config.hidden_size;
+    let (h, e) = (config.hidden_size, config.embedding_size);
     let mut builder = Builder {
         source,
         device,
@@ -159,14 +162,19 @@ pub fn build(
         next_id: 0,
     };
     let embeddings = Embeddings {
-        word: builder.embedding(&names.word(), config.vocab_size, h)?,
-        position: builder.embedding(&names.position(), config.max_position_embeddings, h)?,
+        word: builder.embedding(&names.word(), config.vocab_size, e)?,
+        position: builder.embedding(&names.position(), config.max_position_embeddings, e)?,
         token_type: match config.type_vocab_size {
             0 => None,
-            n => Some(builder.embedding(&names.token_type(), n, h)?),
+            n => Some(builder.embedding(&names.token_type(), n, e)?),
         },
-        norm: builder.norm(&names.embeddings_norm(), h)?,
+        norm: builder.norm(&names.embeddings_norm(), e)?,
         dropout: dropout(config.hidden_dropout),
+        // ELECTRA has the projection exactly when the widths differ, as Hugging Face builds it.
+        project: match e == h {
+            true => None,
+            false => Some(builder.dense(&names.embeddings_project(), e, h)?),
+        },
     };
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
@@ -296,6 +304,9 @@ pub fn named_parts(model: &Classifier) -> Vec<(HfName, Part<'_>)> {
         parts.push((names.token_type(), Part::Embedding(token_type)));
     }
     parts.push((names.embeddings_norm(), Part::Norm(&embeddings.norm)));
+    if let Some(project) = &embeddings.project {
+        parts.push((names.embeddings_project(), Part::Dense(project)));
+    }
     for (i, layer) in model.layers.iter().enumerate() {
         let n = names.layer(i);
         parts.extend([

@@ -143,6 +143,11 @@ fn tiny_roberta_matches_transformers() {
 }
 
 #[test]
+fn tiny_electra_matches_transformers() {
+    check_tiny("tiny-electra");
+}
+
+#[test]
 fn minilm_hidden_states_and_pooler_match_transformers_with_padding() {
     on_each_device(minilm_matches_on);
 }
@@ -185,7 +190,12 @@ fn minilm_matches_on(device: &Device) {
 
 #[test]
 fn save_then_load_is_bit_identical_in_each_family_layout() {
-    for name in ["tiny-bert", "tiny-distilbert", "tiny-roberta"] {
+    for name in [
+        "tiny-bert",
+        "tiny-distilbert",
+        "tiny-roberta",
+        "tiny-electra",
+    ] {
         let dir = fixtures().join("golden").join(name);
         let (model, _) = load(&dir, None, 0, &device()).unwrap();
         let out = tempfile::tempdir().unwrap();
@@ -293,4 +303,24 @@ fn bad_checkpoints_name_the_file_and_key() {
         err.contains("config.json: key `model_type`: `gpt2` is not supported"),
         "{err}"
     );
+}
+
+#[test]
+fn electra_embedding_width_errors_name_the_key() {
+    let dir = copy_tiny("tiny-electra");
+    let config_path = dir.path().join("config.json");
+    let mut config = json(config_path.clone());
+    config["embedding_size"] = Value::from(8);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("tensor `electra.embeddings.word_embeddings.weight`: the checkpoint has shape [1000, 16], but config.json implies [1000, 8]"),
+        "{err}"
+    );
+
+    // Left out, it is ElectraConfig's default, 128, which these weights are not.
+    config.as_object_mut().unwrap().remove("embedding_size");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("config.json implies [1000, 128]"), "{err}");
 }

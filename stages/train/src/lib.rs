@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use burn::module::Module;
 use finetune_core::integrity::{self, KeyConfig, SigningKey};
 use finetune_core::output::write_json;
@@ -326,6 +326,7 @@ impl TrainJob {
             ModelSource::From { from } => {
                 let (model, report) =
                     hf::load(&ctx.resolve(from), Some(labels), seed, &train_device)?;
+                covers_vocabulary(&model, &ctx.resolve(from), tokenizer_json)?;
                 if !report.newly_initialized.is_empty() {
                     ctx.reporter.message(&format!(
                         "newly initialised: {}",
@@ -399,6 +400,23 @@ impl TrainJob {
         )));
         Ok(callbacks)
     }
+}
+
+/// Refuses a model whose word embeddings have fewer rows than the tokenizer has ids (a
+/// tokenizer trained here for a pretrained model, say): those ids would have no embedding.
+fn covers_vocabulary(model: &Classifier, model_dir: &Path, tokenizer_json: &Path) -> Result<()> {
+    let (tokens, _) = tokenizer_facts(tokenizer_json)?;
+    let rows = model.config.vocab_size;
+    if tokens > rows {
+        bail!(
+            "the tokenizer ({}) has {tokens} tokens, but the model ({}) embeds only {rows} \
+             (`vocab_size` in its config.json): tokenize with the model's own tokenizer \
+             (`tokenizer: {{ from: ... }}`), or train one of at most {rows} tokens",
+            tokenizer_json.display(),
+            model_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// tokenize's `max_length` (the length `padding: max_length` pads to).
