@@ -42,11 +42,6 @@ impl Family {
             Family::Electra => "electra",
         }
     }
-
-    /// Whether the tokenizer's token type ids reach the model.
-    pub fn has_token_types(self) -> bool {
-        matches!(self, Family::Bert | Family::Electra)
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,8 +2,9 @@
 //! what it predicts. It knows nothing of pipelines, training loops or data files.
 //!
 //! - [`ModelConfig`]: the configuration, from a Hugging Face `config.json` or a [`ScratchSpec`].
-//! - [`Classifier`]: the encoder (BERT, MiniLM, DistilBERT, RoBERTa) and its classification
-//!   head, run on a [`Batch`] of token rows, with the fused kernels of `finetune-kernels`.
+//! - [`Classifier`]: the encoder (BERT, MiniLM, DistilBERT, RoBERTa, ELECTRA) and its
+//!   classification head, run on a [`Batch`] of token rows, with the fused kernels of
+//!   `finetune-kernels`.
 //! - [`build`] from a [`WeightSource`]: a checkpoint file ([`hf::load`]) or seeded
 //!   initialisation ([`scratch`]); [`hf::save`] writes Hugging Face's layout back, and
 //!   [`hf::save_with_tokenizer`] the tokenizer files beside it ([`tokenizer_files`]).

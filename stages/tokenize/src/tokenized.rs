@@ -107,28 +107,45 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>> {
         .ok_or_else(|| anyhow!("{} has no `names` list", path.display()))
 }
 
-/// (vocabulary size, id of [PAD] or <pad>) of a tokenizer.json.
+/// (ids the tokenizer.json can give: its largest id + 1, id of [PAD] or <pad>), for every
+/// model kind tokenizers reads (WordPiece, BPE, WordLevel, Unigram), added tokens included.
 pub fn tokenizer_facts(path: &Path) -> Result<(usize, usize)> {
-    let json: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
-    )
-    .with_context(|| format!("{} is not JSON", path.display()))?;
-    let vocab = json["model"]["vocab"]
-        .as_object()
-        .ok_or_else(|| anyhow!("{}: no model.vocab mapping", path.display()))?;
-    let added = json["added_tokens"].as_array().map_or(0, |a| {
-        a.iter()
-            .filter(|t| {
-                t["id"]
-                    .as_u64()
-                    .is_some_and(|id| id as usize >= vocab.len())
-            })
-            .count()
-    });
+    let tokenizer = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| anyhow!("{}: not a tokenizer: {e}", path.display()))?;
+    let ids = tokenizer
+        .get_vocab(true)
+        .into_values()
+        .max()
+        .map_or(0, |largest| largest as usize + 1);
     let pad = ["[PAD]", "<pad>"]
         .iter()
-        .find_map(|t| vocab.get(*t))
-        .and_then(|v| v.as_u64())
+        .find_map(|token| tokenizer.token_to_id(token))
         .unwrap_or(0) as usize;
-    Ok((vocab.len() + added, pad))
+    Ok((ids, pad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tokenizer_facts;
+    use tokenizers::models::unigram::Unigram;
+    use tokenizers::{AddedToken, Tokenizer};
+
+    /// Unigram (SentencePiece: DeBERTa-v3, XLM-RoBERTa) lists its vocabulary as pieces with
+    /// scores, where WordPiece and BPE map tokens to ids; added tokens may sit past both.
+    #[test]
+    fn unigram_vocabularies_and_added_tokens_are_counted() {
+        let pieces = ["<pad>", "<unk>", "▁a", "▁b", "c"]
+            .iter()
+            .map(|p| (p.to_string(), -1.0))
+            .collect();
+        let unigram = Unigram::from(pieces, Some(1), false).unwrap();
+        let mut tokenizer = Tokenizer::new(unigram);
+        tokenizer
+            .add_special_tokens([AddedToken::from("[MASK]", true)])
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        tokenizer.save(&path, false).unwrap();
+        assert_eq!(tokenizer_facts(&path).unwrap(), (6, 0));
+    }
 }
