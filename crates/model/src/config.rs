@@ -21,6 +21,10 @@ pub enum Family {
     /// ELECTRA discriminators: BERT's layers under embeddings of their own (narrower) width,
     /// projected up by `embeddings_project`; `dropout → dense → GELU → dropout → out_proj`.
     Electra,
+    /// DeBERTa-v2 and -v3 (`model_type: deberta-v2`): BERT's layers with disentangled
+    /// attention ([`RelativeAttention`]), usually no absolute positions, the masked embedding
+    /// output; the ContextPooler head, `dropout → dense → GELU → dropout → classifier`.
+    DebertaV2,
 }
 
 impl Family {
@@ -30,6 +34,7 @@ impl Family {
             Family::DistilBert => "distilbert",
             Family::Roberta => "roberta",
             Family::Electra => "electra",
+            Family::DebertaV2 => "deberta-v2",
         }
     }
 
@@ -40,7 +45,41 @@ impl Family {
             Family::DistilBert => "distilbert",
             Family::Roberta => "roberta",
             Family::Electra => "electra",
+            Family::DebertaV2 => "deberta",
         }
+    }
+}
+
+/// DeBERTa's disentangled attention: besides content-to-content, each query attends to the
+/// relative position of each key (c2p) and each key's content to the query's relative
+/// position (p2c), through one table of relative position embeddings shared by the layers and
+/// projected by each layer's own query and key projections (`share_att_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelativeAttention {
+    /// Distances are log-bucketed into this many classes each way (DeBERTa-v3); 0 takes
+    /// them as they are, clamped at `max_relative_positions` (DeBERTa-v2).
+    pub position_buckets: usize,
+    /// The farthest distance the buckets reach.
+    pub max_relative_positions: usize,
+    pub content_to_position: bool,
+    pub position_to_content: bool,
+    /// LayerNorm on the relative embedding table (`norm_rel_ebd: layer_norm`).
+    pub norm_embeddings: bool,
+}
+
+impl RelativeAttention {
+    /// Distances either way that have their own row: the table holds `2 × span` rows.
+    pub fn span(&self) -> usize {
+        match self.position_buckets {
+            0 => self.max_relative_positions,
+            buckets => buckets,
+        }
+    }
+
+    /// How many score terms the attention sums (content plus each position term); the scores
+    /// are divided by `sqrt(head_dim × terms)`.
+    pub fn terms(&self) -> usize {
+        1 + usize::from(self.content_to_position) + usize::from(self.position_to_content)
     }
 }
 
@@ -67,6 +106,13 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// 0 when the family has no token type embeddings.
     pub type_vocab_size: usize,
+    /// Whether the embeddings add absolute position embeddings (DeBERTa-v3's do not).
+    pub absolute_positions: bool,
+    /// DeBERTa's relative position terms.
+    pub relative_attention: Option<RelativeAttention>,
+    /// Dropout before the head's dense layer, where it differs from `classifier_dropout`
+    /// (DeBERTa's `pooler_dropout`).
+    pub pooler_dropout: Option<f64>,
     pub layer_norm_eps: f64,
     pub hidden_act: Activation,
     pub hidden_dropout: f64,
@@ -100,71 +146,22 @@ impl ModelConfig {
             "distilbert" => Family::DistilBert,
             "roberta" | "xlm-roberta" | "camembert" => Family::Roberta,
             "electra" => Family::Electra,
+            "deberta-v2" => Family::DebertaV2,
             other => {
                 return Err(ModelError::Config {
                     file: file.into(),
                     key: "model_type".into(),
                     message: format!(
-                        "`{other}` is not supported; supported: bert (MiniLM too), distilbert, roberta, electra"
+                        "`{other}` is not supported; supported: bert (MiniLM too), distilbert, roberta, electra, deberta-v2 (DeBERTa-v3 too)"
                     ),
                 });
             }
         };
         let labels = labels_from(&json);
-        let config = if family == Family::DistilBert {
-            ModelConfig {
-                family,
-                vocab_size: get.usize("vocab_size")?,
-                hidden_size: get.usize("dim")?,
-                embedding_size: get.usize("dim")?,
-                num_layers: get.usize("n_layers")?,
-                num_heads: get.usize("n_heads")?,
-                intermediate_size: get.usize("hidden_dim")?,
-                max_position_embeddings: get.usize("max_position_embeddings")?,
-                type_vocab_size: 0,
-                layer_norm_eps: 1e-12,
-                hidden_act: get.activation("activation")?,
-                hidden_dropout: get.f64_or("dropout", 0.1),
-                attention_dropout: get.f64_or("attention_dropout", 0.1),
-                classifier_dropout: get.f64_or("seq_classif_dropout", 0.2),
-                pad_token_id: get.usize_or("pad_token_id", 0),
-                initializer_range: get.f64_or("initializer_range", 0.02),
-                labels,
-                original: None,
-            }
-        } else {
-            let hidden_dropout = get.f64_or("hidden_dropout_prob", 0.1);
-            let hidden_size = get.usize("hidden_size")?;
-            ModelConfig {
-                family,
-                vocab_size: get.usize("vocab_size")?,
-                hidden_size,
-                embedding_size: match family {
-                    // ElectraConfig's own default, for a config.json that leaves it out.
-                    Family::Electra => get.usize_or("embedding_size", 128),
-                    _ => hidden_size,
-                },
-                num_layers: get.usize("num_hidden_layers")?,
-                num_heads: get.usize("num_attention_heads")?,
-                intermediate_size: get.usize("intermediate_size")?,
-                max_position_embeddings: get.usize("max_position_embeddings")?,
-                type_vocab_size: get.usize_or("type_vocab_size", 2),
-                layer_norm_eps: get.f64_or("layer_norm_eps", 1e-12),
-                hidden_act: get.activation("hidden_act")?,
-                hidden_dropout,
-                attention_dropout: get.f64_or("attention_probs_dropout_prob", 0.1),
-                classifier_dropout: json
-                    .get("classifier_dropout")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(hidden_dropout),
-                pad_token_id: get.usize_or(
-                    "pad_token_id",
-                    if family == Family::Roberta { 1 } else { 0 },
-                ),
-                initializer_range: get.f64_or("initializer_range", 0.02),
-                labels,
-                original: None,
-            }
+        let config = match family {
+            Family::DistilBert => distilbert_config(&get, labels)?,
+            Family::DebertaV2 => deberta_config(&get, labels)?,
+            _ => bert_config(&get, family, labels)?,
         };
         if config.num_heads == 0 || !config.hidden_size.is_multiple_of(config.num_heads) {
             return Err(ModelError::Config {
@@ -199,10 +196,17 @@ impl ModelConfig {
         );
         let e = self.embedding_size as u64;
         let projection = if e == h { 0 } else { e * h + h };
-        let embeddings =
-            (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) as u64 * e
-                + 2 * e
-                + projection;
+        let positions = match self.absolute_positions {
+            true => self.max_position_embeddings,
+            false => 0,
+        };
+        let relative = self
+            .relative_attention
+            .map_or(0, |r| 2 * r.span() as u64 * h + 2 * h);
+        let embeddings = (self.vocab_size + positions + self.type_vocab_size) as u64 * e
+            + 2 * e
+            + projection
+            + relative;
         let layer = 4 * (h * h + h) + 2 * (h * i) + i + h + 4 * h;
         let head = h * h + h + (h + 1) * self.labels.len().max(1) as u64;
         embeddings + l * layer + head
@@ -221,7 +225,12 @@ impl ModelConfig {
             self.intermediate_size as u64,
             self.num_heads as u64,
         );
-        let per_layer = b * n * (20 * h + 3 * i) + 5 * b * heads * n * n;
+        // DeBERTa keeps two position-score maps, their gathered forms and their sum as well.
+        let maps = match self.relative_attention {
+            Some(relative) => 5 + 2 * (relative.terms() as u64 - 1) + 1,
+            None => 5,
+        };
+        let per_layer = b * n * (20 * h + 3 * i) + maps * b * heads * n * n;
         16 * self.parameter_count() + 4 * per_layer * self.num_layers as u64
     }
 
@@ -247,6 +256,7 @@ impl ModelConfig {
             Family::DistilBert => "DistilBertForSequenceClassification",
             Family::Roberta => "RobertaForSequenceClassification",
             Family::Electra => "ElectraForSequenceClassification",
+            Family::DebertaV2 => "DebertaV2ForSequenceClassification",
         };
         object.insert("architectures".into(), json!([architecture]));
         let id2label: BTreeMap<String, &String> = self
@@ -300,6 +310,209 @@ impl ModelConfig {
     }
 }
 
+fn distilbert_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, ModelError> {
+    Ok(ModelConfig {
+        family: Family::DistilBert,
+        vocab_size: get.usize("vocab_size")?,
+        hidden_size: get.usize("dim")?,
+        embedding_size: get.usize("dim")?,
+        num_layers: get.usize("n_layers")?,
+        num_heads: get.usize("n_heads")?,
+        intermediate_size: get.usize("hidden_dim")?,
+        max_position_embeddings: get.usize("max_position_embeddings")?,
+        type_vocab_size: 0,
+        absolute_positions: true,
+        relative_attention: None,
+        layer_norm_eps: 1e-12,
+        hidden_act: get.activation("activation")?,
+        hidden_dropout: get.f64_or("dropout", 0.1),
+        attention_dropout: get.f64_or("attention_dropout", 0.1),
+        classifier_dropout: get.f64_or("seq_classif_dropout", 0.2),
+        pooler_dropout: None,
+        pad_token_id: get.usize_or("pad_token_id", 0),
+        initializer_range: get.f64_or("initializer_range", 0.02),
+        labels,
+        original: None,
+    })
+}
+
+/// BERT, RoBERTa and ELECTRA, which share BERT's key names for the config.
+fn bert_config(
+    get: &Getter,
+    family: Family,
+    labels: Vec<String>,
+) -> Result<ModelConfig, ModelError> {
+    let hidden_dropout = get.f64_or("hidden_dropout_prob", 0.1);
+    let hidden_size = get.usize("hidden_size")?;
+    Ok(ModelConfig {
+        family,
+        vocab_size: get.usize("vocab_size")?,
+        hidden_size,
+        embedding_size: match family {
+            // ElectraConfig's own default, for a config.json that leaves it out.
+            Family::Electra => get.usize_or("embedding_size", 128),
+            _ => hidden_size,
+        },
+        num_layers: get.usize("num_hidden_layers")?,
+        num_heads: get.usize("num_attention_heads")?,
+        intermediate_size: get.usize("intermediate_size")?,
+        max_position_embeddings: get.usize("max_position_embeddings")?,
+        type_vocab_size: get.usize_or("type_vocab_size", 2),
+        absolute_positions: true,
+        relative_attention: None,
+        layer_norm_eps: get.f64_or("layer_norm_eps", 1e-12),
+        hidden_act: get.activation("hidden_act")?,
+        hidden_dropout,
+        attention_dropout: get.f64_or("attention_probs_dropout_prob", 0.1),
+        classifier_dropout: get
+            .json
+            .get("classifier_dropout")
+            .and_then(Value::as_f64)
+            .unwrap_or(hidden_dropout),
+        pooler_dropout: None,
+        pad_token_id: get.usize_or(
+            "pad_token_id",
+            if family == Family::Roberta { 1 } else { 0 },
+        ),
+        initializer_range: get.f64_or("initializer_range", 0.02),
+        labels,
+        original: None,
+    })
+}
+
+/// DeBERTa-v2/v3, with `DebertaV2Config`'s defaults for keys a config.json leaves out.
+fn deberta_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, ModelError> {
+    let hidden_dropout = get.f64_or("hidden_dropout_prob", 0.1);
+    let hidden_size = get.usize("hidden_size")?;
+    let num_heads = get.usize("num_attention_heads")?;
+    let max_position_embeddings = get.usize_or("max_position_embeddings", 512);
+    // Parts of the architecture that checkpoints in use (DeBERTa-v3, v2 base) do not have.
+    for (key, fine) in [
+        (
+            "embedding_size",
+            get.usize_or("embedding_size", hidden_size) == hidden_size,
+        ),
+        (
+            "pooler_hidden_size",
+            get.usize_or("pooler_hidden_size", hidden_size) == hidden_size,
+        ),
+        (
+            "attention_head_size",
+            num_heads == 0
+                || get.usize_or("attention_head_size", hidden_size / num_heads) * num_heads
+                    == hidden_size,
+        ),
+        ("conv_kernel_size", get.usize_or("conv_kernel_size", 0) == 0),
+    ] {
+        if !fine {
+            return Err(get.error(
+                key,
+                "is not supported here: it must leave the width at hidden_size (and the \
+                 convolution off), as in DeBERTa-v3 and deberta-v2 base",
+            ));
+        }
+    }
+    if get.activation("pooler_hidden_act")? != Activation::Gelu {
+        return Err(get.error(
+            "pooler_hidden_act",
+            "only gelu is supported for the ContextPooler",
+        ));
+    }
+    let relative_attention = match get.bool_or("relative_attention", false) {
+        true => Some(relative_attention(get, max_position_embeddings)?),
+        false => None,
+    };
+    Ok(ModelConfig {
+        family: Family::DebertaV2,
+        vocab_size: get.usize("vocab_size")?,
+        hidden_size,
+        embedding_size: hidden_size,
+        num_layers: get.usize("num_hidden_layers")?,
+        num_heads,
+        intermediate_size: get.usize("intermediate_size")?,
+        max_position_embeddings,
+        type_vocab_size: get.usize_or("type_vocab_size", 0),
+        absolute_positions: get.bool_or("position_biased_input", true),
+        relative_attention,
+        layer_norm_eps: get.f64_or("layer_norm_eps", 1e-7),
+        hidden_act: get.activation("hidden_act")?,
+        hidden_dropout,
+        attention_dropout: get.f64_or("attention_probs_dropout_prob", 0.1),
+        classifier_dropout: get
+            .json
+            .get("cls_dropout")
+            .and_then(Value::as_f64)
+            .unwrap_or(hidden_dropout),
+        pooler_dropout: Some(get.f64_or("pooler_dropout", 0.0)),
+        pad_token_id: get.usize_or("pad_token_id", 0),
+        initializer_range: get.f64_or("initializer_range", 0.02),
+        labels,
+        original: None,
+    })
+}
+
+/// `relative_attention: true`'s settings, as `DisentangledSelfAttention` reads them.
+fn relative_attention(
+    get: &Getter,
+    max_position_embeddings: usize,
+) -> Result<RelativeAttention, ModelError> {
+    let max_relative_positions = match get
+        .json
+        .get("max_relative_positions")
+        .and_then(Value::as_i64)
+    {
+        Some(n) if n >= 1 => n as usize,
+        _ => max_position_embeddings,
+    };
+    let position_buckets = get
+        .json
+        .get("position_buckets")
+        .and_then(Value::as_i64)
+        .map_or(0, |n| n.max(0) as usize);
+    // A list (`["p2c", "c2p"]`) or, in older configs, one string (`"p2c|c2p"`).
+    let kinds: Vec<String> = match get.json.get("pos_att_type") {
+        Some(Value::String(text)) => text.split('|').map(|k| k.trim().to_lowercase()).collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|k| k.as_str().map(|k| k.trim().to_lowercase()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| get.error("pos_att_type", "must list strings"))?,
+        _ => Vec::new(),
+    };
+    if let Some(other) = kinds
+        .iter()
+        .find(|k| !matches!(k.as_str(), "c2p" | "p2c" | "none" | ""))
+    {
+        return Err(get.error(
+            "pos_att_type",
+            &format!("`{other}` is not supported (c2p, p2c)"),
+        ));
+    }
+    let relative = RelativeAttention {
+        position_buckets,
+        max_relative_positions,
+        content_to_position: kinds.iter().any(|k| k == "c2p"),
+        position_to_content: kinds.iter().any(|k| k == "p2c"),
+        norm_embeddings: get
+            .json
+            .get("norm_rel_ebd")
+            .and_then(Value::as_str)
+            .is_some_and(|n| {
+                n.split('|')
+                    .any(|n| n.trim().eq_ignore_ascii_case("layer_norm"))
+            }),
+    };
+    let shares_keys = get.bool_or("share_att_key", false);
+    if !shares_keys && relative.terms() > 1 {
+        return Err(get.error(
+            "share_att_key",
+            "false (separate pos_key_proj / pos_query_proj) is not supported; DeBERTa-v3 \
+             checkpoints share the projections (true)",
+        ));
+    }
+    Ok(relative)
+}
+
 /// Label names from `id2label`, in id order (HF's default `LABEL_i` when absent: 2 labels).
 fn labels_from(json: &Value) -> Vec<String> {
     if let Some(map) = json.get("id2label").and_then(Value::as_object) {
@@ -351,6 +564,13 @@ impl Getter<'_> {
             .get(key)
             .and_then(Value::as_u64)
             .map_or(default, |v| v as usize)
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> bool {
+        self.json
+            .get(key)
+            .and_then(Value::as_bool)
+            .unwrap_or(default)
     }
 
     fn f64_or(&self, key: &str, default: f64) -> f64 {
@@ -478,11 +698,14 @@ impl ScratchSpec {
             intermediate_size: self.intermediate.unwrap_or(4 * self.hidden),
             max_position_embeddings: self.max_positions,
             type_vocab_size: 2,
+            absolute_positions: true,
+            relative_attention: None,
             layer_norm_eps: 1e-12,
             hidden_act: Activation::Gelu,
             hidden_dropout: self.dropout,
             attention_dropout: self.dropout,
             classifier_dropout: self.dropout,
+            pooler_dropout: None,
             pad_token_id,
             initializer_range: self.initializer_range,
             labels,

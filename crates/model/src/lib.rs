@@ -16,6 +16,7 @@
 //! the CPU with the fused kernels, or burn's own operations on the CPU or a GPU.
 
 mod config;
+mod deberta;
 mod device;
 pub mod hf;
 mod inference;
@@ -28,7 +29,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 
-pub use config::{Activation, Family, ModelConfig, ScratchError, ScratchSpec};
+pub use config::{Activation, Family, ModelConfig, RelativeAttention, ScratchError, ScratchSpec};
+pub use deberta::RelativeEmbeddings;
 pub use device::{ComputeDevice, DeviceReport, DeviceSpec, built_in as built_in_devices};
 pub use inference::{Example, Predictions, predict, probabilities};
 pub use init::InitSource;

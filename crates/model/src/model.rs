@@ -9,6 +9,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{Activation, Family, ModelConfig};
+use crate::deberta::{RelativeEmbeddings, RelativePositions};
 use finetune_kernels::{Dropout, add_norm, attention, dense, embedding, gelu};
 use finetune_regularizers::Mixout;
 
@@ -42,13 +43,17 @@ impl Dense {
 #[derive(Module, Debug)]
 pub struct Embeddings {
     pub word: Embedding,
-    pub position: Embedding,
+    /// Absent in DeBERTa-v3, whose positions are all relative.
+    pub position: Option<Embedding>,
     /// Absent in DistilBERT.
     pub token_type: Option<Embedding>,
     pub norm: LayerNorm,
     pub dropout: Dropout,
     /// ELECTRA's `embeddings_project`, from the embedding width up to the hidden size.
     pub project: Option<Dense>,
+    /// DeBERTa zeroes the embeddings at padding positions.
+    #[module(skip)]
+    pub zero_padding: bool,
 }
 
 #[derive(Module, Debug)]
@@ -76,6 +81,8 @@ pub struct Head {
     pub dense: Dense,
     pub out: Dense,
     pub dropout: Dropout,
+    /// DeBERTa's `pooler_dropout`, before `dense` (`dropout` comes before `out`).
+    pub pooler_dropout: Option<Dropout>,
     #[module(skip)]
     pub family: Family,
 }
@@ -85,6 +92,8 @@ pub struct Head {
 pub struct Classifier {
     pub embeddings: Embeddings,
     pub layers: Vec<EncoderLayer>,
+    /// DeBERTa's relative position table, shared by the layers.
+    pub relative: Option<RelativeEmbeddings>,
     pub head: Head,
     #[module(skip)]
     pub config: ModelConfig,
@@ -191,6 +200,11 @@ impl Classifier {
         let [batch_size, seq_len] = batch.input_ids.dims();
         let epsilon = self.config.layer_norm_eps;
         let mut x = self.embeddings.forward(words, batch, epsilon);
+        let relative = self
+            .relative
+            .as_ref()
+            .map(|r| r.for_length(seq_len, &x.device()));
+        let relative = relative.as_ref();
         // 0 where attended, a large negative number at padding: exp() of it is exactly 0.
         let mask_bias = (batch.attention_mask.clone().float() - 1.0)
             .mul_scalar(1e9)
@@ -198,10 +212,14 @@ impl Classifier {
         let last = self.layers.len().saturating_sub(1);
         for (index, layer) in self.layers.iter().enumerate() {
             x = match positions {
-                Positions::FirstAtLastLayer if index == last => {
-                    layer.forward_queries(x.clone().narrow(1, 0, 1), x, mask_bias.clone(), epsilon)
-                }
-                _ => layer.forward(x, mask_bias.clone(), epsilon),
+                Positions::FirstAtLastLayer if index == last => layer.forward_queries(
+                    x.clone().narrow(1, 0, 1),
+                    x,
+                    mask_bias.clone(),
+                    epsilon,
+                    relative,
+                ),
+                _ => layer.forward(x, mask_bias.clone(), epsilon, relative),
             };
         }
         x
@@ -227,14 +245,27 @@ impl Embeddings {
     fn forward(&self, words: Tensor<3>, batch: &Batch, epsilon: f64) -> Tensor<3> {
         let lookup =
             |table: &Embedding, ids: &Tensor<2, Int>| embedding(table.weight.val(), ids.clone());
-        let positions = lookup(&self.position, &batch.position_ids);
+        let positions = self
+            .position
+            .as_ref()
+            .map(|table| lookup(table, &batch.position_ids));
+        let token_types = self
+            .token_type
+            .as_ref()
+            .map(|table| lookup(table, &batch.token_type_ids));
         // The last addition is the norm's own.
-        let sum = match &self.token_type {
-            Some(token_type) => {
-                let token_types = lookup(token_type, &batch.token_type_ids);
+        let sum = match (positions, token_types) {
+            (Some(positions), Some(token_types)) => {
                 norm_of_sum(&self.norm, words + positions, token_types, epsilon)
             }
-            None => norm_of_sum(&self.norm, words, positions, epsilon),
+            (Some(other), None) | (None, Some(other)) => {
+                norm_of_sum(&self.norm, words, other, epsilon)
+            }
+            (None, None) => self.norm.forward(words),
+        };
+        let sum = match self.zero_padding {
+            true => sum * batch.attention_mask.clone().float().unsqueeze_dim(2),
+            false => sum,
         };
         let embedded = self.dropout.forward(sum);
         match &self.project {
@@ -245,17 +276,25 @@ impl Embeddings {
 }
 
 impl EncoderLayer {
-    fn forward(&self, x: Tensor<3>, mask_bias: Tensor<4>, epsilon: f64) -> Tensor<3> {
-        self.forward_queries(x.clone(), x, mask_bias, epsilon)
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        mask_bias: Tensor<4>,
+        epsilon: f64,
+        relative: Option<&RelativePositions>,
+    ) -> Tensor<3> {
+        self.forward_queries(x.clone(), x, mask_bias, epsilon, relative)
     }
 
-    /// The layer's output at the positions of `queries` (rows of `x`), attending over all of `x`.
+    /// The layer's output at the positions of `queries` (the first rows of `x`), attending
+    /// over all of `x`.
     fn forward_queries(
         &self,
         queries: Tensor<3>,
         x: Tensor<3>,
         mask_bias: Tensor<4>,
         epsilon: f64,
+        relative: Option<&RelativePositions>,
     ) -> Tensor<3> {
         let heads = self.num_heads;
         let head_dim = x.dims()[2] / heads;
@@ -264,7 +303,10 @@ impl EncoderLayer {
         let v = self.value.forward(x);
         let divisor = (head_dim as f64).sqrt() as f32;
         let dropout = self.attention_dropout.mask(&q.device());
-        let context = attention(q, k, v, mask_bias, heads, divisor, dropout);
+        let context = match relative {
+            Some(relative) => relative.attend(self, [q, k, v], mask_bias, dropout),
+            None => attention(q, k, v, mask_bias, heads, divisor, dropout),
+        };
         let attended = self.dropout.forward(self.attention_output.forward(context));
         let x = norm_of_sum(&self.attention_norm, attended, queries, epsilon);
         let inner = match self.activation {
@@ -310,6 +352,15 @@ impl Head {
                 let inner = gelu(self.dense.forward(self.dropout.forward(first)));
                 (None, self.out.forward(self.dropout.forward(inner)))
             }
+            // The ContextPooler, then the classifier.
+            Family::DebertaV2 => {
+                let first = match &self.pooler_dropout {
+                    Some(pooler_dropout) => pooler_dropout.forward(first),
+                    None => first,
+                };
+                let pooled = gelu(self.dense.forward(first));
+                (None, self.out.forward(self.dropout.forward(pooled)))
+            }
         }
     }
 }
@@ -334,6 +385,9 @@ impl Classifier {
             layer.attention_dropout = dropout(0.0);
         }
         self.head.dropout = dropout(0.0);
+        if let Some(pooler_dropout) = &mut self.head.pooler_dropout {
+            *pooler_dropout = dropout(0.0);
+        }
     }
 
     /// Every Dense layer, in the order of [`crate::weights::named_parts`].
@@ -369,6 +423,9 @@ impl Classifier {
         for layer in &self.layers {
             norm(&layer.attention_norm);
             norm(&layer.output_norm);
+        }
+        if let Some(relative_norm) = self.relative.as_ref().and_then(|r| r.norm.as_ref()) {
+            norm(relative_norm);
         }
         if let Some(project) = &self.embeddings.project {
             ids.push(project.bias.id);

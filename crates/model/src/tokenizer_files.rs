@@ -117,7 +117,12 @@ pub fn tokenizer_files(config: &ModelConfig, tokenizer: &Value) -> (Value, Value
         Family::Bert | Family::Electra => {
             json!(["input_ids", "token_type_ids", "attention_mask"])
         }
-        Family::DistilBert | Family::Roberta => json!(["input_ids", "attention_mask"]),
+        Family::DebertaV2 if config.type_vocab_size > 0 => {
+            json!(["input_ids", "token_type_ids", "attention_mask"])
+        }
+        Family::DistilBert | Family::Roberta | Family::DebertaV2 => {
+            json!(["input_ids", "attention_mask"])
+        }
     };
     let mut tokenizer_config = Map::new();
     // The generic fast tokenizer: everything it needs is in tokenizer.json, whichever

@@ -11,6 +11,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::ModelError;
 use crate::config::{Family, ModelConfig};
+use crate::deberta::RelativeEmbeddings;
 use crate::model::{Classifier, Dense, Embeddings, EncoderLayer, Head, dropout};
 
 /// How a parameter starts when a source makes it fresh.
@@ -91,6 +92,12 @@ impl Names {
     fn embeddings_project(&self) -> HfName {
         HfName::encoder("embeddings_project")
     }
+    fn relative_embeddings(&self) -> HfName {
+        HfName::encoder("encoder.rel_embeddings")
+    }
+    fn relative_norm(&self) -> HfName {
+        HfName::encoder("encoder.LayerNorm")
+    }
     fn layer(&self, i: usize) -> LayerNames {
         let n = |suffix: &str| HfName::encoder(suffix);
         match self.0 {
@@ -107,12 +114,17 @@ impl Names {
                     output_norm: n(&format!("{p}.output_layer_norm")),
                 }
             }
-            Family::Bert | Family::Roberta | Family::Electra => {
+            Family::Bert | Family::Roberta | Family::Electra | Family::DebertaV2 => {
                 let p = format!("encoder.layer.{i}");
+                // DeBERTa names its projections `query_proj`, `key_proj`, `value_proj`.
+                let proj = match self.0 {
+                    Family::DebertaV2 => "_proj",
+                    _ => "",
+                };
                 LayerNames {
-                    query: n(&format!("{p}.attention.self.query")),
-                    key: n(&format!("{p}.attention.self.key")),
-                    value: n(&format!("{p}.attention.self.value")),
+                    query: n(&format!("{p}.attention.self.query{proj}")),
+                    key: n(&format!("{p}.attention.self.key{proj}")),
+                    value: n(&format!("{p}.attention.self.value{proj}")),
                     attention_output: n(&format!("{p}.attention.output.dense")),
                     attention_norm: n(&format!("{p}.attention.output.LayerNorm")),
                     intermediate: n(&format!("{p}.intermediate.dense")),
@@ -127,11 +139,12 @@ impl Names {
             Family::Bert => HfName::encoder("pooler.dense"),
             Family::DistilBert => HfName::head("pre_classifier"),
             Family::Roberta | Family::Electra => HfName::head("classifier.dense"),
+            Family::DebertaV2 => HfName::head("pooler.dense"),
         }
     }
     pub(crate) fn head_out(&self) -> HfName {
         match self.0 {
-            Family::Bert | Family::DistilBert => HfName::head("classifier"),
+            Family::Bert | Family::DistilBert | Family::DebertaV2 => HfName::head("classifier"),
             Family::Roberta | Family::Electra => HfName::head("classifier.out_proj"),
         }
     }
@@ -163,7 +176,12 @@ pub fn build(
     };
     let embeddings = Embeddings {
         word: builder.embedding(&names.word(), config.vocab_size, e)?,
-        position: builder.embedding(&names.position(), config.max_position_embeddings, e)?,
+        position: match config.absolute_positions {
+            true => {
+                Some(builder.embedding(&names.position(), config.max_position_embeddings, e)?)
+            }
+            false => None,
+        },
         token_type: match config.type_vocab_size {
             0 => None,
             n => Some(builder.embedding(&names.token_type(), n, e)?),
@@ -175,6 +193,7 @@ pub fn build(
             true => None,
             false => Some(builder.dense(&names.embeddings_project(), e, h)?),
         },
+        zero_padding: config.family == Family::DebertaV2,
     };
     let mut layers = Vec::with_capacity(config.num_layers);
     for i in 0..config.num_layers {
@@ -194,15 +213,28 @@ pub fn build(
             activation: config.hidden_act,
         });
     }
+    let relative = match config.relative_attention {
+        Some(attention) => Some(RelativeEmbeddings {
+            table: builder.embedding(&names.relative_embeddings(), 2 * attention.span(), h)?,
+            norm: match attention.norm_embeddings {
+                true => Some(builder.norm(&names.relative_norm(), h)?),
+                false => None,
+            },
+            attention,
+        }),
+        None => None,
+    };
     let head = Head {
         dense: builder.dense(&names.head_dense(), h, h)?,
         out: builder.dense(&names.head_out(), h, config.num_labels())?,
         dropout: dropout(config.classifier_dropout),
+        pooler_dropout: config.pooler_dropout.map(dropout),
         family: config.family,
     };
     Ok(Classifier {
         embeddings,
         layers,
+        relative,
         head,
         config: config.clone(),
     })
@@ -296,10 +328,10 @@ pub enum Part<'a> {
 pub fn named_parts(model: &Classifier) -> Vec<(HfName, Part<'_>)> {
     let names = Names(model.config.family);
     let embeddings = &model.embeddings;
-    let mut parts = vec![
-        (names.word(), Part::Embedding(&embeddings.word)),
-        (names.position(), Part::Embedding(&embeddings.position)),
-    ];
+    let mut parts = vec![(names.word(), Part::Embedding(&embeddings.word))];
+    if let Some(position) = &embeddings.position {
+        parts.push((names.position(), Part::Embedding(position)));
+    }
     if let Some(token_type) = &embeddings.token_type {
         parts.push((names.token_type(), Part::Embedding(token_type)));
     }
@@ -319,6 +351,15 @@ pub fn named_parts(model: &Classifier) -> Vec<(HfName, Part<'_>)> {
             (n.output, Part::Dense(&layer.output)),
             (n.output_norm, Part::Norm(&layer.output_norm)),
         ]);
+    }
+    if let Some(relative) = &model.relative {
+        parts.push((
+            names.relative_embeddings(),
+            Part::Embedding(&relative.table),
+        ));
+        if let Some(norm) = &relative.norm {
+            parts.push((names.relative_norm(), Part::Norm(norm)));
+        }
     }
     parts.push((names.head_dense(), Part::Dense(&model.head.dense)));
     parts.push((names.head_out(), Part::Dense(&model.head.out)));
