@@ -173,7 +173,8 @@ pub enum Command {
         /// on GPUs with bf16 units; probabilities differ from f32 in the second or third digit.
         #[arg(long)]
         bf16: bool,
-        /// One JSON object per text instead of `label<TAB>probability<TAB>text`.
+        /// One JSON object per text (`text`, `label`, `probabilities` by label, `logits` in label
+        /// order) instead of `label<TAB>probability<TAB>text`.
         #[arg(long)]
         json: bool,
     },
@@ -625,6 +626,7 @@ fn predict(
                 "text": text,
                 "label": prediction.label,
                 "probabilities": probabilities,
+                "logits": prediction.logits,
             });
             println!("{line}");
         } else {

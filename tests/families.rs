@@ -9,11 +9,12 @@ use common::*;
 use serde_json::Value;
 
 /// The tiny checkpoints, with the architecture their saved config.json names.
-const FAMILIES: [(&str, &str); 4] = [
+const FAMILIES: [(&str, &str); 5] = [
     ("tiny-bert", "BertForSequenceClassification"),
     ("tiny-distilbert", "DistilBertForSequenceClassification"),
     ("tiny-roberta", "RobertaForSequenceClassification"),
     ("tiny-electra", "ElectraForSequenceClassification"),
+    ("tiny-deberta-v3", "DebertaV2ForSequenceClassification"),
 ];
 
 /// The default pipeline fine-tuning `family` for 60 updates, checkpointing every 10. The
@@ -171,4 +172,40 @@ fn a_tokenizer_larger_than_the_models_vocabulary_is_refused_naming_both() {
         "{err}"
     );
     assert!(!ws.file("artifacts/runs/reviews/train").exists());
+}
+
+/// `finetune predict --model` on a tiny checkpoint straight from Python (its WordLevel
+/// tokenizer.json maps `tN` to id N) gives the logits transformers computed for the same
+/// texts, each text in its own batch.
+#[test]
+fn predict_on_each_tiny_checkpoint_gives_pythons_logits() {
+    let ws = Ws::new();
+    for family in ["tiny-electra", "tiny-deberta-v3"] {
+        let dir = format!("fixtures/golden/{family}");
+        let expected = read_json(&ws.file(&format!("{dir}/expected.json")));
+        let texts: Vec<&str> = expected["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let mut args = vec!["predict", "--json", "--batch-size", "1", "--model", &dir];
+        args.extend(&texts);
+        let out = ws.run(&args);
+        assert!(out.status.success(), "{family}: {}", stderr(&out));
+        let lines = String::from_utf8(out.stdout).unwrap();
+        let found: Vec<Value> = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(found.len(), texts.len(), "{family}: {lines}");
+        for (prediction, logits) in found.iter().zip(expected["logits"].as_array().unwrap()) {
+            let ours = prediction["logits"].as_array().unwrap();
+            assert_eq!(ours.len(), logits.as_array().unwrap().len(), "{family}");
+            for (a, b) in ours.iter().zip(logits.as_array().unwrap()) {
+                let diff = (a.as_f64().unwrap() - b.as_f64().unwrap()).abs();
+                assert!(diff <= 1e-4, "{family}: logit {a} vs Python's {b}");
+            }
+        }
+    }
 }

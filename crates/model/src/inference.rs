@@ -25,14 +25,21 @@ pub struct Predictions {
     pub loss: f64,
 }
 
-/// Probabilities for `rows` of token ids, `batch_size` rows at a time.
-pub fn probabilities(
+/// What the head said about one text, per label in the model's order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LabelScores {
+    pub logits: Vec<f32>,
+    pub probabilities: Vec<f32>,
+}
+
+/// Logits and probabilities for `rows` of token ids, `batch_size` rows at a time.
+pub fn label_scores(
     model: &Classifier,
     rows: &[Vec<i32>],
     batch_size: usize,
     device: &Device,
-) -> Vec<Vec<f32>> {
-    let mut out = vec![Vec::new(); rows.len()];
+) -> Vec<LabelScores> {
+    let mut out = vec![LabelScores::default(); rows.len()];
     logits_by_length(
         model,
         rows.len(),
@@ -40,8 +47,14 @@ pub fn probabilities(
         batch_size,
         device,
         |batch, logits| {
-            for (&i, probabilities) in batch.iter().zip(softmax_rows(logits)) {
-                out[i] = probabilities;
+            let labels = logits.dims()[1];
+            let raw: Vec<f32> = logits.clone().into_data().iter::<f32>().collect();
+            let rows = raw.chunks(labels).zip(softmax_rows(logits));
+            for (&i, (logits, probabilities)) in batch.iter().zip(rows) {
+                out[i] = LabelScores {
+                    logits: logits.to_vec(),
+                    probabilities,
+                };
             }
         },
     );

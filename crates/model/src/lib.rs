@@ -32,7 +32,7 @@ use burn::tensor::Device;
 pub use config::{Activation, Family, ModelConfig, RelativeAttention, ScratchError, ScratchSpec};
 pub use deberta::RelativeEmbeddings;
 pub use device::{ComputeDevice, DeviceReport, DeviceSpec, built_in as built_in_devices};
-pub use inference::{Example, Predictions, predict, probabilities};
+pub use inference::{Example, LabelScores, Predictions, label_scores, predict};
 pub use init::InitSource;
 pub use model::{Batch, Classifier, Dense, Embeddings, EncoderLayer, Head, Output};
 pub use tokenizer_files::{SpecialTokens, tokenizer_files};

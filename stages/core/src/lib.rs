@@ -77,11 +77,14 @@ pub struct PredictOptions {
     pub bf16: bool,
 }
 
-/// One text's predicted label, and the probability of every label in the model's order.
+/// One text's predicted label, and the probability and logit of every label in the model's
+/// order.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Prediction {
     pub label: String,
     pub probabilities: Vec<(String, f32)>,
+    /// The head's raw outputs, before the softmax (for ensembling and calibration).
+    pub logits: Vec<f32>,
 }
 
 /// A configured stage, ready to run.

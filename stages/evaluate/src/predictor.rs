@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
 use finetune_core::{PredictOptions, Prediction};
-use finetune_model::{ComputeDevice, hf, probabilities};
+use finetune_model::{ComputeDevice, hf, label_scores};
 
 /// `finetune predict`: a saved model directory (`config.json`, `model.safetensors` and the
 /// `tokenizer.json` it was trained with, as `train` writes to `model/`) applied to raw texts.
@@ -51,16 +51,18 @@ impl ModelPredictor {
             })
             .collect::<Result<Vec<Vec<i32>>>>()?;
         let labels = &model.config.labels;
-        Ok(probabilities(&model, &rows, batch_size, device)
+        Ok(label_scores(&model, &rows, batch_size, device)
             .into_iter()
-            .map(|row| {
+            .map(|scores| {
+                let row = &scores.probabilities;
                 let best = row
                     .iter()
                     .enumerate()
                     .fold(0, |best, (i, p)| if *p > row[best] { i } else { best });
                 Prediction {
                     label: labels[best].clone(),
-                    probabilities: labels.iter().cloned().zip(row).collect(),
+                    probabilities: labels.iter().cloned().zip(scores.probabilities).collect(),
+                    logits: scores.logits,
                 }
             })
             .collect())
