@@ -330,3 +330,46 @@ fn electra_embedding_width_errors_name_the_key() {
     let err = load_error(dir.path());
     assert!(err.contains("config.json implies [1000, 128]"), "{err}");
 }
+
+#[test]
+fn deberta_settings_outside_v3_and_v2_base_are_refused_naming_the_key() {
+    let dir = copy_tiny("tiny-deberta-v3");
+    let config_path = dir.path().join("config.json");
+    let original = json(config_path.clone());
+    for (key, value, message) in [
+        ("share_att_key", Value::from(false), "separate pos_key_proj"),
+        ("conv_kernel_size", Value::from(3), "is not supported here"),
+        (
+            "pos_att_type",
+            Value::from("p2c|p2p"),
+            "`p2p` is not supported",
+        ),
+        (
+            "pooler_hidden_act",
+            Value::from("tanh"),
+            "activation `tanh`",
+        ),
+    ] {
+        let mut config = original.clone();
+        config[key] = value;
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let err = load_error(dir.path());
+        assert!(
+            err.contains("config.json") && err.contains(key) && err.contains(message),
+            "{key}: {err}"
+        );
+    }
+    // Turned off, the relative table is no longer part of the model: its keys are reported.
+    let mut config = original.clone();
+    config["relative_attention"] = Value::from(false);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let (_, report) = load(dir.path(), None, 0, &device()).unwrap();
+    assert_eq!(
+        report.unexpected,
+        [
+            "deberta.encoder.LayerNorm.bias",
+            "deberta.encoder.LayerNorm.weight",
+            "deberta.encoder.rel_embeddings.weight"
+        ]
+    );
+}

@@ -1,7 +1,12 @@
-//! MiniLM-L6 step benchmark (`cargo bench -p finetune-trainer --bench step`): forward, and the
-//! whole update as the trainer makes it (clipping to norm 1, weight decay 0.01), at batch 16 × 64
-//! tokens on the CPU (burn's flex backend), on real token ids (the first 16 Amazon sentences,
-//! padded to 64; set `FINETUNE_BENCH_TOKENS` for another width, rows longer than it are cut).
+//! Training step benchmark (`cargo bench -p finetune-trainer --bench step [-- MODEL]`): forward,
+//! and the whole update as the trainer makes it (clipping to norm 1, weight decay 0.01), on the
+//! CPU (burn's flex backend), on real token ids (the first 16 Amazon sentences, padded to the
+//! width; set `FINETUNE_BENCH_TOKENS` for another width, rows longer than it are cut).
+//!
+//! MODEL is `minilm` (the default: all-MiniLM-L6-v2 at 16 × 64), a model directory, or a
+//! family at its real width with 2 layers, made here with seeded random weights and saved for
+//! both sides to load (16 × 128 by default): `bert` (bert-base), `deberta-v3` (deberta-v3-base:
+//! 128k vocabulary, 256 log buckets).
 //! Prints each median against PyTorch's step on the same batch, measured in the same run when
 //! `HF_PYTHON` names a Python with the reference's packages
 //! (../shared/bench/hf_trainer/requirements.txt; it runs `benches/reference/torch_step.py`), else
@@ -31,17 +36,40 @@ fn batch_rows() -> usize {
 }
 
 fn main() {
-    let seq: usize = std::env::var("FINETUNE_BENCH_TOKENS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let shared = std::env::var_os("FINETUNE_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join("../shared"));
-    let model_dir = std::env::var_os("FINETUNE_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| shared.join("models/all-MiniLM-L6-v2"));
+    // cargo bench passes `--bench` to a harness-less bench; the model is the first other word.
+    let model = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with("--"))
+        .unwrap_or_else(|| "minilm".into());
+    let made = tempfile::tempdir().expect("a temporary directory");
+    let (model_name, model_dir, default_seq) = match model.as_str() {
+        "minilm" => (
+            "MiniLM-L6".to_string(),
+            std::env::var_os("FINETUNE_MODEL_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| shared.join("models/all-MiniLM-L6-v2")),
+            64,
+        ),
+        family => match full_width_config(family) {
+            Some(config) => {
+                make_checkpoint(&config, made.path());
+                (
+                    format!("{family} (full width, 2 layers)"),
+                    made.path().to_path_buf(),
+                    128,
+                )
+            }
+            None => (family.to_string(), PathBuf::from(family), 64),
+        },
+    };
+    let seq: usize = std::env::var("FINETUNE_BENCH_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_seq);
     let device_name = std::env::var("FINETUNE_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
     let device = finetune_model::device(&device_name).unwrap_or_else(|e| panic!("{e}"));
     let torch_device = if device.is_gpu() { "cuda" } else { "cpu" };
@@ -68,6 +96,7 @@ fn main() {
     finetune_kernels::on_own_pool(|| {
         device.run(|| {
             let bench = Bench {
+                model_name: &model_name,
                 seq,
                 shared: &shared,
                 model_dir: &model_dir,
@@ -78,7 +107,50 @@ fn main() {
     });
 }
 
+/// config.json of a family's base model cut to 2 layers, for `MODEL` = the family's name.
+fn full_width_config(family: &str) -> Option<serde_json::Value> {
+    let base = serde_json::json!({
+        "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072,
+        "num_hidden_layers": 2, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02, "pad_token_id": 0,
+    });
+    let family_keys = match family {
+        "bert" => serde_json::json!({
+            "model_type": "bert", "vocab_size": 30522, "max_position_embeddings": 512,
+            "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+        }),
+        "deberta-v3" => serde_json::json!({
+            "model_type": "deberta-v2", "vocab_size": 128100, "max_position_embeddings": 512,
+            "type_vocab_size": 0, "layer_norm_eps": 1e-7, "relative_attention": true,
+            "position_buckets": 256, "max_relative_positions": -1, "norm_rel_ebd": "layer_norm",
+            "share_att_key": true, "pos_att_type": "p2c|c2p", "position_biased_input": false,
+            "pooler_hidden_size": 768, "pooler_dropout": 0, "pooler_hidden_act": "gelu",
+        }),
+        _ => return None,
+    };
+    let mut config = base;
+    for (key, value) in family_keys.as_object().expect("an object") {
+        config[key] = value.clone();
+    }
+    Some(config)
+}
+
+/// Writes `config` and seeded random weights (seed 42) to `dir` as a Hugging Face checkpoint.
+fn make_checkpoint(config: &serde_json::Value, dir: &Path) {
+    let config =
+        finetune_model::ModelConfig::from_hf_value(&dir.join("config.json"), config.clone())
+            .expect("a valid config");
+    let device = finetune_model::device("cpu")
+        .expect("the CPU")
+        .device()
+        .clone();
+    let mut init = finetune_model::InitSource::new(&config, 42);
+    let model = finetune_model::build(&config, &mut init, &device).expect("a model");
+    hf::save(&model, dir).expect("save the checkpoint");
+}
+
 struct Bench<'a> {
+    model_name: &'a str,
     seq: usize,
     shared: &'a Path,
     model_dir: &'a Path,
@@ -86,10 +158,11 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// Loads MiniLM, times its forward pass and its training step, and prints both against the
+    /// Loads the model, times its forward pass and its training step, and prints both against the
     /// reference (`reference` seconds a step).
     fn measure(&self, reference: f64, reference_name: &str) {
         let Bench {
+            model_name,
             seq,
             shared,
             model_dir,
@@ -106,14 +179,14 @@ impl Bench<'_> {
         let device = compute.device().clone();
         let train_device = device.clone().autodiff();
 
-        let (model, _) = hf::load(model_dir, Some(&labels), 42, &device).expect("load MiniLM");
+        let (model, _) = hf::load(model_dir, Some(&labels), 42, &device).expect("load the model");
         let batch = Batch::from_rows(&rows, &model.config, Some(seq), &device);
         let forward = median(|| {
             let _ = model.logits(&batch).into_data();
         });
 
         let (model, _) =
-            hf::load(model_dir, Some(&labels), 42, &train_device).expect("load MiniLM");
+            hf::load(model_dir, Some(&labels), 42, &train_device).expect("load the model");
         let micro = [MicroBatch {
             rows: rows.clone(),
             labels: (0..rows_per_batch as i64).map(|i| i % 2).collect(),
@@ -156,7 +229,7 @@ impl Bench<'_> {
         let matmuls = matmul_time(&model.valid(), &device, seq);
 
         println!(
-            "MiniLM-L6, batch {rows_per_batch} x {seq} tokens, on {}, median of {}:",
+            "{model_name}, batch {rows_per_batch} x {seq} tokens, on {}, median of {}:",
             compute.describe(),
             runs()
         );
