@@ -25,6 +25,10 @@ pub enum Family {
     /// attention ([`RelativeAttention`]), usually no absolute positions, the masked embedding
     /// output; the ContextPooler head, `dropout → dense → GELU → dropout → classifier`.
     DebertaV2,
+    /// ModernBERT: pre-norm layers without biases, rotary positions, GeGLU, alternating global
+    /// and sliding-window attention, a final norm ([`ModernBertLayout`]); the head pools (first
+    /// token or mean), then `dense → GELU → norm → dropout → classifier`.
+    ModernBert,
 }
 
 impl Family {
@@ -35,6 +39,7 @@ impl Family {
             Family::Roberta => "roberta",
             Family::Electra => "electra",
             Family::DebertaV2 => "deberta-v2",
+            Family::ModernBert => "modernbert",
         }
     }
 
@@ -46,8 +51,28 @@ impl Family {
             Family::Roberta => "roberta",
             Family::Electra => "electra",
             Family::DebertaV2 => "deberta",
+            Family::ModernBert => "model",
         }
     }
+}
+
+/// How ModernBERT's layers depart from BERT's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModernBertLayout {
+    /// Per layer: `None` attends to every key, `Some(w)` only to keys at most `w` positions
+    /// away (`local_attention / 2`).
+    pub windows: Vec<Option<usize>>,
+    /// RoPE base of the global layers (`full_attention`) and of the sliding-window ones.
+    pub global_rope_theta: f32,
+    pub local_rope_theta: f32,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub norm_bias: bool,
+    pub classifier_bias: bool,
+    /// `classifier_pooling: mean`: the head reads the mean over unpadded tokens, not the first.
+    pub mean_pooling: bool,
+    pub embedding_dropout: f64,
+    pub mlp_dropout: f64,
 }
 
 /// DeBERTa's disentangled attention: besides content-to-content, each query attends to the
@@ -110,6 +135,8 @@ pub struct ModelConfig {
     pub absolute_positions: bool,
     /// DeBERTa's relative position terms.
     pub relative_attention: Option<RelativeAttention>,
+    /// ModernBERT's layer layout.
+    pub modern_bert: Option<ModernBertLayout>,
     /// Dropout before the head's dense layer, where it differs from `classifier_dropout`
     /// (DeBERTa's `pooler_dropout`).
     pub pooler_dropout: Option<f64>,
@@ -147,12 +174,13 @@ impl ModelConfig {
             "roberta" | "xlm-roberta" | "camembert" => Family::Roberta,
             "electra" => Family::Electra,
             "deberta-v2" => Family::DebertaV2,
+            "modernbert" => Family::ModernBert,
             other => {
                 return Err(ModelError::Config {
                     file: file.into(),
                     key: "model_type".into(),
                     message: format!(
-                        "`{other}` is not supported; supported: bert (MiniLM too), distilbert, roberta, electra, deberta-v2 (DeBERTa-v3 too)"
+                        "`{other}` is not supported; supported: bert (MiniLM too), distilbert, roberta, electra, deberta-v2 (DeBERTa-v3 too), modernbert"
                     ),
                 });
             }
@@ -161,6 +189,7 @@ impl ModelConfig {
         let config = match family {
             Family::DistilBert => distilbert_config(&get, labels)?,
             Family::DebertaV2 => deberta_config(&get, labels)?,
+            Family::ModernBert => modern_bert_config(&get, labels)?,
             _ => bert_config(&get, family, labels)?,
         };
         if config.num_heads == 0 || !config.hidden_size.is_multiple_of(config.num_heads) {
@@ -207,7 +236,11 @@ impl ModelConfig {
             + 2 * e
             + projection
             + relative;
-        let layer = 4 * (h * h + h) + 2 * (h * i) + i + h + 4 * h;
+        let layer = match self.modern_bert {
+            // Wqkv and Wo, Wi (twice the width, for the gate) and Wo, two norms; no biases.
+            Some(_) => 4 * h * h + 3 * h * i + 2 * h,
+            None => 4 * (h * h + h) + 2 * (h * i) + i + h + 4 * h,
+        };
         let head = h * h + h + (h + 1) * self.labels.len().max(1) as u64;
         embeddings + l * layer + head
     }
@@ -257,6 +290,7 @@ impl ModelConfig {
             Family::Roberta => "RobertaForSequenceClassification",
             Family::Electra => "ElectraForSequenceClassification",
             Family::DebertaV2 => "DebertaV2ForSequenceClassification",
+            Family::ModernBert => "ModernBertForSequenceClassification",
         };
         object.insert("architectures".into(), json!([architecture]));
         let id2label: BTreeMap<String, &String> = self
@@ -323,6 +357,7 @@ fn distilbert_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, M
         type_vocab_size: 0,
         absolute_positions: true,
         relative_attention: None,
+        modern_bert: None,
         layer_norm_eps: 1e-12,
         hidden_act: get.activation("activation")?,
         hidden_dropout: get.f64_or("dropout", 0.1),
@@ -360,6 +395,7 @@ fn bert_config(
         type_vocab_size: get.usize_or("type_vocab_size", 2),
         absolute_positions: true,
         relative_attention: None,
+        modern_bert: None,
         layer_norm_eps: get.f64_or("layer_norm_eps", 1e-12),
         hidden_act: get.activation("hidden_act")?,
         hidden_dropout,
@@ -434,6 +470,7 @@ fn deberta_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, Mode
         type_vocab_size: get.usize_or("type_vocab_size", 0),
         absolute_positions: get.bool_or("position_biased_input", true),
         relative_attention,
+        modern_bert: None,
         layer_norm_eps: get.f64_or("layer_norm_eps", 1e-7),
         hidden_act: get.activation("hidden_act")?,
         hidden_dropout,
@@ -449,6 +486,118 @@ fn deberta_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, Mode
         labels,
         original: None,
     })
+}
+
+/// ModernBERT, with `ModernBertConfig`'s defaults; both the Hub's older keys
+/// (`global_attn_every_n_layers`, `global_rope_theta`, `local_rope_theta`) and transformers 5's
+/// (`layer_types`, `rope_parameters`) are read.
+fn modern_bert_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, ModelError> {
+    let num_layers = get.usize("num_hidden_layers")?;
+    let half_window = get.usize_or("local_attention", 128) / 2;
+    let windows = match get.json.get("layer_types") {
+        Some(Value::Array(types)) => {
+            if types.len() != num_layers {
+                return Err(get.error(
+                    "layer_types",
+                    &format!(
+                        "lists {} layers, but num_hidden_layers is {num_layers}",
+                        types.len()
+                    ),
+                ));
+            }
+            types
+                .iter()
+                .map(|kind| match kind.as_str() {
+                    Some("full_attention") => Ok(None),
+                    Some("sliding_attention") => Ok(Some(half_window)),
+                    _ => Err(get.error(
+                        "layer_types",
+                        &format!("{kind} is not full_attention or sliding_attention"),
+                    )),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        _ => {
+            let every = get.usize_or("global_attn_every_n_layers", 3).max(1);
+            (0..num_layers)
+                .map(|i| (i % every != 0).then_some(half_window))
+                .collect()
+        }
+    };
+    let layout = ModernBertLayout {
+        windows,
+        global_rope_theta: rope_theta(get, "full_attention", "global_rope_theta", 160_000.0)?,
+        local_rope_theta: rope_theta(get, "sliding_attention", "local_rope_theta", 10_000.0)?,
+        attention_bias: get.bool_or("attention_bias", false),
+        mlp_bias: get.bool_or("mlp_bias", false),
+        norm_bias: get.bool_or("norm_bias", false),
+        classifier_bias: get.bool_or("classifier_bias", false),
+        mean_pooling: match get.json.get("classifier_pooling").and_then(Value::as_str) {
+            None | Some("cls") => false,
+            Some("mean") => true,
+            Some(other) => {
+                return Err(get.error(
+                    "classifier_pooling",
+                    &format!("`{other}` is not cls or mean"),
+                ));
+            }
+        },
+        embedding_dropout: get.f64_or("embedding_dropout", 0.0),
+        mlp_dropout: get.f64_or("mlp_dropout", 0.0),
+    };
+    if get.activation("classifier_activation")? != Activation::Gelu {
+        return Err(get.error(
+            "classifier_activation",
+            "only gelu is supported for ModernBERT's head",
+        ));
+    }
+    let attention_dropout = get.f64_or("attention_dropout", 0.0);
+    Ok(ModelConfig {
+        family: Family::ModernBert,
+        vocab_size: get.usize("vocab_size")?,
+        hidden_size: get.usize("hidden_size")?,
+        embedding_size: get.usize("hidden_size")?,
+        num_layers,
+        num_heads: get.usize("num_attention_heads")?,
+        intermediate_size: get.usize("intermediate_size")?,
+        max_position_embeddings: get.usize_or("max_position_embeddings", 8192),
+        type_vocab_size: 0,
+        absolute_positions: false,
+        relative_attention: None,
+        modern_bert: Some(layout),
+        layer_norm_eps: get.f64_or("norm_eps", 1e-5),
+        hidden_act: get.activation("hidden_activation")?,
+        // After the attention's output projection, as `out_drop`.
+        hidden_dropout: attention_dropout,
+        attention_dropout,
+        classifier_dropout: get.f64_or("classifier_dropout", 0.0),
+        pooler_dropout: None,
+        pad_token_id: get.usize_or("pad_token_id", 50283),
+        initializer_range: get.f64_or("initializer_range", 0.02),
+        labels,
+        original: None,
+    })
+}
+
+/// The RoPE base for layers of `kind`: `rope_parameters.<kind>.rope_theta`, else the older
+/// `old_key`, else `default`. Only the default RoPE (no scaling) is supported.
+fn rope_theta(get: &Getter, kind: &str, old_key: &str, default: f32) -> Result<f32, ModelError> {
+    let parameters = get.json.get("rope_parameters").and_then(|p| p.get(kind));
+    if let Some(rope_type) = parameters
+        .and_then(|p| p.get("rope_type"))
+        .and_then(Value::as_str)
+        && rope_type != "default"
+    {
+        return Err(get.error(
+            "rope_parameters",
+            &format!("rope_type `{rope_type}` for {kind} is not supported (default)"),
+        ));
+    }
+    Ok(parameters
+        .and_then(|p| p.get("rope_theta"))
+        .and_then(Value::as_f64)
+        .or_else(|| get.json.get(old_key).and_then(Value::as_f64))
+        .map_or(default, |theta| theta as f32))
 }
 
 /// `relative_attention: true`'s settings, as `DisentangledSelfAttention` reads them.
@@ -700,6 +849,7 @@ impl ScratchSpec {
             type_vocab_size: 2,
             absolute_positions: true,
             relative_attention: None,
+            modern_bert: None,
             layer_norm_eps: 1e-12,
             hidden_act: Activation::Gelu,
             hidden_dropout: self.dropout,

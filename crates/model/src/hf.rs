@@ -58,7 +58,10 @@ impl WeightSource for FileSource<'_> {
                     message: "missing from the checkpoint".into(),
                 });
             }
-            self.report.newly_initialized.push(full);
+            // A stacked tensor (ModernBERT's Wqkv) is one key for several modules.
+            if !self.report.newly_initialized.contains(&full) {
+                self.report.newly_initialized.push(full);
+            }
             return self.fresh.take(name, shape, init);
         };
         let view = self
@@ -69,10 +72,12 @@ impl WeightSource for FileSource<'_> {
                 key: found.clone(),
                 message: e.to_string(),
             })?;
+        let (part, of) = name.stacked.unwrap_or((0, 1));
+        let rows = shape[0] * of;
         let expected: Vec<usize> = if shape[1] == 1 {
-            vec![shape[0]]
+            vec![rows]
         } else {
-            shape.to_vec()
+            vec![rows, shape[1]]
         };
         if view.shape() != expected.as_slice() {
             return Err(ModelError::Weights {
@@ -94,7 +99,11 @@ impl WeightSource for FileSource<'_> {
             ),
         })?;
         self.used.insert(found);
-        Ok(values)
+        let block = shape[0] * shape[1];
+        Ok(match of {
+            1 => values,
+            _ => values[part * block..(part + 1) * block].to_vec(),
+        })
     }
 }
 
@@ -213,22 +222,44 @@ pub fn named_tensors(model: &Classifier) -> Vec<(String, Vec<usize>, Vec<f32>)> 
                     vec![d_out, d_in],
                     transpose(&values(d.weight.val()), d_in, d_out),
                 ));
-                out.push((key("bias"), vec![d_out], vector(d.bias.val())));
+                if let Some(bias) = &d.bias {
+                    out.push((key("bias"), vec![d_out], vector(bias.val())));
+                }
             }
             Part::Norm(n) => {
                 let gamma = n.gamma.val();
                 let d = gamma.dims()[0];
                 out.push((key("weight"), vec![d], vector(gamma)));
-                let beta = n
-                    .beta
-                    .as_ref()
-                    .map(|b| vector(b.val()))
-                    .unwrap_or_else(|| vec![0.0; d]);
-                out.push((key("bias"), vec![d], beta));
+                if let Some(beta) = &n.beta {
+                    out.push((key("bias"), vec![d], vector(beta.val())));
+                }
             }
             Part::Embedding(e) => {
                 let w = e.weight.val();
                 out.push((key("weight"), w.dims().to_vec(), values(w)));
+            }
+        }
+    }
+    stack_blocks(out)
+}
+
+/// Joins the entries of one key (the row blocks of a stacked tensor, as ModernBERT's query,
+/// key and value are of `Wqkv`), in order, into one tensor where the first of them was.
+fn stack_blocks(
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::with_capacity(tensors.len());
+    for (key, shape, values) in tensors {
+        match at.get(&key) {
+            Some(&index) => {
+                let (_, stacked_shape, stacked_values) = &mut out[index];
+                stacked_shape[0] += shape[0];
+                stacked_values.extend(values);
+            }
+            None => {
+                at.insert(key.clone(), out.len());
+                out.push((key, shape, values));
             }
         }
     }

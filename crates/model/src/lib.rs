@@ -22,6 +22,7 @@ pub mod hf;
 mod inference;
 mod init;
 mod model;
+mod modernbert;
 mod tokenizer_files;
 mod weights;
 
@@ -29,12 +30,15 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 
-pub use config::{Activation, Family, ModelConfig, RelativeAttention, ScratchError, ScratchSpec};
+pub use config::{
+    Activation, Family, ModelConfig, ModernBertLayout, RelativeAttention, ScratchError, ScratchSpec,
+};
 pub use deberta::RelativeEmbeddings;
 pub use device::{ComputeDevice, DeviceReport, DeviceSpec, built_in as built_in_devices};
 pub use inference::{Example, LabelScores, Predictions, label_scores, predict};
 pub use init::InitSource;
 pub use model::{Batch, Classifier, Dense, Embeddings, EncoderLayer, Head, Output};
+pub use modernbert::ModernLayer;
 pub use tokenizer_files::{SpecialTokens, tokenizer_files};
 pub use weights::{HfName, Init, Part, WeightSource, build, named_parts, param_names};
 

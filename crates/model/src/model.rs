@@ -10,6 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{Activation, Family, ModelConfig};
 use crate::deberta::{RelativeEmbeddings, RelativePositions};
+use crate::modernbert::{ModernLayer, mean_over_mask};
 use finetune_kernels::{Dropout, add_norm, attention, dense, embedding, gelu};
 use finetune_regularizers::Mixout;
 
@@ -17,7 +18,8 @@ use finetune_regularizers::Mixout;
 #[derive(Module, Debug)]
 pub struct Dense {
     pub weight: Param<Tensor<2>>,
-    pub bias: Param<Tensor<1>>,
+    /// Absent in ModernBERT's layers.
+    pub bias: Option<Param<Tensor<1>>>,
     /// Mixout's state when the layer is regularised by it (training only).
     pub mixout: Option<Mixout>,
 }
@@ -34,7 +36,10 @@ impl Dense {
             Some(mixout) => mixout.mix(self.weight.val()),
             None => self.weight.val(),
         };
-        let out = dense(folded, weight, self.bias.val());
+        let out = match &self.bias {
+            Some(bias) => dense(folded, weight, bias.val()),
+            None => folded.matmul(weight),
+        };
         dims[D - 1] = d_out;
         out.reshape(dims)
     }
@@ -62,7 +67,8 @@ pub struct EncoderLayer {
     pub key: Dense,
     pub value: Dense,
     pub attention_output: Dense,
-    pub attention_norm: LayerNorm,
+    /// Absent in ModernBERT's first layer, which reads the embeddings' norm.
+    pub attention_norm: Option<LayerNorm>,
     pub intermediate: Dense,
     pub output: Dense,
     pub output_norm: LayerNorm,
@@ -72,6 +78,9 @@ pub struct EncoderLayer {
     pub num_heads: usize,
     #[module(skip)]
     pub activation: Activation,
+    /// ModernBERT's pre-norm layer with rotary positions and GeGLU ([`crate::modernbert`]).
+    #[module(skip)]
+    pub modern: Option<ModernLayer>,
 }
 
 /// `dense` is BERT's pooler, DistilBERT's pre_classifier, RoBERTa's and ELECTRA's
@@ -79,6 +88,8 @@ pub struct EncoderLayer {
 #[derive(Module, Debug)]
 pub struct Head {
     pub dense: Dense,
+    /// ModernBERT's head norm, after the activation.
+    pub norm: Option<LayerNorm>,
     pub out: Dense,
     pub dropout: Dropout,
     /// DeBERTa's `pooler_dropout`, before `dense` (`dropout` comes before `out`).
@@ -92,6 +103,8 @@ pub struct Head {
 pub struct Classifier {
     pub embeddings: Embeddings,
     pub layers: Vec<EncoderLayer>,
+    /// ModernBERT's norm after the last layer.
+    pub final_norm: Option<LayerNorm>,
     /// DeBERTa's relative position table, shared by the layers.
     pub relative: Option<RelativeEmbeddings>,
     pub head: Head,
@@ -159,8 +172,8 @@ impl Classifier {
     /// Every position's hidden state, the pooler output and the logits.
     pub fn forward(&self, batch: &Batch) -> Output {
         let x = self.encode(self.words(batch), batch, Positions::All);
-        let first = first_token(x.clone());
-        let (pooler_output, logits) = self.head.forward(first);
+        let pooled = self.pool(x.clone(), batch);
+        let (pooler_output, logits) = self.head.forward(pooled);
         Output {
             last_hidden_state: x,
             pooler_output,
@@ -192,8 +205,29 @@ impl Classifier {
 
     /// [`Classifier::logits`] from the batch's word embeddings (see [`Classifier::word_leaf`]).
     pub fn logits_from_words(&self, words: Tensor<3>, batch: &Batch) -> Tensor<2> {
-        let first = first_token(self.encode(words, batch, Positions::FirstAtLastLayer));
-        self.head.forward(first).1
+        let positions = match self.mean_pooling() {
+            true => Positions::All,
+            false => Positions::FirstAtLastLayer,
+        };
+        let pooled = self.pool(self.encode(words, batch, positions), batch);
+        self.head.forward(pooled).1
+    }
+
+    /// Whether the head reads the mean over the unpadded tokens (ModernBERT's
+    /// `classifier_pooling: mean`) rather than the first token.
+    fn mean_pooling(&self) -> bool {
+        self.config
+            .modern_bert
+            .as_ref()
+            .is_some_and(|layout| layout.mean_pooling)
+    }
+
+    /// What the head reads from the last hidden states `[batch, seq, hidden]`.
+    fn pool(&self, x: Tensor<3>, batch: &Batch) -> Tensor<2> {
+        match self.mean_pooling() {
+            true => mean_over_mask(x, batch.attention_mask.clone()),
+            false => first_token(x),
+        }
     }
 
     fn encode(&self, words: Tensor<3>, batch: &Batch, positions: Positions) -> Tensor<3> {
@@ -222,7 +256,10 @@ impl Classifier {
                 _ => layer.forward(x, mask_bias.clone(), epsilon, relative),
             };
         }
-        x
+        match &self.final_norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        }
     }
 }
 
@@ -296,6 +333,9 @@ impl EncoderLayer {
         epsilon: f64,
         relative: Option<&RelativePositions>,
     ) -> Tensor<3> {
+        if let Some(settings) = self.modern {
+            return self.forward_pre_norm(settings, queries.dims()[1], x, mask_bias);
+        }
         let heads = self.num_heads;
         let head_dim = x.dims()[2] / heads;
         let q = self.query.forward(queries.clone());
@@ -308,16 +348,24 @@ impl EncoderLayer {
             None => attention(q, k, v, mask_bias, heads, divisor, dropout),
         };
         let attended = self.dropout.forward(self.attention_output.forward(context));
-        let x = norm_of_sum(&self.attention_norm, attended, queries, epsilon);
-        let inner = match self.activation {
-            Activation::Gelu => gelu(self.intermediate.forward(x.clone())),
-            Activation::GeluTanh => {
-                burn::tensor::activation::gelu_approximate(self.intermediate.forward(x.clone()))
-            }
-            Activation::Relu => relu(self.intermediate.forward(x.clone())),
+        let x = match &self.attention_norm {
+            Some(norm) => norm_of_sum(norm, attended, queries, epsilon),
+            None => attended + queries,
         };
+        let inner = self.activate(self.intermediate.forward(x.clone()));
         let out = self.dropout.forward(self.output.forward(inner));
         norm_of_sum(&self.output_norm, out, x, epsilon)
+    }
+}
+
+impl EncoderLayer {
+    /// The feed-forward's activation.
+    pub(crate) fn activate(&self, x: Tensor<3>) -> Tensor<3> {
+        match self.activation {
+            Activation::Gelu => gelu(x),
+            Activation::GeluTanh => burn::tensor::activation::gelu_approximate(x),
+            Activation::Relu => relu(x),
+        }
     }
 }
 
@@ -331,7 +379,8 @@ fn norm_of_sum(norm: &LayerNorm, x: Tensor<3>, residual: Tensor<3>, epsilon: f64
 }
 
 impl Head {
-    /// From the first token's hidden state: `(pooler output, logits)`.
+    /// From the pooled hidden state (the first token's, or ModernBERT's mean): `(pooler
+    /// output, logits)`.
     fn forward(&self, first: Tensor<2>) -> (Option<Tensor<2>>, Tensor<2>) {
         match self.family {
             Family::Bert => {
@@ -361,6 +410,14 @@ impl Head {
                 let pooled = gelu(self.dense.forward(first));
                 (None, self.out.forward(self.dropout.forward(pooled)))
             }
+            Family::ModernBert => {
+                let pooled = gelu(self.dense.forward(first));
+                let pooled = match &self.norm {
+                    Some(norm) => norm.forward(pooled),
+                    None => pooled,
+                };
+                (None, self.out.forward(self.dropout.forward(pooled)))
+            }
         }
     }
 }
@@ -383,6 +440,9 @@ impl Classifier {
         for layer in &mut self.layers {
             layer.dropout = dropout(0.0);
             layer.attention_dropout = dropout(0.0);
+            if let Some(settings) = &mut layer.modern {
+                settings.mlp_dropout = 0.0;
+            }
         }
         self.head.dropout = dropout(0.0);
         if let Some(pooler_dropout) = &mut self.head.pooler_dropout {
@@ -412,38 +472,37 @@ impl Classifier {
 
     /// The ids of the parameters that get no weight decay: biases and LayerNorm weights.
     pub fn no_decay_ids(&self) -> Vec<burn::module::ParamId> {
+        let norms = std::iter::once(&self.embeddings.norm)
+            .chain(
+                self.layers
+                    .iter()
+                    .flat_map(|layer| layer.attention_norm.iter().chain([&layer.output_norm])),
+            )
+            .chain(self.relative.as_ref().and_then(|r| r.norm.as_ref()))
+            .chain(&self.final_norm)
+            .chain(&self.head.norm);
         let mut ids = Vec::new();
-        let mut norm = |n: &LayerNorm| {
-            ids.push(n.gamma.id);
-            if let Some(beta) = &n.beta {
-                ids.push(beta.id);
-            }
-        };
-        norm(&self.embeddings.norm);
-        for layer in &self.layers {
-            norm(&layer.attention_norm);
-            norm(&layer.output_norm);
+        for norm in norms {
+            ids.push(norm.gamma.id);
+            ids.extend(norm.beta.as_ref().map(|beta| beta.id));
         }
-        if let Some(relative_norm) = self.relative.as_ref().and_then(|r| r.norm.as_ref()) {
-            norm(relative_norm);
-        }
-        if let Some(project) = &self.embeddings.project {
-            ids.push(project.bias.id);
-        }
-        for layer in &self.layers {
-            for dense in [
+        let layer_denses = self.layers.iter().flat_map(|layer| {
+            [
                 &layer.query,
                 &layer.key,
                 &layer.value,
                 &layer.attention_output,
                 &layer.intermediate,
                 &layer.output,
-            ] {
-                ids.push(dense.bias.id);
-            }
-        }
-        ids.push(self.head.dense.bias.id);
-        ids.push(self.head.out.bias.id);
+            ]
+        });
+        let denses = self
+            .embeddings
+            .project
+            .iter()
+            .chain(layer_denses)
+            .chain([&self.head.dense, &self.head.out]);
+        ids.extend(denses.filter_map(|dense| dense.bias.as_ref().map(|bias| bias.id)));
         ids
     }
 }

@@ -120,7 +120,7 @@ pub fn tokenizer_files(config: &ModelConfig, tokenizer: &Value) -> (Value, Value
         Family::DebertaV2 if config.type_vocab_size > 0 => {
             json!(["input_ids", "token_type_ids", "attention_mask"])
         }
-        Family::DistilBert | Family::Roberta | Family::DebertaV2 => {
+        Family::DistilBert | Family::Roberta | Family::DebertaV2 | Family::ModernBert => {
             json!(["input_ids", "attention_mask"])
         }
     };

@@ -13,6 +13,7 @@ use crate::ModelError;
 use crate::config::{Family, ModelConfig};
 use crate::deberta::RelativeEmbeddings;
 use crate::model::{Classifier, Dense, Embeddings, EncoderLayer, Head, dropout};
+use crate::modernbert::ModernLayer;
 
 /// How a parameter starts when a source makes it fresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,11 @@ pub enum Init {
 pub struct HfName {
     pub key: String,
     pub encoder: bool,
+    /// Part of an encoder layer: what AWP and Mixout select by default.
+    pub in_layer: bool,
+    /// `Some((part, of))`: the module is the `part`-th of `of` equal blocks of rows of the
+    /// checkpoint's tensor (ModernBERT's `Wqkv` holds the query, key and value projections).
+    pub stacked: Option<(usize, usize)>,
 }
 
 impl HfName {
@@ -37,18 +43,32 @@ impl HfName {
         HfName {
             key: key.into(),
             encoder: true,
+            in_layer: false,
+            stacked: None,
         }
     }
     fn head(key: impl Into<String>) -> Self {
         HfName {
-            key: key.into(),
             encoder: false,
+            ..HfName::encoder(key)
+        }
+    }
+    fn layer(key: impl Into<String>) -> Self {
+        HfName {
+            in_layer: true,
+            ..HfName::encoder(key)
+        }
+    }
+    fn stacked(self, part: usize, of: usize) -> Self {
+        HfName {
+            stacked: Some((part, of)),
+            ..self
         }
     }
     pub(crate) fn tensor(&self, leaf: &str) -> HfName {
         HfName {
             key: format!("{}.{leaf}", self.key),
-            encoder: self.encoder,
+            ..self.clone()
         }
     }
     /// The key as saved in a `*ForSequenceClassification` checkpoint.
@@ -78,7 +98,10 @@ pub(crate) struct Names(pub(crate) Family);
 
 impl Names {
     fn word(&self) -> HfName {
-        HfName::encoder("embeddings.word_embeddings")
+        match self.0 {
+            Family::ModernBert => HfName::encoder("embeddings.tok_embeddings"),
+            _ => HfName::encoder("embeddings.word_embeddings"),
+        }
     }
     fn position(&self) -> HfName {
         HfName::encoder("embeddings.position_embeddings")
@@ -87,7 +110,16 @@ impl Names {
         HfName::encoder("embeddings.token_type_embeddings")
     }
     fn embeddings_norm(&self) -> HfName {
-        HfName::encoder("embeddings.LayerNorm")
+        match self.0 {
+            Family::ModernBert => HfName::encoder("embeddings.norm"),
+            _ => HfName::encoder("embeddings.LayerNorm"),
+        }
+    }
+    fn final_norm(&self) -> HfName {
+        HfName::encoder("final_norm")
+    }
+    fn head_norm(&self) -> HfName {
+        HfName::head("head.norm")
     }
     fn embeddings_project(&self) -> HfName {
         HfName::encoder("embeddings_project")
@@ -99,8 +131,22 @@ impl Names {
         HfName::encoder("encoder.LayerNorm")
     }
     fn layer(&self, i: usize) -> LayerNames {
-        let n = |suffix: &str| HfName::encoder(suffix);
+        let n = |suffix: &str| HfName::layer(suffix);
         match self.0 {
+            Family::ModernBert => {
+                let p = format!("layers.{i}");
+                let qkv = |part: usize| n(&format!("{p}.attn.Wqkv")).stacked(part, 3);
+                LayerNames {
+                    query: qkv(0),
+                    key: qkv(1),
+                    value: qkv(2),
+                    attention_output: n(&format!("{p}.attn.Wo")),
+                    attention_norm: n(&format!("{p}.attn_norm")),
+                    intermediate: n(&format!("{p}.mlp.Wi")),
+                    output: n(&format!("{p}.mlp.Wo")),
+                    output_norm: n(&format!("{p}.mlp_norm")),
+                }
+            }
             Family::DistilBert => {
                 let p = format!("transformer.layer.{i}");
                 LayerNames {
@@ -140,11 +186,14 @@ impl Names {
             Family::DistilBert => HfName::head("pre_classifier"),
             Family::Roberta | Family::Electra => HfName::head("classifier.dense"),
             Family::DebertaV2 => HfName::head("pooler.dense"),
+            Family::ModernBert => HfName::head("head.dense"),
         }
     }
     pub(crate) fn head_out(&self) -> HfName {
         match self.0 {
-            Family::Bert | Family::DistilBert | Family::DebertaV2 => HfName::head("classifier"),
+            Family::Bert | Family::DistilBert | Family::DebertaV2 | Family::ModernBert => {
+                HfName::head("classifier")
+            }
             Family::Roberta | Family::Electra => HfName::head("classifier.out_proj"),
         }
     }
@@ -167,14 +216,95 @@ pub fn build(
     device: &Device,
 ) -> Result<Classifier, ModelError> {
     let names = Names(config.family);
-    let (h, e) = (config.hidden_size, config.embedding_size);
+    let h = config.hidden_size;
     let mut builder = Builder {
         source,
         device,
         eps: config.layer_norm_eps,
         next_id: 0,
     };
-    let embeddings = Embeddings {
+    let biases = Biases::of(config);
+    let embeddings = build_embeddings(&mut builder, &names, config, biases)?;
+    let mut layers = Vec::with_capacity(config.num_layers);
+    for i in 0..config.num_layers {
+        layers.push(build_layer(&mut builder, &names, config, biases, i)?);
+    }
+    let final_norm = match config.modern_bert {
+        Some(_) => Some(builder.norm(&names.final_norm(), h, biases.norm)?),
+        None => None,
+    };
+    let relative = match config.relative_attention {
+        Some(attention) => Some(RelativeEmbeddings {
+            table: builder.embedding(&names.relative_embeddings(), 2 * attention.span(), h)?,
+            norm: match attention.norm_embeddings {
+                true => Some(builder.norm(&names.relative_norm(), h, true)?),
+                false => None,
+            },
+            attention,
+        }),
+        None => None,
+    };
+    let head = Head {
+        dense: builder.linear(&names.head_dense(), h, h, biases.head)?,
+        norm: match config.modern_bert {
+            Some(_) => Some(builder.norm(&names.head_norm(), h, biases.norm)?),
+            None => None,
+        },
+        out: builder.dense(&names.head_out(), h, config.num_labels())?,
+        dropout: dropout(config.classifier_dropout),
+        pooler_dropout: config.pooler_dropout.map(dropout),
+        family: config.family,
+    };
+    Ok(Classifier {
+        embeddings,
+        layers,
+        final_norm,
+        relative,
+        head,
+        config: config.clone(),
+    })
+}
+
+/// Which modules have biases: all of them, but in ModernBERT only those its config names.
+#[derive(Clone, Copy)]
+struct Biases {
+    attention: bool,
+    mlp: bool,
+    norm: bool,
+    head: bool,
+}
+
+impl Biases {
+    fn of(config: &ModelConfig) -> Biases {
+        match &config.modern_bert {
+            Some(layout) => Biases {
+                attention: layout.attention_bias,
+                mlp: layout.mlp_bias,
+                norm: layout.norm_bias,
+                head: layout.classifier_bias,
+            },
+            None => Biases {
+                attention: true,
+                mlp: true,
+                norm: true,
+                head: true,
+            },
+        }
+    }
+}
+
+fn build_embeddings(
+    builder: &mut Builder,
+    names: &Names,
+    config: &ModelConfig,
+    biases: Biases,
+) -> Result<Embeddings, ModelError> {
+    let (h, e) = (config.hidden_size, config.embedding_size);
+    let dropout_p = match &config.modern_bert {
+        Some(layout) => layout.embedding_dropout,
+        None => config.hidden_dropout,
+    };
+    Ok(Embeddings {
         word: builder.embedding(&names.word(), config.vocab_size, e)?,
         position: match config.absolute_positions {
             true => {
@@ -186,57 +316,54 @@ pub fn build(
             0 => None,
             n => Some(builder.embedding(&names.token_type(), n, e)?),
         },
-        norm: builder.norm(&names.embeddings_norm(), e)?,
-        dropout: dropout(config.hidden_dropout),
+        norm: builder.norm(&names.embeddings_norm(), e, biases.norm)?,
+        dropout: dropout(dropout_p),
         // ELECTRA has the projection exactly when the widths differ, as Hugging Face builds it.
         project: match e == h {
             true => None,
             false => Some(builder.dense(&names.embeddings_project(), e, h)?),
         },
         zero_padding: config.family == Family::DebertaV2,
-    };
-    let mut layers = Vec::with_capacity(config.num_layers);
-    for i in 0..config.num_layers {
-        let n = names.layer(i);
-        layers.push(EncoderLayer {
-            query: builder.dense(&n.query, h, h)?,
-            key: builder.dense(&n.key, h, h)?,
-            value: builder.dense(&n.value, h, h)?,
-            attention_output: builder.dense(&n.attention_output, h, h)?,
-            attention_norm: builder.norm(&n.attention_norm, h)?,
-            intermediate: builder.dense(&n.intermediate, h, config.intermediate_size)?,
-            output: builder.dense(&n.output, config.intermediate_size, h)?,
-            output_norm: builder.norm(&n.output_norm, h)?,
-            attention_dropout: dropout(config.attention_dropout),
-            dropout: dropout(config.hidden_dropout),
-            num_heads: config.num_heads,
-            activation: config.hidden_act,
-        });
-    }
-    let relative = match config.relative_attention {
-        Some(attention) => Some(RelativeEmbeddings {
-            table: builder.embedding(&names.relative_embeddings(), 2 * attention.span(), h)?,
-            norm: match attention.norm_embeddings {
-                true => Some(builder.norm(&names.relative_norm(), h)?),
-                false => None,
-            },
-            attention,
-        }),
-        None => None,
-    };
-    let head = Head {
-        dense: builder.dense(&names.head_dense(), h, h)?,
-        out: builder.dense(&names.head_out(), h, config.num_labels())?,
-        dropout: dropout(config.classifier_dropout),
-        pooler_dropout: config.pooler_dropout.map(dropout),
-        family: config.family,
-    };
-    Ok(Classifier {
-        embeddings,
-        layers,
-        relative,
-        head,
-        config: config.clone(),
+    })
+}
+
+fn build_layer(
+    builder: &mut Builder,
+    names: &Names,
+    config: &ModelConfig,
+    biases: Biases,
+    i: usize,
+) -> Result<EncoderLayer, ModelError> {
+    let n = names.layer(i);
+    let (h, inner) = (config.hidden_size, config.intermediate_size);
+    let modern = config.modern_bert.as_ref().map(|layout| ModernLayer {
+        rope_theta: match layout.windows[i] {
+            None => layout.global_rope_theta,
+            Some(_) => layout.local_rope_theta,
+        },
+        window: layout.windows[i],
+        mlp_dropout: layout.mlp_dropout,
+    });
+    // ModernBERT's Wi makes the GeGLU's input and gate side by side.
+    let inner_out = if modern.is_some() { 2 * inner } else { inner };
+    Ok(EncoderLayer {
+        query: builder.linear(&n.query, h, h, biases.attention)?,
+        key: builder.linear(&n.key, h, h, biases.attention)?,
+        value: builder.linear(&n.value, h, h, biases.attention)?,
+        attention_output: builder.linear(&n.attention_output, h, h, biases.attention)?,
+        // ModernBERT's first layer reads the embeddings' norm (`attn_norm` is Identity).
+        attention_norm: match (&modern, i) {
+            (Some(_), 0) => None,
+            _ => Some(builder.norm(&n.attention_norm, h, biases.norm)?),
+        },
+        intermediate: builder.linear(&n.intermediate, h, inner_out, biases.mlp)?,
+        output: builder.linear(&n.output, inner, h, biases.mlp)?,
+        output_norm: builder.norm(&n.output_norm, h, biases.norm)?,
+        attention_dropout: dropout(config.attention_dropout),
+        dropout: dropout(config.hidden_dropout),
+        num_heads: config.num_heads,
+        activation: config.hidden_act,
+        modern,
     })
 }
 
@@ -261,31 +388,53 @@ impl Builder<'_> {
     }
 
     fn dense(&mut self, name: &HfName, d_in: usize, d_out: usize) -> Result<Dense, ModelError> {
+        self.linear(name, d_in, d_out, true)
+    }
+
+    fn linear(
+        &mut self,
+        name: &HfName,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<Dense, ModelError> {
         let weight = self
             .source
             .take(&name.tensor("weight"), [d_out, d_in], Init::Normal)?;
-        let bias = self
-            .source
-            .take(&name.tensor("bias"), [d_out, 1], Init::Zeros)?;
+        let weight = self.param(transpose(&weight, d_out, d_in), [d_in, d_out]);
+        let bias = match bias {
+            true => {
+                let values = self
+                    .source
+                    .take(&name.tensor("bias"), [d_out, 1], Init::Zeros)?;
+                Some(self.param(values, [d_out]))
+            }
+            false => None,
+        };
         Ok(Dense {
-            weight: self.param(transpose(&weight, d_out, d_in), [d_in, d_out]),
-            bias: self.param(bias, [d_out]),
+            weight,
+            bias,
             mixout: None,
         })
     }
 
-    fn norm(&mut self, name: &HfName, d: usize) -> Result<LayerNorm, ModelError> {
+    fn norm(&mut self, name: &HfName, d: usize, bias: bool) -> Result<LayerNorm, ModelError> {
         let gamma = self
             .source
             .take(&name.tensor("weight"), [d, 1], Init::Ones)?;
-        let beta = self
-            .source
-            .take(&name.tensor("bias"), [d, 1], Init::Zeros)?;
         let mut norm = LayerNormConfig::new(d)
             .with_epsilon(self.eps)
             .init(self.device);
         norm.gamma = self.param(gamma, [d]);
-        norm.beta = Some(self.param(beta, [d]));
+        norm.beta = match bias {
+            true => {
+                let beta = self
+                    .source
+                    .take(&name.tensor("bias"), [d, 1], Init::Zeros)?;
+                Some(self.param(beta, [d]))
+            }
+            false => None,
+        };
         Ok(norm)
     }
 
@@ -346,11 +495,18 @@ pub fn named_parts(model: &Classifier) -> Vec<(HfName, Part<'_>)> {
             (n.key, Part::Dense(&layer.key)),
             (n.value, Part::Dense(&layer.value)),
             (n.attention_output, Part::Dense(&layer.attention_output)),
-            (n.attention_norm, Part::Norm(&layer.attention_norm)),
+        ]);
+        if let Some(norm) = &layer.attention_norm {
+            parts.push((n.attention_norm, Part::Norm(norm)));
+        }
+        parts.extend([
             (n.intermediate, Part::Dense(&layer.intermediate)),
             (n.output, Part::Dense(&layer.output)),
             (n.output_norm, Part::Norm(&layer.output_norm)),
         ]);
+    }
+    if let Some(norm) = &model.final_norm {
+        parts.push((names.final_norm(), Part::Norm(norm)));
     }
     if let Some(relative) = &model.relative {
         parts.push((
@@ -362,6 +518,9 @@ pub fn named_parts(model: &Classifier) -> Vec<(HfName, Part<'_>)> {
         }
     }
     parts.push((names.head_dense(), Part::Dense(&model.head.dense)));
+    if let Some(norm) = &model.head.norm {
+        parts.push((names.head_norm(), Part::Norm(norm)));
+    }
     parts.push((names.head_out(), Part::Dense(&model.head.out)));
     parts
 }
@@ -372,14 +531,16 @@ pub fn param_names(model: &Classifier) -> Vec<(String, ParamId, bool)> {
     let family = model.config.family;
     let mut out = Vec::new();
     for (name, part) in named_parts(model) {
-        let in_layer = name.key.contains(".layer.");
+        let in_layer = name.in_layer;
         let mut add = |leaf: &str, id: ParamId, layer_matrix: bool| {
             out.push((name.tensor(leaf).full(family), id, layer_matrix));
         };
         match part {
             Part::Dense(d) => {
                 add("weight", d.weight.id, in_layer);
-                add("bias", d.bias.id, false);
+                if let Some(bias) = &d.bias {
+                    add("bias", bias.id, false);
+                }
             }
             Part::Norm(n) => {
                 add("weight", n.gamma.id, false);

@@ -153,6 +153,11 @@ fn tiny_deberta_v3_matches_transformers() {
 }
 
 #[test]
+fn tiny_modernbert_matches_transformers() {
+    check_tiny("tiny-modernbert");
+}
+
+#[test]
 fn minilm_hidden_states_and_pooler_match_transformers_with_padding() {
     on_each_device(minilm_matches_on);
 }
@@ -201,6 +206,7 @@ fn save_then_load_is_bit_identical_in_each_family_layout() {
         "tiny-roberta",
         "tiny-electra",
         "tiny-deberta-v3",
+        "tiny-modernbert",
     ] {
         let dir = fixtures().join("golden").join(name);
         let (model, _) = load(&dir, None, 0, &device()).unwrap();

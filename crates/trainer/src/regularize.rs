@@ -177,7 +177,7 @@ impl MixoutConfig {
             let full = name.full(family);
             let selected = match &matcher {
                 Some(set) => matches(set, &full, &prefix),
-                None => name.key.contains(".layer."),
+                None => name.in_layer,
             };
             let weight = target.weight.val();
             if selected {
@@ -188,6 +188,8 @@ impl MixoutConfig {
                 mixed.push(full);
             }
         }
+        // The blocks of one stacked tensor (ModernBERT's Wqkv) are one Linear layer.
+        mixed.dedup();
         if mixed.is_empty() {
             return Err(RegularizerError::NoMixoutLayer(self.layers.clone()));
         }
