@@ -6,7 +6,8 @@
 //! MODEL is `minilm` (the default: all-MiniLM-L6-v2 at 16 × 64), a model directory, or a
 //! family at its real width with 2 layers, made here with seeded random weights and saved for
 //! both sides to load (16 × 128 by default): `bert` (bert-base), `deberta-v3` (deberta-v3-base:
-//! 128k vocabulary, 256 log buckets).
+//! 128k vocabulary, 256 log buckets), `modernbert` (ModernBERT-base: one global and one
+//! sliding-window layer, mean pooling).
 //! Prints each median against PyTorch's step on the same batch, measured in the same run when
 //! `HF_PYTHON` names a Python with the reference's packages
 //! (../shared/bench/hf_trainer/requirements.txt; it runs `benches/reference/torch_step.py`), else
@@ -125,6 +126,14 @@ fn full_width_config(family: &str) -> Option<serde_json::Value> {
             "position_buckets": 256, "max_relative_positions": -1, "norm_rel_ebd": "layer_norm",
             "share_att_key": true, "pos_att_type": "p2c|c2p", "position_biased_input": false,
             "pooler_hidden_size": 768, "pooler_dropout": 0, "pooler_hidden_act": "gelu",
+        }),
+        "modernbert" => serde_json::json!({
+            "model_type": "modernbert", "vocab_size": 50368, "intermediate_size": 1152,
+            "max_position_embeddings": 8192, "hidden_activation": "gelu", "norm_eps": 1e-5,
+            "global_attn_every_n_layers": 3, "local_attention": 128,
+            "global_rope_theta": 160000.0, "local_rope_theta": 10000.0,
+            "classifier_pooling": "mean", "attention_dropout": 0.0, "mlp_dropout": 0.0,
+            "embedding_dropout": 0.0, "classifier_dropout": 0.0,
         }),
         _ => return None,
     };
