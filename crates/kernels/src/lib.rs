@@ -170,6 +170,23 @@ pub fn attention(
     ))
 }
 
+/// [`attention`] with an additive `bias` that broadcasts to `[batch, heads, rows, seq]`: unlike
+/// the fused kernel's per-key mask it may differ per query and head and carries a gradient
+/// (DeBERTa's relative position scores, ModernBERT's sliding window). burn's own operations on
+/// every device.
+#[inline]
+pub fn biased_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    bias: Tensor<4>,
+    heads: usize,
+    divisor: f32,
+    dropout: Option<Mask>,
+) -> Tensor<3> {
+    generic::attention(q, k, v, bias, heads, divisor, dropout)
+}
+
 /// `LayerNorm(x + residual)` over the last dimension: the residual connection and the norm
 /// after it in one operation.
 #[inline]

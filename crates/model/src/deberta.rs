@@ -3,17 +3,17 @@
 //! query-key pair, and the attention that adds content-to-position and position-to-content
 //! scores to the content scores.
 //!
-//! The scores are burn's own operations (matmuls, gathers, softmax), under autodiff as on
-//! every device; the fused attention kernel takes only a per-key mask, not a learned bias.
+//! The position scores are burn's own operations (matmuls, gathers), under autodiff as on
+//! every device, and enter [`finetune_kernels::biased_attention`] as its bias: the fused
+//! attention kernel takes only a per-key mask, not a learned bias.
 
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm};
-use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::RelativeAttention;
 use crate::model::{Dense, EncoderLayer};
-use finetune_kernels::{Mask, dropout};
+use finetune_kernels::{Mask, biased_attention};
 
 /// `encoder.rel_embeddings` (`2 × span` rows) and the LayerNorm over them.
 #[derive(Module, Debug)]
@@ -96,7 +96,6 @@ impl RelativePositions {
         let head_dim = hidden / heads;
         let split =
             |t: Tensor<3>, len: usize| t.reshape([batch, len, heads, head_dim]).swap_dims(1, 2);
-        let (q, k, v) = (split(q, rows), split(k, seq), split(v, seq));
         let table = layer.dropout.forward(self.table.clone());
         let table_len = table.dims()[0];
         // The table through a projection, per head: `[batch, heads, 2 × span, head_dim]`.
@@ -108,28 +107,32 @@ impl RelativePositions {
                 .expand([batch, heads, table_len, head_dim])
         };
         let index = self.index.clone().narrow(0, 0, rows);
-        let mut scores = q.clone().matmul(k.clone().swap_dims(2, 3));
+        let mut position_scores: Option<Tensor<4>> = None;
+        let mut add = |term: Tensor<4>| {
+            position_scores = Some(match position_scores.take() {
+                Some(sum) => sum + term,
+                None => term,
+            });
+        };
         if self.attention.content_to_position {
-            let by_row = q.matmul(project(&layer.key).swap_dims(2, 3));
+            let by_row = split(q.clone(), rows).matmul(project(&layer.key).swap_dims(2, 3));
             let at = index.clone().reshape([1, 1, rows, seq]);
-            scores = scores + by_row.gather(3, at.expand([batch, heads, rows, seq]));
+            add(by_row.gather(3, at.expand([batch, heads, rows, seq])));
         }
         if self.attention.position_to_content {
             // Per key, its content against every position row, read at the query's distance.
-            let by_row = k.matmul(project(&layer.query).swap_dims(2, 3));
+            let by_row = split(k.clone(), seq).matmul(project(&layer.query).swap_dims(2, 3));
             let at = index.transpose().reshape([1, 1, seq, rows]);
-            let gathered = by_row.gather(3, at.expand([batch, heads, seq, rows]));
-            scores = scores + gathered.swap_dims(2, 3);
+            add(by_row
+                .gather(3, at.expand([batch, heads, seq, rows]))
+                .swap_dims(2, 3));
         }
         let scale = ((head_dim * self.attention.terms()) as f32).sqrt();
-        let mut probs = softmax(scores.div_scalar(scale) + mask_bias, 3);
-        if let Some(mask) = dropout_mask {
-            probs = dropout(probs, mask);
-        }
-        probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch, rows, hidden])
+        let bias = match position_scores {
+            Some(scores) => scores.div_scalar(scale) + mask_bias,
+            None => mask_bias,
+        };
+        biased_attention(q, k, v, bias, heads, scale, dropout_mask)
     }
 }
 

@@ -3,14 +3,13 @@
 //! each added to the residual stream; and the mean pooling its head may read.
 //!
 //! Global layers take the fused attention kernel (the padding mask is per key); sliding-window
-//! layers mask per query as well, which the kernel does not take, so they run on burn's own
-//! operations.
+//! layers mask per query as well, which the kernel does not take, so they take
+//! [`finetune_kernels::biased_attention`], burn's own operations.
 
-use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::model::EncoderLayer;
-use finetune_kernels::{Dropout, Mask, attention, dropout};
+use finetune_kernels::{Dropout, attention, biased_attention};
 
 /// A ModernBERT layer's own settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,7 +56,7 @@ impl EncoderLayer {
             None => attention(q, k, v, mask_bias, heads, divisor, dropout_mask),
             Some(window) => {
                 let bias = mask_bias + band(rows, seq, window, &device);
-                masked_attention([q, k, v], bias, heads, divisor, dropout_mask)
+                biased_attention(q, k, v, bias, heads, divisor, dropout_mask)
             }
         };
         let attended = self.dropout.forward(self.attention_output.forward(context));
@@ -124,32 +123,6 @@ fn band(rows: usize, seq: usize, window: usize, device: &Device) -> Tensor<4> {
         .flat_map(|i| (0..seq).map(move |j| if i.abs_diff(j) <= window { 0.0 } else { -1e9 }))
         .collect();
     Tensor::from_data(TensorData::new(values, [1, 1, rows, seq]), device)
-}
-
-/// Multi-head attention with an additive bias per query and key (`[batch or 1, 1, rows, seq]`).
-fn masked_attention(
-    [q, k, v]: [Tensor<3>; 3],
-    bias: Tensor<4>,
-    heads: usize,
-    divisor: f32,
-    dropout_mask: Option<Mask>,
-) -> Tensor<3> {
-    let [batch, rows, hidden] = q.dims();
-    let seq = k.dims()[1];
-    let split = |t: Tensor<3>, len: usize| {
-        t.reshape([batch, len, heads, hidden / heads])
-            .swap_dims(1, 2)
-    };
-    let (q, k, v) = (split(q, rows), split(k, seq), split(v, seq));
-    let scores = q.matmul(k.swap_dims(2, 3)).div_scalar(divisor) + bias;
-    let mut probs = softmax(scores, 3);
-    if let Some(mask) = dropout_mask {
-        probs = dropout(probs, mask);
-    }
-    probs
-        .matmul(v)
-        .swap_dims(1, 2)
-        .reshape([batch, rows, hidden])
 }
 
 /// The mean of `x: [batch, seq, hidden]` over the unpadded positions of each row.
