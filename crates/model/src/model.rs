@@ -356,9 +356,7 @@ impl EncoderLayer {
         let out = self.dropout.forward(self.output.forward(inner));
         norm_of_sum(&self.output_norm, out, x, epsilon)
     }
-}
 
-impl EncoderLayer {
     /// The feed-forward's activation.
     pub(crate) fn activate(&self, x: Tensor<3>) -> Tensor<3> {
         match self.activation {
@@ -369,7 +367,7 @@ impl EncoderLayer {
     }
 }
 
-/// `norm(x + residual)`, fused where the norm has a bias (every family's does). `epsilon` is
+/// `norm(x + residual)`, fused where the norm has a bias (all but ModernBERT's do). `epsilon` is
 /// the config's `layer_norm_eps`, which every norm is built with (burn keeps its own private).
 fn norm_of_sum(norm: &LayerNorm, x: Tensor<3>, residual: Tensor<3>, epsilon: f64) -> Tensor<3> {
     match &norm.beta {
@@ -381,37 +379,40 @@ fn norm_of_sum(norm: &LayerNorm, x: Tensor<3>, residual: Tensor<3>, epsilon: f64
 impl Head {
     /// From the pooled hidden state (the first token's, or ModernBERT's mean): `(pooler
     /// output, logits)`.
-    fn forward(&self, first: Tensor<2>) -> (Option<Tensor<2>>, Tensor<2>) {
+    fn forward(&self, pooled_input: Tensor<2>) -> (Option<Tensor<2>>, Tensor<2>) {
         match self.family {
             Family::Bert => {
-                let pooled = self.dense.forward(first).tanh();
+                let pooled = self.dense.forward(pooled_input).tanh();
                 let logits = self.out.forward(self.dropout.forward(pooled.clone()));
                 (Some(pooled), logits)
             }
             Family::DistilBert => {
-                let inner = self.dropout.forward(relu(self.dense.forward(first)));
+                let inner = self.dropout.forward(relu(self.dense.forward(pooled_input)));
                 (None, self.out.forward(inner))
             }
             Family::Roberta => {
-                let inner = self.dense.forward(self.dropout.forward(first)).tanh();
+                let inner = self
+                    .dense
+                    .forward(self.dropout.forward(pooled_input))
+                    .tanh();
                 (None, self.out.forward(self.dropout.forward(inner)))
             }
             // GELU with erf where BERT's pooler has tanh, as the ELECTRA authors chose.
             Family::Electra => {
-                let inner = gelu(self.dense.forward(self.dropout.forward(first)));
+                let inner = gelu(self.dense.forward(self.dropout.forward(pooled_input)));
                 (None, self.out.forward(self.dropout.forward(inner)))
             }
             // The ContextPooler, then the classifier.
             Family::DebertaV2 => {
-                let first = match &self.pooler_dropout {
-                    Some(pooler_dropout) => pooler_dropout.forward(first),
-                    None => first,
+                let pooled_input = match &self.pooler_dropout {
+                    Some(pooler_dropout) => pooler_dropout.forward(pooled_input),
+                    None => pooled_input,
                 };
-                let pooled = gelu(self.dense.forward(first));
+                let pooled = gelu(self.dense.forward(pooled_input));
                 (None, self.out.forward(self.dropout.forward(pooled)))
             }
             Family::ModernBert => {
-                let pooled = gelu(self.dense.forward(first));
+                let pooled = gelu(self.dense.forward(pooled_input));
                 let pooled = match &self.norm {
                     Some(norm) => norm.forward(pooled),
                     None => pooled,
