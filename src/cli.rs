@@ -19,7 +19,7 @@ use crate::remote::commands::{Target, gc_remote_command, pull_command, push_comm
 use crate::report::{Event, sink_for};
 use crate::runner::{RunOptions, Shard, run};
 use crate::workspace::Workspace;
-use finetune_core::PredictOptions;
+use finetune_core::{PredictInput, PredictOptions};
 
 pub const DEFAULT_PIPELINE: &str = "pipelines/reviews.yaml";
 
@@ -162,6 +162,13 @@ pub enum Command {
         /// Texts to label; none reads stdin.
         #[arg(value_name = "TEXT")]
         texts: Vec<String>,
+        /// The second text of a sentence pair, once per TEXT, in order (for a model trained on
+        /// pairs: ingest's `text_pair`).
+        #[arg(long = "pair", value_name = "TEXT_PAIR")]
+        pairs: Vec<String>,
+        /// Read sentence pairs from stdin: `text<TAB>text_pair` a line.
+        #[arg(long = "pairs", conflicts_with = "pairs")]
+        pairs_on_stdin: bool,
         /// Texts per forward pass.
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
@@ -479,6 +486,8 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
         Command::Predict {
             model,
             texts,
+            pairs,
+            pairs_on_stdin,
             batch_size,
             device,
             bf16,
@@ -489,7 +498,8 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
                 device,
                 bf16,
             };
-            predict(registry, &workspace, &model, texts, &options, json)?;
+            let inputs = predict_inputs(texts, pairs, pairs_on_stdin)?;
+            predict(registry, &workspace, &model, &inputs, &options, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Push {
@@ -574,12 +584,77 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
     }
 }
 
-/// `finetune predict`: texts from the arguments or stdin, through the registered predictor.
+/// What `predict` labels: the TEXT arguments (with `--pair`s), else stdin's lines, one text
+/// or (with `--pairs`) one `text<TAB>text_pair` a line.
+fn predict_inputs(
+    texts: Vec<String>,
+    pairs: Vec<String>,
+    pairs_on_stdin: bool,
+) -> Result<Vec<PredictInput>> {
+    if !texts.is_empty() {
+        if pairs_on_stdin {
+            return Err(UsageError(
+                "--pairs reads stdin; with TEXT arguments give each its --pair".into(),
+            )
+            .into());
+        }
+        if !pairs.is_empty() && pairs.len() != texts.len() {
+            return Err(UsageError(format!(
+                "{} texts but {} --pair values: give one --pair per text",
+                texts.len(),
+                pairs.len()
+            ))
+            .into());
+        }
+        let mut pairs = pairs.into_iter().map(Some).chain(std::iter::repeat(None));
+        return Ok(texts
+            .into_iter()
+            .map(|text| PredictInput {
+                text,
+                text_pair: pairs.next().flatten(),
+            })
+            .collect());
+    }
+    if !pairs.is_empty() {
+        return Err(UsageError("--pair needs a TEXT argument to pair with".into()).into());
+    }
+    let mut inputs = Vec::new();
+    for (n, line) in std::io::stdin().lines().enumerate() {
+        let line = line.context("cannot read texts from stdin")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let input = match (pairs_on_stdin, line.split_once('\t')) {
+            (false, _) => PredictInput {
+                text: line,
+                text_pair: None,
+            },
+            (true, Some((text, pair))) => PredictInput {
+                text: text.to_string(),
+                text_pair: Some(pair.to_string()),
+            },
+            (true, None) => {
+                return Err(UsageError(format!(
+                    "stdin line {}: no tab between the text and its pair (--pairs reads `text<TAB>text_pair`)",
+                    n + 1
+                ))
+                .into());
+            }
+        };
+        inputs.push(input);
+    }
+    if inputs.is_empty() {
+        return Err(UsageError("no texts: give them as arguments or on stdin".into()).into());
+    }
+    Ok(inputs)
+}
+
+/// `finetune predict`: the inputs through the registered predictor.
 fn predict(
     registry: &Registry,
     workspace: &Workspace,
     model: &Path,
-    mut texts: Vec<String>,
+    inputs: &[PredictInput],
     options: &PredictOptions,
     json: bool,
 ) -> Result<()> {
@@ -597,20 +672,8 @@ fn predict(
         ))
         .into());
     }
-    if texts.is_empty() {
-        texts = std::io::stdin()
-            .lines()
-            .collect::<std::io::Result<Vec<String>>>()
-            .context("cannot read texts from stdin")?
-            .into_iter()
-            .filter(|line| !line.trim().is_empty())
-            .collect();
-    }
-    if texts.is_empty() {
-        return Err(UsageError("no texts: give them as arguments or on stdin".into()).into());
-    }
-    let predictions = predictor.predict(&dir, &texts, options)?;
-    for (text, prediction) in texts.iter().zip(&predictions) {
+    let predictions = predictor.predict(&dir, inputs, options)?;
+    for (input, prediction) in inputs.iter().zip(&predictions) {
         let probability = prediction
             .probabilities
             .iter()
@@ -622,15 +685,23 @@ fn predict(
                 .iter()
                 .map(|(label, p)| (label.clone(), serde_json::json!(p)))
                 .collect();
-            let line = serde_json::json!({
-                "text": text,
-                "label": prediction.label,
-                "probabilities": probabilities,
-                "logits": prediction.logits,
-            });
+            let mut line = serde_json::json!({ "text": input.text });
+            if let Some(pair) = &input.text_pair {
+                line["text_pair"] = serde_json::json!(pair);
+            }
+            line["label"] = serde_json::json!(prediction.label);
+            line["probabilities"] = probabilities.into();
+            line["logits"] = serde_json::json!(prediction.logits);
             println!("{line}");
         } else {
-            println!("{}\t{probability:.4}\t{text}", prediction.label);
+            let pair = input
+                .text_pair
+                .as_ref()
+                .map_or(String::new(), |p| format!("\t{p}"));
+            println!(
+                "{}\t{probability:.4}\t{}{pair}",
+                prediction.label, input.text
+            );
         }
     }
     Ok(())

@@ -8,10 +8,13 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::model::{Batch, Classifier};
 
-/// One tokenized text and its label's index.
+/// One tokenized text (or sentence pair) and its label's index.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub ids: Vec<i32>,
+    /// Each token's segment for a sentence pair (0: first text, 1: second); empty for one
+    /// text.
+    pub type_ids: Vec<i32>,
     pub label: i64,
 }
 
@@ -32,18 +35,21 @@ pub struct LabelScores {
     pub probabilities: Vec<f32>,
 }
 
-/// Logits and probabilities for `rows` of token ids, `batch_size` rows at a time.
+/// Logits and probabilities for `rows` of token ids (with `type_ids`, their segments, for
+/// sentence pairs; empty for single texts), `batch_size` rows at a time.
 pub fn label_scores(
     model: &Classifier,
     rows: &[Vec<i32>],
+    type_ids: &[Vec<i32>],
     batch_size: usize,
     device: &Device,
 ) -> Vec<LabelScores> {
     let mut out = vec![LabelScores::default(); rows.len()];
+    let no_types: &[i32] = &[];
     logits_by_length(
         model,
         rows.len(),
-        |i| &rows[i],
+        |i| (&rows[i], type_ids.get(i).map_or(no_types, Vec::as_slice)),
         batch_size,
         device,
         |batch, logits| {
@@ -61,22 +67,21 @@ pub fn label_scores(
     out
 }
 
-/// `model.logits` of `count` rows (`ids(i)` for row `i`) in [`batches_by_length`], each batch
-/// handed to `each` with the indices of its rows.
+/// `model.logits` of `count` rows (`row(i)`: the token ids and token type ids of row `i`) in
+/// [`batches_by_length`], each batch handed to `each` with the indices of its rows.
 fn logits_by_length<'a>(
     model: &Classifier,
     count: usize,
-    ids: impl Fn(usize) -> &'a [i32],
+    row: impl Fn(usize) -> (&'a [i32], &'a [i32]),
     batch_size: usize,
     device: &Device,
     mut each: impl FnMut(&[usize], Tensor<2>),
 ) {
-    for batch in batches_by_length((0..count).map(|i| ids(i).len()), batch_size) {
-        let rows: Vec<Vec<i32>> = batch.iter().map(|&i| ids(i).to_vec()).collect();
-        each(
-            &batch,
-            model.logits(&Batch::from_rows(&rows, &model.config, None, device)),
-        );
+    for batch in batches_by_length((0..count).map(|i| row(i).0.len()), batch_size) {
+        let ids: Vec<Vec<i32>> = batch.iter().map(|&i| row(i).0.to_vec()).collect();
+        let types: Vec<Vec<i32>> = batch.iter().map(|&i| row(i).1.to_vec()).collect();
+        let tokens = Batch::from_segmented_rows(&ids, &types, &model.config, None, device);
+        each(&batch, model.logits(&tokens));
     }
 }
 
@@ -110,11 +115,11 @@ pub fn predict(
     let mut probabilities = vec![Vec::new(); examples.len()];
     let mut predicted = vec![0; examples.len()];
     let mut loss_sum = 0.0f64;
-    let ids = |i: usize| examples[i].ids.as_slice();
+    let row = |i: usize| (examples[i].ids.as_slice(), examples[i].type_ids.as_slice());
     logits_by_length(
         model,
         examples.len(),
-        ids,
+        row,
         batch_size,
         device,
         |batch, logits| {

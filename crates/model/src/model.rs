@@ -132,9 +132,23 @@ pub struct Batch {
 
 impl Batch {
     /// Pads `rows` of token ids to the longest (or to `pad_to`) with the model's padding id,
-    /// and derives the mask and the family's position ids.
+    /// and derives the mask and the family's position ids. Every token is of segment 0.
     pub fn from_rows(
         rows: &[Vec<i32>],
+        config: &ModelConfig,
+        pad_to: Option<usize>,
+        device: &Device,
+    ) -> Batch {
+        Batch::from_segmented_rows(rows, &[], config, pad_to, device)
+    }
+
+    /// [`Batch::from_rows`] with each row's token type ids (`type_ids[i]` for `rows[i]`; an
+    /// empty list, or none at all, is segment 0 throughout). Only a model with two or more
+    /// token types sees them: RoBERTa's single type and DeBERTa-v3's none take zeros, as
+    /// their Python tokenizers give no `token_type_ids`.
+    pub fn from_segmented_rows(
+        rows: &[Vec<i32>],
+        type_ids: &[Vec<i32>],
         config: &ModelConfig,
         pad_to: Option<usize>,
         device: &Device,
@@ -142,8 +156,11 @@ impl Batch {
         let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
         let width = pad_to.unwrap_or(longest).max(longest).max(1);
         let pad = config.pad_token_id as i64;
+        let segmented = config.type_vocab_size >= 2;
         let (mut ids, mut mask, mut positions) = (Vec::new(), Vec::new(), Vec::new());
-        for row in rows {
+        let mut types = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            let row_types = type_ids.get(i).filter(|_| segmented);
             for column in 0..width {
                 let real = column < row.len();
                 ids.push(if real { i64::from(row[column]) } else { pad });
@@ -154,6 +171,11 @@ impl Batch {
                     (Family::Roberta, false) => pad,
                     _ => column as i64,
                 });
+                // An id past the model's types would index out of its table; readers refuse
+                // such files, and this keeps a caller's mistake from panicking.
+                let segment = row_types.and_then(|t| t.get(column)).copied().unwrap_or(0);
+                let last_type = config.type_vocab_size.saturating_sub(1) as i64;
+                types.push(i64::from(segment).clamp(0, last_type));
             }
         }
         let shape = [rows.len(), width];
@@ -163,7 +185,7 @@ impl Batch {
             input_ids: tensor(ids),
             attention_mask: tensor(mask),
             position_ids: tensor(positions),
-            token_type_ids: Tensor::<2, Int>::zeros(shape, device),
+            token_type_ids: tensor(types),
         }
     }
 }

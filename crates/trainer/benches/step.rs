@@ -197,6 +197,7 @@ impl Bench<'_> {
         let (model, _) =
             hf::load(model_dir, Some(&labels), 42, &train_device).expect("load the model");
         let micro = [MicroBatch {
+            type_ids: Vec::new(),
             rows: rows.clone(),
             labels: (0..rows_per_batch as i64).map(|i| i % 2).collect(),
         }];

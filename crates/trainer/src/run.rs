@@ -345,6 +345,7 @@ impl Trainer<'_> {
                 .chunks(run.state.micro_batch_size)
                 .map(|ids| MicroBatch {
                     rows: ids.iter().map(|&j| train[j].ids.clone()).collect(),
+                    type_ids: ids.iter().map(|&j| train[j].type_ids.clone()).collect(),
                     labels: ids.iter().map(|&j| train[j].label).collect(),
                 })
                 .collect();

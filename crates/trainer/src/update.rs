@@ -258,6 +258,8 @@ impl Loss {
 #[derive(Debug, Clone)]
 pub struct MicroBatch {
     pub rows: Vec<Vec<i32>>,
+    /// Each row's token type ids, for sentence pairs; empty (for a row, or for all): segment 0.
+    pub type_ids: Vec<Vec<i32>>,
     pub labels: Vec<i64>,
 }
 
@@ -399,7 +401,8 @@ pub fn gradients_taking(
     let mut word_rows: Option<RowGradient> = None;
     let mut loss_sum = 0.0;
     for micro in micro_batches {
-        let batch = Batch::from_rows(&micro.rows, &model.config, pad_to, device);
+        let batch =
+            Batch::from_segmented_rows(&micro.rows, &micro.type_ids, &model.config, pad_to, device);
         let targets = Tensor::<1, Int>::from_data(
             TensorData::new(micro.labels.clone(), [micro.labels.len()]),
             device,

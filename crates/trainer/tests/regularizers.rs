@@ -59,6 +59,7 @@ fn micro_batches(sizes: &[usize]) -> Vec<MicroBatch> {
             let part = &examples[start..start + n];
             start += n;
             MicroBatch {
+                type_ids: Vec::new(),
                 rows: part.iter().map(|e| e.ids.clone()).collect(),
                 labels: part.iter().map(|e| e.label).collect(),
             }

@@ -285,6 +285,7 @@ fn word_embedding_state_round_trips_and_falls_back_to_dense() {
         .clone()
         .autodiff();
     let micro = [MicroBatch {
+        type_ids: Vec::new(),
         rows: vec![vec![101, 2307, 102], vec![101, 2919, 2307, 102]],
         labels: vec![0, 1],
     }];

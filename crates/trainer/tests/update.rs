@@ -91,6 +91,7 @@ fn the_weighted_smoothed_loss_is_pytorchs() {
     }
     let expected = cost / weight;
     let micro = [MicroBatch {
+        type_ids: Vec::new(),
         rows,
         labels: targets,
     }];
@@ -125,6 +126,7 @@ fn accumulation_matches_one_batch(loss: &Loss) {
             .iter()
             .map(|&n| {
                 let m = MicroBatch {
+                    type_ids: Vec::new(),
                     rows: rows[start..start + n].to_vec(),
                     labels: targets[start..start + n].to_vec(),
                 };
@@ -206,6 +208,7 @@ fn word_embeddings_by_rows_equal_the_dense_update() {
         for step in 0..3 {
             let at = step * 16;
             let micro = [(at, 5), (at + 5, 11)].map(|(start, n)| MicroBatch {
+                type_ids: Vec::new(),
                 rows: rows[start..start + n].to_vec(),
                 labels: targets[start..start + n].to_vec(),
             });

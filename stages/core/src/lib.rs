@@ -57,13 +57,20 @@ pub struct Audit {
 /// Loads a trained model from a directory and labels texts with it: what `finetune predict`
 /// calls, so that the engine needs no ML code. The `train` plugin provides one.
 pub trait Predictor: Send + Sync {
-    /// Labels and class probabilities for each text, run as `options` say.
+    /// Labels and class probabilities for each input, run as `options` say.
     fn predict(
         &self,
         model_dir: &std::path::Path,
-        texts: &[String],
+        inputs: &[PredictInput],
         options: &PredictOptions,
     ) -> anyhow::Result<Vec<Prediction>>;
+}
+
+/// What a [`Predictor`] labels: one text, or a sentence pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PredictInput {
+    pub text: String,
+    pub text_pair: Option<String>,
 }
 
 /// How a [`Predictor`] runs its forward passes.

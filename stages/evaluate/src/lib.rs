@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use finetune_model::{ComputeDevice, DeviceSpec, Example, hf};
-use finetune_tokenize::tokenized::{read_examples, read_labels, read_texts};
+use finetune_tokenize::tokenized::{read_examples, read_labels, read_text_pairs, read_texts};
 use finetune_trainer::{Metrics, metrics_json, predict_fitting};
 
 mod dvclive;
@@ -134,11 +134,16 @@ impl EvaluateJob {
         let trained = &ctx.upstream_using("train")?.dir;
         let split = &self.params.split;
         let split_file = tokenized.join(format!("{split}.parquet"));
-        let examples = read_examples(&split_file, |ids, label| Example { ids, label })?;
+        let examples = read_examples(&split_file, |row| Example {
+            ids: row.ids,
+            type_ids: row.type_ids,
+            label: row.label,
+        })?;
         if examples.is_empty() {
             return Err(anyhow!("the {split} split is empty: nothing to evaluate"));
         }
         let texts = read_texts(&split_file)?;
+        let pairs = read_text_pairs(&split_file)?;
         let labels = read_labels(&tokenized.join("labels.json"))?;
         let device = compute.device().clone();
         let (model, _) = hf::load(&trained.join("model"), Some(&labels), 0, &device)
@@ -157,7 +162,7 @@ impl EvaluateJob {
         write_json(&ctx.out_dir.join("metrics.json"), &summary)?;
         write_predictions(
             &ctx.out_dir.join("predictions.parquet"),
-            &texts,
+            (&texts, pairs.as_deref()),
             &truth,
             &predictions.predicted,
             &predictions.probabilities,
@@ -180,10 +185,11 @@ impl EvaluateJob {
     }
 }
 
-/// text, label, prediction (label names) and the probability of every label, one row each.
+/// text (and text_pair, for pairs), label, prediction (label names) and the probability of
+/// every label, one row each.
 fn write_predictions(
     path: &Path,
-    texts: &[String],
+    (texts, pairs): (&[String], Option<&[String]>),
     truth: &[usize],
     predicted: &[usize],
     probabilities: &[Vec<f32>],
@@ -199,15 +205,17 @@ fn write_predictions(
         lists.values().append_slice(row);
         lists.append(true);
     }
-    let batch = RecordBatch::try_from_iter([
-        (
-            "text",
-            Arc::new(StringArray::from_iter_values(texts)) as ArrayRef,
-        ),
+    let strings =
+        |values: &[String]| -> ArrayRef { Arc::new(StringArray::from_iter_values(values)) };
+    let mut columns = vec![("text", strings(texts))];
+    if let Some(pairs) = pairs {
+        columns.push(("text_pair", strings(pairs)));
+    }
+    let batch = RecordBatch::try_from_iter(columns.into_iter().chain([
         ("label", names(truth)),
         ("prediction", names(predicted)),
         ("probabilities", Arc::new(lists.finish()) as ArrayRef),
-    ])?;
+    ]))?;
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;

@@ -1,9 +1,9 @@
-//! `finetune predict`: a saved model directory applied to raw texts.
+//! `finetune predict`: a saved model directory applied to raw texts or sentence pairs.
 
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
-use finetune_core::{PredictOptions, Prediction};
+use finetune_core::{PredictInput, PredictOptions, Prediction};
 use finetune_model::{ComputeDevice, hf, label_scores};
 
 /// `finetune predict`: a saved model directory (`config.json`, `model.safetensors` and the
@@ -14,7 +14,7 @@ impl finetune_core::Predictor for ModelPredictor {
     fn predict(
         &self,
         model_dir: &Path,
-        texts: &[String],
+        inputs: &[PredictInput],
         options: &PredictOptions,
     ) -> Result<Vec<Prediction>> {
         let mut compute = finetune_model::device(&options.device)?;
@@ -22,7 +22,7 @@ impl finetune_core::Predictor for ModelPredictor {
             compute.use_bf16()?;
         }
         finetune_kernels::on_own_pool(|| {
-            compute.run(|| self.predict_on(&compute, model_dir, texts, options.batch_size))
+            compute.run(|| self.predict_on(&compute, model_dir, inputs, options.batch_size))
         })
     }
 }
@@ -32,7 +32,7 @@ impl ModelPredictor {
         &self,
         compute: &ComputeDevice,
         model_dir: &Path,
-        texts: &[String],
+        inputs: &[PredictInput],
         batch_size: usize,
     ) -> Result<Vec<Prediction>> {
         let tokenizer_file = model_dir.join("tokenizer.json");
@@ -41,17 +41,21 @@ impl ModelPredictor {
         let device = compute.device();
         let (model, _) = hf::load(model_dir, None, 0, device)
             .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
-        let rows = texts
-            .iter()
-            .map(|text| {
-                let encoding = tokenizer
-                    .encode(text.as_str(), true)
-                    .map_err(|err| anyhow!("cannot tokenize {text:?}: {err}"))?;
-                Ok(encoding.get_ids().iter().map(|&id| id as i32).collect())
-            })
-            .collect::<Result<Vec<Vec<i32>>>>()?;
+        let (mut rows, mut type_ids) = (Vec::new(), Vec::new());
+        for input in inputs {
+            let encoding = match &input.text_pair {
+                Some(pair) => tokenizer.encode((input.text.as_str(), pair.as_str()), true),
+                None => tokenizer.encode(input.text.as_str(), true),
+            }
+            .map_err(|err| anyhow!("cannot tokenize {input:?}: {err}"))?;
+            rows.push(encoding.get_ids().iter().map(|&id| id as i32).collect());
+            type_ids.push(match input.text_pair {
+                Some(_) => encoding.get_type_ids().iter().map(|&t| t as i32).collect(),
+                None => Vec::new(),
+            });
+        }
         let labels = &model.config.labels;
-        Ok(label_scores(&model, &rows, batch_size, device)
+        Ok(label_scores(&model, &rows, &type_ids, batch_size, device)
             .into_iter()
             .map(|scores| {
                 let row = &scores.probabilities;

@@ -4,7 +4,8 @@
 //! train/validation/test split as Parquet. The name is older than the formats; it stays so
 //! that existing pipelines and their cache keys do.
 //!
-//! Output: `train.parquet`, `validation.parquet`, `test.parquet` (columns `text`, `label`),
+//! Output: `train.parquet`, `validation.parquet`, `test.parquet` (columns `text`, `label`,
+//! and `text_pair` between them for sentence pairs),
 //! `labels.json` (names in id order, with HF-style `id2label`/`label2id`) and `stats.json`
 //! (rows per split and label, rows dropped by reason).
 

@@ -27,6 +27,10 @@ pub struct Params {
     pub quoting: Option<bool>,
     /// The text column: a header name or a 0-based index (a key, for JSON Lines).
     pub text: Column,
+    /// The second text of a sentence pair (NLI, duplicate questions, query and document): a
+    /// header name or a 0-based index (a key, for JSON Lines). The tokenizer encodes the two
+    /// with its pair template (`[CLS] a [SEP] b [SEP]`).
+    pub text_pair: Option<Column>,
     /// The label column: a header name or a 0-based index (a key, for JSON Lines).
     pub label: Column,
     /// Labels in id order. Default: the labels found, sorted (numerically if all are integers).
@@ -336,8 +340,13 @@ impl Params {
             }
         }
         if let Some(jsonl) = sources.iter().find(|s| s.format == Format::Jsonl) {
-            for (key, column) in [("text", &self.text), ("label", &self.label)] {
-                if let Column::Index(i) = column {
+            let columns = [
+                ("text", Some(&self.text)),
+                ("text_pair", self.text_pair.as_ref()),
+                ("label", Some(&self.label)),
+            ];
+            for (key, column) in columns {
+                if let Some(Column::Index(i)) = column {
                     return Err(ConfigError::at(
                         key,
                         format!(

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use arrow::array::{Int64Array, RecordBatch, StringArray};
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use finetune_core::output::write_json;
 use parquet::arrow::ArrowWriter;
@@ -25,7 +25,8 @@ pub fn write_outputs(out: &Path, table: &Table, splits: &Splits, params: &Params
         ("validation", &splits.validation),
         ("test", &splits.test),
     ] {
-        write_split(&out.join(format!("{name}.parquet")), table, rows)?;
+        let pairs = params.text_pair.is_some();
+        write_split(&out.join(format!("{name}.parquet")), table, rows, pairs)?;
         let mut per_label: BTreeMap<&str, u64> =
             table.labels.iter().map(|l| (l.as_str(), 0)).collect();
         for &i in rows {
@@ -71,14 +72,27 @@ pub fn write_outputs(out: &Path, table: &Table, splits: &Splits, params: &Params
     write_json(&out.join("stats.json"), &stats)
 }
 
-fn write_split(path: &Path, table: &Table, rows: &[usize]) -> Result<()> {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("text", DataType::Utf8, false),
-        Field::new("label", DataType::Int64, false),
-    ]));
-    let texts = StringArray::from_iter_values(rows.iter().map(|&i| table.rows[i].text.as_str()));
-    let labels = Int64Array::from_iter_values(rows.iter().map(|&i| i64::from(table.rows[i].label)));
-    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(texts), Arc::new(labels)])?;
+/// The split's rows as columns `text`, `text_pair` (for pairs only, so that one-text outputs
+/// keep their bytes) and `label`.
+fn write_split(path: &Path, table: &Table, rows: &[usize], pairs: bool) -> Result<()> {
+    let text = |i: usize| table.rows[i].text.as_str();
+    let pair = |i: usize| table.rows[i].text_pair.as_deref().unwrap_or_default();
+    let mut fields = vec![Field::new("text", DataType::Utf8, false)];
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from_iter_values(
+        rows.iter().map(|&i| text(i)),
+    ))];
+    if pairs {
+        fields.push(Field::new("text_pair", DataType::Utf8, false));
+        columns.push(Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|&i| pair(i)),
+        )));
+    }
+    fields.push(Field::new("label", DataType::Int64, false));
+    columns.push(Arc::new(Int64Array::from_iter_values(
+        rows.iter().map(|&i| i64::from(table.rows[i].label)),
+    )));
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let properties = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)

@@ -12,7 +12,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::Serialize;
-use tokenizers::Tokenizer;
+use tokenizers::{EncodeInput, Tokenizer};
 
 use crate::SPLITS;
 use crate::tokenized::{self, column};
@@ -23,22 +23,41 @@ const CHUNK: usize = 8192;
 
 pub struct SplitData {
     pub texts: Vec<String>,
+    /// The second texts, for a split of sentence pairs.
+    pub pairs: Option<Vec<String>>,
     pub labels: Vec<i64>,
 }
 
-/// Reads the `text` and `label` columns of an ingest split.
+/// Reads the `text`, `text_pair` (where present) and `label` columns of an ingest split.
 pub fn read_split(path: &Path) -> Result<SplitData> {
     let mut data = SplitData {
         texts: Vec::new(),
+        pairs: None,
         labels: Vec::new(),
+    };
+    let strings = |array: &StringArray| -> Vec<String> {
+        array
+            .iter()
+            .map(|t| t.unwrap_or_default().to_string())
+            .collect()
     };
     for batch in tokenized::batches(path)? {
         let batch = batch?;
         let texts = column::<StringArray>(&batch, tokenized::TEXT, path)?;
         let labels = column::<Int64Array>(&batch, tokenized::LABEL, path)?;
-        data.texts
-            .extend(texts.iter().map(|t| t.unwrap_or_default().to_string()));
+        data.texts.extend(strings(texts));
+        if batch.column_by_name(tokenized::TEXT_PAIR).is_some() {
+            let pairs = column::<StringArray>(&batch, tokenized::TEXT_PAIR, path)?;
+            data.pairs.get_or_insert_default().extend(strings(pairs));
+        }
         data.labels.extend(labels.values().iter().copied());
+    }
+    if data
+        .pairs
+        .as_ref()
+        .is_some_and(|p| p.len() != data.texts.len())
+    {
+        anyhow::bail!("{}: a row group without `text_pair`", path.display());
     }
     Ok(data)
 }
@@ -83,7 +102,8 @@ pub fn encode_splits(
     for split in SPLITS {
         reporter.message(&format!("encoding {split}"));
         let data = read_split(&ingest_dir.join(format!("{split}.parquet")))?;
-        let encoded = encode(tokenizer, &data.texts, reporter)?;
+        let encoded = encode(tokenizer, &data.texts, data.pairs.as_deref(), reporter)
+            .with_context(|| format!("encoding the {split} split"))?;
         write_split(&out_dir.join(format!("{split}.parquet")), &data, &encoded)?;
         stats
             .splits
@@ -96,6 +116,9 @@ pub fn encode_splits(
 pub struct Encoded {
     pub offsets: Vec<i32>,
     pub ids: Vec<i32>,
+    /// For sentence pairs, each token's segment (0: first text, 1: second) as the tokenizer's
+    /// template gives it, aligned with `ids`.
+    pub type_ids: Option<Vec<i32>>,
     pub truncated: usize,
 }
 
@@ -131,15 +154,33 @@ impl Encoded {
     }
 }
 
-pub fn encode(tokenizer: &Tokenizer, texts: &[String], reporter: &dyn Reporter) -> Result<Encoded> {
+/// Encodes `texts` (with `pairs`, their second texts, as pairs) with the tokenizer's template.
+pub fn encode(
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    pairs: Option<&[String]>,
+    reporter: &dyn Reporter,
+) -> Result<Encoded> {
     let mut encoded = Encoded {
         offsets: Vec::with_capacity(texts.len() + 1),
         ids: Vec::new(),
+        type_ids: pairs.map(|_| Vec::new()),
         truncated: 0,
     };
     encoded.offsets.push(0);
     for (n, chunk) in texts.chunks(CHUNK).enumerate() {
-        let inputs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let start = n * CHUNK;
+        let inputs: Vec<EncodeInput> = match pairs {
+            Some(pairs) => chunk
+                .iter()
+                .zip(&pairs[start..start + chunk.len()])
+                .map(|(a, b)| EncodeInput::Dual(a.as_str().into(), b.as_str().into()))
+                .collect(),
+            None => chunk
+                .iter()
+                .map(|t| EncodeInput::from(t.as_str()))
+                .collect(),
+        };
         // The `_fast` variant skips character offsets, which nothing downstream uses.
         let encodings = tokenizer
             .encode_batch_fast(inputs, true)
@@ -148,33 +189,40 @@ pub fn encode(tokenizer: &Tokenizer, texts: &[String], reporter: &dyn Reporter) 
             encoded
                 .ids
                 .extend(encoding.get_ids().iter().map(|&id| id as i32));
+            if let Some(types) = &mut encoded.type_ids {
+                types.extend(encoding.get_type_ids().iter().map(|&t| t as i32));
+            }
             encoded.offsets.push(
                 i32::try_from(encoded.ids.len()).context("more than 2^31 tokens in one split")?,
             );
             encoded.truncated += usize::from(!encoding.get_overflowing().is_empty());
         }
-        reporter.progress(
-            ((n + 1) * CHUNK).min(texts.len()) as u64,
-            texts.len() as u64,
-        );
+        reporter.progress((start + chunk.len()) as u64, texts.len() as u64);
     }
     Ok(encoded)
 }
 
 fn write_split(path: &Path, data: &SplitData, encoded: &Encoded) -> Result<()> {
-    let (schema, item) = tokenized::split_schema();
+    let (schema, item) = tokenized::split_schema(data.pairs.is_some());
     let offsets = OffsetBuffer::new(ScalarBuffer::from(encoded.offsets.clone()));
-    let ids = ListArray::try_new(
-        item,
-        offsets,
-        Arc::new(Int32Array::from(encoded.ids.clone())),
-        None,
-    )?;
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(data.texts.iter())),
-        Arc::new(ids),
-        Arc::new(Int64Array::from(data.labels.clone())),
-    ];
+    let list = |values: &[i32]| {
+        ListArray::try_new(
+            item.clone(),
+            offsets.clone(),
+            Arc::new(Int32Array::from(values.to_vec())),
+            None,
+        )
+    };
+    let mut columns: Vec<ArrayRef> =
+        vec![Arc::new(StringArray::from_iter_values(data.texts.iter()))];
+    if let Some(pairs) = &data.pairs {
+        columns.push(Arc::new(StringArray::from_iter_values(pairs.iter())));
+    }
+    columns.push(Arc::new(list(&encoded.ids)?));
+    if let Some(types) = &encoded.type_ids {
+        columns.push(Arc::new(list(types)?));
+    }
+    columns.push(Arc::new(Int64Array::from(data.labels.clone())));
     let batch = RecordBatch::try_new(schema.clone(), columns)?;
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let properties = WriterProperties::builder()

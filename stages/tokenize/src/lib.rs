@@ -7,10 +7,15 @@
 //! Python. Texts are encoded in parallel and truncated to `max_length`; nothing is padded
 //! (padding belongs to batching at train time).
 //!
-//! Output: `{train,validation,test}.parquet` (`text`, `input_ids` list<int32>, `label`),
-//! `tokenizer.json`, `labels.json` (from ingest) and `stats.json` (per split: rows, tokens,
-//! length mean/p50/p95/max, truncated count). Token type ids are not stored: for single-text
-//! classification they are all zero, and the model fills them in.
+//! Sentence pairs (ingest's `text_pair`) are encoded with the tokenizer's pair template
+//! (`[CLS] a [SEP] b [SEP]`, `<s> a </s></s> b </s>`), cut by `truncation` as Python's
+//! `longest_first` / `only_first` / `only_second` cut them.
+//!
+//! Output: `{train,validation,test}.parquet` (`text`, `input_ids` list<int32>, `label`; for
+//! pairs also `text_pair` and `token_type_ids` list<int32>), `tokenizer.json`, `labels.json`
+//! (from ingest) and `stats.json` (per split: rows, tokens, length mean/p50/p95/max, truncated
+//! count). One text's token type ids are not stored: they are all zero, and the model fills
+//! them in.
 
 mod encode;
 mod params;

@@ -12,6 +12,20 @@ pub struct Params {
     /// Longest sequence in tokens, special tokens included; longer texts are truncated (and
     /// counted). At least 3, and at most the model's positions.
     pub max_length: usize,
+    /// How a sentence pair over `max_length` is cut, as Python's tokenizers name it:
+    /// `longest_first` (a token at a time from the longer text), `only_first` or `only_second`.
+    /// A pair whose other text alone is too long for `only_*` is an error.
+    #[serde(default)]
+    pub truncation: Truncation,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    #[default]
+    LongestFirst,
+    OnlyFirst,
+    OnlySecond,
 }
 
 /// `{ from: PATH }` or `{ train: wordpiece | bpe, ... }`.

@@ -17,7 +17,7 @@ use tokenizers::{
     AddedToken, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
-use crate::params::{Algorithm, Params, TokenizerSource, Trainable};
+use crate::params::{Algorithm, Params, TokenizerSource, Trainable, Truncation};
 
 /// Longest `max_length` for a trained tokenizer, whose model does not exist yet.
 pub const TRAINED_MAX_LENGTH: usize = 8192;
@@ -142,7 +142,12 @@ impl Source {
                 })?
             }
             Source::Train(trainable) => {
-                let train_texts = crate::encode::read_split(train_split)?.texts;
+                let split = crate::encode::read_split(train_split)?;
+                let train_texts: Vec<String> = split
+                    .texts
+                    .into_iter()
+                    .chain(split.pairs.into_iter().flatten())
+                    .collect();
                 ctx.reporter.message(&format!(
                     "training {:?} (vocab {}) on {} train texts",
                     trainable.train,
@@ -155,7 +160,11 @@ impl Source {
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: params.max_length,
-                strategy: TruncationStrategy::LongestFirst,
+                strategy: match params.truncation {
+                    Truncation::LongestFirst => TruncationStrategy::LongestFirst,
+                    Truncation::OnlyFirst => TruncationStrategy::OnlyFirst,
+                    Truncation::OnlySecond => TruncationStrategy::OnlySecond,
+                },
                 direction: TruncationDirection::Right,
                 stride: 0,
             }))

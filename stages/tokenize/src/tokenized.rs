@@ -1,6 +1,7 @@
 //! The `tokenize` stage's output as the stages after it read it: the split files' schema
-//! (written by this crate, read by train and evaluate), token-id rows with labels, the label
-//! names, the tokenizer's padding id and vocabulary size.
+//! (written by this crate, read by train and evaluate), token-id rows (with their segments,
+//! for sentence pairs) and labels, the label names, the tokenizer's padding id and vocabulary
+//! size.
 
 use std::fs::File;
 use std::path::Path;
@@ -14,20 +15,30 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// The column of a split's texts (as ingest wrote them).
 pub const TEXT: &str = "text";
+/// The column of a split's second texts, for sentence pairs (as ingest wrote them).
+pub const TEXT_PAIR: &str = "text_pair";
 /// The column of a split's token ids: list<int32>.
 pub const INPUT_IDS: &str = "input_ids";
+/// The column of a pair split's token segments (0: first text, 1: second): list<int32>.
+pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
 /// The column of a split's label indices: int64.
 pub const LABEL: &str = "label";
 
-/// A tokenized split's schema, and the item field of its `input_ids` lists.
-pub fn split_schema() -> (SchemaRef, FieldRef) {
+/// A tokenized split's schema (with the pair columns or not), and the item field of its
+/// list columns. One-text splits keep the columns they had before pairs existed.
+pub fn split_schema(pairs: bool) -> (SchemaRef, FieldRef) {
     let item = Arc::new(Field::new_list_field(DataType::Int32, false));
-    let schema = Arc::new(Schema::new(vec![
-        Field::new(TEXT, DataType::Utf8, false),
-        Field::new(INPUT_IDS, DataType::List(item.clone()), false),
-        Field::new(LABEL, DataType::Int64, false),
-    ]));
-    (schema, item)
+    let list = |name| Field::new(name, DataType::List(item.clone()), false);
+    let mut fields = vec![Field::new(TEXT, DataType::Utf8, false)];
+    if pairs {
+        fields.push(Field::new(TEXT_PAIR, DataType::Utf8, false));
+    }
+    fields.push(list(INPUT_IDS));
+    if pairs {
+        fields.push(list(TOKEN_TYPE_IDS));
+    }
+    fields.push(Field::new(LABEL, DataType::Int64, false));
+    (Arc::new(Schema::new(fields)), item)
 }
 
 /// The record batches of a Parquet split, each read error naming the file.
@@ -56,24 +67,62 @@ pub(crate) fn column<'b, T: 'static>(
         })
 }
 
-/// The `input_ids` and `label` columns of a tokenize split, each row made into an `E` by
-/// `example(ids, label)`.
-pub fn read_examples<E>(
-    path: &Path,
-    mut example: impl FnMut(Vec<i32>, i64) -> E,
-) -> Result<Vec<E>> {
+/// One row of a tokenize split as train and evaluate read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRow {
+    pub ids: Vec<i32>,
+    /// Each token's segment, for a sentence pair; empty for one text (all segment 0).
+    pub type_ids: Vec<i32>,
+    pub label: i64,
+}
+
+/// The `input_ids`, `token_type_ids` (pairs only) and `label` columns of a tokenize split,
+/// each row made into an `E` by `example`.
+pub fn read_examples<E>(path: &Path, mut example: impl FnMut(TokenRow) -> E) -> Result<Vec<E>> {
     let mut examples = Vec::new();
+    let int32 = |list: &ListArray, row: usize, name: &str| -> Result<Vec<i32>> {
+        let values = list.value(row);
+        let values = values
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .ok_or_else(|| anyhow!("{}: `{name}` is not int32", path.display()))?;
+        Ok(values.values().to_vec())
+    };
     for batch in batches(path)? {
         let batch = batch?;
         let ids: &ListArray = column(&batch, INPUT_IDS, path)?;
+        let types: Option<&ListArray> = match batch.column_by_name(TOKEN_TYPE_IDS) {
+            Some(_) => Some(column(&batch, TOKEN_TYPE_IDS, path)?),
+            None => None,
+        };
         let labels: &Int64Array = column(&batch, LABEL, path)?;
         for row in 0..batch.num_rows() {
-            let values = ids.value(row);
-            let values = values
-                .as_any()
-                .downcast_ref::<Int32Array>()
-                .ok_or_else(|| anyhow!("{}: `input_ids` is not int32", path.display()))?;
-            examples.push(example(values.values().to_vec(), labels.value(row)));
+            let ids = int32(ids, row, INPUT_IDS)?;
+            let type_ids = match types {
+                Some(types) => int32(types, row, TOKEN_TYPE_IDS)?,
+                None => Vec::new(),
+            };
+            if type_ids.iter().any(|&t| !(0..=1).contains(&t)) {
+                anyhow::bail!(
+                    "{}: row {} has a token type id other than 0 or 1",
+                    path.display(),
+                    examples.len() + 1
+                );
+            }
+            if !type_ids.is_empty() && type_ids.len() != ids.len() {
+                anyhow::bail!(
+                    "{}: row {} has {} token ids but {} token type ids",
+                    path.display(),
+                    examples.len() + 1,
+                    ids.len(),
+                    type_ids.len()
+                );
+            }
+            examples.push(example(TokenRow {
+                ids,
+                type_ids,
+                label: labels.value(row),
+            }));
         }
     }
     Ok(examples)
@@ -88,6 +137,21 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
         texts.extend(column.iter().map(|t| t.unwrap_or_default().to_string()));
     }
     Ok(texts)
+}
+
+/// The `text_pair` column of a tokenize split of sentence pairs; `None` for single texts.
+pub fn read_text_pairs(path: &Path) -> Result<Option<Vec<String>>> {
+    let mut pairs = None;
+    for batch in batches(path)? {
+        let batch = batch?;
+        if batch.column_by_name(TEXT_PAIR).is_none() {
+            continue;
+        }
+        let column: &StringArray = column(&batch, TEXT_PAIR, path)?;
+        let strings = column.iter().map(|t| t.unwrap_or_default().to_string());
+        pairs.get_or_insert_with(Vec::new).extend(strings);
+    }
+    Ok(pairs)
 }
 
 /// Label names in id order, from labels.json.

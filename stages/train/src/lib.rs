@@ -201,8 +201,10 @@ impl TrainJob {
     fn train(&self, ctx: &RunContext, compute: &ComputeDevice) -> Result<()> {
         let tokenized = &ctx.upstream_using("tokenize")?.dir;
         let split = |name: &str| {
-            read_examples(&tokenized.join(format!("{name}.parquet")), |ids, label| {
-                Example { ids, label }
+            read_examples(&tokenized.join(format!("{name}.parquet")), |row| Example {
+                ids: row.ids,
+                type_ids: row.type_ids,
+                label: row.label,
             })
         };
         let train = split("train")?;

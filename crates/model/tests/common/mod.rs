@@ -19,6 +19,7 @@ pub fn amazon_examples(n: usize) -> Vec<finetune_model::Example> {
             ids.truncate(32);
             finetune_model::Example {
                 ids,
+                type_ids: Vec::new(),
                 label: label.trim().parse().unwrap(),
             }
         })

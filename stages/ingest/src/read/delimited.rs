@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Cleaner, Place, resolve_column};
+use super::{Cleaner, Fields, Place, resolve_column};
 use crate::params::{Encoding, Format};
 
 pub fn read(path: &Path, format: Format, cleaner: &mut Cleaner) -> Result<()> {
@@ -36,7 +36,7 @@ pub fn read(path: &Path, format: Format, cleaner: &mut Cleaner) -> Result<()> {
             .cloned()
             .unwrap_or_else(csv::Position::new);
         let line = position.line();
-        let (text_col, label_col) = match columns {
+        let (text_col, pair_col, label_col) = match columns {
             Some(columns) => columns,
             None => {
                 let header = params.has_header(format).then(|| decode_header(&record));
@@ -46,6 +46,10 @@ pub fn read(path: &Path, format: Format, cleaner: &mut Cleaner) -> Result<()> {
                 };
                 let resolved = (
                     resolve(&params.text, "text")?,
+                    match &params.text_pair {
+                        Some(column) => Some(resolve(column, "text pair")?),
+                        None => None,
+                    },
                     resolve(&params.label, "label")?,
                 );
                 columns = Some(resolved);
@@ -72,9 +76,15 @@ pub fn read(path: &Path, format: Format, cleaner: &mut Cleaner) -> Result<()> {
         }
         let field =
             |index, role| decode_field(&record, index, params.encoding, shown, &position, role);
-        let text = field(text_col, "text")?;
-        let label = field(label_col, "label")?;
-        cleaner.take(Place::Line(line), text, label)?;
+        let fields = Fields {
+            text: field(text_col, "text")?,
+            text_pair: match pair_col {
+                Some(column) => Some(field(column, "text pair")?),
+                None => None,
+            },
+            label: field(label_col, "label")?,
+        };
+        cleaner.take(Place::Line(line), fields)?;
     }
     cleaner.progress(total_bytes, total_bytes);
     Ok(())

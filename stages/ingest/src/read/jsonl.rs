@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{Cleaner, Place};
+use super::{Cleaner, Fields, Place};
 use crate::params::{Column, Encoding};
 
 pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
@@ -19,7 +19,11 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
         .with_context(|| format!("cannot read {}", shown.display()))?
         .len();
     let mut reader = std::io::BufReader::new(file);
-    let (text_key, label_key) = (key(&cleaner.params.text), key(&cleaner.params.label));
+    let keys = Keys {
+        text: key(&cleaner.params.text),
+        text_pair: cleaner.params.text_pair.as_ref().map(key),
+        label: key(&cleaner.params.label),
+    };
     let mut bytes = Vec::new();
     let (mut line, mut offset) = (0u64, 0u64);
     loop {
@@ -41,8 +45,8 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
             continue;
         }
         let place = Place::Line(line);
-        match fields(&text, text_key, label_key, &place.at(shown))? {
-            Ok((text, label)) => cleaner.take(place, text, label)?,
+        match fields(&text, &keys, &place.at(shown))? {
+            Ok(fields) => cleaner.take(place, fields)?,
             Err(message) => cleaner.bad_row(place, message)?,
         }
     }
@@ -76,38 +80,51 @@ fn decode_line(
     }
 }
 
-/// The text and label of one line; the inner error is a malformed row (`on_bad_row` decides),
-/// the outer one a row no setting makes readable.
-fn fields(
-    line: &str,
-    text_key: &str,
-    label_key: &str,
-    at: &str,
-) -> Result<std::result::Result<(String, String), String>> {
+/// The keys of the fields this stage reads.
+struct Keys<'a> {
+    text: &'a str,
+    text_pair: Option<&'a str>,
+    label: &'a str,
+}
+
+/// The fields of one line; the inner error is a malformed row (`on_bad_row` decides), the
+/// outer one a row no setting makes readable.
+fn fields(line: &str, keys: &Keys, at: &str) -> Result<std::result::Result<Fields, String>> {
     let object = match serde_json::from_str::<Value>(line) {
         Ok(Value::Object(object)) => object,
         Ok(other) => return Ok(Err(format!("{at}: a {}, not a JSON object", kind(&other)))),
         Err(err) => return Ok(Err(format!("{at}: not valid JSON: {err}"))),
     };
-    let missing = |key: &str| {
-        let keys: Vec<&str> = object.keys().map(String::as_str).collect();
-        format!("{at}: no key `{key}`; the object has: {}", keys.join(", "))
+    let get = |key: &str| {
+        object.get(key).ok_or_else(|| {
+            let present: Vec<&str> = object.keys().map(String::as_str).collect();
+            format!(
+                "{at}: no key `{key}`; the object has: {}",
+                present.join(", ")
+            )
+        })
     };
-    let Some(text) = object.get(text_key) else {
-        return Ok(Err(missing(text_key)));
-    };
-    let Some(label) = object.get(label_key) else {
-        return Ok(Err(missing(label_key)));
-    };
-    let text = match text {
-        Value::String(text) => text.clone(),
-        Value::Null => String::new(),
-        other => {
-            return Ok(Err(format!(
-                "{at}: key `{text_key}` holds a {}, not a text",
+    let text_of = |key: &str| -> std::result::Result<String, String> {
+        match get(key)? {
+            Value::String(text) => Ok(text.clone()),
+            Value::Null => Ok(String::new()),
+            other => Err(format!(
+                "{at}: key `{key}` holds a {}, not a text",
                 kind(other)
-            )));
+            )),
         }
+    };
+    let text = match text_of(keys.text) {
+        Ok(text) => text,
+        Err(message) => return Ok(Err(message)),
+    };
+    let text_pair = match keys.text_pair.map(text_of).transpose() {
+        Ok(pair) => pair,
+        Err(message) => return Ok(Err(message)),
+    };
+    let label = match get(keys.label) {
+        Ok(label) => label,
+        Err(message) => return Ok(Err(message)),
     };
     let label = match label {
         Value::String(label) => label.clone(),
@@ -115,15 +132,21 @@ fn fields(
         Value::Bool(flag) => flag.to_string(),
         Value::Null => String::new(),
         Value::Array(_) => bail!(
-            "{at}: key `{label_key}` holds a list of labels; this stage reads one label per row (multi-label data is not supported)"
+            "{at}: key `{}` holds a list of labels; this stage reads one label per row (multi-label data is not supported)",
+            keys.label
         ),
         Value::Object(_) => {
             return Ok(Err(format!(
-                "{at}: key `{label_key}` holds an object, not a label"
+                "{at}: key `{}` holds an object, not a label",
+                keys.label
             )));
         }
     };
-    Ok(Ok((text, label)))
+    Ok(Ok(Fields {
+        text,
+        text_pair,
+        label,
+    }))
 }
 
 fn kind(value: &Value) -> &'static str {

@@ -17,9 +17,37 @@ use crate::params::{Format, OnBadRow, Params, Source};
 
 pub struct Row {
     pub text: String,
+    /// The second text of a pair (`text_pair:`), else `None`.
+    pub text_pair: Option<String>,
     pub label: u32,
     /// The index of the file it came from, in [`Params::sources`] order.
     pub source: usize,
+}
+
+/// The fields of one row as its file holds them: every reader hands these to the [`Cleaner`].
+pub struct Fields {
+    pub text: String,
+    /// Read when the pipeline names a `text_pair` column.
+    pub text_pair: Option<String>,
+    pub label: String,
+}
+
+impl Fields {
+    fn trimmed(self) -> Fields {
+        Fields {
+            text: self.text.trim().to_string(),
+            text_pair: self.text_pair.map(|t| t.trim().to_string()),
+            label: self.label.trim().to_string(),
+        }
+    }
+
+    /// What duplicates are judged by: the text, or both texts of a pair.
+    fn identity(&self) -> String {
+        match &self.text_pair {
+            Some(pair) => format!("{}\u{0}{pair}", self.text),
+            None => self.text.clone(),
+        }
+    }
 }
 
 /// Where a row is in its file: a line of a text file, or a row of a Parquet file (1-based).
@@ -176,34 +204,41 @@ pub struct Cleaner<'a> {
     reporter: &'a dyn Reporter,
     seen_texts: HashSet<String>,
     dropped: Dropped,
-    kept: Vec<(String, String, usize)>,
+    /// The rows kept, each with the index of its file.
+    kept: Vec<(Fields, usize)>,
     rows_read: u64,
 }
 
 impl Cleaner<'_> {
     /// One data row as its file holds it.
-    pub fn take(&mut self, place: Place, text: String, label: String) -> Result<()> {
+    pub fn take(&mut self, place: Place, fields: Fields) -> Result<()> {
         self.rows_read += 1;
         let params = self.params;
-        let (text, label) = if params.trim {
-            (text.trim().to_string(), label.trim().to_string())
+        let fields = if params.trim {
+            fields.trimmed()
         } else {
-            (text, label)
+            fields
         };
-        if text.len() > params.max_text_bytes {
+        let longest = fields
+            .text
+            .len()
+            .max(fields.text_pair.as_ref().map_or(0, String::len));
+        if longest > params.max_text_bytes {
             let message = format!(
-                "{}: the text is {} bytes, over `max_text_bytes` ({})",
+                "{}: the text is {longest} bytes, over `max_text_bytes` ({})",
                 place.at(self.shown),
-                text.len(),
                 params.max_text_bytes
             );
             return self.malformed(place, message);
         }
-        let reason = if params.drop_empty && text.trim().is_empty() {
+        let empty = |text: &str| text.trim().is_empty();
+        let reason = if params.drop_empty
+            && (empty(&fields.text) || fields.text_pair.as_deref().is_some_and(empty))
+        {
             Some(EMPTY_TEXT)
-        } else if label.is_empty() {
+        } else if fields.label.is_empty() {
             Some(EMPTY_LABEL)
-        } else if params.drop_duplicates && !self.seen_texts.insert(text.clone()) {
+        } else if params.drop_duplicates && !self.seen_texts.insert(fields.identity()) {
             Some(DUPLICATE_TEXT)
         } else {
             None
@@ -213,15 +248,16 @@ impl Cleaner<'_> {
             return Ok(());
         }
         if let Some(allowed) = &params.labels
-            && !allowed.contains(&label)
+            && !allowed.contains(&fields.label)
         {
             bail!(
-                "{}: label `{label}` is not in `labels` ({})",
+                "{}: label `{}` is not in `labels` ({})",
                 place.at(self.shown),
+                fields.label,
                 allowed.join(", ")
             );
         }
-        self.kept.push((text, label, self.source));
+        self.kept.push((fields, self.source));
         Ok(())
     }
 
@@ -310,11 +346,12 @@ pub fn read_table(
         .map(|(i, l)| (l.as_str(), i as u32))
         .collect();
     let rows = kept
-        .iter()
-        .map(|(text, label, source)| Row {
-            text: text.clone(),
-            label: ids[label.as_str()],
-            source: *source,
+        .into_iter()
+        .map(|(fields, source)| Row {
+            label: ids[fields.label.as_str()],
+            text: fields.text,
+            text_pair: fields.text_pair,
+            source,
         })
         .collect();
     Ok(Table {
@@ -325,17 +362,13 @@ pub fn read_table(
     })
 }
 
-fn label_names(
-    rows: &[(String, String, usize)],
-    params: &Params,
-    shown: &str,
-) -> Result<Vec<String>> {
+fn label_names(rows: &[(Fields, usize)], params: &Params, shown: &str) -> Result<Vec<String>> {
     if let Some(labels) = &params.labels {
         return Ok(labels.clone());
     }
     let mut names: Vec<String> = rows
         .iter()
-        .map(|(_, l, _)| l.clone())
+        .map(|(fields, _)| fields.label.clone())
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -353,7 +386,7 @@ fn label_names(
     Ok(names)
 }
 
-/// A column of `role` (text, label) by name or index among `names`, the file's columns, which
+/// A column of `role` (text, text pair, label) by name or index among `names`, the file's columns, which
 /// a message lists after `listed` ("the header has").
 fn resolve_column(
     column: &crate::params::Column,

@@ -1,4 +1,4 @@
-//! Parquet files (pandas' `to_parquet`, `datasets`' `to_parquet`, Spark): only the text and
+//! Parquet files (pandas' `to_parquet`, `datasets`' `to_parquet`, Spark): only the text, text pair and
 //! label columns are read. Text must be a string column; a label column may hold strings,
 //! integers or booleans (plain or dictionary-encoded, as pandas writes a categorical).
 
@@ -11,7 +11,7 @@ use arrow::datatypes::DataType;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::{Cleaner, Place, resolve_column};
+use super::{Cleaner, Fields, Place, resolve_column};
 
 pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
     let (params, shown) = (cleaner.params, cleaner.shown);
@@ -35,12 +35,20 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
         resolve(&params.text, "text")?,
         resolve(&params.label, "label")?,
     );
-    check_type(
-        shown,
-        &names[text_col],
-        "text",
-        schema.field(text_col).data_type(),
-    )?;
+    let pair_col = match &params.text_pair {
+        Some(column) => Some(resolve(column, "text pair")?),
+        None => None,
+    };
+    for (column, role) in
+        std::iter::once((text_col, "text")).chain(pair_col.map(|c| (c, "text pair")))
+    {
+        check_type(
+            shown,
+            &names[column],
+            role,
+            schema.field(column).data_type(),
+        )?;
+    }
     check_type(
         shown,
         &names[label_col],
@@ -48,7 +56,8 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
         schema.field(label_col).data_type(),
     )?;
     let total_rows = u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
-    let mask = ProjectionMask::roots(builder.parquet_schema(), [text_col, label_col]);
+    let projected = [Some(text_col), pair_col, Some(label_col)];
+    let mask = ProjectionMask::roots(builder.parquet_schema(), projected.into_iter().flatten());
     let reader = builder
         .with_projection(mask)
         .build()
@@ -71,8 +80,10 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
             })
         };
         let texts = strings(&names[text_col])?;
+        let pairs = pair_col.map(|c| strings(&names[c])).transpose()?;
         let labels = strings(&names[label_col])?;
         let (texts, labels) = (texts.as_string::<i32>(), labels.as_string::<i32>());
+        let pairs = pairs.as_ref().map(|p| p.as_string::<i32>());
         for i in 0..batch.num_rows() {
             row += 1;
             let value = |column: &arrow::array::StringArray| {
@@ -82,7 +93,12 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
                     column.value(i).to_string()
                 }
             };
-            cleaner.take(Place::Row(row), value(texts), value(labels))?;
+            let fields = Fields {
+                text: value(texts),
+                text_pair: pairs.map(value),
+                label: value(labels),
+            };
+            cleaner.take(Place::Row(row), fields)?;
         }
         cleaner.progress(row, total_rows);
     }
@@ -93,7 +109,9 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
 /// booleans (a float label is a regression target, which this stage does not read).
 fn check_type(shown: &Path, name: &str, role: &str, data_type: &DataType) -> Result<()> {
     let readable = |t: &DataType| match role {
-        "text" => matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View),
+        "text" | "text pair" => {
+            matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+        }
         _ => {
             t.is_integer()
                 || matches!(
@@ -107,7 +125,7 @@ fn check_type(shown: &Path, name: &str, role: &str, data_type: &DataType) -> Res
         other => readable(other),
     };
     if !ok {
-        let expected = if role == "text" {
+        let expected = if role != "label" {
             "strings"
         } else {
             "strings, integers or booleans"
