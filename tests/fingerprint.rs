@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Output, Stdio};
@@ -242,25 +241,13 @@ fn predict_agrees_with_evaluate(ws: &Ws, evaluate: &Path) {
     let (texts, predicted) = (strings("text"), strings("prediction"));
     let rows = 40;
     let input: String = (0..rows).map(|i| format!("{}\n", texts.value(i))).collect();
-    let mut child = ws
-        .command(&[
-            "predict",
-            "--model",
-            "artifacts/runs/reviews/train",
-            "--json",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let predict = [
+        "predict",
+        "--model",
+        "artifacts/runs/reviews/train",
+        "--json",
+    ];
+    let out = ws.run_with_stdin(&predict, &input);
     assert!(out.status.success(), "{}", stderr(&out));
     let lines: Vec<Value> = stdout(&out)
         .lines()

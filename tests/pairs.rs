@@ -3,9 +3,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::Stdio;
-
 use arrow::array::{Array, Int32Array, ListArray, StringArray};
 use common::*;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -212,26 +209,13 @@ stages:
         .iter()
         .map(|&i| format!("{}\t{}\n", texts.value(i), pairs.value(i)))
         .collect();
-    let mut child = ws
-        .command(&[
-            "predict",
-            "--model",
-            "artifacts/runs/pairs/train",
-            "--pairs",
-            "--json",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let predict = [
+        "predict",
+        "--model",
+        "artifacts/runs/pairs/train",
+        "--pairs",
+    ];
+    let out = ws.run_with_stdin(&[&predict[..], &["--json"]].concat(), &input);
     assert!(out.status.success(), "{}", stderr(&out));
     let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
@@ -250,34 +234,10 @@ stages:
         let recommended = line["probabilities"]["recommended"].as_f64().unwrap();
         assert!((recommended - f64::from(expected.value(1))).abs() < 1e-5);
     }
-    // One text where the model wants a pair still runs (segment 0 throughout), and a --pairs
-    // line without a tab is a usage error naming the line.
-    let out = ws.run(&[
-        "predict",
-        "--model",
-        "artifacts/runs/pairs/train",
-        "--pairs",
-    ]);
-    assert!(!out.status.success());
-    let mut child = ws
-        .command(&[
-            "predict",
-            "--model",
-            "artifacts/runs/pairs/train",
-            "--pairs",
-        ])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"a\tb\nno tab here\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    // A --pairs line without a tab is a usage error naming the line; so is no input at all.
+    let out = ws.run_with_stdin(&predict, "");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = ws.run_with_stdin(&predict, "a\tb\nno tab here\n");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("stdin line 2"), "{}", stderr(&out));
 }

@@ -62,6 +62,23 @@ impl Ws {
         self.command(args).output().expect("run finetune")
     }
 
+    /// `finetune ARGS` with `input` on its stdin.
+    pub fn run_with_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        use std::process::Stdio;
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run finetune");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(input.as_bytes()).expect("write stdin");
+        drop(stdin);
+        child.wait_with_output().expect("wait for finetune")
+    }
+
     /// `finetune run --json ARGS`, asserting success; returns the events.
     pub fn run_ok(&self, args: &[&str]) -> Vec<Value> {
         let mut all = vec!["run", "--json"];
