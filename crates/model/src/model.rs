@@ -157,6 +157,7 @@ impl Batch {
         let width = pad_to.unwrap_or(longest).max(longest).max(1);
         let pad = config.pad_token_id as i64;
         let segmented = config.type_vocab_size >= 2;
+        let last_type = config.type_vocab_size.saturating_sub(1) as i64;
         let (mut ids, mut mask, mut positions) = (Vec::new(), Vec::new(), Vec::new());
         let mut types = Vec::new();
         for (i, row) in rows.iter().enumerate() {
@@ -174,7 +175,6 @@ impl Batch {
                 // An id past the model's types would index out of its table; readers refuse
                 // such files, and this keeps a caller's mistake from panicking.
                 let segment = row_types.and_then(|t| t.get(column)).copied().unwrap_or(0);
-                let last_type = config.type_vocab_size.saturating_sub(1) as i64;
                 types.push(i64::from(segment).clamp(0, last_type));
             }
         }

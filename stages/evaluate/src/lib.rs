@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use finetune_model::{ComputeDevice, DeviceSpec, Example, hf};
-use finetune_tokenize::tokenized::{read_examples, read_labels, read_text_pairs, read_texts};
+use finetune_tokenize::tokenized::{Texts, read_examples, read_labels, read_texts};
 use finetune_trainer::{Metrics, metrics_json, predict_fitting};
 
 mod dvclive;
@@ -142,8 +142,7 @@ impl EvaluateJob {
         if examples.is_empty() {
             return Err(anyhow!("the {split} split is empty: nothing to evaluate"));
         }
-        let texts = read_texts(&split_file)?;
-        let pairs = read_text_pairs(&split_file)?;
+        let Texts { texts, pairs } = read_texts(&split_file)?;
         let labels = read_labels(&tokenized.join("labels.json"))?;
         let device = compute.device().clone();
         let (model, _) = hf::load(&trained.join("model"), Some(&labels), 0, &device)

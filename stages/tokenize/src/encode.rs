@@ -15,49 +15,28 @@ use serde::Serialize;
 use tokenizers::{EncodeInput, Tokenizer};
 
 use crate::SPLITS;
-use crate::tokenized::{self, column};
+use crate::tokenized::{self, Texts, column};
 
 /// Texts encoded per call of `encode_batch`: large enough to keep every core busy, small
 /// enough to report progress.
 const CHUNK: usize = 8192;
 
 pub struct SplitData {
-    pub texts: Vec<String>,
-    /// The second texts, for a split of sentence pairs.
-    pub pairs: Option<Vec<String>>,
+    pub texts: Texts,
     pub labels: Vec<i64>,
 }
 
 /// Reads the `text`, `text_pair` (where present) and `label` columns of an ingest split.
 pub fn read_split(path: &Path) -> Result<SplitData> {
     let mut data = SplitData {
-        texts: Vec::new(),
-        pairs: None,
+        texts: Texts::default(),
         labels: Vec::new(),
-    };
-    let strings = |array: &StringArray| -> Vec<String> {
-        array
-            .iter()
-            .map(|t| t.unwrap_or_default().to_string())
-            .collect()
     };
     for batch in tokenized::batches(path)? {
         let batch = batch?;
-        let texts = column::<StringArray>(&batch, tokenized::TEXT, path)?;
+        data.texts.extend_from(&batch, path)?;
         let labels = column::<Int64Array>(&batch, tokenized::LABEL, path)?;
-        data.texts.extend(strings(texts));
-        if batch.column_by_name(tokenized::TEXT_PAIR).is_some() {
-            let pairs = column::<StringArray>(&batch, tokenized::TEXT_PAIR, path)?;
-            data.pairs.get_or_insert_default().extend(strings(pairs));
-        }
         data.labels.extend(labels.values().iter().copied());
-    }
-    if data
-        .pairs
-        .as_ref()
-        .is_some_and(|p| p.len() != data.texts.len())
-    {
-        anyhow::bail!("{}: a row group without `text_pair`", path.display());
     }
     Ok(data)
 }
@@ -102,8 +81,13 @@ pub fn encode_splits(
     for split in SPLITS {
         reporter.message(&format!("encoding {split}"));
         let data = read_split(&ingest_dir.join(format!("{split}.parquet")))?;
-        let encoded = encode(tokenizer, &data.texts, data.pairs.as_deref(), reporter)
-            .with_context(|| format!("encoding the {split} split"))?;
+        let encoded = encode(
+            tokenizer,
+            &data.texts.texts,
+            data.texts.pairs.as_deref(),
+            reporter,
+        )
+        .with_context(|| format!("encoding the {split} split"))?;
         write_split(&out_dir.join(format!("{split}.parquet")), &data, &encoded)?;
         stats
             .splits
@@ -203,7 +187,7 @@ pub fn encode(
 }
 
 fn write_split(path: &Path, data: &SplitData, encoded: &Encoded) -> Result<()> {
-    let (schema, item) = tokenized::split_schema(data.pairs.is_some());
+    let (schema, item) = tokenized::split_schema(data.texts.pairs.is_some());
     let offsets = OffsetBuffer::new(ScalarBuffer::from(encoded.offsets.clone()));
     let list = |values: &[i32]| {
         ListArray::try_new(
@@ -213,9 +197,10 @@ fn write_split(path: &Path, data: &SplitData, encoded: &Encoded) -> Result<()> {
             None,
         )
     };
-    let mut columns: Vec<ArrayRef> =
-        vec![Arc::new(StringArray::from_iter_values(data.texts.iter()))];
-    if let Some(pairs) = &data.pairs {
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from_iter_values(
+        data.texts.texts.iter(),
+    ))];
+    if let Some(pairs) = &data.texts.pairs {
         columns.push(Arc::new(StringArray::from_iter_values(pairs.iter())));
     }
     columns.push(Arc::new(list(&encoded.ids)?));

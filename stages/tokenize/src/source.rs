@@ -142,7 +142,7 @@ impl Source {
                 })?
             }
             Source::Train(trainable) => {
-                let split = crate::encode::read_split(train_split)?;
+                let split = crate::tokenized::read_texts(train_split)?;
                 let train_texts: Vec<String> = split
                     .texts
                     .into_iter()

@@ -128,30 +128,43 @@ pub fn read_examples<E>(path: &Path, mut example: impl FnMut(TokenRow) -> E) -> 
     Ok(examples)
 }
 
-/// The `text` column of a tokenize split.
-pub fn read_texts(path: &Path) -> Result<Vec<String>> {
-    let mut texts = Vec::new();
-    for batch in batches(path)? {
-        let batch = batch?;
-        let column: &StringArray = column(&batch, TEXT, path)?;
-        texts.extend(column.iter().map(|t| t.unwrap_or_default().to_string()));
-    }
-    Ok(texts)
+/// A split's texts: the `text` column, and for sentence pairs the `text_pair` column.
+#[derive(Debug, Default)]
+pub struct Texts {
+    pub texts: Vec<String>,
+    pub pairs: Option<Vec<String>>,
 }
 
-/// The `text_pair` column of a tokenize split of sentence pairs; `None` for single texts.
-pub fn read_text_pairs(path: &Path) -> Result<Option<Vec<String>>> {
-    let mut pairs = None;
-    for batch in batches(path)? {
-        let batch = batch?;
-        if batch.column_by_name(TEXT_PAIR).is_none() {
-            continue;
+impl Texts {
+    /// Appends one record batch's texts (of a split read from `path`).
+    pub(crate) fn extend_from(&mut self, batch: &RecordBatch, path: &Path) -> Result<()> {
+        let owned = |array: &StringArray| -> Vec<String> {
+            let strings = array.iter().map(|t| t.unwrap_or_default().to_string());
+            strings.collect()
+        };
+        self.texts.extend(owned(column(batch, TEXT, path)?));
+        if batch.column_by_name(TEXT_PAIR).is_some() {
+            let pairs = owned(column(batch, TEXT_PAIR, path)?);
+            self.pairs.get_or_insert_default().extend(pairs);
         }
-        let column: &StringArray = column(&batch, TEXT_PAIR, path)?;
-        let strings = column.iter().map(|t| t.unwrap_or_default().to_string());
-        pairs.get_or_insert_with(Vec::new).extend(strings);
+        if self
+            .pairs
+            .as_ref()
+            .is_some_and(|p| p.len() != self.texts.len())
+        {
+            anyhow::bail!("{}: a row group without `{TEXT_PAIR}`", path.display());
+        }
+        Ok(())
     }
-    Ok(pairs)
+}
+
+/// The `text` (and, for pairs, `text_pair`) columns of a split, in one read.
+pub fn read_texts(path: &Path) -> Result<Texts> {
+    let mut texts = Texts::default();
+    for batch in batches(path)? {
+        texts.extend_from(&batch?, path)?;
+    }
+    Ok(texts)
 }
 
 /// Label names in id order, from labels.json.
