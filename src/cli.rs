@@ -19,7 +19,7 @@ use crate::remote::commands::{Target, gc_remote_command, pull_command, push_comm
 use crate::report::{Event, sink_for};
 use crate::runner::{RunOptions, Shard, run};
 use crate::workspace::Workspace;
-use finetune_core::{PredictInput, PredictOptions};
+use finetune_core::{Answer, PredictInput, PredictOptions, Prediction};
 
 pub const DEFAULT_PIPELINE: &str = "pipelines/reviews.yaml";
 
@@ -180,8 +180,13 @@ pub enum Command {
         /// on GPUs with bf16 units; probabilities differ from f32 in the second or third digit.
         #[arg(long)]
         bf16: bool,
+        /// A multi-label model's decision threshold: every label whose probability is at
+        /// least this is printed (default 0.5; `evaluate` reports the one tuned on validation).
+        #[arg(long, value_name = "P")]
+        threshold: Option<f64>,
         /// One JSON object per text (`text`, `label`, `probabilities` by label, `logits` in label
-        /// order) instead of `label<TAB>probability<TAB>text`.
+        /// order; `labels` for a multi-label model, `values` by target for a regression) instead
+        /// of `label<TAB>probability<TAB>text` (`labels<TAB>text`, `values<TAB>text`).
         #[arg(long)]
         json: bool,
     },
@@ -491,12 +496,19 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             batch_size,
             device,
             bf16,
+            threshold,
             json,
         } => {
+            if let Some(t) = threshold
+                && !(0.0..=1.0).contains(&t)
+            {
+                return Err(UsageError(format!("--threshold {t} is not a probability in [0, 1]")).into());
+            }
             let options = PredictOptions {
                 batch_size,
                 device,
                 bf16,
+                threshold,
             };
             let inputs = predict_inputs(texts, pairs, pairs_on_stdin)?;
             predict(registry, &workspace, &model, &inputs, &options, json)?;
@@ -674,37 +686,61 @@ fn predict(
     }
     let predictions = predictor.predict(&dir, inputs, options)?;
     for (input, prediction) in inputs.iter().zip(&predictions) {
-        let probability = prediction
-            .probabilities
-            .iter()
-            .find(|(label, _)| *label == prediction.label)
-            .map_or(0.0, |(_, p)| *p);
         if json {
-            let probabilities: serde_json::Map<String, serde_json::Value> = prediction
-                .probabilities
-                .iter()
-                .map(|(label, p)| (label.clone(), serde_json::json!(p)))
-                .collect();
-            let mut line = serde_json::json!({ "text": input.text });
-            if let Some(pair) = &input.text_pair {
-                line["text_pair"] = serde_json::json!(pair);
-            }
-            line["label"] = serde_json::json!(prediction.label);
-            line["probabilities"] = probabilities.into();
-            line["logits"] = serde_json::json!(prediction.logits);
-            println!("{line}");
-        } else {
-            let pair = input
-                .text_pair
-                .as_ref()
-                .map_or(String::new(), |p| format!("\t{p}"));
-            println!(
-                "{}\t{probability:.4}\t{}{pair}",
-                prediction.label, input.text
-            );
+            println!("{}", prediction_json(input, prediction));
+            continue;
         }
+        let pair = input
+            .text_pair
+            .as_ref()
+            .map_or(String::new(), |p| format!("\t{p}"));
+        let said = match &prediction.answer {
+            Answer::Label(label) => {
+                let probability = prediction
+                    .outputs
+                    .iter()
+                    .find(|(name, _)| name == label)
+                    .map_or(0.0, |(_, p)| *p);
+                format!("{label}\t{probability:.4}")
+            }
+            // `-`: no label over the threshold.
+            Answer::Labels(labels) if labels.is_empty() => "-".to_string(),
+            Answer::Labels(labels) => labels.join(","),
+            Answer::Values => {
+                let values: Vec<String> =
+                    prediction.outputs.iter().map(|(_, v)| format!("{v:.4}")).collect();
+                values.join(",")
+            }
+        };
+        println!("{said}\t{}{pair}", input.text);
     }
     Ok(())
+}
+
+/// One `predict --json` line: the input, the answer, every output by name, the logits.
+fn prediction_json(input: &PredictInput, prediction: &Prediction) -> serde_json::Value {
+    let by_name: serde_json::Map<String, serde_json::Value> = prediction
+        .outputs
+        .iter()
+        .map(|(name, value)| (name.clone(), serde_json::json!(value)))
+        .collect();
+    let mut line = serde_json::json!({ "text": input.text });
+    if let Some(pair) = &input.text_pair {
+        line["text_pair"] = serde_json::json!(pair);
+    }
+    match &prediction.answer {
+        Answer::Label(label) => {
+            line["label"] = serde_json::json!(label);
+            line["probabilities"] = by_name.into();
+        }
+        Answer::Labels(labels) => {
+            line["labels"] = serde_json::json!(labels);
+            line["probabilities"] = by_name.into();
+        }
+        Answer::Values => line["values"] = by_name.into(),
+    }
+    line["logits"] = serde_json::json!(prediction.logits);
+    line
 }
 
 /// The remote `run --pull` fetches from; a remote that cannot be opened fails the run early.

@@ -661,7 +661,7 @@ fn broken_json_lines_name_the_line_and_are_errors_or_counted_skips() {
         (
             "multi.jsonl",
             b"{\"text\": \"fine\", \"label\": [0, 1]}\n",
-            "multi.jsonl:1: key `label` holds a list of labels",
+            "multi.jsonl:1: the label is a list of labels; for several labels per text set `problem_type: multi_label_classification`",
         ),
     ];
     let named = "      text: text\n      label: label\n";
@@ -754,7 +754,7 @@ fn parquet_columns_of_the_wrong_type_or_name_and_broken_files_are_named() {
     let err = ingest(&ws, "f.parquet", "      text: review\n      label: score\n").unwrap_err();
     assert!(
         err.contains(
-            "the label column `score` holds Float64; it must hold strings, integers or booleans"
+            "the label column `score` holds Float64; for single_label_classification it must hold strings, integers or booleans (lists are multi-label data, floats regression targets: set `problem_type`)"
         ),
         "{err}"
     );

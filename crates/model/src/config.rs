@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use finetune_task::ProblemType;
 use serde_json::{Value, json};
 
 use crate::ModelError;
@@ -147,8 +148,10 @@ pub struct ModelConfig {
     pub classifier_dropout: f64,
     pub pad_token_id: usize,
     pub initializer_range: f64,
-    /// Label names in id order.
+    /// Label names in id order (a regression's target names).
     pub labels: Vec<String>,
+    /// What the head's outputs mean (config.json's `problem_type`).
+    pub problem_type: ProblemType,
     /// The config.json this came from, kept so that saving preserves keys we do not use.
     pub original: Option<Value>,
 }
@@ -186,12 +189,14 @@ impl ModelConfig {
             }
         };
         let labels = labels_from(&json);
-        let config = match family {
+        let problem_type = problem_type_from(&get, labels.len())?;
+        let mut config = match family {
             Family::DistilBert => distilbert_config(&get, labels)?,
             Family::DebertaV2 => deberta_config(&get, labels)?,
             Family::ModernBert => modern_bert_config(&get, labels)?,
             _ => bert_config(&get, family, labels)?,
         };
+        config.problem_type = problem_type;
         if config.num_heads == 0 || !config.hidden_size.is_multiple_of(config.num_heads) {
             return Err(ModelError::Config {
                 file: file.into(),
@@ -307,7 +312,7 @@ impl ModelConfig {
             .collect();
         object.insert("id2label".into(), json!(id2label));
         object.insert("label2id".into(), json!(label2id));
-        object.insert("problem_type".into(), json!("single_label_classification"));
+        object.insert("problem_type".into(), json!(self.problem_type.as_str()));
         json
     }
 
@@ -367,6 +372,7 @@ fn distilbert_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, M
         pad_token_id: get.usize_or("pad_token_id", 0),
         initializer_range: get.f64_or("initializer_range", 0.02),
         labels,
+        problem_type: ProblemType::default(),
         original: None,
     })
 }
@@ -412,6 +418,7 @@ fn bert_config(
         ),
         initializer_range: get.f64_or("initializer_range", 0.02),
         labels,
+        problem_type: ProblemType::default(),
         original: None,
     })
 }
@@ -484,6 +491,7 @@ fn deberta_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, Mode
         pad_token_id: get.usize_or("pad_token_id", 0),
         initializer_range: get.f64_or("initializer_range", 0.02),
         labels,
+        problem_type: ProblemType::default(),
         original: None,
     })
 }
@@ -575,6 +583,7 @@ fn modern_bert_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, 
         pad_token_id: get.usize_or("pad_token_id", 50283),
         initializer_range: get.f64_or("initializer_range", 0.02),
         labels,
+        problem_type: ProblemType::default(),
         original: None,
     })
 }
@@ -660,6 +669,21 @@ fn relative_attention(
         ));
     }
     Ok(relative)
+}
+
+/// config.json's `problem_type`; when absent, what Hugging Face's models infer from the label
+/// count alone: regression for one output, single-label classification otherwise.
+fn problem_type_from(get: &Getter, outputs: usize) -> Result<ProblemType, ModelError> {
+    match get.json.get("problem_type") {
+        None | Some(Value::Null) if outputs == 1 => Ok(ProblemType::Regression),
+        None | Some(Value::Null) => Ok(ProblemType::SingleLabelClassification),
+        Some(name) => name.as_str().and_then(ProblemType::from_name).ok_or_else(|| {
+            get.error(
+                "problem_type",
+                "is none of single_label_classification, multi_label_classification, regression",
+            )
+        }),
+    }
 }
 
 /// Label names from `id2label`, in id order (HF's default `LABEL_i` when absent: 2 labels).
@@ -859,6 +883,7 @@ impl ScratchSpec {
             pad_token_id,
             initializer_range: self.initializer_range,
             labels,
+            problem_type: ProblemType::default(),
             original: None,
         })
     }

@@ -9,7 +9,7 @@
 //!   initialisation ([`scratch`]); [`hf::save`] writes Hugging Face's layout back, and
 //!   [`hf::save_with_tokenizer`] the tokenizer files beside it ([`tokenizer_files`]).
 //! - [`named_parts`] and [`param_names`]: the model's modules under their checkpoint names.
-//! - [`predict`] and [`probabilities`]: inference without autodiff.
+//! - [`predict`] and [`label_scores`]: inference without autodiff, by the task ([`ProblemType`]).
 //!
 //! Nothing here assumes the CPU: every tensor is made on the device the caller passes, and
 //! [`device`] turns a pipeline's `device:` string into one ([`DeviceSpec`], [`ComputeDevice`]):
@@ -35,7 +35,10 @@ pub use config::{
 };
 pub use deberta::RelativeEmbeddings;
 pub use device::{ComputeDevice, DeviceReport, DeviceSpec, built_in as built_in_devices};
-pub use inference::{Example, LabelScores, Predictions, label_scores, predict};
+pub use finetune_task::ProblemType;
+pub use inference::{
+    Example, LabelScores, Predictions, label_scores, outputs_of, predict, vector_loss_sum,
+};
 pub use init::InitSource;
 pub use model::{Batch, Classifier, Dense, Embeddings, EncoderLayer, Head, Output};
 pub use modernbert::ModernLayer;

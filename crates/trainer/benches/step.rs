@@ -200,6 +200,7 @@ impl Bench<'_> {
             type_ids: Vec::new(),
             rows: rows.clone(),
             labels: (0..rows_per_batch as i64).map(|i| i % 2).collect(),
+            targets: Vec::new(),
         }];
         let mut optimizer = AdamW {
             weight_decay: 0.01,

@@ -6,6 +6,7 @@ use finetune_core::schemars::{self, JsonSchema};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use finetune_model::ProblemType;
 use finetune_optim::ScheduleKind;
 
 /// TrainingArguments' names for the settings `training:` calls more briefly (the rest share
@@ -248,7 +249,7 @@ pub struct EarlyStoppingArgs {
     pub threshold: f64,
 }
 
-/// The metrics an evaluation reports, for `metric_for_best_model`.
+/// The metrics an evaluation of a single-label head reports, for `metric_for_best_model`.
 pub const METRICS: &[&str] = &[
     "loss",
     "accuracy",
@@ -259,6 +260,39 @@ pub const METRICS: &[&str] = &[
     "recall_weighted",
     "f1_weighted",
 ];
+
+/// The metrics of a multi-label head.
+const MULTI_LABEL_METRICS: &[&str] = &[
+    "loss",
+    "subset_accuracy",
+    "hamming_loss",
+    "precision_micro",
+    "recall_micro",
+    "f1_micro",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "precision_weighted",
+    "recall_weighted",
+    "f1_weighted",
+];
+
+/// The metrics of a regression head.
+const REGRESSION_METRICS: &[&str] = &["loss", "mse", "rmse", "mae", "r2", "pearson", "spearman"];
+
+/// The metrics an evaluation of a `problem` head reports, for `metric_for_best_model`.
+pub fn task_metrics(problem: ProblemType) -> &'static [&'static str] {
+    match problem {
+        ProblemType::SingleLabelClassification => METRICS,
+        ProblemType::MultiLabelClassification => MULTI_LABEL_METRICS,
+        ProblemType::Regression => REGRESSION_METRICS,
+    }
+}
+
+/// Metrics where lower is better: losses and errors.
+fn lower_is_better(metric: &str) -> bool {
+    metric.ends_with("loss") || matches!(metric, "mse" | "rmse" | "mae")
+}
 
 /// The largest `epochs`: with at most [`LARGEST_STEPS`] updates an epoch, their product still
 /// fits in 64 bits.
@@ -293,7 +327,7 @@ impl TrainingArgs {
     /// Whether a larger best-model metric is better.
     pub fn greater_is_better(&self) -> bool {
         self.greater_is_better
-            .unwrap_or_else(|| !self.best_metric().ends_with("loss"))
+            .unwrap_or_else(|| !lower_is_better(self.best_metric()))
     }
 
     /// Whether the best metric has to be tracked at all.
@@ -421,7 +455,8 @@ impl TrainingArgs {
                 "is required when save_strategy is `steps`".into(),
             );
         }
-        if !METRICS.contains(&self.best_metric()) {
+        let any_task = ProblemType::ALL.map(task_metrics);
+        if !any_task.iter().any(|m| m.contains(&self.best_metric())) {
             return at(
                 "metric_for_best_model",
                 format!(

@@ -3,10 +3,10 @@
 
 use anyhow::{Result, bail};
 use burn::tensor::Device;
-use finetune_model::{Classifier, Example, Predictions, predict};
+use finetune_model::{Classifier, Example, Predictions, ProblemType, predict};
 use serde_json::{Value, json};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, MultiLabelMetrics, RegressionMetrics};
 
 /// Scores a model; the trainer calls it at every evaluation.
 pub trait Evaluator {
@@ -51,11 +51,43 @@ pub fn evaluate(
         return Ok(json!({}));
     }
     let predictions = predict_fitting(model, examples, batch_size, device)?;
-    let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
-    metrics_json(
-        predictions.loss,
-        &Metrics::compute(&truth, &predictions.predicted, labels),
+    scores_json(
+        model.config.problem_type,
+        &predictions,
+        examples,
+        labels,
+        DEFAULT_THRESHOLD,
     )
+}
+
+/// Where a multi-label head decides for a label, unless `evaluate` tuned it.
+pub const DEFAULT_THRESHOLD: f64 = 0.5;
+
+/// The loss and the task's metrics of `predictions` on `examples` (a multi-label run's
+/// decided at `threshold`) as one JSON object.
+pub fn scores_json(
+    problem: ProblemType,
+    predictions: &Predictions,
+    examples: &[Example],
+    labels: &[String],
+    threshold: f64,
+) -> Result<Value> {
+    let targets: Vec<Vec<f32>> = examples.iter().map(|e| e.targets.clone()).collect();
+    let metrics = match problem {
+        ProblemType::SingleLabelClassification => {
+            let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
+            serde_json::to_value(Metrics::compute(&truth, &predictions.predicted, labels))?
+        }
+        ProblemType::MultiLabelClassification => serde_json::to_value(
+            MultiLabelMetrics::compute(&targets, &predictions.outputs, labels, threshold),
+        )?,
+        ProblemType::Regression => serde_json::to_value(RegressionMetrics::compute(
+            &targets,
+            &predictions.outputs,
+            labels,
+        ))?,
+    };
+    with_loss_first(predictions.loss, metrics)
 }
 
 /// [`predict`] in batches of `batch_size`, halved (after the device's cached memory is freed)
@@ -88,12 +120,12 @@ pub fn predict_fitting(
 
 /// `{"loss": …, "accuracy": …, …}`: the loss first, then every metric.
 pub fn metrics_json(loss: f64, metrics: &Metrics) -> Result<Value> {
+    with_loss_first(loss, serde_json::to_value(metrics)?)
+}
+
+fn with_loss_first(loss: f64, metrics: Value) -> Result<Value> {
     let mut value = json!({ "loss": loss });
-    for (key, metric) in serde_json::to_value(metrics)?
-        .as_object()
-        .into_iter()
-        .flatten()
-    {
+    for (key, metric) in metrics.as_object().into_iter().flatten() {
         value[key] = metric.clone();
     }
     Ok(value)

@@ -31,22 +31,25 @@ mod update;
 
 use anyhow::Result;
 use burn::tensor::Device;
-use finetune_model::{Classifier, Example};
+use finetune_model::{Classifier, Example, ProblemType};
 use finetune_optim::Schedule;
 use finetune_regularizers::Attack;
 use finetune_rng::SplitMix64;
 
 pub use args::{
     ClassWeights, EarlyStoppingArgs, EvalSplit, METRICS, MemoryBudgetError, Padding, Strategy,
-    TRAINER_NAMES, TrainingArgs, accept_trainer_names,
+    TRAINER_NAMES, TrainingArgs, accept_trainer_names, task_metrics,
 };
 pub use callbacks::{
     Callback, EarlyStopping, JsonlFile, Logger, RecordSink, RunHistory, jsonl_logger,
     tensorboard_logger,
 };
 pub use checkpoint::{Checkpoints, Restored, restore};
-pub use evaluation::{DatasetEvaluator, Evaluator, evaluate, metrics_json, predict_fitting};
-pub use metrics::{ClassScores, Metrics};
+pub use evaluation::{
+    DEFAULT_THRESHOLD, DatasetEvaluator, Evaluator, evaluate, metrics_json, predict_fitting,
+    scores_json,
+};
+pub use metrics::{ClassScores, Metrics, MultiLabelMetrics, RegressionMetrics, TargetScores};
 pub use regularize::{AwpConfig, MixoutConfig, RegularizerError, Regularizers, with_mixout_masks};
 pub use state::{Control, EpochSummary, Record, TrainerState};
 pub use update::{
@@ -124,13 +127,26 @@ impl Trainer<'_> {
         attack_on(self.awp, model)
     }
 
-    /// The loss the run trains with; `balanced` weights come from `train`'s labels.
-    pub fn loss(&self, train: &[Example]) -> Result<Loss> {
+    /// The loss the run trains with for a head that predicts `problem`; `balanced` weights
+    /// come from `train`'s labels. Weights and smoothing are for single-label classification.
+    pub fn loss(&self, train: &[Example], problem: ProblemType) -> Result<Loss> {
+        if problem != ProblemType::SingleLabelClassification {
+            let set = [
+                ("class_weights", self.args.class_weights.is_some()),
+                ("label_smoothing_factor", self.args.label_smoothing_factor.is_some()),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, set)| *set) {
+                anyhow::bail!(
+                    "`training.{key}` is for single-label classification; this model's task is {problem}"
+                );
+            }
+        }
         let class_weights = match &self.args.class_weights {
             Some(weights) => Some(weights.resolve(train.iter().map(|e| e.label), self.labels)?),
             None => None,
         };
         Ok(Loss {
+            problem_type: problem,
             class_weights,
             label_smoothing: self.args.label_smoothing_factor.unwrap_or(0.0) as f32,
         })

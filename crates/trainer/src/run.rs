@@ -135,7 +135,11 @@ impl Trainer<'_> {
     fn begin(&mut self, start: Start, train: &[Example]) -> Result<(Classifier, Run)> {
         let args = self.args;
         let (per_epoch, total) = self.plan(train.len());
-        let loss = self.loss(train)?;
+        let problem = match &start {
+            Start::Fresh(model) => model.config.problem_type,
+            Start::Resume(restored) => restored.model.config.problem_type,
+        };
+        let loss = self.loss(train, problem)?;
         let schedule = self.schedule(total);
         let budget = args.max_memory_bytes()?;
         let (model, attack, optimizer, state) = match start {
@@ -347,6 +351,7 @@ impl Trainer<'_> {
                     rows: ids.iter().map(|&j| train[j].ids.clone()).collect(),
                     type_ids: ids.iter().map(|&j| train[j].type_ids.clone()).collect(),
                     labels: ids.iter().map(|&j| train[j].label).collect(),
+                    targets: ids.iter().map(|&j| train[j].targets.clone()).collect(),
                 })
                 .collect();
             let step = run.state.global_step;

@@ -16,7 +16,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use finetune_kernels::RowGradient;
-use finetune_model::{Batch, Classifier};
+use finetune_model::{Batch, Classifier, ProblemType, vector_loss_sum};
 use finetune_optim::{FusedAdamW, GradientScale, RowAdamW, global_norm};
 use finetune_regularizers::Attack;
 
@@ -206,8 +206,15 @@ fn write_in_fixed_order(optimizer: &ModuleOptimizer, path: &Path) -> Result<()> 
 /// sum over Σ w[y_i] of all the update's rows, so that accumulated micro-batches give exactly
 /// the one large batch's loss and gradient (each micro-batch scaled by its share of the weight,
 /// not of the rows).
+///
+/// Multi-label classification trains with binary cross-entropy on the logits, regression with
+/// the squared error, each the mean over all of the update's rows × outputs (PyTorch's
+/// `BCEWithLogitsLoss` and `MSELoss`, as Hugging Face's heads call them); neither takes
+/// weights or smoothing.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loss {
+    /// Which loss: by what the head predicts.
+    pub problem_type: ProblemType,
     /// One weight per label, in label-id order; `None`: all 1.
     pub class_weights: Option<Vec<f32>>,
     /// ε in [0, 1).
@@ -218,7 +225,9 @@ impl Loss {
     /// Plain cross-entropy, through burn's own loss (the results of runs without weights or
     /// smoothing are those of before either existed).
     fn is_plain(&self) -> bool {
-        self.class_weights.is_none() && self.label_smoothing == 0.0
+        self.problem_type == ProblemType::SingleLabelClassification
+            && self.class_weights.is_none()
+            && self.label_smoothing == 0.0
     }
 
     fn weight(&self, label: i64) -> f64 {
@@ -260,7 +269,11 @@ pub struct MicroBatch {
     pub rows: Vec<Vec<i32>>,
     /// Each row's token type ids, for sentence pairs; empty (for a row, or for all): segment 0.
     pub type_ids: Vec<Vec<i32>>,
+    /// Each row's label id (single-label classification).
     pub labels: Vec<i64>,
+    /// Each row's target vector (multi-label, regression: see [`finetune_model::Example::targets`]); empty for
+    /// single-label classification.
+    pub targets: Vec<Vec<f32>>,
 }
 
 /// What an update measured.
@@ -415,7 +428,12 @@ pub fn gradients_taking(
                 (model.logits_from_words(leaf.clone(), &batch), Some(leaf))
             }
         };
-        let micro_loss = if loss.is_plain() {
+        let micro_loss = if loss.problem_type != ProblemType::SingleLabelClassification {
+            let outputs = logits.dims()[1];
+            let values: Vec<f32> = micro.targets.iter().flatten().copied().collect();
+            let sum = vector_loss_sum(loss.problem_type, logits, values, device);
+            sum.div_scalar((total * outputs) as f32)
+        } else if loss.is_plain() {
             loss_fn.forward(logits, targets).mul_scalar(share)
         } else {
             let sum = loss.sum(logits, &micro.labels, device);

@@ -62,6 +62,7 @@ fn micro_batches(sizes: &[usize]) -> Vec<MicroBatch> {
                 type_ids: Vec::new(),
                 rows: part.iter().map(|e| e.ids.clone()).collect(),
                 labels: part.iter().map(|e| e.label).collect(),
+                targets: Vec::new(),
             }
         })
         .collect()

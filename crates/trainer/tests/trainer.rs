@@ -288,6 +288,7 @@ fn word_embedding_state_round_trips_and_falls_back_to_dense() {
         type_ids: Vec::new(),
         rows: vec![vec![101, 2307, 102], vec![101, 2919, 2307, 102]],
         labels: vec![0, 1],
+        targets: Vec::new(),
     }];
     let step = |model: Classifier, optimizer: &mut finetune_trainer::Optimizer| {
         let plan = UpdatePlan {

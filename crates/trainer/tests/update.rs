@@ -56,6 +56,7 @@ fn weighted_and_smoothed_batch_16_equals_8_plus_8_and_5_plus_11() {
 
 fn weighted_smoothed() -> Loss {
     Loss {
+        problem_type: Default::default(),
         class_weights: Some(vec![0.3, 1.7]),
         label_smoothing: 0.1,
     }
@@ -94,6 +95,7 @@ fn the_weighted_smoothed_loss_is_pytorchs() {
         type_ids: Vec::new(),
         rows,
         labels: targets,
+        targets: Vec::new(),
     }];
     let dense = WordGradient::Dense;
     let (_, ours) = gradients_taking(&model, &micro, None, dense, &loss, &device);
@@ -129,6 +131,7 @@ fn accumulation_matches_one_batch(loss: &Loss) {
                     type_ids: Vec::new(),
                     rows: rows[start..start + n].to_vec(),
                     labels: targets[start..start + n].to_vec(),
+                    targets: Vec::new(),
                 };
                 start += n;
                 m
@@ -211,6 +214,7 @@ fn word_embeddings_by_rows_equal_the_dense_update() {
                 type_ids: Vec::new(),
                 rows: rows[start..start + n].to_vec(),
                 labels: targets[start..start + n].to_vec(),
+                targets: Vec::new(),
             });
             let plan = UpdatePlan {
                 lr: 1e-3,

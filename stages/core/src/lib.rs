@@ -82,15 +82,28 @@ pub struct PredictOptions {
     pub device: String,
     /// Weights and activations in bfloat16 instead of f32.
     pub bf16: bool,
+    /// A multi-label model's decision threshold (default 0.5); other models take none.
+    pub threshold: Option<f64>,
 }
 
-/// One text's predicted label, and the probability and logit of every label in the model's
-/// order.
+/// What a model said about one input, by its task.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum Answer {
+    /// The most probable label (single-label classification).
+    Label(String),
+    /// Every label at or over the threshold, in the model's order (multi-label).
+    Labels(Vec<String>),
+    /// The predicted values, one per target (regression): [`Prediction::outputs`].
+    Values,
+}
+
+/// One input's answer, and per output in the model's order its name and the label's
+/// probability (for regression, the predicted value), and the logits.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Prediction {
-    pub label: String,
-    pub probabilities: Vec<(String, f32)>,
-    /// The head's raw outputs, before the softmax (for ensembling and calibration).
+    pub answer: Answer,
+    pub outputs: Vec<(String, f32)>,
+    /// The head's raw outputs, before the softmax or sigmoid (for ensembling and calibration).
     pub logits: Vec<f32>,
 }
 

@@ -14,13 +14,17 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
+use crate::Outcome;
 use crate::report::write;
 
 pub const METRICS_DIR: &str = "plots/metrics";
 pub const CONFUSION_JSON: &str = "plots/sklearn/confusion_matrix.json";
+pub const PREDICTED_VS_ACTUAL_JSON: &str = "plots/predictions/predicted_vs_actual.json";
 
-/// Writes every series of the training log and the split's confusion pairs under `dir`.
-pub fn write_plots(dir: &Path, log: &[Value], actual: &[&str], predicted: &[&str]) -> Result<()> {
+/// Writes every series of the training log under `dir`, and the split's confusion pairs
+/// (single-label) or (actual, predicted) points of every target (regression), each a list
+/// of rows for DVC's `confusion` and `scatter` templates. Multi-label sets fit neither.
+pub fn write_plots(dir: &Path, log: &[Value], outcome: &Outcome) -> Result<()> {
     for (name, points) in series_by_name(log) {
         let mut tsv = format!("step\t{name}\n");
         for (step, value) in points {
@@ -28,13 +32,32 @@ pub fn write_plots(dir: &Path, log: &[Value], actual: &[&str], predicted: &[&str
         }
         write(&dir.join(METRICS_DIR).join(format!("{name}.tsv")), &tsv)?;
     }
-    let pairs: Vec<Value> = actual
-        .iter()
-        .zip(predicted)
-        .map(|(a, p)| json!({ "actual": a, "predicted": p }))
-        .collect();
-    let text = serde_json::to_string_pretty(&pairs).context("cannot encode the confusion pairs")?;
-    write(&dir.join(CONFUSION_JSON), &text)
+    let (file, rows): (&str, Vec<Value>) = match outcome {
+        Outcome::Labels { truth, predicted } => (
+            CONFUSION_JSON,
+            truth
+                .iter()
+                .zip(predicted)
+                .map(|(a, p)| json!({ "actual": a, "predicted": p }))
+                .collect(),
+        ),
+        Outcome::Values { truth, predicted } => (
+            PREDICTED_VS_ACTUAL_JSON,
+            truth
+                .iter()
+                .zip(predicted)
+                .flat_map(|(a, p)| {
+                    let pairs = a.iter().zip(p).enumerate();
+                    pairs.map(|(target, (a, p))| {
+                        json!({ "target": target, "actual": a, "predicted": p })
+                    })
+                })
+                .collect(),
+        ),
+        Outcome::LabelSets { .. } => return Ok(()),
+    };
+    let text = serde_json::to_string_pretty(&rows).context("cannot encode the plot rows")?;
+    write(&dir.join(file), &text)
 }
 
 /// DVCLive's name of a Trainer log key, as its Hugging Face callback logs it: `eval_loss` is
@@ -97,7 +120,11 @@ mod tests {
             json!({"step": 20, "epoch": 1.0, "loss": 0.5}),
             json!({"step": 20, "epoch": 1.0, "eval_accuracy": 0.75}),
         ];
-        write_plots(dir.path(), &log, &["neg", "pos"], &["pos", "pos"]).unwrap();
+        let outcome = Outcome::Labels {
+            truth: vec!["neg".into(), "pos".into()],
+            predicted: vec!["pos".into(), "pos".into()],
+        };
+        write_plots(dir.path(), &log, &outcome).unwrap();
         let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
         assert_eq!(
             read("plots/metrics/train/loss.tsv"),

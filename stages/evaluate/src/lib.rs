@@ -1,15 +1,18 @@
 //! The `evaluate` stage: the trained model (a `train` stage's output) on a split of the
-//! `tokenize` output. Writes `metrics.json` (loss, accuracy, precision/recall/F1 macro,
-//! weighted and per class with label names, the confusion matrix), `predictions.parquet`
-//! (text, label, prediction, probabilities), the pictures (`confusion_matrix.svg`,
-//! `training_curves.svg`), a one-page `report.md` / `report.html` that links them, and the
-//! training curves and confusion pairs in DVCLive's layout under `plots/` (for `dvc plots`).
+//! `tokenize` output, scored as its task is (see finetune-trainer's metrics). Writes
+//! `metrics.json` (single-label: loss, accuracy, precision/recall/F1 macro, weighted and per
+//! class, the confusion matrix; multi-label: the same micro/macro/weighted and per label at a
+//! threshold tuned on validation, subset accuracy, Hamming loss; regression: MSE, RMSE, MAE,
+//! R², Pearson, Spearman), `predictions.parquet` (text, label, prediction, probabilities), the
+//! pictures (`confusion_matrix.svg` or `predicted_vs_actual.svg`, `training_curves.svg`), a
+//! one-page `report.md` / `report.html` that links them, and the training curves and
+//! prediction pairs in DVCLive's layout under `plots/` (for `dvc plots`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
-use arrow::array::{ArrayRef, Float32Builder, ListBuilder, StringArray};
+use arrow::array::{ArrayRef, Float32Builder, ListBuilder, StringArray, StringBuilder};
 use arrow::record_batch::RecordBatch;
 use finetune_core::output::write_json;
 use finetune_core::schemars::{self, JsonSchema};
@@ -20,9 +23,11 @@ use finetune_core::{
 use serde::Deserialize;
 use serde_json::json;
 
-use finetune_model::{ComputeDevice, DeviceSpec, Example, hf};
-use finetune_tokenize::tokenized::{Texts, read_examples, read_labels, read_texts};
-use finetune_trainer::{Metrics, metrics_json, predict_fitting};
+use finetune_model::{Classifier, ComputeDevice, DeviceSpec, Example, Predictions, ProblemType, hf};
+use finetune_tokenize::tokenized::{Task, Texts, read_examples, read_task, read_texts};
+use finetune_trainer::{
+    DEFAULT_THRESHOLD, Metrics, MultiLabelMetrics, RegressionMetrics, predict_fitting, scores_json,
+};
 
 mod dvclive;
 mod predictor;
@@ -133,88 +138,257 @@ impl EvaluateJob {
         let tokenized = &ctx.upstream_using("tokenize")?.dir;
         let trained = &ctx.upstream_using("train")?.dir;
         let split = &self.params.split;
+        let task = read_task(&tokenized.join("labels.json"))?;
         let split_file = tokenized.join(format!("{split}.parquet"));
-        let examples = read_examples(&split_file, |row| Example {
-            ids: row.ids,
-            type_ids: row.type_ids,
-            label: row.label,
-        })?;
+        let examples = read_split(&split_file, &task)?;
         if examples.is_empty() {
             return Err(anyhow!("the {split} split is empty: nothing to evaluate"));
         }
         let Texts { texts, pairs } = read_texts(&split_file)?;
-        let labels = read_labels(&tokenized.join("labels.json"))?;
+        let labels = &task.names;
         let device = compute.device().clone();
-        let (model, _) = hf::load(&trained.join("model"), Some(&labels), 0, &device)
+        let (model, _) = hf::load(&trained.join("model"), Some(labels), 0, &device)
             .context("cannot load the trained model")?;
+        if model.config.problem_type != task.problem_type {
+            return Err(anyhow!(
+                "the trained model predicts {}, but the data's task is {}",
+                model.config.problem_type,
+                task.problem_type
+            ));
+        }
         ctx.reporter.message(&format!(
             "evaluating on {} {split} examples on {}",
             examples.len(),
             compute.describe()
         ));
-        let predictions = predict_fitting(&model, &examples, self.params.batch_size, &device)?;
-        let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
-        let metrics = Metrics::compute(&truth, &predictions.predicted, &labels);
-        let mut summary = metrics_json(predictions.loss, &metrics)?;
+        let batch = self.params.batch_size;
+        let predictions = predict_fitting(&model, &examples, batch, &device)?;
+        let threshold = match task.problem_type {
+            ProblemType::MultiLabelClassification => {
+                self.tuned_threshold(tokenized, &task, &model, compute)?
+            }
+            _ => None,
+        };
+        let decided_at = threshold.unwrap_or(DEFAULT_THRESHOLD);
+        let scores = Scores::of(&task, &predictions, &examples, decided_at);
+        let mut summary = scores_json(
+            task.problem_type,
+            &predictions,
+            &examples,
+            labels,
+            decided_at,
+        )?;
         summary["split"] = json!(split);
         summary["examples"] = json!(examples.len());
+        if threshold.is_some() {
+            summary["threshold_tuned_on"] = json!("validation");
+        }
         write_json(&ctx.out_dir.join("metrics.json"), &summary)?;
+        let outcome = Outcome::of(&task, &predictions, &examples, decided_at);
         write_predictions(
             &ctx.out_dir.join("predictions.parquet"),
             (&texts, pairs.as_deref()),
-            &truth,
-            &predictions.predicted,
-            &predictions.probabilities,
-            &labels,
+            &outcome,
+            &predictions.outputs,
         )?;
         let log = report::read_log(&trained.join("logs/train.jsonl"))?;
-        report::write_all(&ctx.out_dir, &metrics, &summary, &log, split)?;
-        let names = |ids: &[usize]| ids.iter().map(|&i| labels[i].as_str()).collect::<Vec<_>>();
-        dvclive::write_plots(
-            &ctx.out_dir,
-            &log,
-            &names(&truth),
-            &names(&predictions.predicted),
-        )?;
-        ctx.reporter.message(&format!(
-            "{split}: accuracy {:.4}, macro F1 {:.4}; report.html",
-            metrics.accuracy, metrics.f1_macro
-        ));
+        report::write_all(&ctx.out_dir, &scores, &outcome, &summary, &log, split)?;
+        dvclive::write_plots(&ctx.out_dir, &log, &outcome)?;
+        ctx.reporter
+            .message(&format!("{split}: {}; report.html", scores.headline()));
         Ok(())
+    }
+
+    /// A multi-label run's decision threshold: the one with the best micro F1 on the
+    /// validation split (when this stage evaluates another split and validation has rows),
+    /// from 0.05 to 0.95 in steps of 0.05.
+    fn tuned_threshold(
+        &self,
+        tokenized: &Path,
+        task: &Task,
+        model: &Classifier,
+        compute: &ComputeDevice,
+    ) -> Result<Option<f64>> {
+        if self.params.split == "validation" {
+            return Ok(None);
+        }
+        let validation = read_split(&tokenized.join("validation.parquet"), task)?;
+        if validation.is_empty() {
+            return Ok(None);
+        }
+        let device = compute.device();
+        let predictions = predict_fitting(model, &validation, self.params.batch_size, device)?;
+        let truth: Vec<Vec<f32>> = validation.iter().map(|e| e.targets.clone()).collect();
+        let candidates: Vec<f64> = (1..20).map(|i| f64::from(i) * 0.05).collect();
+        Ok(Some(MultiLabelMetrics::best_threshold(
+            &truth,
+            &predictions.outputs,
+            &task.names,
+            &candidates,
+        )))
     }
 }
 
-/// text (and text_pair, for pairs), label, prediction (label names) and the probability of
-/// every label, one row each.
+fn read_split(path: &Path, task: &Task) -> Result<Vec<Example>> {
+    read_examples(path, task, |row| Example {
+        ids: row.ids,
+        type_ids: row.type_ids,
+        label: row.label,
+        targets: row.targets,
+    })
+}
+
+/// The scores of one evaluation, by task: what the report and the stage's message show.
+pub(crate) enum Scores {
+    SingleLabel(Metrics),
+    MultiLabel(MultiLabelMetrics),
+    Regression(RegressionMetrics),
+}
+
+impl Scores {
+    fn of(task: &Task, predictions: &Predictions, examples: &[Example], threshold: f64) -> Scores {
+        let targets: Vec<Vec<f32>> = examples.iter().map(|e| e.targets.clone()).collect();
+        let names = &task.names;
+        match task.problem_type {
+            ProblemType::SingleLabelClassification => {
+                let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
+                Scores::SingleLabel(Metrics::compute(&truth, &predictions.predicted, names))
+            }
+            ProblemType::MultiLabelClassification => Scores::MultiLabel(
+                MultiLabelMetrics::compute(&targets, &predictions.outputs, names, threshold),
+            ),
+            ProblemType::Regression => Scores::Regression(RegressionMetrics::compute(
+                &targets,
+                &predictions.outputs,
+                names,
+            )),
+        }
+    }
+
+    fn headline(&self) -> String {
+        match self {
+            Scores::SingleLabel(m) => {
+                format!("accuracy {:.4}, macro F1 {:.4}", m.accuracy, m.f1_macro)
+            }
+            Scores::MultiLabel(m) => format!(
+                "micro F1 {:.4}, macro F1 {:.4}, subset accuracy {:.4} at threshold {:.2}",
+                m.f1_micro, m.f1_macro, m.subset_accuracy, m.threshold
+            ),
+            Scores::Regression(m) => format!(
+                "RMSE {:.4}, MAE {:.4}, R² {:.4}, Spearman {:.4}",
+                m.rmse, m.mae, m.r2, m.spearman
+            ),
+        }
+    }
+}
+
+/// Per example, what was true and what the model said, as the predictions file and the plots
+/// show them.
+pub(crate) enum Outcome {
+    /// Label names.
+    Labels {
+        truth: Vec<String>,
+        predicted: Vec<String>,
+    },
+    /// Per example, the names of its labels.
+    LabelSets {
+        truth: Vec<Vec<String>>,
+        predicted: Vec<Vec<String>>,
+    },
+    /// Per example, the targets' values.
+    Values {
+        truth: Vec<Vec<f32>>,
+        predicted: Vec<Vec<f32>>,
+    },
+}
+
+impl Outcome {
+    fn of(task: &Task, predictions: &Predictions, examples: &[Example], threshold: f64) -> Outcome {
+        let names = &task.names;
+        match task.problem_type {
+            ProblemType::SingleLabelClassification => Outcome::Labels {
+                truth: examples
+                    .iter()
+                    .map(|e| names[e.label as usize].clone())
+                    .collect(),
+                predicted: predictions
+                    .predicted
+                    .iter()
+                    .map(|&p| names[p].clone())
+                    .collect(),
+            },
+            ProblemType::MultiLabelClassification => {
+                let over = |values: &[f32], at: f64| -> Vec<String> {
+                    let on = values.iter().zip(names).filter(|(v, _)| f64::from(**v) >= at);
+                    on.map(|(_, name)| name.clone()).collect()
+                };
+                Outcome::LabelSets {
+                    truth: examples.iter().map(|e| over(&e.targets, 0.5)).collect(),
+                    predicted: predictions
+                        .outputs
+                        .iter()
+                        .map(|p| over(p, threshold))
+                        .collect(),
+                }
+            }
+            ProblemType::Regression => Outcome::Values {
+                truth: examples.iter().map(|e| e.targets.clone()).collect(),
+                predicted: predictions.outputs.clone(),
+            },
+        }
+    }
+}
+
+/// text (and text_pair, for pairs), label and prediction (label names, lists of them for
+/// multi-label, the values for regression) and the head's outputs (`probabilities` of every
+/// label; for regression the values again, as `prediction`), one row each.
 fn write_predictions(
     path: &Path,
     (texts, pairs): (&[String], Option<&[String]>),
-    truth: &[usize],
-    predicted: &[usize],
-    probabilities: &[Vec<f32>],
-    labels: &[String],
+    outcome: &Outcome,
+    outputs: &[Vec<f32>],
 ) -> Result<()> {
-    let names = |ids: &[usize]| -> ArrayRef {
-        Arc::new(StringArray::from_iter_values(
-            ids.iter().map(|&i| labels[i].as_str()),
-        ))
-    };
-    let mut lists = ListBuilder::new(Float32Builder::new());
-    for row in probabilities {
-        lists.values().append_slice(row);
-        lists.append(true);
-    }
     let strings =
         |values: &[String]| -> ArrayRef { Arc::new(StringArray::from_iter_values(values)) };
+    let string_lists = |rows: &[Vec<String>]| -> ArrayRef {
+        let mut lists = ListBuilder::new(StringBuilder::new());
+        for row in rows {
+            for name in row {
+                lists.values().append_value(name);
+            }
+            lists.append(true);
+        }
+        Arc::new(lists.finish())
+    };
+    let float_lists = |rows: &[Vec<f32>]| -> ArrayRef {
+        let mut lists = ListBuilder::new(Float32Builder::new());
+        for row in rows {
+            lists.values().append_slice(row);
+            lists.append(true);
+        }
+        Arc::new(lists.finish())
+    };
     let mut columns = vec![("text", strings(texts))];
     if let Some(pairs) = pairs {
         columns.push(("text_pair", strings(pairs)));
     }
-    let batch = RecordBatch::try_from_iter(columns.into_iter().chain([
-        ("label", names(truth)),
-        ("prediction", names(predicted)),
-        ("probabilities", Arc::new(lists.finish()) as ArrayRef),
-    ]))?;
+    match outcome {
+        Outcome::Labels { truth, predicted } => {
+            columns.push(("label", strings(truth)));
+            columns.push(("prediction", strings(predicted)));
+            columns.push(("probabilities", float_lists(outputs)));
+        }
+        Outcome::LabelSets { truth, predicted } => {
+            columns.push(("label", string_lists(truth)));
+            columns.push(("prediction", string_lists(predicted)));
+            columns.push(("probabilities", float_lists(outputs)));
+        }
+        Outcome::Values { truth, predicted } => {
+            columns.push(("label", float_lists(truth)));
+            columns.push(("prediction", float_lists(predicted)));
+        }
+    }
+    let batch = RecordBatch::try_from_iter(columns)?;
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;

@@ -2,9 +2,10 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow};
-use finetune_core::{PredictInput, PredictOptions, Prediction};
-use finetune_model::{ComputeDevice, hf, label_scores};
+use anyhow::{Context, Result, anyhow, bail};
+use finetune_core::{Answer, PredictInput, PredictOptions, Prediction};
+use finetune_model::{ComputeDevice, ProblemType, hf, label_scores};
+use finetune_trainer::DEFAULT_THRESHOLD;
 
 /// `finetune predict`: a saved model directory (`config.json`, `model.safetensors` and the
 /// `tokenizer.json` it was trained with, as `train` writes to `model/`) applied to raw texts.
@@ -22,7 +23,7 @@ impl finetune_core::Predictor for ModelPredictor {
             compute.use_bf16()?;
         }
         finetune_kernels::on_own_pool(|| {
-            compute.run(|| self.predict_on(&compute, model_dir, inputs, options.batch_size))
+            compute.run(|| self.predict_on(&compute, model_dir, inputs, options))
         })
     }
 }
@@ -33,8 +34,9 @@ impl ModelPredictor {
         compute: &ComputeDevice,
         model_dir: &Path,
         inputs: &[PredictInput],
-        batch_size: usize,
+        options: &PredictOptions,
     ) -> Result<Vec<Prediction>> {
+        let (batch_size, threshold) = (options.batch_size, options.threshold);
         let tokenizer_file = model_dir.join("tokenizer.json");
         let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_file)
             .map_err(|err| anyhow!("cannot load {}: {err}", tokenizer_file.display()))?;
@@ -55,17 +57,36 @@ impl ModelPredictor {
             });
         }
         let labels = &model.config.labels;
+        let problem = model.config.problem_type;
+        if threshold.is_some() && problem != ProblemType::MultiLabelClassification {
+            bail!("--threshold is for multi-label models; this one's task is {problem}");
+        }
+        let threshold = threshold.unwrap_or(DEFAULT_THRESHOLD);
         Ok(label_scores(&model, &rows, &type_ids, batch_size, device)
             .into_iter()
             .map(|scores| {
-                let row = &scores.probabilities;
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .fold(0, |best, (i, p)| if *p > row[best] { i } else { best });
+                let row = &scores.outputs;
+                let answer = match problem {
+                    ProblemType::SingleLabelClassification => {
+                        let best = row
+                            .iter()
+                            .enumerate()
+                            .fold(0, |best, (i, p)| if *p > row[best] { i } else { best });
+                        Answer::Label(labels[best].clone())
+                    }
+                    ProblemType::MultiLabelClassification => Answer::Labels(
+                        labels
+                            .iter()
+                            .zip(row)
+                            .filter(|(_, p)| f64::from(**p) >= threshold)
+                            .map(|(label, _)| label.clone())
+                            .collect(),
+                    ),
+                    ProblemType::Regression => Answer::Values,
+                };
                 Prediction {
-                    label: labels[best].clone(),
-                    probabilities: labels.iter().cloned().zip(scores.probabilities).collect(),
+                    answer,
+                    outputs: labels.iter().cloned().zip(scores.outputs).collect(),
                     logits: scores.logits,
                 }
             })

@@ -10,8 +10,11 @@ use serde_json::Value;
 
 use finetune_trainer::Metrics;
 
+use crate::{Outcome, Scores};
+
 pub const CONFUSION_MATRIX: &str = "confusion_matrix.svg";
 pub const TRAINING_CURVES: &str = "training_curves.svg";
+pub const PREDICTED_VS_ACTUAL: &str = "predicted_vs_actual.svg";
 
 /// The records of a train stage's logs/train.jsonl (none if the file is absent).
 pub fn read_log(path: &Path) -> Result<Vec<Value>> {
@@ -33,14 +36,25 @@ pub fn read_log(path: &Path) -> Result<Vec<Value>> {
 /// Writes the pictures and the report into `dir`.
 pub fn write_all(
     dir: &Path,
-    metrics: &Metrics,
+    scores: &Scores,
+    outcome: &Outcome,
     summary: &Value,
     log: &[Value],
     split: &str,
 ) -> Result<()> {
-    confusion_matrix(&dir.join(CONFUSION_MATRIX), metrics)?;
+    let figure = match (scores, outcome) {
+        (Scores::SingleLabel(metrics), _) => {
+            confusion_matrix(&dir.join(CONFUSION_MATRIX), metrics)?;
+            Some(("Confusion matrix", CONFUSION_MATRIX))
+        }
+        (Scores::Regression(_), Outcome::Values { truth, predicted }) => {
+            predicted_vs_actual(&dir.join(PREDICTED_VS_ACTUAL), truth, predicted)?;
+            Some(("Predicted against actual", PREDICTED_VS_ACTUAL))
+        }
+        _ => None,
+    };
     training_curves(&dir.join(TRAINING_CURVES), log)?;
-    let page = Page::new(metrics, summary, log, split);
+    let page = Page::new(scores, summary, log, split, figure);
     write(&dir.join("report.md"), &page.markdown())?;
     write(&dir.join("report.html"), &page.html())
 }
@@ -134,6 +148,50 @@ fn confusion_matrix(path: &Path, metrics: &Metrics) -> Result<()> {
 }
 
 /// (step, value) of `key` over the log's records that have it.
+/// A regression's predictions against the truth, one point per (example, target), with the
+/// diagonal a perfect model would lie on.
+fn predicted_vs_actual(path: &Path, truth: &[Vec<f32>], predicted: &[Vec<f32>]) -> Result<()> {
+    let points: Vec<(f64, f64)> = truth
+        .iter()
+        .zip(predicted)
+        .flat_map(|(t, p)| t.iter().zip(p).map(|(&t, &p)| (f64::from(t), f64::from(p))))
+        .collect();
+    let (low, high) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (t, p)| {
+        (lo.min(*t).min(*p), hi.max(*t).max(*p))
+    });
+    let (low, high) = if low.is_finite() && high > low {
+        (low, high)
+    } else {
+        (low.min(0.0), low.max(0.0) + 1.0)
+    };
+    let root = SVGBackend::new(path, (560, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_error)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Predicted against actual", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(low..high, low..high)
+        .map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("actual")
+        .y_desc("predicted")
+        .draw()
+        .map_err(plot_error)?;
+    chart
+        .draw_series(LineSeries::new([(low, low), (high, high)], BLACK.mix(0.4)))
+        .map_err(plot_error)?;
+    chart
+        .draw_series(
+            points
+                .iter()
+                .map(|&point| Circle::new(point, 2, BLUE.mix(0.25).filled())),
+        )
+        .map_err(plot_error)?;
+    root.present().map_err(plot_error)
+}
+
 fn series(log: &[Value], key: &str) -> Vec<(f64, f64)> {
     log.iter()
         .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(key)?.as_f64()?)))
@@ -218,35 +276,90 @@ fn training_curves(path: &Path, log: &[Value]) -> Result<()> {
 struct Page {
     split: String,
     headline: Vec<(&'static str, String)>,
-    classes: Vec<[String; 5]>,
+    /// The per-output table: its title, column names and rows.
+    table: (&'static str, Vec<&'static str>, Vec<Vec<String>>),
+    /// The task's picture: its title and file.
+    figure: Option<(&'static str, &'static str)>,
     training: Option<String>,
 }
 
+fn number(x: f64) -> String {
+    format!("{x:.4}")
+}
+
+fn class_rows(classes: &[finetune_trainer::ClassScores]) -> Vec<Vec<String>> {
+    classes
+        .iter()
+        .map(|c| {
+            vec![
+                c.label.clone(),
+                number(c.precision),
+                number(c.recall),
+                number(c.f1),
+                c.support.to_string(),
+            ]
+        })
+        .collect()
+}
+
 impl Page {
-    fn new(metrics: &Metrics, summary: &Value, log: &[Value], split: &str) -> Page {
-        let number = |x: f64| format!("{x:.4}");
-        let headline = vec![
+    fn new(
+        scores: &Scores,
+        summary: &Value,
+        log: &[Value],
+        split: &str,
+        figure: Option<(&'static str, &'static str)>,
+    ) -> Page {
+        let mut headline = vec![
             ("examples", summary["examples"].to_string()),
             ("loss", number(summary["loss"].as_f64().unwrap_or(f64::NAN))),
-            ("accuracy", number(metrics.accuracy)),
-            ("macro F1", number(metrics.f1_macro)),
-            ("weighted F1", number(metrics.f1_weighted)),
-            ("macro precision", number(metrics.precision_macro)),
-            ("macro recall", number(metrics.recall_macro)),
         ];
-        let classes = metrics
-            .per_class
-            .iter()
-            .map(|c| {
-                [
-                    c.label.clone(),
-                    number(c.precision),
-                    number(c.recall),
-                    number(c.f1),
-                    c.support.to_string(),
-                ]
-            })
-            .collect();
+        let class_columns = vec!["label", "precision", "recall", "F1", "support"];
+        let table = match scores {
+            Scores::SingleLabel(m) => {
+                headline.extend([
+                    ("accuracy", number(m.accuracy)),
+                    ("macro F1", number(m.f1_macro)),
+                    ("weighted F1", number(m.f1_weighted)),
+                    ("macro precision", number(m.precision_macro)),
+                    ("macro recall", number(m.recall_macro)),
+                ]);
+                ("Per class", class_columns, class_rows(&m.per_class))
+            }
+            Scores::MultiLabel(m) => {
+                headline.extend([
+                    ("threshold", format!("{:.2}", m.threshold)),
+                    ("micro F1", number(m.f1_micro)),
+                    ("macro F1", number(m.f1_macro)),
+                    ("weighted F1", number(m.f1_weighted)),
+                    ("subset accuracy", number(m.subset_accuracy)),
+                    ("Hamming loss", number(m.hamming_loss)),
+                ]);
+                ("Per label", class_columns, class_rows(&m.per_label))
+            }
+            Scores::Regression(m) => {
+                headline.extend([
+                    ("MSE", number(m.mse)),
+                    ("RMSE", number(m.rmse)),
+                    ("MAE", number(m.mae)),
+                    ("R²", number(m.r2)),
+                    ("Pearson", number(m.pearson)),
+                    ("Spearman", number(m.spearman)),
+                ]);
+                let rows = m
+                    .per_target
+                    .iter()
+                    .map(|t| {
+                        let values = [t.mse, t.rmse, t.mae, t.r2, t.pearson, t.spearman];
+                        std::iter::once(t.target.clone())
+                            .chain(values.map(number))
+                            .collect()
+                    })
+                    .collect();
+                let columns = vec!["target", "MSE", "RMSE", "MAE", "R²", "Pearson", "Spearman"];
+                ("Per target", columns, rows)
+            }
+        };
         let updates = log.iter().filter(|r| r.get("loss").is_some()).count();
         let evaluations = log.iter().filter(|r| r.get("eval_loss").is_some()).count();
         let last_step = log.iter().filter_map(|r| r.get("step")?.as_u64()).max();
@@ -258,7 +371,8 @@ impl Page {
         Page {
             split: split.to_string(),
             headline,
-            classes,
+            table,
+            figure,
             training,
         }
     }
@@ -269,14 +383,22 @@ impl Page {
         for (name, value) in &self.headline {
             out.push_str(&format!("| {name} | {value} |\n"));
         }
-        out.push_str("\n## Per class\n\n| label | precision | recall | F1 | support |\n|---|---|---|---|---|\n");
-        for row in &self.classes {
+        let (title, columns, rows) = &self.table;
+        out.push_str(&format!(
+            "\n## {title}\n\n| {} |\n|{}\n",
+            columns.join(" | "),
+            "---|".repeat(columns.len())
+        ));
+        for row in rows {
             let cells: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
             out.push_str(&format!("| {} |\n", cells.join(" | ")));
         }
-        out.push_str(&format!(
-            "\n## Confusion matrix\n\n![confusion matrix]({CONFUSION_MATRIX})\n\n[{CONFUSION_MATRIX}]({CONFUSION_MATRIX})\n"
-        ));
+        if let Some((title, file)) = self.figure {
+            out.push_str(&format!(
+                "\n## {title}\n\n![{}]({file})\n\n[{file}]({file})\n",
+                title.to_lowercase()
+            ));
+        }
         out.push_str("\n## Training\n\n");
         if let Some(training) = &self.training {
             out.push_str(&format!("{training}.\n\n"));
@@ -305,17 +427,27 @@ impl Page {
                 escape(value)
             ));
         }
-        out.push_str("</table>\n<h2>Per class</h2>\n<table>\n<tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>\n");
-        for row in &self.classes {
+        let (title, columns, rows) = &self.table;
+        let header: Vec<String> = columns.iter().map(|c| format!("<th>{c}</th>")).collect();
+        out.push_str(&format!(
+            "</table>\n<h2>{title}</h2>\n<table>\n<tr>{}</tr>\n",
+            header.concat()
+        ));
+        for row in rows {
             let cells: Vec<String> = row
                 .iter()
                 .map(|c| format!("<td>{}</td>", escape(c)))
                 .collect();
             out.push_str(&format!("<tr>{}</tr>\n", cells.concat()));
         }
-        out.push_str(&format!(
-            "</table>\n<h2>Confusion matrix</h2>\n<p><a href=\"{CONFUSION_MATRIX}\"><img src=\"{CONFUSION_MATRIX}\" alt=\"confusion matrix\"></a></p>\n<h2>Training</h2>\n"
-        ));
+        out.push_str("</table>\n");
+        if let Some((title, file)) = self.figure {
+            out.push_str(&format!(
+                "<h2>{title}</h2>\n<p><a href=\"{file}\"><img src=\"{file}\" alt=\"{}\"></a></p>\n",
+                title.to_lowercase()
+            ));
+        }
+        out.push_str("<h2>Training</h2>\n");
         if let Some(training) = &self.training {
             out.push_str(&format!("<p>{}.</p>\n", escape(training)));
         }

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 
 use finetune_core::ConfigError;
 use finetune_core::schemars::{self, JsonSchema};
+use finetune_task::ProblemType;
 use serde::Deserialize;
 
 /// `with:` of an `ingest_csv` stage.
@@ -31,10 +32,18 @@ pub struct Params {
     /// header name or a 0-based index (a key, for JSON Lines). The tokenizer encodes the two
     /// with its pair template (`[CLS] a [SEP] b [SEP]`).
     pub text_pair: Option<Column>,
-    /// The label column: a header name or a 0-based index (a key, for JSON Lines).
+    /// The label column: a header name or a 0-based index (a key, for JSON Lines). For
+    /// multi-label data it holds several labels (a list in JSON Lines and Parquet, or text
+    /// split at `label_delimiter`); for regression a number, or a list of numbers.
     pub label: Column,
+    /// What is predicted, by Hugging Face's names: `single_label_classification` (default),
+    /// `multi_label_classification` or `regression`.
+    pub problem_type: Option<ProblemType>,
+    /// Multi-label text fields: what separates a row's labels (`"|"` in `sports|politics`).
+    pub label_delimiter: Option<String>,
     /// Labels in id order. Default: the labels found, sorted (numerically if all are integers).
-    /// A label not in this list is an error.
+    /// A label not in this list is an error. For regression: the targets' names (default: the
+    /// label column's name, numbered when the column holds several).
     pub labels: Option<Vec<String>>,
     /// Names for the labels as the file writes them (`{ 0: negative, 1: positive }`): what
     /// labels.json, the trained model's `id2label` and `predict` show. Every label the data
@@ -269,9 +278,40 @@ impl Params {
         }
     }
 
-    /// The split fractions, with nothing split off for the splits given as files.
+    /// The split fractions, with nothing split off for the splits given as files; a split of
+    /// multi-label or regression data is not stratified (it has no one label per row).
     pub fn split_fractions(&self) -> SplitParams {
-        self.split.without_given(self.splits.as_ref())
+        let mut split = self.split.without_given(self.splits.as_ref());
+        if self.problem_type() != ProblemType::SingleLabelClassification {
+            split.stratify = Some(false);
+        }
+        split
+    }
+
+    pub fn problem_type(&self) -> ProblemType {
+        self.problem_type.unwrap_or_default()
+    }
+
+    /// A regression's names for its `targets` outputs: `labels`, or the label column's name
+    /// (`target` for a column index), numbered `name_0, name_1, …` for several.
+    pub fn target_names(&self, targets: usize) -> anyhow::Result<Vec<String>> {
+        if let Some(names) = &self.labels {
+            if names.len() != targets {
+                anyhow::bail!(
+                    "`labels` names {} targets, but the label column holds {targets} per row",
+                    names.len()
+                );
+            }
+            return Ok(names.clone());
+        }
+        let base = match &self.label {
+            Column::Name(name) => name.clone(),
+            Column::Index(_) => "target".to_string(),
+        };
+        Ok(match targets {
+            1 => vec![base],
+            n => (0..n).map(|i| format!("{base}_{i}")).collect(),
+        })
     }
 
     pub fn delimiter_byte(&self, format: Format) -> u8 {
@@ -419,8 +459,9 @@ impl Params {
                 format!("validation ({validation}) + test ({test}) leave no rows for training"),
             ));
         }
+        self.validate_task()?;
         if let Some(labels) = &self.labels {
-            if labels.len() < 2 {
+            if labels.len() < 2 && self.problem_type() == ProblemType::SingleLabelClassification {
                 return Err(ConfigError::at(
                     "labels",
                     "a classifier needs at least two labels",
@@ -439,6 +480,46 @@ impl Params {
         }
         if self.max_text_bytes == 0 {
             return Err(ConfigError::at("max_text_bytes", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The keys that only some problem types read.
+    fn validate_task(&self) -> Result<(), ConfigError> {
+        let problem = self.problem_type();
+        match &self.label_delimiter {
+            Some(_) if problem != ProblemType::MultiLabelClassification => {
+                return Err(ConfigError::at(
+                    "label_delimiter",
+                    format!(
+                        "splits a row's labels, and `problem_type` is {problem}: set `problem_type: multi_label_classification`"
+                    ),
+                ));
+            }
+            Some(delimiter) if delimiter.is_empty() => {
+                return Err(ConfigError::at("label_delimiter", "is empty"));
+            }
+            _ => {}
+        }
+        if problem == ProblemType::SingleLabelClassification {
+            return Ok(());
+        }
+        if self.split.stratify == Some(true) {
+            return Err(ConfigError::at(
+                "split.stratify",
+                format!("{problem} data has no one label per row to stratify by"),
+            ));
+        }
+        if problem == ProblemType::Regression && self.label_names.is_some() {
+            return Err(ConfigError::at(
+                "label_names",
+                "names labels, and a regression has none: name its targets with `labels`",
+            ));
+        }
+        if let Some(labels) = &self.labels
+            && labels.is_empty()
+        {
+            return Err(ConfigError::at("labels", "is empty"));
         }
         Ok(())
     }

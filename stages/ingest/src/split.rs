@@ -4,7 +4,7 @@ use anyhow::{Result, bail};
 use finetune_core::rng::SplitMix64;
 
 use crate::params::{SplitLike, SplitParams};
-use crate::read::Table;
+use crate::read::{Table, Target};
 
 /// Row indices of each split, each in file order.
 pub struct Splits {
@@ -50,7 +50,7 @@ pub fn split(table: &Table, pool: &[usize], params: &SplitParams) -> Result<Spli
             .map(|label| {
                 pool.iter()
                     .copied()
-                    .filter(|&i| table.rows[i].label == label)
+                    .filter(|&i| table.rows[i].target == Target::Class(label))
                     .collect()
             })
             .collect()

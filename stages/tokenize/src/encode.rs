@@ -5,7 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
-use arrow::array::{ArrayRef, Int32Array, Int64Array, ListArray, RecordBatch, StringArray};
+use arrow::array::{
+    Array, ArrayRef, Int32Array, Int64Array, ListArray, RecordBatch, StringArray,
+};
 use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use finetune_core::Reporter;
 use parquet::arrow::ArrowWriter;
@@ -15,7 +17,7 @@ use serde::Serialize;
 use tokenizers::{EncodeInput, Tokenizer};
 
 use crate::SPLITS;
-use crate::tokenized::{self, Texts, column};
+use crate::tokenized::{self, Texts};
 
 /// Texts encoded per call of `encode_batch`: large enough to keep every core busy, small
 /// enough to report progress.
@@ -23,22 +25,31 @@ const CHUNK: usize = 8192;
 
 pub struct SplitData {
     pub texts: Texts,
-    pub labels: Vec<i64>,
+    /// The `label` column as ingest wrote it (label ids, or a vector per row), copied as is.
+    pub labels: ArrayRef,
 }
 
 /// Reads the `text`, `text_pair` (where present) and `label` columns of an ingest split.
 pub fn read_split(path: &Path) -> Result<SplitData> {
-    let mut data = SplitData {
-        texts: Texts::default(),
-        labels: Vec::new(),
-    };
+    let mut texts = Texts::default();
+    let mut labels: Vec<ArrayRef> = Vec::new();
     for batch in tokenized::batches(path)? {
         let batch = batch?;
-        data.texts.extend_from(&batch, path)?;
-        let labels = column::<Int64Array>(&batch, tokenized::LABEL, path)?;
-        data.labels.extend(labels.values().iter().copied());
+        texts.extend_from(&batch, path)?;
+        let column = batch.column_by_name(tokenized::LABEL).ok_or_else(|| {
+            anyhow!("{} has no `{}` column", path.display(), tokenized::LABEL)
+        })?;
+        labels.push(column.clone());
     }
-    Ok(data)
+    let labels = match labels.as_slice() {
+        [] => Arc::new(Int64Array::from(Vec::<i64>::new())) as ArrayRef,
+        parts => {
+            let parts: Vec<&dyn Array> = parts.iter().map(AsRef::as_ref).collect();
+            arrow::compute::concat(&parts)
+                .with_context(|| format!("{}: row groups with different labels", path.display()))?
+        }
+    };
+    Ok(SplitData { texts, labels })
 }
 
 #[derive(Debug, Serialize)]
@@ -187,7 +198,8 @@ pub fn encode(
 }
 
 fn write_split(path: &Path, data: &SplitData, encoded: &Encoded) -> Result<()> {
-    let (schema, item) = tokenized::split_schema(data.texts.pairs.is_some());
+    let label_type = data.labels.data_type().clone();
+    let (schema, item) = tokenized::split_schema(data.texts.pairs.is_some(), label_type);
     let offsets = OffsetBuffer::new(ScalarBuffer::from(encoded.offsets.clone()));
     let list = |values: &[i32]| {
         ListArray::try_new(
@@ -207,7 +219,7 @@ fn write_split(path: &Path, data: &SplitData, encoded: &Encoded) -> Result<()> {
     if let Some(types) = &encoded.type_ids {
         columns.push(Arc::new(list(types)?));
     }
-    columns.push(Arc::new(Int64Array::from(data.labels.clone())));
+    columns.push(data.labels.clone());
     let batch = RecordBatch::try_new(schema.clone(), columns)?;
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let properties = WriterProperties::builder()

@@ -8,9 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
-use arrow::array::{Array, Int32Array, Int64Array, ListArray, StringArray};
+use arrow::array::{Array, Float32Array, Int32Array, Int64Array, ListArray, StringArray};
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use finetune_task::ProblemType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// The column of a split's texts (as ingest wrote them).
@@ -21,12 +22,14 @@ pub const TEXT_PAIR: &str = "text_pair";
 pub const INPUT_IDS: &str = "input_ids";
 /// The column of a pair split's token segments (0: first text, 1: second): list<int32>.
 pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
-/// The column of a split's label indices: int64.
+/// The column of a split's labels: int64 label ids (single-label), or list<float32> per row
+/// (multi-label: 1 for each label the text has, else 0; regression: the targets' values).
 pub const LABEL: &str = "label";
 
-/// A tokenized split's schema (with the pair columns or not), and the item field of its
-/// list columns. One-text splits keep the columns they had before pairs existed.
-pub fn split_schema(pairs: bool) -> (SchemaRef, FieldRef) {
+/// A tokenized split's schema (with the pair columns or not, its labels of type `label`), and
+/// the item field of its list columns. One-text splits keep the columns they had before pairs
+/// existed.
+pub fn split_schema(pairs: bool, label: DataType) -> (SchemaRef, FieldRef) {
     let item = Arc::new(Field::new_list_field(DataType::Int32, false));
     let list = |name| Field::new(name, DataType::List(item.clone()), false);
     let mut fields = vec![Field::new(TEXT, DataType::Utf8, false)];
@@ -37,7 +40,7 @@ pub fn split_schema(pairs: bool) -> (SchemaRef, FieldRef) {
     if pairs {
         fields.push(list(TOKEN_TYPE_IDS));
     }
-    fields.push(Field::new(LABEL, DataType::Int64, false));
+    fields.push(Field::new(LABEL, label, false));
     (Arc::new(Schema::new(fields)), item)
 }
 
@@ -73,12 +76,29 @@ pub struct TokenRow {
     pub ids: Vec<i32>,
     /// Each token's segment, for a sentence pair; empty for one text (all segment 0).
     pub type_ids: Vec<i32>,
+    /// The label's id (single-label classification; 0 otherwise).
     pub label: i64,
+    /// One value per output: 1 or 0 per label (multi-label), the targets (regression); empty
+    /// for single-label classification.
+    pub targets: Vec<f32>,
+}
+
+/// What a split's labels are: the task, and its outputs' names in id order (labels.json).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub problem_type: ProblemType,
+    pub names: Vec<String>,
 }
 
 /// The `input_ids`, `token_type_ids` (pairs only) and `label` columns of a tokenize split,
-/// each row made into an `E` by `example`.
-pub fn read_examples<E>(path: &Path, mut example: impl FnMut(TokenRow) -> E) -> Result<Vec<E>> {
+/// each row made into an `E` by `example`. A label that does not fit `task` (an id out of
+/// range, a vector of the wrong length, a multi-label value other than 0 or 1, a target that is
+/// not finite) is an error naming the row: the file may have been tampered with.
+pub fn read_examples<E>(
+    path: &Path,
+    task: &Task,
+    mut example: impl FnMut(TokenRow) -> E,
+) -> Result<Vec<E>> {
     let mut examples = Vec::new();
     let int32 = |list: &ListArray, row: usize, name: &str| -> Result<Vec<i32>> {
         let values = list.value(row);
@@ -95,7 +115,7 @@ pub fn read_examples<E>(path: &Path, mut example: impl FnMut(TokenRow) -> E) -> 
             Some(_) => Some(column(&batch, TOKEN_TYPE_IDS, path)?),
             None => None,
         };
-        let labels: &Int64Array = column(&batch, LABEL, path)?;
+        let labels = Labels::of(&batch, task, path)?;
         for row in 0..batch.num_rows() {
             let ids = int32(ids, row, INPUT_IDS)?;
             let type_ids = match types {
@@ -118,14 +138,70 @@ pub fn read_examples<E>(path: &Path, mut example: impl FnMut(TokenRow) -> E) -> 
                     type_ids.len()
                 );
             }
+            let (label, targets) = labels
+                .row(row, task)
+                .map_err(|why| anyhow!("{}: row {}: {why}", path.display(), examples.len() + 1))?;
             examples.push(example(TokenRow {
                 ids,
                 type_ids,
-                label: labels.value(row),
+                label,
+                targets,
             }));
         }
     }
     Ok(examples)
+}
+
+/// A record batch's `label` column, of the type its task writes.
+enum Labels<'b> {
+    Ids(&'b Int64Array),
+    Vectors(&'b ListArray),
+}
+
+impl<'b> Labels<'b> {
+    fn of(batch: &'b RecordBatch, task: &Task, path: &Path) -> Result<Labels<'b>> {
+        Ok(match task.problem_type {
+            ProblemType::SingleLabelClassification => Labels::Ids(column(batch, LABEL, path)?),
+            _ => Labels::Vectors(column(batch, LABEL, path)?),
+        })
+    }
+
+    /// Row `row`'s (label id, target vector), checked against `task`.
+    fn row(&self, row: usize, task: &Task) -> std::result::Result<(i64, Vec<f32>), String> {
+        let outputs = task.names.len();
+        match self {
+            Labels::Ids(ids) => {
+                let id = ids.value(row);
+                if usize::try_from(id).map_or(true, |id| id >= outputs) {
+                    return Err(format!("label id {id} is not one of the {outputs} labels"));
+                }
+                Ok((id, Vec::new()))
+            }
+            Labels::Vectors(lists) => {
+                let values = lists.value(row);
+                let values = values
+                    .as_any()
+                    .downcast_ref::<Float32Array>()
+                    .ok_or("the label is not a list of float32")?;
+                let targets: Vec<f32> = values.iter().map(|v| v.unwrap_or(f32::NAN)).collect();
+                if targets.len() != outputs {
+                    return Err(format!(
+                        "{} label values, for {outputs} outputs ({})",
+                        targets.len(),
+                        task.names.join(", ")
+                    ));
+                }
+                let fits = |v: &f32| match task.problem_type {
+                    ProblemType::MultiLabelClassification => *v == 0.0 || *v == 1.0,
+                    _ => v.is_finite(),
+                };
+                if let Some(bad) = targets.iter().find(|v| !fits(v)) {
+                    return Err(format!("label value {bad} does not fit {}", task.problem_type));
+                }
+                Ok((0, targets))
+            }
+        }
+    }
 }
 
 /// A split's texts: the `text` column, and for sentence pairs the `text_pair` column.
@@ -167,13 +243,14 @@ pub fn read_texts(path: &Path) -> Result<Texts> {
     Ok(texts)
 }
 
-/// Label names in id order, from labels.json.
-pub fn read_labels(path: &Path) -> Result<Vec<String>> {
+/// The task and output names of labels.json (no `problem_type`: single-label, as every
+/// labels.json was before other tasks existed).
+pub fn read_task(path: &Path) -> Result<Task> {
     let json: serde_json::Value = serde_json::from_slice(
         &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
     )
     .with_context(|| format!("{} is not JSON", path.display()))?;
-    json["names"]
+    let names: Vec<String> = json["names"]
         .as_array()
         .map(|names| {
             names
@@ -181,7 +258,21 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>> {
                 .filter_map(|n| n.as_str().map(str::to_string))
                 .collect()
         })
-        .ok_or_else(|| anyhow!("{} has no `names` list", path.display()))
+        .ok_or_else(|| anyhow!("{} has no `names` list", path.display()))?;
+    if names.is_empty() {
+        anyhow::bail!("{}: `names` is empty", path.display());
+    }
+    let problem_type = match json.get("problem_type") {
+        None => ProblemType::default(),
+        Some(name) => name
+            .as_str()
+            .and_then(ProblemType::from_name)
+            .ok_or_else(|| anyhow!("{}: `problem_type` {name} is not a task", path.display()))?,
+    };
+    Ok(Task {
+        problem_type,
+        names,
+    })
 }
 
 /// (ids the tokenizer.json can give: its largest id + 1, id of [PAD] or <pad>), for every

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use finetune_model::{Classifier, ComputeDevice, DeviceSpec, Example, ScratchSpec, hf};
-use finetune_tokenize::tokenized::{read_examples, read_labels, tokenizer_facts};
+use finetune_tokenize::tokenized::{Task, read_examples, read_task, tokenizer_facts};
 use finetune_trainer::{
     Callback, Checkpoints, DatasetEvaluator, EarlyStopping, EvalSplit, Evaluator, Padding,
     Regularizers, RunHistory, Start, Trainer, TrainingArgs, evaluate, jsonl_logger, restore,
@@ -200,11 +200,15 @@ impl Job for TrainJob {
 impl TrainJob {
     fn train(&self, ctx: &RunContext, compute: &ComputeDevice) -> Result<()> {
         let tokenized = &ctx.upstream_using("tokenize")?.dir;
+        let task = read_task(&tokenized.join("labels.json"))?;
         let split = |name: &str| {
-            read_examples(&tokenized.join(format!("{name}.parquet")), |row| Example {
-                ids: row.ids,
-                type_ids: row.type_ids,
-                label: row.label,
+            read_examples(&tokenized.join(format!("{name}.parquet")), &task, |row| {
+                Example {
+                    ids: row.ids,
+                    type_ids: row.type_ids,
+                    label: row.label,
+                    targets: row.targets,
+                }
             })
         };
         let train = split("train")?;
@@ -214,7 +218,16 @@ impl TrainJob {
         let args = &self.params.training;
         let eval_examples = split(args.eval_split.name())?;
         let test = split("test")?;
-        let labels = read_labels(&tokenized.join("labels.json"))?;
+        let metrics = finetune_trainer::task_metrics(task.problem_type);
+        if !metrics.contains(&args.best_metric()) {
+            return Err(anyhow!(
+                "`training.metric_for_best_model`: `{}` is not a metric of {}; one of: {}",
+                args.best_metric(),
+                task.problem_type,
+                metrics.join(", ")
+            ));
+        }
+        let labels = task.names.clone();
         let tokenizer_json = tokenized.join("tokenizer.json");
         let device = compute.device().clone();
         device.seed(args.seed);
@@ -235,13 +248,13 @@ impl TrainJob {
                 ));
                 if self.params.regularizers.mixout.is_some() {
                     // Mixout's targets are the starting weights, rebuilt exactly from their source.
-                    let initial = self.fresh_model(ctx, &labels, &tokenizer_json, &device)?;
+                    let initial = self.fresh_model(ctx, &task, &tokenizer_json, &device)?;
                     self.attach_mixout(ctx, &mut restored.model, &initial)?;
                 }
                 Start::Resume(restored)
             }
             None => {
-                let mut model = self.fresh_model(ctx, &labels, &tokenizer_json, &device)?;
+                let mut model = self.fresh_model(ctx, &task, &tokenizer_json, &device)?;
                 if self.params.regularizers.mixout.is_some() {
                     let initial = model.clone();
                     self.attach_mixout(ctx, &mut model, &initial)?;
@@ -318,13 +331,15 @@ impl TrainJob {
     fn fresh_model(
         &self,
         ctx: &RunContext,
-        labels: &[String],
+        task: &Task,
         tokenizer_json: &Path,
         device: &burn::tensor::Device,
     ) -> Result<Classifier> {
         let seed = self.params.training.seed;
         let train_device = device.clone().autodiff();
-        Ok(match &self.params.model {
+        let labels = &task.names;
+        // The task is the data's: a checkpoint's own head may have predicted something else.
+        let mut model = match &self.params.model {
             ModelSource::From { from } => {
                 let (model, report) =
                     hf::load(&ctx.resolve(from), Some(labels), seed, &train_device)?;
@@ -343,7 +358,9 @@ impl TrainJob {
                 fits_in_memory(&config)?;
                 finetune_model::scratch(&config, seed, &train_device)
             }
-        })
+        };
+        model.config.problem_type = task.problem_type;
+        Ok(model)
     }
 
     /// Mixes the configured layers of `model` towards `initial`'s weights.

@@ -84,13 +84,26 @@ impl Callback for Progress<'_> {
         metrics: &Record,
         _: &mut Control,
     ) -> Result<()> {
-        let number = |key: &str| metrics.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        // The headline metrics of whichever task was evaluated: the first two it reports.
+        let shown: Vec<String> = [
+            ("accuracy", "accuracy"),
+            ("f1_macro", "macro F1"),
+            ("f1_micro", "micro F1"),
+            ("rmse", "RMSE"),
+            ("r2", "R²"),
+        ]
+        .iter()
+        .filter_map(|(key, name)| {
+            let value = metrics.get(&format!("eval_{key}"))?.as_f64()?;
+            Some(format!(", {name} {value:.4}"))
+        })
+        .take(2)
+        .collect();
+        let loss = metrics.get("eval_loss").and_then(Value::as_f64).unwrap_or(f64::NAN);
         self.reporter.message(&format!(
-            "step {}: eval loss {:.4}, accuracy {:.4}, macro F1 {:.4}",
+            "step {}: eval loss {loss:.4}{}",
             state.global_step,
-            number("eval_loss"),
-            number("eval_accuracy"),
-            number("eval_f1_macro")
+            shown.concat()
         ));
         Ok(())
     }

@@ -21,6 +21,7 @@ pub fn amazon_examples(n: usize) -> Vec<finetune_model::Example> {
                 ids,
                 type_ids: Vec::new(),
                 label: label.trim().parse().unwrap(),
+                targets: Vec::new(),
             }
         })
         .collect()

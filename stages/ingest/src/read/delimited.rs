@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Cleaner, Fields, Place, resolve_column};
+use super::{LabelField, Cleaner, Fields, Place, resolve_column};
 use crate::params::{Encoding, Format};
 
 pub fn read(path: &Path, format: Format, cleaner: &mut Cleaner) -> Result<()> {
@@ -82,7 +82,7 @@ pub fn read(path: &Path, format: Format, cleaner: &mut Cleaner) -> Result<()> {
                 Some(column) => Some(field(column, "text pair")?),
                 None => None,
             },
-            label: field(label_col, "label")?,
+            label: LabelField::One(field(label_col, "label")?),
         };
         cleaner.take(Place::Line(line), fields)?;
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{Cleaner, Fields, Place};
+use super::{LabelField, Cleaner, Fields, Place};
 use crate::params::{Column, Encoding};
 
 pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
@@ -126,27 +126,38 @@ fn fields(line: &str, keys: &Keys, at: &str) -> Result<std::result::Result<Field
         Ok(label) => label,
         Err(message) => return Ok(Err(message)),
     };
-    let label = match label {
-        Value::String(label) => label.clone(),
-        Value::Number(number) => number.to_string(),
-        Value::Bool(flag) => flag.to_string(),
-        Value::Null => String::new(),
-        Value::Array(_) => bail!(
-            "{at}: key `{}` holds a list of labels; this stage reads one label per row (multi-label data is not supported)",
-            keys.label
-        ),
-        Value::Object(_) => {
-            return Ok(Err(format!(
-                "{at}: key `{}` holds an object, not a label",
-                keys.label
-            )));
-        }
+    let label = match label_field(label, keys.label, &at) {
+        Ok(label) => label,
+        Err(message) => return Ok(Err(message)),
     };
     Ok(Ok(Fields {
         text,
         text_pair,
         label,
     }))
+}
+
+/// A label value: a string, number or boolean, or a list of them (multi-label labels, or a
+/// regression's targets); null is an empty label.
+fn label_field(value: &Value, key: &str, at: &str) -> std::result::Result<LabelField, String> {
+    let scalar = |value: &Value| match value {
+        Value::String(label) => Ok(label.clone()),
+        Value::Number(number) => Ok(number.to_string()),
+        Value::Bool(flag) => Ok(flag.to_string()),
+        Value::Null => Ok(String::new()),
+        _ => Err(format!("{at}: key `{key}` holds an object, not a label")),
+    };
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                Value::Array(_) => Err(format!("{at}: key `{key}` holds a list of lists")),
+                item => scalar(item),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map(LabelField::List),
+        value => scalar(value).map(LabelField::One),
+    }
 }
 
 fn kind(value: &Value) -> &'static str {

@@ -13,15 +13,46 @@ use anyhow::{Result, bail};
 use finetune_core::Reporter;
 use serde::Serialize;
 
+use finetune_task::ProblemType;
+
 use crate::params::{Format, OnBadRow, Params, Source};
 
 pub struct Row {
     pub text: String,
     /// The second text of a pair (`text_pair:`), else `None`.
     pub text_pair: Option<String>,
-    pub label: u32,
+    pub target: Target,
     /// The index of the file it came from, in [`Params::sources`] order.
     pub source: usize,
+}
+
+/// What a row is labelled with, by the pipeline's `problem_type`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// A label's id (single-label classification).
+    Class(u32),
+    /// The ids of the labels the row has, ascending (multi-label; possibly none).
+    Classes(Vec<u32>),
+    /// The targets' values (regression), as many for every row.
+    Values(Vec<f32>),
+}
+
+/// A label field as a file holds it: one value, or a list (JSON Lines, Parquet).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LabelField {
+    One(String),
+    List(Vec<String>),
+}
+
+impl LabelField {
+    fn trimmed(self) -> LabelField {
+        match self {
+            LabelField::One(label) => LabelField::One(label.trim().to_string()),
+            LabelField::List(labels) => {
+                LabelField::List(labels.iter().map(|l| l.trim().to_string()).collect())
+            }
+        }
+    }
 }
 
 /// The fields of one row as its file holds them: every reader hands these to the [`Cleaner`].
@@ -29,7 +60,13 @@ pub struct Fields {
     pub text: String,
     /// Read when the pipeline names a `text_pair` column.
     pub text_pair: Option<String>,
-    pub label: String,
+    pub label: LabelField,
+}
+
+/// A kept row's label before ids are given: the names, or the numbers of a regression.
+enum Labelled {
+    Names(Vec<String>),
+    Values(Vec<f32>),
 }
 
 impl Fields {
@@ -37,7 +74,7 @@ impl Fields {
         Fields {
             text: self.text.trim().to_string(),
             text_pair: self.text_pair.map(|t| t.trim().to_string()),
-            label: self.label.trim().to_string(),
+            label: self.label.trimmed(),
         }
     }
 
@@ -205,8 +242,17 @@ pub struct Cleaner<'a> {
     seen_texts: HashSet<String>,
     dropped: Dropped,
     /// The rows kept, each with the index of its file.
-    kept: Vec<(Fields, usize)>,
+    kept: Vec<(Kept, usize)>,
+    /// A regression's number of targets, from the first row read.
+    targets: Option<usize>,
     rows_read: u64,
+}
+
+/// A row the [`Cleaner`] kept, its label not yet an id.
+struct Kept {
+    text: String,
+    text_pair: Option<String>,
+    labelled: Labelled,
 }
 
 impl Cleaner<'_> {
@@ -232,33 +278,115 @@ impl Cleaner<'_> {
             return self.malformed(place, message);
         }
         let empty = |text: &str| text.trim().is_empty();
-        let reason = if params.drop_empty
+        if params.drop_empty
             && (empty(&fields.text) || fields.text_pair.as_deref().is_some_and(empty))
         {
-            Some(EMPTY_TEXT)
-        } else if fields.label.is_empty() {
-            Some(EMPTY_LABEL)
-        } else if params.drop_duplicates && !self.seen_texts.insert(fields.identity()) {
-            Some(DUPLICATE_TEXT)
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
-            self.dropped.drop_row(reason, self.source, place);
+            self.dropped.drop_row(EMPTY_TEXT, self.source, place);
             return Ok(());
         }
-        if let Some(allowed) = &params.labels
-            && !allowed.contains(&fields.label)
+        let identity = fields.identity();
+        let labelled = match self.labelled(place, fields.label)? {
+            Ok(Some(labelled)) => labelled,
+            Ok(None) => {
+                self.dropped.drop_row(EMPTY_LABEL, self.source, place);
+                return Ok(());
+            }
+            Err(message) => return self.malformed(place, message),
+        };
+        if params.drop_duplicates && !self.seen_texts.insert(identity) {
+            self.dropped.drop_row(DUPLICATE_TEXT, self.source, place);
+            return Ok(());
+        }
+        if let (Some(allowed), Labelled::Names(names)) = (&params.labels, &labelled)
+            && let Some(name) = names.iter().find(|name| !allowed.contains(name))
         {
             bail!(
-                "{}: label `{}` is not in `labels` ({})",
+                "{}: label `{name}` is not in `labels` ({})",
                 place.at(self.shown),
-                fields.label,
                 allowed.join(", ")
             );
         }
-        self.kept.push((fields, self.source));
+        let row = Kept {
+            text: fields.text,
+            text_pair: fields.text_pair,
+            labelled,
+        };
+        self.kept.push((row, self.source));
         Ok(())
+    }
+
+    /// The label field read as the pipeline's `problem_type` says: `Ok(None)` when it is empty
+    /// (a dropped row), the inner error for a malformed row (`on_bad_row` decides), the outer
+    /// one for data no setting makes readable.
+    fn labelled(
+        &mut self,
+        place: Place,
+        label: LabelField,
+    ) -> Result<std::result::Result<Option<Labelled>, String>> {
+        let at = place.at(self.shown);
+        Ok(match (self.params.problem_type(), label) {
+            (ProblemType::SingleLabelClassification, LabelField::One(label)) => {
+                Ok((!label.is_empty()).then(|| Labelled::Names(vec![label])))
+            }
+            (ProblemType::SingleLabelClassification, LabelField::List(_)) => bail!(
+                "{at}: the label is a list of labels; for several labels per text set `problem_type: multi_label_classification`"
+            ),
+            (ProblemType::MultiLabelClassification, label) => {
+                let names = match (label, &self.params.label_delimiter) {
+                    (LabelField::One(label), Some(delimiter)) => {
+                        label.split(delimiter.as_str()).map(str::to_string).collect()
+                    }
+                    (LabelField::One(label), None) => vec![label],
+                    (LabelField::List(labels), _) => labels,
+                };
+                let mut names: Vec<String> = names
+                    .into_iter()
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .collect();
+                names.sort();
+                names.dedup();
+                Ok(Some(Labelled::Names(names)))
+            }
+            (ProblemType::Regression, label) => {
+                let texts = match label {
+                    LabelField::One(label) if label.is_empty() => return Ok(Ok(None)),
+                    LabelField::One(label) => vec![label],
+                    LabelField::List(labels) if labels.is_empty() => return Ok(Ok(None)),
+                    LabelField::List(labels) => labels,
+                };
+                self.values(&at, &texts)
+            }
+        })
+    }
+
+    /// A regression row's targets: finite numbers, as many as the first row had.
+    fn values(
+        &mut self,
+        at: &str,
+        texts: &[String],
+    ) -> std::result::Result<Option<Labelled>, String> {
+        let mut values = Vec::with_capacity(texts.len());
+        for text in texts {
+            match text.trim().parse::<f32>() {
+                Ok(value) if value.is_finite() => values.push(value),
+                _ => {
+                    return Err(format!(
+                        "{at}: the target `{text}` is not a finite number (`problem_type: regression`)"
+                    ));
+                }
+            }
+        }
+        match self.targets {
+            Some(expected) if expected != values.len() => Err(format!(
+                "{at}: {} targets, but the first row has {expected}",
+                values.len()
+            )),
+            _ => {
+                self.targets = Some(values.len());
+                Ok(Some(Labelled::Values(values)))
+            }
+        }
     }
 
     /// A row the reader could not make sense of: an error, or with `on_bad_row: skip` a
@@ -301,6 +429,7 @@ pub fn read_table(
             ..Dropped::default()
         },
         kept: Vec::new(),
+        targets: None,
         rows_read: 0,
     };
     for (index, (source, path)) in sources.iter().enumerate() {
@@ -339,7 +468,7 @@ pub fn read_table(
     if kept.is_empty() {
         bail!("{shown}: all {rows_read} rows were dropped: {dropped}");
     }
-    let labels = label_names(&kept, params, &shown)?;
+    let labels = output_names(&kept, params, &shown)?;
     let ids: BTreeMap<&str, u32> = labels
         .iter()
         .enumerate()
@@ -347,10 +476,18 @@ pub fn read_table(
         .collect();
     let rows = kept
         .into_iter()
-        .map(|(fields, source)| Row {
-            label: ids[fields.label.as_str()],
-            text: fields.text,
-            text_pair: fields.text_pair,
+        .map(|(row, source)| Row {
+            target: match (params.problem_type(), row.labelled) {
+                (_, Labelled::Values(values)) => Target::Values(values),
+                (ProblemType::MultiLabelClassification, Labelled::Names(names)) => {
+                    let mut classes: Vec<u32> = names.iter().map(|n| ids[n.as_str()]).collect();
+                    classes.sort_unstable();
+                    Target::Classes(classes)
+                }
+                (_, Labelled::Names(names)) => Target::Class(ids[names[0].as_str()]),
+            },
+            text: row.text,
+            text_pair: row.text_pair,
             source,
         })
         .collect();
@@ -362,13 +499,25 @@ pub fn read_table(
     })
 }
 
-fn label_names(rows: &[(Fields, usize)], params: &Params, shown: &str) -> Result<Vec<String>> {
+/// The names of the model's outputs: the labels (given, or those found, sorted numerically if
+/// all are integers), or a regression's targets.
+fn output_names(rows: &[(Kept, usize)], params: &Params, shown: &str) -> Result<Vec<String>> {
+    if params.problem_type() == ProblemType::Regression {
+        let targets = match rows.first().map(|(row, _)| &row.labelled) {
+            Some(Labelled::Values(values)) => values.len(),
+            _ => 0,
+        };
+        return params.target_names(targets);
+    }
     if let Some(labels) = &params.labels {
         return Ok(labels.clone());
     }
     let mut names: Vec<String> = rows
         .iter()
-        .map(|(fields, _)| fields.label.clone())
+        .flat_map(|(row, _)| match &row.labelled {
+            Labelled::Names(names) => names.clone(),
+            Labelled::Values(_) => Vec::new(),
+        })
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -377,9 +526,15 @@ fn label_names(rows: &[(Fields, usize)], params: &Params, shown: &str) -> Result
     } else {
         names.sort();
     }
-    if names.len() < 2 {
+    let needed = match params.problem_type() {
+        ProblemType::MultiLabelClassification => 1,
+        _ => 2,
+    };
+    if names.len() < needed {
         bail!(
-            "{shown}: only one label ({}) in the data; a classifier needs at least two",
+            "{shown}: only {} label{} ({}) in the data; a classifier needs at least {needed}",
+            names.len(),
+            if names.len() == 1 { "" } else { "s" },
             names.join(", ")
         );
     }

@@ -11,7 +11,12 @@ use arrow::datatypes::DataType;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::{Cleaner, Fields, Place, resolve_column};
+use std::sync::Arc;
+
+use arrow::datatypes::Field;
+use finetune_task::ProblemType;
+
+use super::{Cleaner, Fields, LabelField, Place, resolve_column};
 
 pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
     let (params, shown) = (cleaner.params, cleaner.shown);
@@ -49,12 +54,14 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
             schema.field(column).data_type(),
         )?;
     }
-    check_type(
-        shown,
-        &names[label_col],
-        "label",
-        schema.field(label_col).data_type(),
-    )?;
+    let label_type = schema.field(label_col).data_type();
+    check_label_type(shown, &names[label_col], label_type, params.problem_type())?;
+    let label_as = match label_type {
+        DataType::List(_) | DataType::LargeList(_) => {
+            DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true)))
+        }
+        _ => DataType::Utf8,
+    };
     let total_rows = u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
     let projected = [Some(text_col), pair_col, Some(label_col)];
     let mask = ProjectionMask::roots(builder.parquet_schema(), projected.into_iter().flatten());
@@ -65,24 +72,25 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
     let mut row = 0u64;
     for batch in reader {
         let batch = batch.with_context(|| format!("{}: a damaged row group", shown.display()))?;
-        let strings = |name: &str| -> Result<arrow::array::ArrayRef> {
+        let cast_column = |batch: &arrow::array::RecordBatch, name: &str, to: &DataType| {
             let column = batch.column_by_name(name).with_context(|| {
                 format!(
                     "{}: column `{name}` is missing from a row group",
                     shown.display()
                 )
             })?;
-            cast(column, &DataType::Utf8).with_context(|| {
+            cast(column, to).with_context(|| {
                 format!(
                     "{}: column `{name}` cannot be read as text",
                     shown.display()
                 )
             })
         };
+        let strings = |name: &str| cast_column(&batch, name, &DataType::Utf8);
         let texts = strings(&names[text_col])?;
         let pairs = pair_col.map(|c| strings(&names[c])).transpose()?;
-        let labels = strings(&names[label_col])?;
-        let (texts, labels) = (texts.as_string::<i32>(), labels.as_string::<i32>());
+        let labels = cast_column(&batch, &names[label_col], &label_as)?;
+        let texts = texts.as_string::<i32>();
         let pairs = pairs.as_ref().map(|p| p.as_string::<i32>());
         for i in 0..batch.num_rows() {
             row += 1;
@@ -96,7 +104,7 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
             let fields = Fields {
                 text: value(texts),
                 text_pair: pairs.map(value),
-                label: value(labels),
+                label: label_field(&labels, i),
             };
             cleaner.take(Place::Row(row), fields)?;
         }
@@ -105,33 +113,73 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
     Ok(())
 }
 
-/// Text from string columns only (a number is not a text); labels from strings, integers and
-/// booleans (a float label is a regression target, which this stage does not read).
-fn check_type(shown: &Path, name: &str, role: &str, data_type: &DataType) -> Result<()> {
-    let readable = |t: &DataType| match role {
-        "text" | "text pair" => {
-            matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
-        }
-        _ => {
-            t.is_integer()
-                || matches!(
-                    t,
-                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Boolean
-                )
-        }
+/// Row `i` of a label column cast to text (or to a list of texts); null is an empty label.
+fn label_field(labels: &arrow::array::ArrayRef, i: usize) -> LabelField {
+    let text = |column: &arrow::array::StringArray, i: usize| {
+        (!column.is_null(i))
+            .then(|| column.value(i).to_string())
+            .unwrap_or_default()
     };
-    let ok = match data_type {
-        DataType::Dictionary(_, values) => readable(values),
-        other => readable(other),
+    match labels.as_list_opt::<i32>() {
+        Some(lists) if lists.is_null(i) => LabelField::List(Vec::new()),
+        Some(lists) => {
+            let items = lists.value(i);
+            let items = items.as_string::<i32>();
+            LabelField::List((0..items.len()).map(|j| text(items, j)).collect())
+        }
+        None => LabelField::One(text(labels.as_string::<i32>(), i)),
+    }
+}
+
+/// A label column holds what its `problem_type` reads: strings, integers or booleans (labels),
+/// floats too for regression, and lists of either for multi-label and regression.
+fn check_label_type(
+    shown: &Path,
+    name: &str,
+    data_type: &DataType,
+    problem: ProblemType,
+) -> Result<()> {
+    let scalar = |t: &DataType| {
+        let t = match t {
+            DataType::Dictionary(_, values) => values.as_ref(),
+            other => other,
+        };
+        t.is_integer()
+            || matches!(
+                t,
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Boolean
+            )
+            || (problem == ProblemType::Regression && t.is_floating())
+    };
+    let (ok, expected) = match (problem, data_type) {
+        (ProblemType::SingleLabelClassification, t) => (
+            scalar(t),
+            "strings, integers or booleans (lists are multi-label data, floats regression targets: set `problem_type`)",
+        ),
+        (_, DataType::List(item) | DataType::LargeList(item)) => {
+            (scalar(item.data_type()), "labels or numbers, or lists of them")
+        }
+        (_, t) => (scalar(t), "labels or numbers, or lists of them"),
     };
     if !ok {
-        let expected = if role != "label" {
-            "strings"
-        } else {
-            "strings, integers or booleans"
-        };
         bail!(
-            "{}: the {role} column `{name}` holds {data_type}; it must hold {expected}",
+            "{}: the label column `{name}` holds {data_type}; for {problem} it must hold {expected}",
+            shown.display()
+        );
+    }
+    Ok(())
+}
+
+/// Text from string columns only (a number is not a text).
+fn check_type(shown: &Path, name: &str, role: &str, data_type: &DataType) -> Result<()> {
+    let text = |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    let ok = match data_type {
+        DataType::Dictionary(_, values) => text(values),
+        other => text(other),
+    };
+    if !ok {
+        bail!(
+            "{}: the {role} column `{name}` holds {data_type}; it must hold strings",
             shown.display()
         );
     }
