@@ -502,7 +502,9 @@ fn execute(cli: Cli, registry: &Registry) -> Result<ExitCode> {
             if let Some(t) = threshold
                 && !(0.0..=1.0).contains(&t)
             {
-                return Err(UsageError(format!("--threshold {t} is not a probability in [0, 1]")).into());
+                return Err(
+                    UsageError(format!("--threshold {t} is not a probability in [0, 1]")).into(),
+                );
             }
             let options = PredictOptions {
                 batch_size,
@@ -707,8 +709,11 @@ fn predict(
             Answer::Labels(labels) if labels.is_empty() => "-".to_string(),
             Answer::Labels(labels) => labels.join(","),
             Answer::Values => {
-                let values: Vec<String> =
-                    prediction.outputs.iter().map(|(_, v)| format!("{v:.4}")).collect();
+                let values: Vec<String> = prediction
+                    .outputs
+                    .iter()
+                    .map(|(_, v)| format!("{v:.4}"))
+                    .collect();
                 values.join(",")
             }
         };

@@ -322,3 +322,61 @@ pub fn assert_same_weights(a: &Path, b: &Path, tolerance: f32) {
         assert!(worst < tolerance, "{name}: weights differ by {worst}");
     }
 }
+
+/// Column `name` of every row of a Parquet file, as arrow array type `T` (one per record
+/// batch, in order).
+pub fn parquet_column<T: Clone + 'static>(path: &Path, name: &str) -> Vec<T> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|batch| {
+            let batch = batch.unwrap();
+            let column = batch
+                .column_by_name(name)
+                .unwrap_or_else(|| panic!("{}: no column `{name}`", path.display()));
+            column
+                .as_any()
+                .downcast_ref::<T>()
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{}: `{name}` is not {}",
+                        path.display(),
+                        std::any::type_name::<T>()
+                    )
+                })
+                .clone()
+        })
+        .collect()
+}
+
+/// Each row of a list<float32> column of a Parquet file.
+pub fn float_lists(path: &Path, name: &str) -> Vec<Vec<f32>> {
+    use arrow::array::Array;
+    let mut rows = Vec::new();
+    for lists in parquet_column::<arrow::array::ListArray>(path, name) {
+        for i in 0..lists.len() {
+            let values = lists.value(i);
+            let values = values
+                .as_any()
+                .downcast_ref::<arrow::array::Float32Array>()
+                .unwrap_or_else(|| panic!("{}: `{name}` holds no float32 lists", path.display()));
+            rows.push(values.values().to_vec());
+        }
+    }
+    rows
+}
+
+/// Each row of a string column of a Parquet file.
+pub fn strings(path: &Path, name: &str) -> Vec<String> {
+    parquet_column::<arrow::array::StringArray>(path, name)
+        .iter()
+        .flat_map(|column| {
+            column
+                .iter()
+                .map(|s| s.unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}

@@ -677,12 +677,15 @@ fn problem_type_from(get: &Getter, outputs: usize) -> Result<ProblemType, ModelE
     match get.json.get("problem_type") {
         None | Some(Value::Null) if outputs == 1 => Ok(ProblemType::Regression),
         None | Some(Value::Null) => Ok(ProblemType::SingleLabelClassification),
-        Some(name) => name.as_str().and_then(ProblemType::from_name).ok_or_else(|| {
-            get.error(
+        Some(name) => name
+            .as_str()
+            .and_then(ProblemType::from_name)
+            .ok_or_else(|| {
+                get.error(
                 "problem_type",
                 "is none of single_label_classification, multi_label_classification, regression",
             )
-        }),
+            }),
     }
 }
 

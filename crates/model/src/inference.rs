@@ -199,7 +199,10 @@ fn batch_loss(problem: ProblemType, logits: Tensor<2>, batch: &[&Example], devic
         return f64::from(mean.into_scalar::<f32>()) * rows;
     }
     let outputs = logits.dims()[1] as f64;
-    let targets: Vec<f32> = batch.iter().flat_map(|e| e.targets.iter().copied()).collect();
+    let targets: Vec<f32> = batch
+        .iter()
+        .flat_map(|e| e.targets.iter().copied())
+        .collect();
     let sum = vector_loss_sum(problem, logits, targets, device);
     f64::from(sum.into_scalar::<f32>()) / outputs
 }

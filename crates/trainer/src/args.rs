@@ -136,6 +136,11 @@ pub struct TrainingArgs {
     /// split, as scikit-learn's) or one positive weight per label, in label-id order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class_weights: Option<ClassWeights>,
+    /// Regression only: train with the Huber loss of this δ > 0 (PyTorch's `HuberLoss`:
+    /// squared error within δ, linear beyond, so outliers pull less) instead of the squared
+    /// error. Evaluations still report the squared error as `loss`, as Python's heads do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huber_delta: Option<f64>,
 }
 
 /// `class_weights:` `balanced`, or a list.
@@ -358,6 +363,11 @@ impl TrainingArgs {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let at =
             |key: &str, message: String| Err(ConfigError::at(format!("training.{key}"), message));
+        if let Some(delta) = self.huber_delta
+            && !(delta > 0.0 && delta.is_finite())
+        {
+            return at("huber_delta", format!("{delta} is not a positive number"));
+        }
         if let Some(eps) = self.label_smoothing_factor
             && !(0.0..1.0).contains(&eps)
         {

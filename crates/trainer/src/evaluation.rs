@@ -73,20 +73,21 @@ pub fn scores_json(
     threshold: f64,
 ) -> Result<Value> {
     let targets: Vec<Vec<f32>> = examples.iter().map(|e| e.targets.clone()).collect();
-    let metrics = match problem {
-        ProblemType::SingleLabelClassification => {
-            let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
-            serde_json::to_value(Metrics::compute(&truth, &predictions.predicted, labels))?
-        }
-        ProblemType::MultiLabelClassification => serde_json::to_value(
-            MultiLabelMetrics::compute(&targets, &predictions.outputs, labels, threshold),
-        )?,
-        ProblemType::Regression => serde_json::to_value(RegressionMetrics::compute(
-            &targets,
-            &predictions.outputs,
-            labels,
-        ))?,
-    };
+    let metrics =
+        match problem {
+            ProblemType::SingleLabelClassification => {
+                let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
+                serde_json::to_value(Metrics::compute(&truth, &predictions.predicted, labels))?
+            }
+            ProblemType::MultiLabelClassification => serde_json::to_value(
+                MultiLabelMetrics::compute(&targets, &predictions.outputs, labels, threshold),
+            )?,
+            ProblemType::Regression => serde_json::to_value(RegressionMetrics::compute(
+                &targets,
+                &predictions.outputs,
+                labels,
+            ))?,
+        };
     with_loss_first(predictions.loss, metrics)
 }
 

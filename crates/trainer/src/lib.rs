@@ -130,16 +130,27 @@ impl Trainer<'_> {
     /// The loss the run trains with for a head that predicts `problem`; `balanced` weights
     /// come from `train`'s labels. Weights and smoothing are for single-label classification.
     pub fn loss(&self, train: &[Example], problem: ProblemType) -> Result<Loss> {
-        if problem != ProblemType::SingleLabelClassification {
-            let set = [
-                ("class_weights", self.args.class_weights.is_some()),
-                ("label_smoothing_factor", self.args.label_smoothing_factor.is_some()),
-            ];
-            if let Some((key, _)) = set.iter().find(|(_, set)| *set) {
-                anyhow::bail!(
-                    "`training.{key}` is for single-label classification; this model's task is {problem}"
-                );
-            }
+        let single = problem == ProblemType::SingleLabelClassification;
+        let misplaced = [
+            (
+                "class_weights",
+                self.args.class_weights.is_some() && !single,
+            ),
+            (
+                "label_smoothing_factor",
+                self.args.label_smoothing_factor.is_some() && !single,
+            ),
+            (
+                "huber_delta",
+                self.args.huber_delta.is_some() && problem != ProblemType::Regression,
+            ),
+        ];
+        if let Some((key, _)) = misplaced.iter().find(|(_, misplaced)| *misplaced) {
+            let meant = match *key {
+                "huber_delta" => "regression",
+                _ => "single-label classification",
+            };
+            anyhow::bail!("`training.{key}` is for {meant}; this model's task is {problem}");
         }
         let class_weights = match &self.args.class_weights {
             Some(weights) => Some(weights.resolve(train.iter().map(|e| e.label), self.labels)?),
@@ -147,6 +158,7 @@ impl Trainer<'_> {
         };
         Ok(Loss {
             problem_type: problem,
+            huber_delta: self.args.huber_delta.map(|d| d as f32),
             class_weights,
             label_smoothing: self.args.label_smoothing_factor.unwrap_or(0.0) as f32,
         })

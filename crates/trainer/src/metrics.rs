@@ -134,13 +134,21 @@ impl MultiLabelMetrics {
         let per_label: Vec<ClassScores> = (0..k)
             .map(|c| scores(&names[c], tp[c], predicted[c], actual[c]))
             .collect();
-        let micro = scores("", tp.iter().sum(), predicted.iter().sum(), actual.iter().sum());
+        let micro = scores(
+            "",
+            tp.iter().sum(),
+            predicted.iter().sum(),
+            actual.iter().sum(),
+        );
         let texts = truth.len() as f64;
         let support: f64 = actual.iter().sum::<u64>() as f64;
         let macro_avg =
             |f: fn(&ClassScores) -> f64| per_label.iter().map(f).sum::<f64>() / k.max(1) as f64;
         let weighted = |f: fn(&ClassScores) -> f64| {
-            ratio(per_label.iter().map(|c| f(c) * c.support as f64).sum(), support)
+            ratio(
+                per_label.iter().map(|c| f(c) * c.support as f64).sum(),
+                support,
+            )
         };
         MultiLabelMetrics {
             threshold,
@@ -217,7 +225,11 @@ pub struct RegressionMetrics {
 
 impl RegressionMetrics {
     /// Scores `predicted` against `truth` (per text, one value per target named by `names`).
-    pub fn compute(truth: &[Vec<f32>], predicted: &[Vec<f32>], names: &[String]) -> RegressionMetrics {
+    pub fn compute(
+        truth: &[Vec<f32>],
+        predicted: &[Vec<f32>],
+        names: &[String],
+    ) -> RegressionMetrics {
         assert_eq!(truth.len(), predicted.len(), "one prediction per text");
         let column = |rows: &[Vec<f32>], t: usize| -> Vec<f64> {
             rows.iter().map(|row| f64::from(row[t])).collect()
@@ -338,9 +350,15 @@ mod tests {
         // sklearn, y_true=[[1,0,1],[0,1,0],[1,1,0],[0,0,1]], y_pred at 0.5 =
         // [[1,0,0],[0,1,0],[1,0,1],[0,0,1]]: subset accuracy 0.5, hamming 3/12, f1 micro
         // 2·4/(5 predicted + 6 true) = 8/11, per label f1 [1, 2/3, 1/2], supports all 2.
-        let truth = [[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]].map(|r| r.map(|v| v as f32).to_vec());
-        let scores = [[0.9, 0.1, 0.4], [0.2, 0.7, 0.1], [0.8, 0.3, 0.6], [0.1, 0.2, 0.9]]
-            .map(|r: [f32; 3]| r.to_vec());
+        let truth =
+            [[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]].map(|r| r.map(|v| v as f32).to_vec());
+        let scores = [
+            [0.9, 0.1, 0.4],
+            [0.2, 0.7, 0.1],
+            [0.8, 0.3, 0.6],
+            [0.1, 0.2, 0.9],
+        ]
+        .map(|r: [f32; 3]| r.to_vec());
         let m = MultiLabelMetrics::compute(&truth, &scores, &names(3), 0.5);
         assert!((m.subset_accuracy - 0.5).abs() < 1e-12);
         assert!((m.hamming_loss - 0.25).abs() < 1e-12);
@@ -364,7 +382,11 @@ mod tests {
         assert!((m.rmse - 0.375f64.sqrt()).abs() < 1e-12);
         assert!((m.mae - 0.5).abs() < 1e-12);
         assert!((m.r2 - 0.7).abs() < 1e-12);
-        assert!((m.pearson - 5.5 / 36.25f64.sqrt()).abs() < 1e-12, "{}", m.pearson);
+        assert!(
+            (m.pearson - 5.5 / 36.25f64.sqrt()).abs() < 1e-12,
+            "{}",
+            m.pearson
+        );
         assert!((m.spearman - 1.0).abs() < 1e-12);
         assert_eq!(ranks(&[3.0, 1.0, 3.0, 2.0]), [3.5, 1.0, 3.5, 2.0]);
     }

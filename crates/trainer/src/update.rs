@@ -219,6 +219,8 @@ pub struct Loss {
     pub class_weights: Option<Vec<f32>>,
     /// ε in [0, 1).
     pub label_smoothing: f32,
+    /// Regression with the Huber loss of this δ instead of the squared error.
+    pub huber_delta: Option<f32>,
 }
 
 impl Loss {
@@ -261,6 +263,22 @@ impl Loss {
             .div_scalar(classes as f32);
         nll.mul_scalar(1.0 - eps).add(smooth.mul_scalar(eps))
     }
+}
+
+/// PyTorch's `HuberLoss(delta=δ, reduction="sum")` of `logits` against `targets`: per
+/// element ½d² where |d| ≤ δ, else δ(|d| − ½δ); written as ½q² + δ(|d| − q) with q = min(|d|, δ),
+/// which is both pieces at once.
+fn huber_sum(logits: Tensor<2>, targets: Vec<f32>, delta: f32, device: &Device) -> Tensor<1> {
+    let shape = logits.dims();
+    let targets = Tensor::<2>::from_data(TensorData::new(targets, shape), device);
+    let distance = logits.sub(targets).abs();
+    let quadratic = distance.clone().clamp_max(delta);
+    let linear = distance.sub(quadratic.clone());
+    quadratic
+        .powi_scalar(2)
+        .mul_scalar(0.5)
+        .add(linear.mul_scalar(delta))
+        .sum()
 }
 
 /// Token rows and their labels: one micro-batch.
@@ -431,7 +449,10 @@ pub fn gradients_taking(
         let micro_loss = if loss.problem_type != ProblemType::SingleLabelClassification {
             let outputs = logits.dims()[1];
             let values: Vec<f32> = micro.targets.iter().flatten().copied().collect();
-            let sum = vector_loss_sum(loss.problem_type, logits, values, device);
+            let sum = match loss.huber_delta {
+                Some(delta) => huber_sum(logits, values, delta, device),
+                None => vector_loss_sum(loss.problem_type, logits, values, device),
+            };
             sum.div_scalar((total * outputs) as f32)
         } else if loss.is_plain() {
             loss_fn.forward(logits, targets).mul_scalar(share)

@@ -59,6 +59,7 @@ fn weighted_smoothed() -> Loss {
         problem_type: Default::default(),
         class_weights: Some(vec![0.3, 1.7]),
         label_smoothing: 0.1,
+        huber_delta: None,
     }
 }
 

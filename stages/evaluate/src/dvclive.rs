@@ -48,9 +48,9 @@ pub fn write_plots(dir: &Path, log: &[Value], outcome: &Outcome) -> Result<()> {
                 .zip(predicted)
                 .flat_map(|(a, p)| {
                     let pairs = a.iter().zip(p).enumerate();
-                    pairs.map(|(target, (a, p))| {
-                        json!({ "target": target, "actual": a, "predicted": p })
-                    })
+                    pairs.map(
+                        |(target, (a, p))| json!({ "target": target, "actual": a, "predicted": p }),
+                    )
                 })
                 .collect(),
         ),

@@ -23,7 +23,9 @@ use finetune_core::{
 use serde::Deserialize;
 use serde_json::json;
 
-use finetune_model::{Classifier, ComputeDevice, DeviceSpec, Example, Predictions, ProblemType, hf};
+use finetune_model::{
+    Classifier, ComputeDevice, DeviceSpec, Example, Predictions, ProblemType, hf,
+};
 use finetune_tokenize::tokenized::{Task, Texts, read_examples, read_task, read_texts};
 use finetune_trainer::{
     DEFAULT_THRESHOLD, Metrics, MultiLabelMetrics, RegressionMetrics, predict_fitting, scores_json,
@@ -319,7 +321,10 @@ impl Outcome {
             },
             ProblemType::MultiLabelClassification => {
                 let over = |values: &[f32], at: f64| -> Vec<String> {
-                    let on = values.iter().zip(names).filter(|(v, _)| f64::from(**v) >= at);
+                    let on = values
+                        .iter()
+                        .zip(names)
+                        .filter(|(v, _)| f64::from(**v) >= at);
                     on.map(|(_, name)| name.clone()).collect()
                 };
                 Outcome::LabelSets {

@@ -156,9 +156,11 @@ fn predicted_vs_actual(path: &Path, truth: &[Vec<f32>], predicted: &[Vec<f32>]) 
         .zip(predicted)
         .flat_map(|(t, p)| t.iter().zip(p).map(|(&t, &p)| (f64::from(t), f64::from(p))))
         .collect();
-    let (low, high) = points.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (t, p)| {
-        (lo.min(*t).min(*p), hi.max(*t).max(*p))
-    });
+    let (low, high) = points
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), (t, p)| {
+            (lo.min(*t).min(*p), hi.max(*t).max(*p))
+        });
     let (low, high) = if low.is_finite() && high > low {
         (low, high)
     } else {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use arrow::array::{ArrayRef, Int64Array, ListArray, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Float32Type, Schema};
-use finetune_task::ProblemType;
 use finetune_core::output::write_json;
+use finetune_task::ProblemType;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
@@ -73,12 +73,13 @@ pub fn write_outputs(out: &Path, table: &Table, splits: &Splits, params: &Params
 /// A split's rows, and per label its rows (for multi-label, the rows that have it), or per
 /// regression target the mean, minimum and maximum.
 fn split_summary(table: &Table, rows: &[usize]) -> serde_json::Value {
-    let mut per_label: BTreeMap<&str, u64> =
-        table.labels.iter().map(|l| (l.as_str(), 0)).collect();
+    let mut per_label: BTreeMap<&str, u64> = table.labels.iter().map(|l| (l.as_str(), 0)).collect();
     let mut values: Vec<Vec<f64>> = vec![Vec::new(); table.labels.len()];
     for &i in rows {
         match &table.rows[i].target {
-            Target::Class(class) => *per_label.entry(&table.labels[*class as usize]).or_default() += 1,
+            Target::Class(class) => {
+                *per_label.entry(&table.labels[*class as usize]).or_default() += 1
+            }
             Target::Classes(classes) => {
                 for &class in classes {
                     *per_label.entry(&table.labels[class as usize]).or_default() += 1;
@@ -160,7 +161,10 @@ fn label_column(table: &Table, rows: &[usize], problem: ProblemType) -> (Field, 
     });
     let column = ListArray::from_iter_primitive::<Float32Type, _, _>(vectors.map(Some));
     let item = Arc::new(Field::new_list_field(DataType::Float32, true));
-    (Field::new("label", DataType::List(item), false), Arc::new(column))
+    (
+        Field::new("label", DataType::List(item), false),
+        Arc::new(column),
+    )
 }
 
 fn one_hot(width: usize, classes: &[u32]) -> Vec<Option<f32>> {

@@ -5,9 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow};
-use arrow::array::{
-    Array, ArrayRef, Int32Array, Int64Array, ListArray, RecordBatch, StringArray,
-};
+use arrow::array::{Array, ArrayRef, Int32Array, Int64Array, ListArray, RecordBatch, StringArray};
 use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use finetune_core::Reporter;
 use parquet::arrow::ArrowWriter;
@@ -36,9 +34,9 @@ pub fn read_split(path: &Path) -> Result<SplitData> {
     for batch in tokenized::batches(path)? {
         let batch = batch?;
         texts.extend_from(&batch, path)?;
-        let column = batch.column_by_name(tokenized::LABEL).ok_or_else(|| {
-            anyhow!("{} has no `{}` column", path.display(), tokenized::LABEL)
-        })?;
+        let column = batch
+            .column_by_name(tokenized::LABEL)
+            .ok_or_else(|| anyhow!("{} has no `{}` column", path.display(), tokenized::LABEL))?;
         labels.push(column.clone());
     }
     let labels = match labels.as_slice() {

@@ -196,7 +196,10 @@ impl<'b> Labels<'b> {
                     _ => v.is_finite(),
                 };
                 if let Some(bad) = targets.iter().find(|v| !fits(v)) {
-                    return Err(format!("label value {bad} does not fit {}", task.problem_type));
+                    return Err(format!(
+                        "label value {bad} does not fit {}",
+                        task.problem_type
+                    ));
                 }
                 Ok((0, targets))
             }

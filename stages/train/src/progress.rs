@@ -99,7 +99,10 @@ impl Callback for Progress<'_> {
         })
         .take(2)
         .collect();
-        let loss = metrics.get("eval_loss").and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let loss = metrics
+            .get("eval_loss")
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN);
         self.reporter.message(&format!(
             "step {}: eval loss {loss:.4}{}",
             state.global_step,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use super::{LabelField, Cleaner, Fields, Place, resolve_column};
+use super::{Cleaner, Fields, LabelField, Place, resolve_column};
 use crate::params::{Encoding, Format};
 
 pub fn read(path: &Path, format: Format, cleaner: &mut Cleaner) -> Result<()> {

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{LabelField, Cleaner, Fields, Place};
+use super::{Cleaner, Fields, LabelField, Place};
 use crate::params::{Column, Encoding};
 
 pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {

@@ -333,9 +333,10 @@ impl Cleaner<'_> {
             ),
             (ProblemType::MultiLabelClassification, label) => {
                 let names = match (label, &self.params.label_delimiter) {
-                    (LabelField::One(label), Some(delimiter)) => {
-                        label.split(delimiter.as_str()).map(str::to_string).collect()
-                    }
+                    (LabelField::One(label), Some(delimiter)) => label
+                        .split(delimiter.as_str())
+                        .map(str::to_string)
+                        .collect(),
                     (LabelField::One(label), None) => vec![label],
                     (LabelField::List(labels), _) => labels,
                 };

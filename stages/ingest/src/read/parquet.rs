@@ -156,9 +156,10 @@ fn check_label_type(
             scalar(t),
             "strings, integers or booleans (lists are multi-label data, floats regression targets: set `problem_type`)",
         ),
-        (_, DataType::List(item) | DataType::LargeList(item)) => {
-            (scalar(item.data_type()), "labels or numbers, or lists of them")
-        }
+        (_, DataType::List(item) | DataType::LargeList(item)) => (
+            scalar(item.data_type()),
+            "labels or numbers, or lists of them",
+        ),
         (_, t) => (scalar(t), "labels or numbers, or lists of them"),
     };
     if !ok {
@@ -172,7 +173,8 @@ fn check_label_type(
 
 /// Text from string columns only (a number is not a text).
 fn check_type(shown: &Path, name: &str, role: &str, data_type: &DataType) -> Result<()> {
-    let text = |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    let text =
+        |t: &DataType| matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
     let ok = match data_type {
         DataType::Dictionary(_, values) => text(values),
         other => text(other),
