@@ -25,7 +25,12 @@ fn ingest_with(ws: &Ws, with: &str) -> Result<std::path::PathBuf, String> {
         assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
         let cache = ws.file("artifacts/cache");
         let entries = std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
-        assert_eq!(entries, 0, "a failed ingest left a cache entry");
+        assert_eq!(
+            entries,
+            0,
+            "a failed ingest left a cache entry: {}",
+            stderr(&out)
+        );
         Err(stderr(&out))
     }
 }
@@ -779,4 +784,90 @@ fn parquet_columns_of_the_wrong_type_or_name_and_broken_files_are_named() {
     let stats = read_json(&dir.join("stats.json"));
     assert_eq!(stats["dropped"]["empty_text"], 1, "{stats}");
     assert_eq!(stats["rows_kept"], 6);
+}
+
+/// Parquet as pandas and `datasets` write the other tasks' labels: a list<string> column of
+/// labels (multi-label), a float64 column and a list<float64> column (regression, one or two
+/// targets); each read into the split files' float vectors, and a float label refused for
+/// single-label classification with the setting that reads it named.
+#[test]
+fn parquet_label_lists_and_float_targets() {
+    use arrow::array::builder::Float64Builder;
+    use arrow::array::{ArrayRef, Float64Array, ListBuilder, StringBuilder};
+    use std::sync::Arc;
+    let ws = Ws::new();
+    let texts: Vec<String> = (0..10).map(|i| format!("review number {i}")).collect();
+    let mut tags = ListBuilder::new(StringBuilder::new());
+    let mut pairs = ListBuilder::new(Float64Builder::new());
+    for i in 0..10 {
+        for tag in ["fit", "price", "colour"].iter().take(i % 3 + 1) {
+            tags.values().append_value(tag);
+        }
+        tags.append(true);
+        pairs.values().append_slice(&[i as f64, 0.5 * i as f64]);
+        pairs.append(true);
+    }
+    let stars: ArrayRef = Arc::new(Float64Array::from_iter_values(
+        (0..10).map(|i| 1.0 + (i % 5) as f64),
+    ));
+    write_parquet(
+        &ws.file("r.parquet"),
+        vec![
+            (
+                "text",
+                Arc::new(StringArray::from_iter_values(&texts)) as ArrayRef,
+            ),
+            ("tags", Arc::new(tags.finish())),
+            ("stars", stars),
+            ("pair", Arc::new(pairs.finish())),
+        ],
+    );
+    let split = "      split: { validation: 0.2, test: 0.2 }\n";
+    let dir = ingest(&ws, "r.parquet", &format!("      text: text\n      label: tags\n      problem_type: multi_label_classification\n{split}")).unwrap();
+    let labels = read_json(&dir.join("labels.json"));
+    assert_eq!(
+        labels["names"],
+        serde_json::json!(["colour", "fit", "price"])
+    );
+    let all: Vec<Vec<f32>> = ["train", "validation", "test"]
+        .iter()
+        .flat_map(|s| float_lists(&dir.join(format!("{s}.parquet")), "label"))
+        .collect();
+    assert_eq!(all.len(), 10);
+    // Rows hold 1, 2 or 3 of the labels: fit; fit, price; fit, price, colour.
+    assert!(
+        all.iter()
+            .all(|row| row[1] == 1.0 && (1.0..=3.0).contains(&row.iter().sum::<f32>()))
+    );
+    let dir = ingest(
+        &ws,
+        "r.parquet",
+        &format!("      text: text\n      label: stars\n      problem_type: regression\n{split}"),
+    )
+    .unwrap();
+    let values = float_lists(&dir.join("train.parquet"), "label");
+    assert!(
+        values
+            .iter()
+            .all(|v| v.len() == 1 && (1.0..=5.0).contains(&v[0]))
+    );
+    let dir = ingest(
+        &ws,
+        "r.parquet",
+        &format!("      text: text\n      label: pair\n      problem_type: regression\n{split}"),
+    )
+    .unwrap();
+    let labels = read_json(&dir.join("labels.json"));
+    assert_eq!(labels["names"], serde_json::json!(["pair_0", "pair_1"]));
+    let values = float_lists(&dir.join("train.parquet"), "label");
+    assert!(values.iter().all(|v| v.len() == 2 && v[1] == 0.5 * v[0]));
+    // A fresh workspace: `ingest_with` checks that a failure leaves no cache entry.
+    let fresh = Ws::new();
+    std::fs::copy(ws.file("r.parquet"), fresh.file("r.parquet")).unwrap();
+    let err = ingest(&fresh, "r.parquet", "      text: text\n      label: tags\n").unwrap_err();
+    assert!(
+        err.contains("r.parquet: the label column `tags` holds List("),
+        "{err}"
+    );
+    assert!(err.contains("set `problem_type`"), "{err}");
 }

@@ -527,15 +527,12 @@ fn output_names(rows: &[(Kept, usize)], params: &Params, shown: &str) -> Result<
     } else {
         names.sort();
     }
-    let needed = match params.problem_type() {
-        ProblemType::MultiLabelClassification => 1,
-        _ => 2,
-    };
-    if names.len() < needed {
+    if names.is_empty() {
+        bail!("{shown}: no row has a label");
+    }
+    if names.len() < 2 && params.problem_type() == ProblemType::SingleLabelClassification {
         bail!(
-            "{shown}: only {} label{} ({}) in the data; a classifier needs at least {needed}",
-            names.len(),
-            if names.len() == 1 { "" } else { "s" },
+            "{shown}: only one label ({}) in the data; a classifier needs at least two",
             names.join(", ")
         );
     }
