@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Checks a finetune run's loss and predictions, for its task, in Python `transformers`.
 
-    python scripts/check-task-with-transformers.py artifacts/runs/NAME
+    python scripts/check-task-with-transformers.py artifacts/runs/NAME [TOKENIZE TRAIN EVALUATE]
 
-NAME is a pipeline whose stages are named ingest, tokenize, train and evaluate (evaluating the
-test split). Needs torch, transformers (5.24 here) and pyarrow: too large a download for CI,
+NAME is a pipeline; its tokenize, train and evaluate stages (evaluating the test split) have
+those ids unless given. Needs torch, transformers (5.24 here) and pyarrow: too large a download for CI,
 so this is the check a release note quotes. It loads train/model with
 `AutoModelForSequenceClassification`, which picks its loss by the saved config.json's
 `problem_type` (cross-entropy, BCE with logits, or MSE), feeds it the token ids of
@@ -33,10 +33,11 @@ def padded(rows, pad):
 
 def main() -> int:
     run = Path(sys.argv[1])
-    model = AutoModelForSequenceClassification.from_pretrained(run / "train/model")
+    tokenize, train, evaluate = sys.argv[2:5] if len(sys.argv) >= 5 else ("tokenize", "train", "evaluate")
+    model = AutoModelForSequenceClassification.from_pretrained(run / train / "model")
     model.eval()
     problem = model.config.problem_type
-    test = pq.read_table(run / "tokenize/test.parquet").to_pydict()
+    test = pq.read_table(run / tokenize / "test.parquet").to_pydict()
     ids, mask = padded(test["input_ids"], model.config.pad_token_id or 0)
     inputs = {"input_ids": ids, "attention_mask": mask}
     if "token_type_ids" in test:
@@ -53,8 +54,8 @@ def main() -> int:
         theirs = torch.sigmoid(out.logits)
     else:
         theirs = out.logits
-    metrics = json.loads((run / "evaluate/metrics.json").read_text())
-    predictions = pq.read_table(run / "evaluate/predictions.parquet").to_pydict()
+    metrics = json.loads((run / evaluate / "metrics.json").read_text())
+    predictions = pq.read_table(run / evaluate / "predictions.parquet").to_pydict()
     column = "prediction" if problem == "regression" else "probabilities"
     ours = torch.tensor(predictions[column], dtype=torch.float32)
     output_diff = (ours - theirs).abs().max().item()

@@ -523,3 +523,19 @@ pub fn clip_to_global_norm(
     }
     norm
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PyTorch: `HuberLoss(delta=1.0, reduction="sum")(tensor([[0., 3.], [-0.25, 1.5]]),
+    /// tensor([[0.5, 0.], [0., 0.]]))` = ½·0.25 + (3 − ½) + ½·0.0625 + (1.5 − ½) = 3.65625.
+    #[test]
+    fn huber_is_quadratic_within_delta_and_linear_beyond() {
+        let device = finetune_model::device("cpu").unwrap().device().clone();
+        let logits =
+            Tensor::<2>::from_data(TensorData::new(vec![0.0, 3.0, -0.25, 1.5], [2, 2]), &device);
+        let sum = huber_sum(logits, vec![0.5, 0.0, 0.0, 0.0], 1.0, &device);
+        assert!((sum.into_scalar::<f32>() - 3.656_25).abs() < 1e-6);
+    }
+}

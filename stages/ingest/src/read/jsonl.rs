@@ -126,7 +126,7 @@ fn fields(line: &str, keys: &Keys, at: &str) -> Result<std::result::Result<Field
         Ok(label) => label,
         Err(message) => return Ok(Err(message)),
     };
-    let label = match label_field(label, keys.label, &at) {
+    let label = match label_field(label, keys.label, at) {
         Ok(label) => label,
         Err(message) => return Ok(Err(message)),
     };

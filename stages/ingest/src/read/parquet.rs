@@ -116,9 +116,11 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
 /// Row `i` of a label column cast to text (or to a list of texts); null is an empty label.
 fn label_field(labels: &arrow::array::ArrayRef, i: usize) -> LabelField {
     let text = |column: &arrow::array::StringArray, i: usize| {
-        (!column.is_null(i))
-            .then(|| column.value(i).to_string())
-            .unwrap_or_default()
+        if column.is_null(i) {
+            String::new()
+        } else {
+            column.value(i).to_string()
+        }
     };
     match labels.as_list_opt::<i32>() {
         Some(lists) if lists.is_null(i) => LabelField::List(Vec::new()),
