@@ -45,19 +45,9 @@ impl Metrics {
         let correct: u64 = (0..k).map(|c| confusion[c][c]).sum();
         let per_class: Vec<ClassScores> = (0..k)
             .map(|c| {
-                let tp = confusion[c][c] as f64;
                 let predicted: u64 = (0..k).map(|t| confusion[t][c]).sum();
                 let support: u64 = confusion[c].iter().sum();
-                let precision = ratio(tp, predicted as f64);
-                let recall = ratio(tp, support as f64);
-                let f1 = ratio(2.0 * precision * recall, precision + recall);
-                ClassScores {
-                    label: names[c].clone(),
-                    precision,
-                    recall,
-                    f1,
-                    support,
-                }
+                scores(&names[c], confusion[c][c], predicted, support)
             })
             .collect();
         let macro_avg =
@@ -186,6 +176,7 @@ impl MultiLabelMetrics {
     }
 }
 
+/// Precision, recall and F1 of a class from its true positives, predictions and support.
 fn scores(label: &str, tp: u64, predicted: u64, support: u64) -> ClassScores {
     let precision = ratio(tp as f64, predicted as f64);
     let recall = ratio(tp as f64, support as f64);
