@@ -181,7 +181,7 @@ pub enum Command {
         #[arg(long)]
         bf16: bool,
         /// A multi-label model's decision threshold: every label whose probability is at
-        /// least this is printed (default 0.5; `evaluate` reports the one tuned on validation).
+        /// least this is printed (default: the one train tuned on validation and saved, else 0.5).
         #[arg(long, value_name = "P")]
         threshold: Option<f64>,
         /// One JSON object per text (`text`, `label`, `probabilities` by label, `logits` in label

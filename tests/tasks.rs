@@ -336,10 +336,24 @@ fn department_and_class_as_multi_label() {
     assert!(f1_micro > 0.45, "{metrics}");
     assert_eq!(metrics["per_label"].as_array().unwrap().len(), names.len());
 
+    // Train tuned the same threshold on the same validation rows and saved it for predict.
+    let config = read_json(&output_dir(&ws, "tags", "train").join("model/config.json"));
+    assert_eq!(config["decision_threshold"].as_f64(), Some(threshold));
+    // A threshold given is used as it is, for evaluate only (train stays cached).
+    ws.run_ok(&["tags.yaml", "--set", "stages.evaluate.with.threshold=0.3"]);
+    let fixed = read_json(&output_dir(&ws, "tags", "evaluate").join("metrics.json"));
+    assert_eq!(fixed["threshold"], 0.3);
+    assert!(fixed.get("threshold_tuned_on").is_none());
+    ws.run_ok(&["tags.yaml"]);
     // `predict` at evaluate's threshold prints the labels evaluate predicted.
     let texts: Vec<String> = strings(&predictions, "text").into_iter().take(8).collect();
     let at = format!("{threshold}");
     let lines = predict_json(&ws, "tags", &texts, &["--threshold", &at]);
+    assert_eq!(
+        lines,
+        predict_json(&ws, "tags", &texts, &[]),
+        "the saved threshold"
+    );
     for (line, row) in lines.iter().zip(&said) {
         let expected: Vec<&str> = names
             .iter()

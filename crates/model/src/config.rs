@@ -152,6 +152,9 @@ pub struct ModelConfig {
     pub labels: Vec<String>,
     /// What the head's outputs mean (config.json's `problem_type`).
     pub problem_type: ProblemType,
+    /// A multi-label model's decision threshold, tuned on validation when it was trained
+    /// (config.json's `decision_threshold`: a key of ours, which Python keeps as an attribute).
+    pub decision_threshold: Option<f64>,
     /// The config.json this came from, kept so that saving preserves keys we do not use.
     pub original: Option<Value>,
 }
@@ -197,6 +200,15 @@ impl ModelConfig {
             _ => bert_config(&get, family, labels)?,
         };
         config.problem_type = problem_type;
+        config.decision_threshold = match json.get("decision_threshold") {
+            None | Some(Value::Null) => None,
+            Some(value) => match value.as_f64() {
+                Some(p) if p > 0.0 && p < 1.0 => Some(p),
+                _ => {
+                    return Err(get.error("decision_threshold", "is not a probability in (0, 1)"));
+                }
+            },
+        };
         if config.num_heads == 0 || !config.hidden_size.is_multiple_of(config.num_heads) {
             return Err(ModelError::Config {
                 file: file.into(),
@@ -313,6 +325,10 @@ impl ModelConfig {
         object.insert("id2label".into(), json!(id2label));
         object.insert("label2id".into(), json!(label2id));
         object.insert("problem_type".into(), json!(self.problem_type.as_str()));
+        match self.decision_threshold {
+            Some(threshold) => object.insert("decision_threshold".into(), json!(threshold)),
+            None => object.remove("decision_threshold"),
+        };
         json
     }
 
@@ -373,6 +389,7 @@ fn distilbert_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, M
         initializer_range: get.f64_or("initializer_range", 0.02),
         labels,
         problem_type: ProblemType::default(),
+        decision_threshold: None,
         original: None,
     })
 }
@@ -419,6 +436,7 @@ fn bert_config(
         initializer_range: get.f64_or("initializer_range", 0.02),
         labels,
         problem_type: ProblemType::default(),
+        decision_threshold: None,
         original: None,
     })
 }
@@ -492,6 +510,7 @@ fn deberta_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, Mode
         initializer_range: get.f64_or("initializer_range", 0.02),
         labels,
         problem_type: ProblemType::default(),
+        decision_threshold: None,
         original: None,
     })
 }
@@ -584,6 +603,7 @@ fn modern_bert_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, 
         initializer_range: get.f64_or("initializer_range", 0.02),
         labels,
         problem_type: ProblemType::default(),
+        decision_threshold: None,
         original: None,
     })
 }
@@ -887,6 +907,7 @@ impl ScratchSpec {
             initializer_range: self.initializer_range,
             labels,
             problem_type: ProblemType::default(),
+            decision_threshold: None,
             original: None,
         })
     }

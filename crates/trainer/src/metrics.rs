@@ -157,8 +157,19 @@ impl MultiLabelMetrics {
         }
     }
 
+    /// The threshold from 0.05 to 0.95 (in steps of 0.05) with the best micro F1 on `truth`:
+    /// what train tunes on validation and saves with the model, and evaluate by default.
+    pub fn tuned_threshold(
+        truth: &[Vec<f32>],
+        probabilities: &[Vec<f32>],
+        names: &[String],
+    ) -> f64 {
+        let candidates: Vec<f64> = (1..20).map(|i| f64::from(i) * 0.05).collect();
+        MultiLabelMetrics::best_threshold(truth, probabilities, names, &candidates)
+    }
+
     /// The threshold among `candidates` with the best micro F1 on `truth` (the first of
-    /// equals): what `evaluate` tunes on the validation split and applies to test.
+    /// equals).
     pub fn best_threshold(
         truth: &[Vec<f32>],
         probabilities: &[Vec<f32>],

@@ -50,6 +50,24 @@ pub struct EvaluateParams {
     /// Where to run: a device name as train's `device:` takes (`cpu`, `cuda`, `auto`, ...).
     #[serde(default = "finetune_model::default_device_name")]
     pub device: String,
+    /// A multi-label model's decision threshold: `tune` (the default: the best micro F1 on
+    /// the validation split, when another split is evaluated and validation has rows; else
+    /// 0.5) or a probability in (0, 1).
+    pub threshold: Option<Threshold>,
+}
+
+/// `threshold:` a probability, or `tune`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, JsonSchema)]
+#[serde(untagged, expecting = "`tune` or a probability in (0, 1)")]
+pub enum Threshold {
+    Fixed(f64),
+    Named(TuneThreshold),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TuneThreshold {
+    Tune,
 }
 
 fn default_split() -> String {
@@ -96,6 +114,14 @@ impl Stage for Evaluate {
         }
         if params.batch_size == 0 {
             return Err(ConfigError::at("batch_size", "must be at least 1"));
+        }
+        if let Some(Threshold::Fixed(p)) = params.threshold
+            && !(p > 0.0 && p < 1.0)
+        {
+            return Err(ConfigError::at(
+                "threshold",
+                format!("{p} is not a probability in (0, 1)"),
+            ));
         }
         let device = DeviceSpec::parse(&params.device)
             .map_err(|e| ConfigError::at("device", e.to_string()))?;
@@ -165,13 +191,22 @@ impl EvaluateJob {
         ));
         let batch = self.params.batch_size;
         let predictions = predict_fitting(&model, &examples, batch, &device)?;
-        let threshold = match task.problem_type {
-            ProblemType::MultiLabelClassification => {
-                self.tuned_threshold(tokenized, &task, &model, compute)?
+        let (decided_at, tuned) = match (task.problem_type, self.params.threshold) {
+            (ProblemType::MultiLabelClassification, Some(Threshold::Fixed(p))) => (p, false),
+            (ProblemType::MultiLabelClassification, _) => {
+                match self.tuned_threshold(tokenized, &task, &model, compute)? {
+                    Some(tuned) => (tuned, true),
+                    None => (DEFAULT_THRESHOLD, false),
+                }
             }
-            _ => None,
+            (_, Some(_)) => {
+                return Err(anyhow!(
+                    "`threshold` is for multi-label models; this one's task is {}",
+                    task.problem_type
+                ));
+            }
+            _ => (DEFAULT_THRESHOLD, false),
         };
-        let decided_at = threshold.unwrap_or(DEFAULT_THRESHOLD);
         let scores = Scores::of(&task, &predictions, &examples, decided_at);
         let mut summary = scores_json(
             task.problem_type,
@@ -182,7 +217,7 @@ impl EvaluateJob {
         )?;
         summary["split"] = json!(split);
         summary["examples"] = json!(examples.len());
-        if threshold.is_some() {
+        if tuned {
             summary["threshold_tuned_on"] = json!("validation");
         }
         write_json(&ctx.out_dir.join("metrics.json"), &summary)?;
@@ -221,12 +256,10 @@ impl EvaluateJob {
         let device = compute.device();
         let predictions = predict_fitting(model, &validation, self.params.batch_size, device)?;
         let truth: Vec<Vec<f32>> = validation.iter().map(|e| e.targets.clone()).collect();
-        let candidates: Vec<f64> = (1..20).map(|i| f64::from(i) * 0.05).collect();
-        Ok(Some(MultiLabelMetrics::best_threshold(
+        Ok(Some(MultiLabelMetrics::tuned_threshold(
             &truth,
             &predictions.outputs,
             &task.names,
-            &candidates,
         )))
     }
 }

@@ -61,7 +61,9 @@ impl ModelPredictor {
         if threshold.is_some() && problem != ProblemType::MultiLabelClassification {
             bail!("--threshold is for multi-label models; this one's task is {problem}");
         }
-        let threshold = threshold.unwrap_or(DEFAULT_THRESHOLD);
+        let threshold = threshold
+            .or(model.config.decision_threshold)
+            .unwrap_or(DEFAULT_THRESHOLD);
         Ok(label_scores(&model, &rows, &type_ids, batch_size, device)
             .into_iter()
             .map(|scores| {

@@ -26,12 +26,14 @@ use finetune_core::{
 use serde::Deserialize;
 use serde_json::json;
 
-use finetune_model::{Classifier, ComputeDevice, DeviceSpec, Example, ScratchSpec, hf};
+use finetune_model::{
+    Classifier, ComputeDevice, DeviceSpec, Example, ProblemType, ScratchSpec, hf,
+};
 use finetune_tokenize::tokenized::{Task, read_examples, read_task, tokenizer_facts};
 use finetune_trainer::{
-    Callback, Checkpoints, DatasetEvaluator, EarlyStopping, EvalSplit, Evaluator, Padding,
-    Regularizers, RunHistory, Start, Trainer, TrainingArgs, evaluate, jsonl_logger, restore,
-    tensorboard_logger,
+    Callback, Checkpoints, DatasetEvaluator, EarlyStopping, EvalSplit, Evaluator,
+    MultiLabelMetrics, Padding, Regularizers, RunHistory, Start, Trainer, TrainingArgs, evaluate,
+    jsonl_logger, predict_fitting, restore, tensorboard_logger,
 };
 
 use crate::progress::Progress;
@@ -197,6 +199,23 @@ impl Job for TrainJob {
     }
 }
 
+/// A multi-label model's decision threshold, tuned on `validation`.
+fn tune_threshold(
+    model: &Classifier,
+    validation: &[Example],
+    labels: &[String],
+    args: &TrainingArgs,
+    device: &burn::tensor::Device,
+) -> Result<f64> {
+    let predictions = predict_fitting(model, validation, args.eval_batch_size, device)?;
+    let truth: Vec<Vec<f32>> = validation.iter().map(|e| e.targets.clone()).collect();
+    Ok(MultiLabelMetrics::tuned_threshold(
+        &truth,
+        &predictions.outputs,
+        labels,
+    ))
+}
+
 impl TrainJob {
     fn train(&self, ctx: &RunContext, compute: &ComputeDevice) -> Result<()> {
         let tokenized = &ctx.upstream_using("tokenize")?.dir;
@@ -296,7 +315,17 @@ impl TrainJob {
         };
         let outcome = trainer.train(start, &train)?;
         drop(trainer);
-        let model = outcome.model.valid();
+        let mut model = outcome.model.valid();
+        if model.config.problem_type == ProblemType::MultiLabelClassification
+            && args.eval_split == EvalSplit::Validation
+            && !eval_examples.is_empty()
+        {
+            let threshold = tune_threshold(&model, &eval_examples, &labels, args, &device)?;
+            ctx.reporter.message(&format!(
+                "decision threshold {threshold:.2} (the best micro F1 on validation), saved in config.json"
+            ));
+            model.config.decision_threshold = Some(threshold);
+        }
         hf::save_with_tokenizer(&model, &ctx.out_dir.join("model"), &tokenizer_json)?;
         let evaluation = match outcome.last_evaluation {
             Some((step, metrics)) if step == outcome.model_step => metrics,
