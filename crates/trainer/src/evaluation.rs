@@ -72,23 +72,73 @@ pub fn scores_json(
     labels: &[String],
     threshold: f64,
 ) -> Result<Value> {
-    let targets: Vec<Vec<f32>> = examples.iter().map(|e| e.targets.clone()).collect();
-    let metrics =
+    TaskMetrics::compute(problem, predictions, examples, labels, threshold)
+        .to_json(predictions.loss)
+}
+
+/// The metrics of one evaluation, of the kind its task reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskMetrics {
+    SingleLabel(Metrics),
+    MultiLabel(MultiLabelMetrics),
+    Regression(RegressionMetrics),
+}
+
+impl TaskMetrics {
+    /// Scores `predictions` against `examples`' labels (named by `labels`) as `problem` does;
+    /// a multi-label head decides at `threshold`.
+    pub fn compute(
+        problem: ProblemType,
+        predictions: &Predictions,
+        examples: &[Example],
+        labels: &[String],
+        threshold: f64,
+    ) -> TaskMetrics {
+        let targets: Vec<Vec<f32>> = examples.iter().map(|e| e.targets.clone()).collect();
         match problem {
             ProblemType::SingleLabelClassification => {
                 let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
-                serde_json::to_value(Metrics::compute(&truth, &predictions.predicted, labels))?
+                TaskMetrics::SingleLabel(Metrics::compute(&truth, &predictions.predicted, labels))
             }
-            ProblemType::MultiLabelClassification => serde_json::to_value(
+            ProblemType::MultiLabelClassification => TaskMetrics::MultiLabel(
                 MultiLabelMetrics::compute(&targets, &predictions.outputs, labels, threshold),
-            )?,
-            ProblemType::Regression => serde_json::to_value(RegressionMetrics::compute(
+            ),
+            ProblemType::Regression => TaskMetrics::Regression(RegressionMetrics::compute(
                 &targets,
                 &predictions.outputs,
                 labels,
-            ))?,
+            )),
+        }
+    }
+
+    /// `{"loss": …, metric: …}`: the loss first, then every metric.
+    pub fn to_json(&self, loss: f64) -> Result<Value> {
+        let metrics = match self {
+            TaskMetrics::SingleLabel(m) => serde_json::to_value(m)?,
+            TaskMetrics::MultiLabel(m) => serde_json::to_value(m)?,
+            TaskMetrics::Regression(m) => serde_json::to_value(m)?,
         };
-    with_loss_first(predictions.loss, metrics)
+        with_loss_first(loss, metrics)
+    }
+}
+
+/// A multi-label model's decision threshold, tuned on `validation` (see
+/// [`MultiLabelMetrics::tuned_threshold`]): what train saves with the model and evaluate
+/// applies by default.
+pub fn tune_threshold(
+    model: &Classifier,
+    validation: &[Example],
+    labels: &[String],
+    batch_size: usize,
+    device: &Device,
+) -> Result<f64> {
+    let predictions = predict_fitting(model, validation, batch_size, device)?;
+    let truth: Vec<Vec<f32>> = validation.iter().map(|e| e.targets.clone()).collect();
+    Ok(MultiLabelMetrics::tuned_threshold(
+        &truth,
+        &predictions.outputs,
+        labels,
+    ))
 }
 
 /// [`predict`] in batches of `batch_size`, halved (after the device's cached memory is freed)

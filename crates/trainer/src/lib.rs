@@ -46,8 +46,8 @@ pub use callbacks::{
 };
 pub use checkpoint::{Checkpoints, Restored, restore};
 pub use evaluation::{
-    DEFAULT_THRESHOLD, DatasetEvaluator, Evaluator, evaluate, metrics_json, predict_fitting,
-    scores_json,
+    DEFAULT_THRESHOLD, DatasetEvaluator, Evaluator, TaskMetrics, evaluate, metrics_json,
+    predict_fitting, scores_json, tune_threshold,
 };
 pub use metrics::{ClassScores, Metrics, MultiLabelMetrics, RegressionMetrics, TargetScores};
 pub use regularize::{AwpConfig, MixoutConfig, RegularizerError, Regularizers, with_mixout_masks};

@@ -50,22 +50,15 @@ impl Metrics {
                 scores(&names[c], confusion[c][c], predicted, support)
             })
             .collect();
-        let macro_avg =
-            |f: fn(&ClassScores) -> f64| per_class.iter().map(f).sum::<f64>() / k.max(1) as f64;
-        let weighted = |f: fn(&ClassScores) -> f64| {
-            ratio(
-                per_class.iter().map(|c| f(c) * c.support as f64).sum(),
-                total,
-            )
-        };
+        let average = Averages::of(&per_class);
         Metrics {
             accuracy: ratio(correct as f64, total),
-            precision_macro: macro_avg(|c| c.precision),
-            recall_macro: macro_avg(|c| c.recall),
-            f1_macro: macro_avg(|c| c.f1),
-            precision_weighted: weighted(|c| c.precision),
-            recall_weighted: weighted(|c| c.recall),
-            f1_weighted: weighted(|c| c.f1),
+            precision_macro: average.precision_macro,
+            recall_macro: average.recall_macro,
+            f1_macro: average.f1_macro,
+            precision_weighted: average.precision_weighted,
+            recall_weighted: average.recall_weighted,
+            f1_weighted: average.f1_weighted,
             per_class,
             confusion,
         }
@@ -131,15 +124,7 @@ impl MultiLabelMetrics {
             actual.iter().sum(),
         );
         let texts = truth.len() as f64;
-        let support: f64 = actual.iter().sum::<u64>() as f64;
-        let macro_avg =
-            |f: fn(&ClassScores) -> f64| per_label.iter().map(f).sum::<f64>() / k.max(1) as f64;
-        let weighted = |f: fn(&ClassScores) -> f64| {
-            ratio(
-                per_label.iter().map(|c| f(c) * c.support as f64).sum(),
-                support,
-            )
-        };
+        let average = Averages::of(&per_label);
         MultiLabelMetrics {
             threshold,
             subset_accuracy: ratio(exact as f64, texts),
@@ -147,12 +132,12 @@ impl MultiLabelMetrics {
             precision_micro: micro.precision,
             recall_micro: micro.recall,
             f1_micro: micro.f1,
-            precision_macro: macro_avg(|c| c.precision),
-            recall_macro: macro_avg(|c| c.recall),
-            f1_macro: macro_avg(|c| c.f1),
-            precision_weighted: weighted(|c| c.precision),
-            recall_weighted: weighted(|c| c.recall),
-            f1_weighted: weighted(|c| c.f1),
+            precision_macro: average.precision_macro,
+            recall_macro: average.recall_macro,
+            f1_macro: average.f1_macro,
+            precision_weighted: average.precision_weighted,
+            recall_weighted: average.recall_weighted,
+            f1_weighted: average.f1_weighted,
             per_label,
         }
     }
@@ -184,6 +169,40 @@ impl MultiLabelMetrics {
             }
         }
         best.1
+    }
+}
+
+/// Precision, recall and F1 averaged over classes (or labels): plainly (macro) and weighted by
+/// each one's support, as both classification tasks report them.
+struct Averages {
+    precision_macro: f64,
+    recall_macro: f64,
+    f1_macro: f64,
+    precision_weighted: f64,
+    recall_weighted: f64,
+    f1_weighted: f64,
+}
+
+impl Averages {
+    fn of(classes: &[ClassScores]) -> Averages {
+        let support = classes.iter().map(|c| c.support).sum::<u64>() as f64;
+        let plain = |f: fn(&ClassScores) -> f64| {
+            classes.iter().map(f).sum::<f64>() / classes.len().max(1) as f64
+        };
+        let weighted = |f: fn(&ClassScores) -> f64| {
+            ratio(
+                classes.iter().map(|c| f(c) * c.support as f64).sum(),
+                support,
+            )
+        };
+        Averages {
+            precision_macro: plain(|c| c.precision),
+            recall_macro: plain(|c| c.recall),
+            f1_macro: plain(|c| c.f1),
+            precision_weighted: weighted(|c| c.precision),
+            recall_weighted: weighted(|c| c.recall),
+            f1_weighted: weighted(|c| c.f1),
+        }
     }
 }
 

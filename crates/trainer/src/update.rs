@@ -434,10 +434,6 @@ pub fn gradients_taking(
     for micro in micro_batches {
         let batch =
             Batch::from_segmented_rows(&micro.rows, &micro.type_ids, &model.config, pad_to, device);
-        let targets = Tensor::<1, Int>::from_data(
-            TensorData::new(micro.labels.clone(), [micro.labels.len()]),
-            device,
-        );
         let share = micro.rows.len() as f64 / total as f64;
         let (logits, leaf) = match words {
             WordGradient::Dense => (model.logits(&batch), None),
@@ -455,6 +451,10 @@ pub fn gradients_taking(
             };
             sum.div_scalar((total * outputs) as f32)
         } else if loss.is_plain() {
+            let targets = Tensor::<1, Int>::from_data(
+                TensorData::new(micro.labels.clone(), [micro.labels.len()]),
+                device,
+            );
             loss_fn.forward(logits, targets).mul_scalar(share)
         } else {
             let sum = loss.sum(logits, &micro.labels, device);

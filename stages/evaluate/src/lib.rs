@@ -27,9 +27,7 @@ use finetune_model::{
     Classifier, ComputeDevice, DeviceSpec, Example, Predictions, ProblemType, hf,
 };
 use finetune_tokenize::tokenized::{Task, Texts, read_examples, read_task, read_texts};
-use finetune_trainer::{
-    DEFAULT_THRESHOLD, Metrics, MultiLabelMetrics, RegressionMetrics, predict_fitting, scores_json,
-};
+use finetune_trainer::{DEFAULT_THRESHOLD, TaskMetrics, predict_fitting, tune_threshold};
 
 mod dvclive;
 mod predictor;
@@ -207,14 +205,14 @@ impl EvaluateJob {
             }
             _ => (DEFAULT_THRESHOLD, false),
         };
-        let scores = Scores::of(&task, &predictions, &examples, decided_at);
-        let mut summary = scores_json(
+        let scores = TaskMetrics::compute(
             task.problem_type,
             &predictions,
             &examples,
             labels,
             decided_at,
-        )?;
+        );
+        let mut summary = scores.to_json(predictions.loss)?;
         summary["split"] = json!(split);
         summary["examples"] = json!(examples.len());
         if tuned {
@@ -232,7 +230,7 @@ impl EvaluateJob {
         report::write_all(&ctx.out_dir, &scores, &outcome, &summary, &log, split)?;
         dvclive::write_plots(&ctx.out_dir, &log, &outcome)?;
         ctx.reporter
-            .message(&format!("{split}: {}; report.html", scores.headline()));
+            .message(&format!("{split}: {}; report.html", headline(&scores)));
         Ok(())
     }
 
@@ -253,14 +251,9 @@ impl EvaluateJob {
         if validation.is_empty() {
             return Ok(None);
         }
-        let device = compute.device();
-        let predictions = predict_fitting(model, &validation, self.params.batch_size, device)?;
-        let truth: Vec<Vec<f32>> = validation.iter().map(|e| e.targets.clone()).collect();
-        Ok(Some(MultiLabelMetrics::tuned_threshold(
-            &truth,
-            &predictions.outputs,
-            &task.names,
-        )))
+        let batch = self.params.batch_size;
+        let threshold = tune_threshold(model, &validation, &task.names, batch, compute.device())?;
+        Ok(Some(threshold))
     }
 }
 
@@ -273,47 +266,20 @@ fn read_split(path: &Path, task: &Task) -> Result<Vec<Example>> {
     })
 }
 
-/// The scores of one evaluation, by task: what the report and the stage's message show.
-pub(crate) enum Scores {
-    SingleLabel(Metrics),
-    MultiLabel(MultiLabelMetrics),
-    Regression(RegressionMetrics),
-}
-
-impl Scores {
-    fn of(task: &Task, predictions: &Predictions, examples: &[Example], threshold: f64) -> Scores {
-        let targets: Vec<Vec<f32>> = examples.iter().map(|e| e.targets.clone()).collect();
-        let names = &task.names;
-        match task.problem_type {
-            ProblemType::SingleLabelClassification => {
-                let truth: Vec<usize> = examples.iter().map(|e| e.label as usize).collect();
-                Scores::SingleLabel(Metrics::compute(&truth, &predictions.predicted, names))
-            }
-            ProblemType::MultiLabelClassification => Scores::MultiLabel(
-                MultiLabelMetrics::compute(&targets, &predictions.outputs, names, threshold),
-            ),
-            ProblemType::Regression => Scores::Regression(RegressionMetrics::compute(
-                &targets,
-                &predictions.outputs,
-                names,
-            )),
+/// The stage's one-line summary of an evaluation.
+fn headline(scores: &TaskMetrics) -> String {
+    match scores {
+        TaskMetrics::SingleLabel(m) => {
+            format!("accuracy {:.4}, macro F1 {:.4}", m.accuracy, m.f1_macro)
         }
-    }
-
-    fn headline(&self) -> String {
-        match self {
-            Scores::SingleLabel(m) => {
-                format!("accuracy {:.4}, macro F1 {:.4}", m.accuracy, m.f1_macro)
-            }
-            Scores::MultiLabel(m) => format!(
-                "micro F1 {:.4}, macro F1 {:.4}, subset accuracy {:.4} at threshold {:.2}",
-                m.f1_micro, m.f1_macro, m.subset_accuracy, m.threshold
-            ),
-            Scores::Regression(m) => format!(
-                "RMSE {:.4}, MAE {:.4}, R² {:.4}, Spearman {:.4}",
-                m.rmse, m.mae, m.r2, m.spearman
-            ),
-        }
+        TaskMetrics::MultiLabel(m) => format!(
+            "micro F1 {:.4}, macro F1 {:.4}, subset accuracy {:.4} at threshold {:.2}",
+            m.f1_micro, m.f1_macro, m.subset_accuracy, m.threshold
+        ),
+        TaskMetrics::Regression(m) => format!(
+            "RMSE {:.4}, MAE {:.4}, R² {:.4}, Spearman {:.4}",
+            m.rmse, m.mae, m.r2, m.spearman
+        ),
     }
 }
 

@@ -10,7 +10,9 @@ use serde_json::Value;
 
 use finetune_trainer::Metrics;
 
-use crate::{Outcome, Scores};
+use finetune_trainer::TaskMetrics;
+
+use crate::Outcome;
 
 pub const CONFUSION_MATRIX: &str = "confusion_matrix.svg";
 pub const TRAINING_CURVES: &str = "training_curves.svg";
@@ -36,18 +38,18 @@ pub fn read_log(path: &Path) -> Result<Vec<Value>> {
 /// Writes the pictures and the report into `dir`.
 pub fn write_all(
     dir: &Path,
-    scores: &Scores,
+    scores: &TaskMetrics,
     outcome: &Outcome,
     summary: &Value,
     log: &[Value],
     split: &str,
 ) -> Result<()> {
     let figure = match (scores, outcome) {
-        (Scores::SingleLabel(metrics), _) => {
+        (TaskMetrics::SingleLabel(metrics), _) => {
             confusion_matrix(&dir.join(CONFUSION_MATRIX), metrics)?;
             Some(("Confusion matrix", CONFUSION_MATRIX))
         }
-        (Scores::Regression(_), Outcome::Values { truth, predicted }) => {
+        (TaskMetrics::Regression(_), Outcome::Values { truth, predicted }) => {
             predicted_vs_actual(&dir.join(PREDICTED_VS_ACTUAL), truth, predicted)?;
             Some(("Predicted against actual", PREDICTED_VS_ACTUAL))
         }
@@ -306,7 +308,7 @@ fn class_rows(classes: &[finetune_trainer::ClassScores]) -> Vec<Vec<String>> {
 
 impl Page {
     fn new(
-        scores: &Scores,
+        scores: &TaskMetrics,
         summary: &Value,
         log: &[Value],
         split: &str,
@@ -318,7 +320,7 @@ impl Page {
         ];
         let class_columns = vec!["label", "precision", "recall", "F1", "support"];
         let table = match scores {
-            Scores::SingleLabel(m) => {
+            TaskMetrics::SingleLabel(m) => {
                 headline.extend([
                     ("accuracy", number(m.accuracy)),
                     ("macro F1", number(m.f1_macro)),
@@ -328,7 +330,7 @@ impl Page {
                 ]);
                 ("Per class", class_columns, class_rows(&m.per_class))
             }
-            Scores::MultiLabel(m) => {
+            TaskMetrics::MultiLabel(m) => {
                 headline.extend([
                     ("threshold", format!("{:.2}", m.threshold)),
                     ("micro F1", number(m.f1_micro)),
@@ -339,7 +341,7 @@ impl Page {
                 ]);
                 ("Per label", class_columns, class_rows(&m.per_label))
             }
-            Scores::Regression(m) => {
+            TaskMetrics::Regression(m) => {
                 headline.extend([
                     ("MSE", number(m.mse)),
                     ("RMSE", number(m.rmse)),

@@ -31,9 +31,9 @@ use finetune_model::{
 };
 use finetune_tokenize::tokenized::{Task, read_examples, read_task, tokenizer_facts};
 use finetune_trainer::{
-    Callback, Checkpoints, DatasetEvaluator, EarlyStopping, EvalSplit, Evaluator,
-    MultiLabelMetrics, Padding, Regularizers, RunHistory, Start, Trainer, TrainingArgs, evaluate,
-    jsonl_logger, predict_fitting, restore, tensorboard_logger,
+    Callback, Checkpoints, DatasetEvaluator, EarlyStopping, EvalSplit, Evaluator, Padding,
+    Regularizers, RunHistory, Start, Trainer, TrainingArgs, evaluate, jsonl_logger, restore,
+    tensorboard_logger, tune_threshold,
 };
 
 use crate::progress::Progress;
@@ -199,23 +199,6 @@ impl Job for TrainJob {
     }
 }
 
-/// A multi-label model's decision threshold, tuned on `validation`.
-fn tune_threshold(
-    model: &Classifier,
-    validation: &[Example],
-    labels: &[String],
-    args: &TrainingArgs,
-    device: &burn::tensor::Device,
-) -> Result<f64> {
-    let predictions = predict_fitting(model, validation, args.eval_batch_size, device)?;
-    let truth: Vec<Vec<f32>> = validation.iter().map(|e| e.targets.clone()).collect();
-    Ok(MultiLabelMetrics::tuned_threshold(
-        &truth,
-        &predictions.outputs,
-        labels,
-    ))
-}
-
 impl TrainJob {
     fn train(&self, ctx: &RunContext, compute: &ComputeDevice) -> Result<()> {
         let tokenized = &ctx.upstream_using("tokenize")?.dir;
@@ -320,7 +303,8 @@ impl TrainJob {
             && args.eval_split == EvalSplit::Validation
             && !eval_examples.is_empty()
         {
-            let threshold = tune_threshold(&model, &eval_examples, &labels, args, &device)?;
+            let batch = args.eval_batch_size;
+            let threshold = tune_threshold(&model, &eval_examples, &labels, batch, &device)?;
             ctx.reporter.message(&format!(
                 "decision threshold {threshold:.2} (the best micro F1 on validation), saved in config.json"
             ));
