@@ -820,6 +820,12 @@ fn parquet_label_lists_and_float_targets() {
             ("tags", Arc::new(tags.finish())),
             ("stars", stars),
             ("pair", Arc::new(pairs.finish())),
+            (
+                "price",
+                Arc::new(Float64Array::from_iter_values(
+                    (0..10).map(|i| 10.0 * i as f64),
+                )),
+            ),
         ],
     );
     let split = "      split: { validation: 0.2, test: 0.2 }\n";
@@ -861,6 +867,19 @@ fn parquet_label_lists_and_float_targets() {
     assert_eq!(labels["names"], serde_json::json!(["pair_0", "pair_1"]));
     let values = float_lists(&dir.join("train.parquet"), "label");
     assert!(values.iter().all(|v| v.len() == 2 && v[1] == 0.5 * v[0]));
+    // Several columns, one target each, named by their columns.
+    let several = |label: &str| {
+        format!("      text: text\n      label: {label}\n      problem_type: regression\n{split}")
+    };
+    let dir = ingest(&ws, "r.parquet", &several("[price, stars]")).unwrap();
+    let labels = read_json(&dir.join("labels.json"));
+    assert_eq!(labels["names"], serde_json::json!(["price", "stars"]));
+    let values = float_lists(&dir.join("train.parquet"), "label");
+    assert!(
+        values
+            .iter()
+            .all(|v| v.len() == 2 && v[0] % 10.0 == 0.0 && v[1] == 1.0 + (v[0] / 10.0) % 5.0)
+    );
     // A fresh workspace: `ingest_with` checks that a failure leaves no cache entry.
     let fresh = Ws::new();
     std::fs::copy(ws.file("r.parquet"), fresh.file("r.parquet")).unwrap();
@@ -870,4 +889,9 @@ fn parquet_label_lists_and_float_targets() {
         "{err}"
     );
     assert!(err.contains("set `problem_type`"), "{err}");
+    let err = ingest(&fresh, "r.parquet", &several("[stars, pair]")).unwrap_err();
+    assert!(
+        err.contains("`label` lists 2 columns, but rows hold 3 targets"),
+        "{err}"
+    );
 }

@@ -249,34 +249,45 @@ fn department_and_class_as_multi_label() {
         .map(|(text, labels)| format!("{}\n", serde_json::json!({ "text": text, "tags": labels })))
         .collect();
     ws.write("data/tags.jsonl", jsonl);
+    // The CSV holds the labels twice: joined in one field, and one per column (a review
+    // without a department or class has that field empty).
     let mut writer = csv::Writer::from_path(ws.file("data/tags.csv")).unwrap();
-    writer.write_record(["text", "tags"]).unwrap();
+    writer
+        .write_record(["text", "tags", "department", "class"])
+        .unwrap();
     for (text, labels) in &tags {
+        let column = |i: usize| labels.get(i).map_or("", String::as_str);
         writer
-            .write_record([text.as_str(), &labels.join("|")])
+            .write_record([text.as_str(), &labels.join("|"), column(0), column(1)])
             .unwrap();
     }
     writer.flush().unwrap();
-    let ingest = |path: &str, delimiter: &str| {
+    let ingest = |path: &str, label: &str| {
         format!(
-            "      path: {path}\n      text: text\n      label: tags\n      problem_type: multi_label_classification\n{delimiter}      split: {{ validation: 0.15, test: 0.2 }}"
+            "      path: {path}\n      text: text\n      label: {label}\n      problem_type: multi_label_classification\n      split: {{ validation: 0.15, test: 0.2 }}"
         )
     };
     // BCE learns the label frequencies first; the texts' own labels take many updates.
     let training = "epochs: 40, lr: 2.0e-3, metric_for_best_model: f1_micro";
-    pipeline(&ws, "tags", &ingest("data/tags.jsonl", ""), training);
+    pipeline(&ws, "tags", &ingest("data/tags.jsonl", "tags"), training);
     ws.run_ok(&["tags.yaml"]);
-    // The CSV reads into the same split files (only its ingest runs).
-    let csv = ingest("data/tags.csv", "      label_delimiter: \"|\"\n");
-    pipeline(&ws, "tags-csv", &csv, training);
-    ws.run_ok(&["tags-csv.yaml", "ingest"]);
+    // The CSV reads into the same split files either way (only its ingest runs).
+    let delimited = format!(
+        "{}\n      label_delimiter: \"|\"",
+        ingest("data/tags.csv", "tags")
+    );
+    let columns = ingest("data/tags.csv", "[department, class]");
     let ingested = output_dir(&ws, "tags", "ingest");
-    for split in ["train.parquet", "validation.parquet", "test.parquet"] {
-        let csv_split = output_dir(&ws, "tags-csv", "ingest").join(split);
-        assert_eq!(
-            std::fs::read(ingested.join(split)).unwrap(),
-            std::fs::read(csv_split).unwrap()
-        );
+    for (name, with) in [("tags-csv", delimited), ("tags-columns", columns)] {
+        pipeline(&ws, name, &with, training);
+        ws.run_ok(&[&format!("{name}.yaml"), "ingest"]);
+        for split in ["train.parquet", "validation.parquet", "test.parquet"] {
+            assert_eq!(
+                std::fs::read(ingested.join(split)).unwrap(),
+                std::fs::read(output_dir(&ws, name, "ingest").join(split)).unwrap(),
+                "{name} {split}"
+            );
+        }
     }
     let labels = read_json(&ingested.join("labels.json"));
     assert_eq!(labels["problem_type"], "multi_label_classification");
@@ -369,6 +380,58 @@ fn department_and_class_as_multi_label() {
     }
 }
 
+/// `head_bias: priors` starts a new head's output bias at the training labels' log-odds
+/// (recomputed here from train.parquet); the default starts it at zero, as Hugging Face does.
+/// On the same data the priors' first evaluation is far better than zero's (the label
+/// frequencies already known); the learning rate is too small to move the bias measurably.
+#[test]
+fn head_bias_priors_start_at_the_label_frequencies() {
+    let ws = Ws::new();
+    let jsonl: String = clothing_tags()
+        .iter()
+        .map(|(text, labels)| format!("{}\n", serde_json::json!({ "text": text, "tags": labels })))
+        .collect();
+    ws.write("data/tags.jsonl", jsonl);
+    let ingest = "      path: data/tags.jsonl\n      text: text\n      label: tags\n      problem_type: multi_label_classification";
+    let tokenizer = "{ train: wordpiece, vocab_size: 2000 }";
+    let training = "epochs: 1, lr: 1.0e-7, metric_for_best_model: f1_micro";
+    let mut eval_loss = Vec::new();
+    for (name, bias) in [("zeros", "zeros"), ("priors", "priors")] {
+        let model = format!(
+            "{{ scratch: {{ layers: 1, hidden: 32, heads: 2 }} }}\n      head_bias: {bias}"
+        );
+        pipeline_with(&ws, name, ingest, (tokenizer, &model), training);
+        ws.run_ok(&[&format!("{name}.yaml"), "train"]);
+        let trained = output_dir(&ws, name, "train");
+        let bias = model_tensors(&trained)
+            .into_iter()
+            .find(|(key, _, _)| key == "classifier.bias")
+            .expect("classifier.bias")
+            .2;
+        let hot = float_lists(
+            &output_dir(&ws, name, "tokenize").join("train.parquet"),
+            "label",
+        );
+        let rows = hot.len() as f32;
+        for (i, &b) in bias.iter().enumerate() {
+            let positives: f32 = hot.iter().map(|row| row[i]).sum();
+            let share = (positives + 1.0) / (rows + 2.0);
+            let expected = if name == "priors" {
+                (share / (1.0 - share)).ln()
+            } else {
+                0.0
+            };
+            assert!(
+                (b - expected).abs() < 1e-3,
+                "{name} label {i}: {b} vs {expected}"
+            );
+        }
+        let metrics = read_json(&trained.join("metrics.json"));
+        eval_loss.push(metric(&metrics["validation"], "loss"));
+    }
+    assert!(eval_loss[1] < 0.5 * eval_loss[0], "{eval_loss:?}");
+}
+
 /// The cases each task adds to the bad-input table: every one a clear error naming the place.
 #[test]
 fn task_settings_and_labels_that_do_not_fit() {
@@ -406,6 +469,22 @@ fn task_settings_and_labels_that_do_not_fit() {
         (
             "path: data/stars.csv\n      text: text\n      label: stars\n      problem_type: classification",
             "problem_type",
+        ),
+        (
+            "path: data/stars.csv\n      text: text\n      label: [stars, text]",
+            "names several columns, and a single-label row has one label",
+        ),
+        (
+            "path: data/stars.csv\n      text: text\n      label: [stars, stars]\n      problem_type: multi_label_classification",
+            "lists column `stars` twice",
+        ),
+        (
+            "path: data/stars.csv\n      text: text\n      label: [stars, score]\n      problem_type: regression",
+            "data/stars.csv: no column named `score` for the label; the header has: text, stars",
+        ),
+        (
+            "path: data/stars.csv\n      text: text\n      label: [stars]\n      labels: [a, b]\n      problem_type: regression",
+            "names 2 targets, but `label` lists 1 columns",
         ),
     ];
     for (with, expected) in cases {

@@ -7,8 +7,8 @@ reference that pipelines/clothing-rating.yaml's numbers are compared with.
 
 It trains `AutoModelForSequenceClassification` (`problem_type` and labels from the tokenize
 output's labels.json: cross-entropy, BCE with logits or MSE, as Trainer does) on the token ids
-of the tokenize stage's train.parquet, with that pipeline's settings (2 epochs, batch 32, lr
-5e-5, weight decay 0.01, 10% warmup, linear schedule, rows grouped by length, seed 42, 2
+of the tokenize stage's train.parquet, with that pipeline's settings (2 epochs and lr 5e-5 unless
+--epochs and --lr say otherwise, batch 32, weight decay 0.01, 10% warmup, linear schedule, rows grouped by length, seed 42, 2
 threads), and prints one JSON line of test metrics: accuracy and macro F1 (single-label),
 micro F1 at 0.5 (multi-label), or RMSE, MAE, R² and Spearman (regression), and wall seconds.
 Needs torch, transformers, accelerate, pyarrow and scipy.
@@ -29,6 +29,8 @@ ap.add_argument("--run", required=True)
 ap.add_argument("--tokenize", default="tokenize")
 ap.add_argument("--model", required=True)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--epochs", type=float, default=2)
+ap.add_argument("--lr", type=float, default=5e-5)
 args = ap.parse_args()
 torch.set_num_threads(args.threads)
 start = time.time()
@@ -70,10 +72,10 @@ model = AutoModelForSequenceClassification.from_pretrained(
 )
 training = TrainingArguments(
     output_dir="/tmp/hf_trainer_task",
-    num_train_epochs=2,
+    num_train_epochs=args.epochs,
     per_device_train_batch_size=32,
     per_device_eval_batch_size=64,
-    learning_rate=5e-5,
+    learning_rate=args.lr,
     weight_decay=0.01,
     warmup_steps=0.1,  # a float is a ratio of the steps in transformers 5
     lr_scheduler_type="linear",

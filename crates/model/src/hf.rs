@@ -24,6 +24,16 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
 }
 
+impl LoadReport {
+    /// Whether the output layer (the projection to the labels) was initialised fresh.
+    pub fn new_output_layer(&self, family: Family) -> bool {
+        let out = Names(family).head_out().full(family);
+        self.newly_initialized
+            .iter()
+            .any(|key| key.starts_with(&out))
+    }
+}
+
 /// Reads tensors from a safetensors file; only classification-head keys may be missing.
 struct FileSource<'a> {
     file: PathBuf,

@@ -451,6 +451,25 @@ pub fn dropout(p: f64) -> Dropout {
 }
 
 impl Classifier {
+    /// Sets the output layer's bias (one value per output), keeping its parameter id so that
+    /// optimizer state still applies; `false` when the layer has no bias or another width.
+    pub fn set_output_bias(&mut self, values: &[f32]) -> bool {
+        let Some(bias) = &mut self.head.out.bias else {
+            return false;
+        };
+        if bias.dims() != [values.len()] {
+            return false;
+        }
+        let device = bias.device();
+        let tensor = Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), &device);
+        let tensor = match bias.is_require_grad() {
+            true => tensor.require_grad(),
+            false => tensor,
+        };
+        *bias = Param::initialized(bias.id, tensor);
+        true
+    }
+
     /// The same model with every dropout probability set to 0 (for exact comparisons).
     pub fn without_dropout(mut self) -> Self {
         self.disable_dropout();

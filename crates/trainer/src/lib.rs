@@ -17,12 +17,14 @@
 //!   clipping) and the optimizer that steps it.
 //! - [`Regularizers`]: how a run configures AWP and Mixout on a classifier.
 //! - [`Evaluator`], [`evaluate`] and [`Metrics`]: scoring during training.
+//! - [`output_priors`]: a new head's bias at the training labels' base rates.
 
 mod args;
 mod callbacks;
 mod checkpoint;
 mod evaluation;
 mod metrics;
+mod priors;
 mod regularize;
 mod run;
 mod state;
@@ -50,6 +52,7 @@ pub use evaluation::{
     predict_fitting, scores_json, tune_threshold,
 };
 pub use metrics::{ClassScores, Metrics, MultiLabelMetrics, RegressionMetrics, TargetScores};
+pub use priors::output_priors;
 pub use regularize::{AwpConfig, MixoutConfig, RegularizerError, Regularizers, with_mixout_masks};
 pub use state::{Control, EpochSummary, Record, TrainerState};
 pub use update::{

@@ -34,8 +34,10 @@ pub struct Params {
     pub text_pair: Option<Column>,
     /// The label column: a header name or a 0-based index (a key, for JSON Lines). For
     /// multi-label data it holds several labels (a list in JSON Lines and Parquet, or text
-    /// split at `label_delimiter`); for regression a number, or a list of numbers.
-    pub label: Column,
+    /// split at `label_delimiter`); for regression a number, or a list of numbers. Multi-label
+    /// and regression data may also spread over several columns (`label: [Department, Class]`:
+    /// each column's value is one of the row's labels, or one target).
+    pub label: LabelColumns,
     /// What is predicted, by Hugging Face's names: `single_label_classification` (default),
     /// `multi_label_classification` or `regression`.
     pub problem_type: Option<ProblemType>,
@@ -205,6 +207,31 @@ impl std::fmt::Display for Column {
     }
 }
 
+/// The label's column, or (multi-label, regression) several.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(
+    untagged,
+    expecting = "a column name or 0-based index, or a list of them (multi-label, regression)"
+)]
+pub enum LabelColumns {
+    One(Column),
+    Several(Vec<Column>),
+}
+
+impl LabelColumns {
+    pub fn columns(&self) -> &[Column] {
+        match self {
+            LabelColumns::One(column) => std::slice::from_ref(column),
+            LabelColumns::Several(columns) => columns,
+        }
+    }
+
+    /// Whether each row's label is read from several columns, as a list.
+    pub fn is_several(&self) -> bool {
+        matches!(self, LabelColumns::Several(_))
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
@@ -292,8 +319,9 @@ impl Params {
         self.problem_type.unwrap_or_default()
     }
 
-    /// A regression's names for its `targets` outputs: `labels`, or the label column's name
-    /// (`target` for a column index), numbered `name_0, name_1, …` for several.
+    /// A regression's names for its `targets` outputs: `labels`; or the label columns' names
+    /// when there are several (`target_i` for an index); or the one label column's name
+    /// (`target` for an index), numbered `name_0, name_1, …` when it holds several targets.
     pub fn target_names(&self, targets: usize) -> anyhow::Result<Vec<String>> {
         if let Some(names) = &self.labels {
             if names.len() != targets {
@@ -304,9 +332,26 @@ impl Params {
             }
             return Ok(names.clone());
         }
+        let name = |column: &Column, index: Option<usize>| match (column, index) {
+            (Column::Name(name), _) => name.clone(),
+            (Column::Index(_), Some(i)) => format!("target_{i}"),
+            (Column::Index(_), None) => "target".to_string(),
+        };
         let base = match &self.label {
-            Column::Name(name) => name.clone(),
-            Column::Index(_) => "target".to_string(),
+            LabelColumns::Several(columns) if columns.len() != targets => {
+                anyhow::bail!(
+                    "`label` lists {} columns, but rows hold {targets} targets: one of the columns holds a list, and each must hold one number",
+                    columns.len()
+                );
+            }
+            LabelColumns::Several(columns) => {
+                return Ok(columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, column)| name(column, Some(i)))
+                    .collect());
+            }
+            LabelColumns::One(column) => name(column, None),
         };
         Ok(match targets {
             1 => vec![base],
@@ -383,8 +428,9 @@ impl Params {
             let columns = [
                 ("text", Some(&self.text)),
                 ("text_pair", self.text_pair.as_ref()),
-                ("label", Some(&self.label)),
-            ];
+            ]
+            .into_iter()
+            .chain(self.label.columns().iter().map(|c| ("label", Some(c))));
             for (key, column) in columns {
                 if let Some(Column::Index(i)) = column {
                     return Err(ConfigError::at(
@@ -501,6 +547,7 @@ impl Params {
             }
             _ => {}
         }
+        self.validate_label_columns(problem)?;
         if problem == ProblemType::SingleLabelClassification {
             return Ok(());
         }
@@ -520,6 +567,45 @@ impl Params {
             && labels.is_empty()
         {
             return Err(ConfigError::at("labels", "is empty"));
+        }
+        Ok(())
+    }
+
+    /// Several label columns: a multi-label row's labels or a regression's targets, each
+    /// column named once.
+    fn validate_label_columns(&self, problem: ProblemType) -> Result<(), ConfigError> {
+        let LabelColumns::Several(columns) = &self.label else {
+            return Ok(());
+        };
+        if problem == ProblemType::SingleLabelClassification {
+            return Err(ConfigError::at(
+                "label",
+                "names several columns, and a single-label row has one label: set `problem_type: multi_label_classification` (each column one of the row's labels) or `regression` (each column a target)",
+            ));
+        }
+        if columns.is_empty() {
+            return Err(ConfigError::at("label", "is an empty list of columns"));
+        }
+        let shown: Vec<String> = columns.iter().map(Column::to_string).collect();
+        if let Some(twice) = shown
+            .iter()
+            .enumerate()
+            .find(|(i, c)| shown[..*i].contains(c))
+        {
+            return Err(ConfigError::at("label", format!("lists {} twice", twice.1)));
+        }
+        if problem == ProblemType::Regression
+            && let Some(names) = &self.labels
+            && names.len() != columns.len()
+        {
+            return Err(ConfigError::at(
+                "labels",
+                format!(
+                    "names {} targets, but `label` lists {} columns",
+                    names.len(),
+                    columns.len()
+                ),
+            ));
         }
         Ok(())
     }

@@ -48,6 +48,12 @@ pub struct TrainParams {
     pub model: ModelSource,
     #[serde(default)]
     pub training: TrainingArgs,
+    /// Where a new head's output bias starts: `zeros` (as Hugging Face initialises it) or
+    /// `priors` (the training labels' base rates: log-odds per label, log shares per class,
+    /// target means), so that a short multi-label run learns from the texts rather than
+    /// spending its updates on the label frequencies. A checkpoint's own head is kept.
+    #[serde(default)]
+    pub head_bias: HeadBias,
     /// `awp:` (Adversarial Weight Perturbation) and `mixout:`; either, both or neither.
     #[serde(default)]
     pub regularizers: Regularizers,
@@ -60,6 +66,14 @@ pub struct TrainParams {
     /// refuses a checkpoint that no longer matches it.
     #[serde(default)]
     pub fingerprint: KeyConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadBias {
+    #[default]
+    Zeros,
+    Priors,
 }
 
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -250,13 +264,13 @@ impl TrainJob {
                 ));
                 if self.params.regularizers.mixout.is_some() {
                     // Mixout's targets are the starting weights, rebuilt exactly from their source.
-                    let initial = self.fresh_model(ctx, &task, &tokenizer_json, &device)?;
+                    let initial = self.fresh_model(ctx, &task, &train, &tokenizer_json, &device)?;
                     self.attach_mixout(ctx, &mut restored.model, &initial)?;
                 }
                 Start::Resume(restored)
             }
             None => {
-                let mut model = self.fresh_model(ctx, &task, &tokenizer_json, &device)?;
+                let mut model = self.fresh_model(ctx, &task, &train, &tokenizer_json, &device)?;
                 if self.params.regularizers.mixout.is_some() {
                     let initial = model.clone();
                     self.attach_mixout(ctx, &mut model, &initial)?;
@@ -345,6 +359,7 @@ impl TrainJob {
         &self,
         ctx: &RunContext,
         task: &Task,
+        train: &[Example],
         tokenizer_json: &Path,
         device: &burn::tensor::Device,
     ) -> Result<Classifier> {
@@ -352,10 +367,11 @@ impl TrainJob {
         let train_device = device.clone().autodiff();
         let labels = &task.names;
         // The task is the data's: a checkpoint's own head may have predicted something else.
-        let mut model = match &self.params.model {
+        let (mut model, new_head) = match &self.params.model {
             ModelSource::From { from } => {
                 let (model, report) =
                     hf::load(&ctx.resolve(from), Some(labels), seed, &train_device)?;
+                let new_head = report.new_output_layer(model.config.family);
                 covers_vocabulary(&model, &ctx.resolve(from), tokenizer_json)?;
                 if !report.newly_initialized.is_empty() {
                     ctx.reporter.message(&format!(
@@ -363,17 +379,48 @@ impl TrainJob {
                         report.newly_initialized.join(", ")
                     ));
                 }
-                model
+                (model, new_head)
             }
             ModelSource::Scratch { scratch } => {
                 let (vocab, pad) = tokenizer_facts(tokenizer_json)?;
                 let config = scratch.to_config(vocab, pad, labels.to_vec())?;
                 fits_in_memory(&config)?;
-                finetune_model::scratch(&config, seed, &train_device)
+                (finetune_model::scratch(&config, seed, &train_device), true)
             }
         };
         model.config.problem_type = task.problem_type;
+        if self.params.head_bias == HeadBias::Priors {
+            self.start_at_priors(ctx, &mut model, task, train, new_head)?;
+        }
         Ok(model)
+    }
+
+    /// `head_bias: priors` on a new output layer; a checkpoint's own is left as trained.
+    fn start_at_priors(
+        &self,
+        ctx: &RunContext,
+        model: &mut Classifier,
+        task: &Task,
+        train: &[Example],
+        new_head: bool,
+    ) -> Result<()> {
+        if !new_head {
+            ctx.reporter.message(
+                "head_bias: priors leaves the checkpoint's own output layer as it was trained",
+            );
+            return Ok(());
+        }
+        let priors = finetune_trainer::output_priors(task.problem_type, train, task.names.len());
+        if !model.set_output_bias(&priors) {
+            return Err(anyhow!(
+                "`head_bias: priors`: this model's output layer has no bias of {} values to set",
+                priors.len()
+            ));
+        }
+        ctx.reporter.message(
+            "the output bias starts at the training labels' base rates (head_bias: priors)",
+        );
+        Ok(())
     }
 
     /// Mixes the configured layers of `model` towards `initial`'s weights.

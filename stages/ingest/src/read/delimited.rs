@@ -36,7 +36,7 @@ pub fn read(path: &Path, format: Format, cleaner: &mut Cleaner) -> Result<()> {
             .cloned()
             .unwrap_or_else(csv::Position::new);
         let line = position.line();
-        let (text_col, pair_col, label_col) = match columns {
+        let (text_col, pair_col, label_cols) = match &columns {
             Some(columns) => columns,
             None => {
                 let header = params.has_header(format).then(|| decode_header(&record));
@@ -50,11 +50,17 @@ pub fn read(path: &Path, format: Format, cleaner: &mut Cleaner) -> Result<()> {
                         Some(column) => Some(resolve(column, "text pair")?),
                         None => None,
                     },
-                    resolve(&params.label, "label")?,
+                    params
+                        .label
+                        .columns()
+                        .iter()
+                        .map(|column| resolve(column, "label"))
+                        .collect::<Result<Vec<_>>>()?,
                 );
-                columns = Some(resolved);
                 fields_expected = Some(record.len());
-                if header.is_some() {
+                let header_row = header.is_some();
+                let resolved = columns.insert(resolved);
+                if header_row {
                     continue;
                 }
                 resolved
@@ -77,12 +83,21 @@ pub fn read(path: &Path, format: Format, cleaner: &mut Cleaner) -> Result<()> {
         let field =
             |index, role| decode_field(&record, index, params.encoding, shown, &position, role);
         let fields = Fields {
-            text: field(text_col, "text")?,
+            text: field(*text_col, "text")?,
             text_pair: match pair_col {
-                Some(column) => Some(field(column, "text pair")?),
+                Some(column) => Some(field(*column, "text pair")?),
                 None => None,
             },
-            label: LabelField::One(field(label_col, "label")?),
+            label: {
+                let mut values = label_cols
+                    .iter()
+                    .map(|&column| field(column, "label"))
+                    .collect::<Result<Vec<_>>>()?;
+                match params.label.is_several() {
+                    true => LabelField::List(values),
+                    false => LabelField::One(values.remove(0)),
+                }
+            },
         };
         cleaner.take(Place::Line(line), fields)?;
     }

@@ -22,7 +22,8 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
     let keys = Keys {
         text: key(&cleaner.params.text),
         text_pair: cleaner.params.text_pair.as_ref().map(key),
-        label: key(&cleaner.params.label),
+        label: cleaner.params.label.columns().iter().map(key).collect(),
+        several_labels: cleaner.params.label.is_several(),
     };
     let mut bytes = Vec::new();
     let (mut line, mut offset) = (0u64, 0u64);
@@ -84,7 +85,9 @@ fn decode_line(
 struct Keys<'a> {
     text: &'a str,
     text_pair: Option<&'a str>,
-    label: &'a str,
+    label: Vec<&'a str>,
+    /// Whether the label is read from several keys, as one list.
+    several_labels: bool,
 }
 
 /// The fields of one line; the inner error is a malformed row (`on_bad_row` decides), the
@@ -122,11 +125,19 @@ fn fields(line: &str, keys: &Keys, at: &str) -> Result<std::result::Result<Field
         Ok(pair) => pair,
         Err(message) => return Ok(Err(message)),
     };
-    let label = match get(keys.label) {
-        Ok(label) => label,
-        Err(message) => return Ok(Err(message)),
+    let label_of = |key: &str| label_field(get(key)?, key, at);
+    let label = match keys.several_labels {
+        false => label_of(keys.label[0]),
+        true => keys
+            .label
+            .iter()
+            .map(|key| label_of(key))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map(|fields| {
+                LabelField::List(fields.into_iter().flat_map(LabelField::into_list).collect())
+            }),
     };
-    let label = match label_field(label, keys.label, at) {
+    let label = match label {
         Ok(label) => label,
         Err(message) => return Ok(Err(message)),
     };

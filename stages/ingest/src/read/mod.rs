@@ -45,6 +45,14 @@ pub enum LabelField {
 }
 
 impl LabelField {
+    /// The values, as a list however the file held them.
+    pub fn into_list(self) -> Vec<String> {
+        match self {
+            LabelField::One(label) => vec![label],
+            LabelField::List(labels) => labels,
+        }
+    }
+
     fn trimmed(self) -> LabelField {
         match self {
             LabelField::One(label) => LabelField::One(label.trim().to_string()),
@@ -332,13 +340,16 @@ impl Cleaner<'_> {
                 "{at}: the label is a list of labels; for several labels per text set `problem_type: multi_label_classification`"
             ),
             (ProblemType::MultiLabelClassification, label) => {
-                let names = match (label, &self.params.label_delimiter) {
-                    (LabelField::One(label), Some(delimiter)) => label
-                        .split(delimiter.as_str())
+                // A delimiter splits every value, so that several label columns may each
+                // hold several labels too.
+                let names = match &self.params.label_delimiter {
+                    Some(delimiter) => label
+                        .into_list()
+                        .iter()
+                        .flat_map(|value| value.split(delimiter.as_str()))
                         .map(str::to_string)
                         .collect(),
-                    (LabelField::One(label), None) => vec![label],
-                    (LabelField::List(labels), _) => labels,
+                    None => label.into_list(),
                 };
                 let mut names: Vec<String> = names
                     .into_iter()
@@ -353,7 +364,10 @@ impl Cleaner<'_> {
                 let texts = match label {
                     LabelField::One(label) if label.is_empty() => return Ok(Ok(None)),
                     LabelField::One(label) => vec![label],
-                    LabelField::List(labels) if labels.is_empty() => return Ok(Ok(None)),
+                    // No targets, or (several label columns) every one empty.
+                    LabelField::List(labels) if labels.iter().all(|l| l.trim().is_empty()) => {
+                        return Ok(Ok(None));
+                    }
                     LabelField::List(labels) => labels,
                 };
                 self.values(&at, &texts)

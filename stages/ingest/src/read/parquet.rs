@@ -36,10 +36,13 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
             role,
         )
     };
-    let (text_col, label_col) = (
-        resolve(&params.text, "text")?,
-        resolve(&params.label, "label")?,
-    );
+    let text_col = resolve(&params.text, "text")?;
+    let label_cols = params
+        .label
+        .columns()
+        .iter()
+        .map(|column| resolve(column, "label"))
+        .collect::<Result<Vec<_>>>()?;
     let pair_col = match &params.text_pair {
         Some(column) => Some(resolve(column, "text pair")?),
         None => None,
@@ -54,17 +57,22 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
             schema.field(column).data_type(),
         )?;
     }
-    let label_type = schema.field(label_col).data_type();
-    check_label_type(shown, &names[label_col], label_type, params.problem_type())?;
-    let label_as = match label_type {
-        DataType::List(_) | DataType::LargeList(_) => {
-            DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true)))
-        }
-        _ => DataType::Utf8,
-    };
+    let mut label_as = Vec::with_capacity(label_cols.len());
+    for &column in &label_cols {
+        let label_type = schema.field(column).data_type();
+        check_label_type(shown, &names[column], label_type, params.problem_type())?;
+        label_as.push(match label_type {
+            DataType::List(_) | DataType::LargeList(_) => {
+                DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true)))
+            }
+            _ => DataType::Utf8,
+        });
+    }
     let total_rows = u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
-    let projected = [Some(text_col), pair_col, Some(label_col)];
-    let mask = ProjectionMask::roots(builder.parquet_schema(), projected.into_iter().flatten());
+    let projected = std::iter::once(text_col)
+        .chain(pair_col)
+        .chain(label_cols.iter().copied());
+    let mask = ProjectionMask::roots(builder.parquet_schema(), projected);
     let reader = builder
         .with_projection(mask)
         .build()
@@ -89,7 +97,11 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
         let strings = |name: &str| cast_column(&batch, name, &DataType::Utf8);
         let texts = strings(&names[text_col])?;
         let pairs = pair_col.map(|c| strings(&names[c])).transpose()?;
-        let labels = cast_column(&batch, &names[label_col], &label_as)?;
+        let labels = label_cols
+            .iter()
+            .zip(&label_as)
+            .map(|(&column, to)| cast_column(&batch, &names[column], to))
+            .collect::<Result<Vec<_>>>()?;
         let texts = texts.as_string::<i32>();
         let pairs = pairs.as_ref().map(|p| p.as_string::<i32>());
         for i in 0..batch.num_rows() {
@@ -104,7 +116,15 @@ pub fn read(path: &Path, cleaner: &mut Cleaner) -> Result<()> {
             let fields = Fields {
                 text: value(texts),
                 text_pair: pairs.map(value),
-                label: label_field(&labels, i),
+                label: match params.label.is_several() {
+                    false => label_field(&labels[0], i),
+                    true => LabelField::List(
+                        labels
+                            .iter()
+                            .flat_map(|column| label_field(column, i).into_list())
+                            .collect(),
+                    ),
+                },
             };
             cleaner.take(Place::Row(row), fields)?;
         }
