@@ -7,8 +7,9 @@ reference that pipelines/clothing-rating.yaml's numbers are compared with.
 
 It trains `AutoModelForSequenceClassification` (`problem_type` and labels from the tokenize
 output's labels.json: cross-entropy, BCE with logits or MSE, as Trainer does) on the token ids
-of the tokenize stage's train.parquet, with that pipeline's settings (2 epochs and lr 5e-5 unless
---epochs and --lr say otherwise, batch 32, weight decay 0.01, 10% warmup, linear schedule, rows grouped by length, seed 42, 2
+(and a sentence pair's token type ids) of the tokenize stage's train.parquet, with that
+pipeline's settings (2 epochs and lr 5e-5 unless --epochs and --lr say otherwise, batch 32,
+weight decay 0.01, 10% warmup, linear schedule, rows grouped by length, seed 42, 2
 threads), and prints one JSON line of test metrics: accuracy and macro F1 (single-label),
 micro F1 at 0.5 (multi-label), or RMSE, MAE, R² and Spearman (regression), and wall seconds.
 Needs torch, transformers, accelerate, pyarrow and scipy.
@@ -46,7 +47,10 @@ def rows(split):
     out = []
     for i, ids in enumerate(table["input_ids"]):
         label = table["label"][i]
-        out.append({"input_ids": ids, "labels": label if problem == "single_label_classification" else list(label)})
+        row = {"input_ids": ids, "labels": label if problem == "single_label_classification" else list(label)}
+        if "token_type_ids" in table:  # a sentence pair's segments
+            row["token_type_ids"] = table["token_type_ids"][i]
+        out.append(row)
     return out
 
 
@@ -54,12 +58,15 @@ def collate(batch):
     width = max(len(b["input_ids"]) for b in batch)
     ids = torch.zeros((len(batch), width), dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    types = torch.zeros((len(batch), width), dtype=torch.long)
     for i, b in enumerate(batch):
         ids[i, : len(b["input_ids"])] = torch.tensor(b["input_ids"])
         mask[i, : len(b["input_ids"])] = 1
+        if "token_type_ids" in b:
+            types[i, : len(b["token_type_ids"])] = torch.tensor(b["token_type_ids"])
     dtype = torch.long if problem == "single_label_classification" else torch.float32
     labels = torch.tensor([b["labels"] for b in batch], dtype=dtype)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
 
 
 train, test = rows("train"), rows("test")
@@ -89,8 +96,17 @@ training = TrainingArguments(
 )
 trainer = Trainer(model=model, args=training, train_dataset=train, data_collator=collate)
 trainer.train()
-output = trainer.predict(test)
-logits = torch.tensor(output.predictions)
+# Not trainer.predict: in transformers 5 its eval sampler groups rows by length too
+# (train_sampling_strategy applies to evaluation), so its outputs come back in another order
+# than the rows'. Predict in row order instead.
+model.eval()
+with torch.no_grad():
+    logits = torch.cat(
+        [
+            model(**{k: v for k, v in collate(test[i : i + 64]).items() if k != "labels"}).logits
+            for i in range(0, len(test), 64)
+        ]
+    )
 truth = torch.tensor([r["labels"] for r in test])
 result = {"problem_type": problem, "test_rows": len(test), "seconds": round(time.time() - start, 1)}
 if problem == "single_label_classification":
