@@ -186,9 +186,7 @@ struct Averages {
 impl Averages {
     fn of(classes: &[ClassScores]) -> Averages {
         let support = classes.iter().map(|c| c.support).sum::<u64>() as f64;
-        let plain = |f: fn(&ClassScores) -> f64| {
-            classes.iter().map(f).sum::<f64>() / classes.len().max(1) as f64
-        };
+        let plain = |f: fn(&ClassScores) -> f64| mean_of(classes, f);
         let weighted = |f: fn(&ClassScores) -> f64| {
             ratio(
                 classes.iter().map(|c| f(c) * c.support as f64).sum(),
@@ -204,6 +202,11 @@ impl Averages {
             f1_weighted: weighted(|c| c.f1),
         }
     }
+}
+
+/// The mean of `f` over `items` (0 for none): the macro average of a class or target score.
+fn mean_of<T>(items: &[T], f: fn(&T) -> f64) -> f64 {
+    items.iter().map(f).sum::<f64>() / items.len().max(1) as f64
 }
 
 /// Precision, recall and F1 of a class from its true positives, predictions and support.
@@ -260,9 +263,7 @@ impl RegressionMetrics {
             .enumerate()
             .map(|(t, name)| target_scores(name, &column(truth, t), &column(predicted, t)))
             .collect();
-        let mean = |f: fn(&TargetScores) -> f64| {
-            per_target.iter().map(f).sum::<f64>() / per_target.len().max(1) as f64
-        };
+        let mean = |f: fn(&TargetScores) -> f64| mean_of(&per_target, f);
         RegressionMetrics {
             mse: mean(|t| t.mse),
             rmse: mean(|t| t.rmse),
