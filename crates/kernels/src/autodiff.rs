@@ -1,6 +1,7 @@
 //! The fused operations under burn's autodiff: each is one graph node whose backward calls the
 //! backend's [`Kernels`]. States hold the backend tensors the backward needs (the layer's
-//! input and weight, GELU's slope, the attention's probabilities, the norm's normalized rows),
+//! input and weight, GELU's slope, the attention's probabilities, the norm's normalized rows,
+//! GeGLU's input with GELU's value and slope, the rotary tables),
 //! not checkpoints: these operations are the ones worth keeping.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -86,12 +87,75 @@ impl<B: Kernels> Backward<B, 3> for AttentionBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let ([q, k, v, probs], heads, divisor, dropout) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let computed = B::attention_backward(q, k, v, probs, grad, heads, divisor, dropout);
+        let (computed, _) =
+            B::attention_backward(q, k, v, probs, grad, heads, divisor, dropout, false);
         for (parent, grad) in ops.parents.into_iter().zip(computed) {
             if let Some(parent) = parent {
                 grads.register::<B>(parent.id, grad);
             }
         }
+    }
+}
+
+#[derive(Debug)]
+struct BiasedAttentionBackward;
+
+impl<B: Kernels> Backward<B, 4> for BiasedAttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ([q, k, v, probs], heads, divisor, dropout) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [q_node, k_node, v_node, bias_node] = ops.parents;
+        let (computed, grad_bias) = B::attention_backward(
+            q,
+            k,
+            v,
+            probs,
+            grad,
+            heads,
+            divisor,
+            dropout,
+            bias_node.is_some(),
+        );
+        for (parent, grad) in [q_node, k_node, v_node].into_iter().zip(computed) {
+            if let Some(parent) = parent {
+                grads.register::<B>(parent.id, grad);
+            }
+        }
+        if let (Some(parent), Some(grad)) = (bias_node, grad_bias) {
+            grads.register::<B>(parent.id, grad);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct GegluBackward;
+
+impl<B: Kernels> Backward<B, 1> for GegluBackward {
+    /// The input, and GELU's value and slope at its first half.
+    type State = [FloatTensor<B>; 3];
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [x, value, slope] = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::geglu_backward(x, value, slope, grad)
+        });
+    }
+}
+
+#[derive(Debug)]
+struct RotaryBackward;
+
+impl<B: Kernels> Backward<B, 1> for RotaryBackward {
+    /// The angles' tables and the number of heads.
+    type State = (FloatTensor<B>, FloatTensor<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin, heads) = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            B::rotary(grad, cos, sin, heads, true)
+        });
     }
 }
 
@@ -180,6 +244,7 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         mask: FloatTensor<Self>,
         heads: usize,
         divisor: f32,
+        window: Option<usize>,
         dropout: Option<Mask>,
     ) -> FloatTensor<Self> {
         assert!(
@@ -196,6 +261,8 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             k.clone(),
             v.clone(),
             mask.into_primitive(),
+            None,
+            window,
             heads,
             divisor,
             dropout,
@@ -205,6 +272,82 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 prep.finish(([q, k, v, probs], heads, divisor, dropout), context)
             }
             OpsKind::UnTracked(prep) => prep.finish(context),
+        }
+    }
+
+    fn fused_biased_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+        divisor: f32,
+        dropout: Option<Mask>,
+    ) -> FloatTensor<Self> {
+        assert!(
+            !mask.is_tracked(),
+            "the attention mask is a constant: it gets no gradient"
+        );
+        let prep = BiasedAttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node(), bias.node()])
+            .compute_bound()
+            .stateful();
+        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+        let [context, probs] = B::attention_forward(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            mask.into_primitive(),
+            Some(bias.into_primitive()),
+            None,
+            heads,
+            divisor,
+            dropout,
+        );
+        match prep {
+            OpsKind::Tracked(prep) => {
+                prep.finish(([q, k, v, probs], heads, divisor, dropout), context)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(context),
+        }
+    }
+
+    fn fused_geglu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let prep = GegluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful();
+        let x = x.into_primitive();
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let (out, kept) = B::geglu_forward(x.clone(), true);
+                let [value, slope] = kept.expect("the backward's values were asked for");
+                prep.finish([x, value, slope], out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::geglu_forward(x, false).0),
+        }
+    }
+
+    fn fused_rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        assert!(
+            !cos.is_tracked() && !sin.is_tracked(),
+            "the rotary tables are constants: they get no gradient"
+        );
+        let prep = RotaryBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful();
+        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
+        let out = B::rotary(x.into_primitive(), cos.clone(), sin.clone(), heads, false);
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((cos, sin, heads), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 

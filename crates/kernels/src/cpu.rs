@@ -52,18 +52,23 @@ pub trait Kernels: Backend {
         rows: usize,
     ) -> Self::FloatTensorPrimitive;
     /// Multi-head attention's context and its probabilities before dropout (see
-    /// [`super::attention`]).
+    /// [`super::attention`]), the scores with a `[batch, heads, rows, seq]` `bias` added
+    /// ([`super::biased_attention`]) and keys beyond `window` masked ([`super::local_attention`])
+    /// where given.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         q: Self::FloatTensorPrimitive,
         k: Self::FloatTensorPrimitive,
         v: Self::FloatTensorPrimitive,
         mask: Self::FloatTensorPrimitive,
+        bias: Option<Self::FloatTensorPrimitive>,
+        window: Option<usize>,
         heads: usize,
         divisor: f32,
         dropout: Option<Mask>,
     ) -> [Self::FloatTensorPrimitive; 2];
-    /// The gradients of the queries, keys and values from the context's.
+    /// The gradients of the queries, keys and values from the context's, and the bias's
+    /// (the scores' gradient before the divisor) when `bias_grad` asks for it.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         q: Self::FloatTensorPrimitive,
@@ -74,7 +79,36 @@ pub trait Kernels: Backend {
         heads: usize,
         divisor: f32,
         dropout: Option<Mask>,
-    ) -> [Self::FloatTensorPrimitive; 3];
+        bias_grad: bool,
+    ) -> (
+        [Self::FloatTensorPrimitive; 3],
+        Option<Self::FloatTensorPrimitive>,
+    );
+    /// GeGLU: `gelu(a) ⊙ b` for the halves `[a, b]` of `x`'s last dimension, and what the
+    /// backward needs when asked for (GELU's value and slope at `a`).
+    fn geglu_forward(
+        x: Self::FloatTensorPrimitive,
+        with_backward: bool,
+    ) -> (
+        Self::FloatTensorPrimitive,
+        Option<[Self::FloatTensorPrimitive; 2]>,
+    );
+    /// GeGLU's input gradient `[grad ⊙ b ⊙ slope, grad ⊙ gelu(a)]`.
+    fn geglu_backward(
+        x: Self::FloatTensorPrimitive,
+        value: Self::FloatTensorPrimitive,
+        slope: Self::FloatTensorPrimitive,
+        grad: Self::FloatTensorPrimitive,
+    ) -> Self::FloatTensorPrimitive;
+    /// Rotary position embedding of `x: [batch, len, heads × head_dim]` by the angles whose
+    /// `cos` and `sin` are `[len, head_dim]`; `inverse` rotates back (the backward).
+    fn rotary(
+        x: Self::FloatTensorPrimitive,
+        cos: Self::FloatTensorPrimitive,
+        sin: Self::FloatTensorPrimitive,
+        heads: usize,
+        inverse: bool,
+    ) -> Self::FloatTensorPrimitive;
     /// `LayerNorm(x + residual)`, and what its backward needs: the normalized rows (before
     /// `gamma` and `beta`) and each row's standard deviation `√(var + ε)`.
     fn add_norm_forward(
@@ -128,10 +162,35 @@ impl FusedOps for Flex {
         mask: FlexTensor,
         heads: usize,
         divisor: f32,
+        window: Option<usize>,
         dropout: Option<Mask>,
     ) -> FlexTensor {
-        let [context, _] = Self::attention_forward(q, k, v, mask, heads, divisor, dropout);
+        let [context, _] =
+            Self::attention_forward(q, k, v, mask, None, window, heads, divisor, dropout);
         context
+    }
+
+    fn fused_biased_attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        mask: FlexTensor,
+        bias: FlexTensor,
+        heads: usize,
+        divisor: f32,
+        dropout: Option<Mask>,
+    ) -> FlexTensor {
+        let [context, _] =
+            Self::attention_forward(q, k, v, mask, Some(bias), None, heads, divisor, dropout);
+        context
+    }
+
+    fn fused_geglu(x: FlexTensor) -> FlexTensor {
+        Self::geglu_forward(x, false).0
+    }
+
+    fn fused_rotary(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, heads: usize) -> FlexTensor {
+        Self::rotary(x, cos, sin, heads, false)
     }
 }
 
@@ -317,6 +376,8 @@ impl Kernels for Flex {
         k: FlexTensor,
         v: FlexTensor,
         mask: FlexTensor,
+        bias: Option<FlexTensor>,
+        window: Option<usize>,
         heads: usize,
         divisor: f32,
         dropout: Option<Mask>,
@@ -327,6 +388,7 @@ impl Kernels for Flex {
             contiguous(v),
             contiguous(mask),
         );
+        let bias = bias.map(contiguous);
         let shape = AttentionShape::of(&q, &k, heads);
         let AttentionShape {
             rows, seq, hidden, ..
@@ -341,6 +403,14 @@ impl Kernels for Flex {
             shape.batch * seq,
             "attention: mask shape"
         );
+        let span = heads * rows * seq;
+        if let Some(bias) = &bias {
+            assert_eq!(
+                values(bias).len(),
+                shape.batch * span,
+                "attention: bias shape"
+            );
+        }
         let mut context = Unwritten::new(q.layout().shape().clone());
         let mut probs = Unwritten::new(Shape::new([shape.batch, heads, rows, seq]));
         // One task per item: it owns the item's rows of the context and its probabilities.
@@ -351,8 +421,15 @@ impl Kernels for Flex {
             .enumerate()
             .for_each(|(item, (context, probs))| {
                 let item = shape.item(item, values(&q), values(&k), values(&v));
-                let mask = &values(&mask)[item.index * seq..(item.index + 1) * seq];
-                attend(&shape, &item, mask, divisor, dropout, context, probs);
+                let scores = Scores {
+                    mask: &values(&mask)[item.index * seq..(item.index + 1) * seq],
+                    bias: bias
+                        .as_ref()
+                        .map(|bias| &values(bias)[item.index * span..(item.index + 1) * span]),
+                    window,
+                    divisor,
+                };
+                attend(&shape, &item, scores, dropout, context, probs);
             });
         // SAFETY: one task per item covers both tensors; `attend` writes each head's
         // probabilities (a softmax of every row) and its columns of every context row (a
@@ -369,42 +446,56 @@ impl Kernels for Flex {
         heads: usize,
         divisor: f32,
         dropout: Option<Mask>,
-    ) -> [FlexTensor; 3] {
+        bias_grad: bool,
+    ) -> ([FlexTensor; 3], Option<FlexTensor>) {
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
         let (probs, grad) = (contiguous(probs), contiguous(grad));
         let shape = AttentionShape::of(&q, &k, heads);
         let AttentionShape {
             rows, seq, hidden, ..
         } = shape;
+        let span = heads * rows * seq;
         let mut grad_q = Unwritten::new(q.layout().shape().clone());
         let mut grad_k = Unwritten::new(k.layout().shape().clone());
         let mut grad_v = Unwritten::new(v.layout().shape().clone());
+        let mut grad_bias = bias_grad.then(|| Unwritten::new(probs.layout().shape().clone()));
+        // Each item's task gets its `span` of the bias's gradient, or `None`.
+        let mut no_bias = Vec::new();
+        let bias_slots = match &mut grad_bias {
+            Some(grad_bias) => grad_bias.slots(),
+            None => &mut no_bias[..],
+        };
         grad_q
             .slots()
             .par_chunks_mut(rows * hidden)
             .zip(grad_k.slots().par_chunks_mut(seq * hidden))
             .zip(grad_v.slots().par_chunks_mut(seq * hidden))
+            .zip(chunks_or_none(bias_slots, span, shape.batch))
             .enumerate()
-            .for_each(|(item, ((grad_q, grad_k), grad_v))| {
+            .for_each(|(item, (((grad_q, grad_k), grad_v), bias))| {
                 let item = shape.item(item, values(&q), values(&k), values(&v));
-                let span = heads * rows * seq;
                 let probs = &values(&probs)[item.index * span..(item.index + 1) * span];
                 let grad = &values(&grad)[item.index * rows * hidden..][..rows * hidden];
                 let grads = ItemGrads {
                     q: grad_q,
                     k: grad_k,
                     v: grad_v,
+                    bias,
                 };
                 attend_backward(&shape, &item, probs, grad, divisor, dropout, grads);
             });
-        // SAFETY: one task per item covers the three tensors; `attend_backward` writes each
-        // head's columns of every row of them with products that overwrite them.
+        // SAFETY: one task per item covers the tensors; `attend_backward` writes each head's
+        // columns of every row of the three with products that overwrite them, and each
+        // head's `rows × seq` of the bias's gradient where it is asked for.
         unsafe {
-            [
-                grad_q.into_tensor(),
-                grad_k.into_tensor(),
-                grad_v.into_tensor(),
-            ]
+            (
+                [
+                    grad_q.into_tensor(),
+                    grad_k.into_tensor(),
+                    grad_v.into_tensor(),
+                ],
+                grad_bias.map(|grad| grad.into_tensor()),
+            )
         }
     }
 
@@ -521,30 +612,288 @@ impl Kernels for Flex {
         let grad_input = unsafe { grad_input.into_tensor() };
         [grad_input, vector(grad_gamma), vector(grad_beta)]
     }
+
+    fn geglu_forward(x: FlexTensor, with_backward: bool) -> (FlexTensor, Option<[FlexTensor; 2]>) {
+        let x = contiguous(x);
+        let mut dims = x.layout().shape().to_vec();
+        let width = dims.last().copied().unwrap_or(0) / 2;
+        assert!(
+            width > 0,
+            "geglu: the last dimension {dims:?} has no two halves"
+        );
+        *dims.last_mut().expect("a last dimension") = width;
+        let shape = Shape::from(dims);
+        let input = values(&x);
+        let rows = input.len() / (2 * width);
+        let task_rows = task_len(rows * width, width) / width;
+        let mut out = Unwritten::new(shape.clone());
+        let mut value = Unwritten::new(if with_backward {
+            shape.clone()
+        } else {
+            Shape::new([0])
+        });
+        let mut slope = Unwritten::new(if with_backward {
+            shape
+        } else {
+            Shape::new([0])
+        });
+        // Without a backward the value and slope stay in each task's own buffers.
+        let (values_out, slopes_out) = (value.slots(), slope.slots());
+        out.slots()
+            .par_chunks_mut(task_rows * width)
+            .zip(input.par_chunks(task_rows * 2 * width))
+            .zip(chunks_or_none(values_out, task_rows * width, rows))
+            .zip(chunks_or_none(slopes_out, task_rows * width, rows))
+            .for_each(|(((out, input), kept_value), kept_slope)| {
+                let len = out.len();
+                let (mut own_value, mut own_slope) = (Vec::new(), Vec::new());
+                let value = kept_value.unwrap_or_else(|| {
+                    own_value = slots(len);
+                    &mut own_value
+                });
+                let slope = kept_slope.unwrap_or_else(|| {
+                    own_slope = slots(len);
+                    &mut own_slope
+                });
+                geglu_rows(input, width, GegluSlots { out, value, slope });
+            });
+        // SAFETY: the chunks cover `out` (and the value and slope where kept), and
+        // `geglu_rows` writes every value of each.
+        unsafe {
+            let out = out.into_tensor();
+            match with_backward {
+                true => (out, Some([value.into_tensor(), slope.into_tensor()])),
+                false => (out, None),
+            }
+        }
+    }
+
+    fn geglu_backward(
+        x: FlexTensor,
+        value: FlexTensor,
+        slope: FlexTensor,
+        grad: FlexTensor,
+    ) -> FlexTensor {
+        let (x, value, slope, grad) = (
+            contiguous(x),
+            contiguous(value),
+            contiguous(slope),
+            contiguous(grad),
+        );
+        let width = *value.layout().shape().last().expect("a last dimension");
+        let rows = values(&value).len() / width.max(1);
+        assert!(
+            values(&x).len() == 2 * rows * width && values(&grad).len() == rows * width,
+            "geglu backward: shapes"
+        );
+        let task_rows = task_len(rows * width, width) / width.max(1);
+        let mut grad_x = Unwritten::new(x.layout().shape().clone());
+        grad_x
+            .slots()
+            .par_chunks_mut(task_rows * 2 * width)
+            .zip(values(&x).par_chunks(task_rows * 2 * width))
+            .zip(values(&value).par_chunks(task_rows * width))
+            .zip(values(&slope).par_chunks(task_rows * width))
+            .zip(values(&grad).par_chunks(task_rows * width))
+            .for_each(|((((out, x), value), slope), grad)| {
+                for ((((out, x), value), slope), grad) in out
+                    .chunks_exact_mut(2 * width)
+                    .zip(x.chunks_exact(2 * width))
+                    .zip(value.chunks_exact(width))
+                    .zip(slope.chunks_exact(width))
+                    .zip(grad.chunks_exact(width))
+                {
+                    let (out_a, out_b) = out.split_at_mut(width);
+                    let gate = &x[width..];
+                    for (((out, &g), &b), &s) in out_a.iter_mut().zip(grad).zip(gate).zip(slope) {
+                        out.write(g * b * s);
+                    }
+                    for ((out, &g), &v) in out_b.iter_mut().zip(grad).zip(value) {
+                        out.write(g * v);
+                    }
+                }
+            });
+        // SAFETY: the chunks cover the gradient, and both halves of every row are written.
+        unsafe { grad_x.into_tensor() }
+    }
+
+    fn rotary(
+        x: FlexTensor,
+        cos: FlexTensor,
+        sin: FlexTensor,
+        heads: usize,
+        inverse: bool,
+    ) -> FlexTensor {
+        let (x, cos, sin) = (contiguous(x), contiguous(cos), contiguous(sin));
+        let dims = x.layout().shape().to_vec();
+        let [_, len, hidden] = dims[..] else {
+            panic!("rotary: x is {dims:?}, not [batch, len, hidden]")
+        };
+        assert!(
+            heads > 0 && hidden % heads == 0 && (hidden / heads).is_multiple_of(2),
+            "rotary: {hidden} is not {heads} heads of an even width"
+        );
+        let head_dim = hidden / heads;
+        assert!(
+            values(&cos).len() == len * head_dim && values(&sin).len() == len * head_dim,
+            "rotary: the tables are not [{len}, {head_dim}]"
+        );
+        let (cos, sin) = (values(&cos), values(&sin));
+        let mut out = Unwritten::new(x.layout().shape().clone());
+        out.slots()
+            .par_chunks_mut(hidden)
+            .zip(values(&x).par_chunks(hidden))
+            .enumerate()
+            .for_each(|(token, (out, x))| {
+                let position = token % len;
+                let angles = position * head_dim..(position + 1) * head_dim;
+                let (cos, sin) = (&cos[angles.clone()], &sin[angles]);
+                for (out, x) in out.chunks_exact_mut(head_dim).zip(x.chunks_exact(head_dim)) {
+                    rotate_head(out, x, cos, sin, inverse);
+                }
+            });
+        // SAFETY: one task per token covers the tensor, and `rotate_head` writes every value
+        // of each head.
+        unsafe { out.into_tensor() }
+    }
 }
 
-/// One row of `softmax(scores / divisor + mask)`, as burn computes it: shift by the maximum,
-/// exponentiate (in vector instructions, bit for bit `f32::exp`), divide by the sum.
-fn softmax_row(out: &mut [MaybeUninit<f32>], scores: &[f32], mask: &[f32], divisor: f32) {
-    assert!(
-        out.len() == scores.len() && out.len() == mask.len(),
-        "softmax: a row of {} scores against {} outputs and {} mask values",
-        scores.len(),
-        out.len(),
-        mask.len()
-    );
-    let mut max = f32::NEG_INFINITY;
-    for ((out, &s), &m) in out.iter_mut().zip(scores).zip(mask) {
-        let shifted = out.write(s / divisor + m);
-        max = max.max(*shifted);
+/// One task's rows of GeGLU and where its results go: `out`, GELU's `value` and `slope` at
+/// the first halves, each `[rows, width]`.
+struct GegluSlots<'a> {
+    out: &'a mut [MaybeUninit<f32>],
+    value: &'a mut [MaybeUninit<f32>],
+    slope: &'a mut [MaybeUninit<f32>],
+}
+
+/// GeGLU of `input`'s `[rows, 2 × width]`: per row, `gelu(a) ⊙ b` for its halves `a` and `b`,
+/// with GELU bit for bit burn's (as [`super::gelu`]'s kernel).
+fn geglu_rows(input: &[f32], width: usize, slots: GegluSlots) {
+    for (((input, out), value), slope) in input
+        .chunks_exact(2 * width)
+        .zip(slots.out.chunks_exact_mut(width))
+        .zip(slots.value.chunks_exact_mut(width))
+        .zip(slots.slope.chunks_exact_mut(width))
+    {
+        let (a, b) = input.split_at(width);
+        let erf = erf::erf_scaled(a, value);
+        for (slope, &x) in slope.iter_mut().zip(a) {
+            slope.write(-0.5 * x * x);
+        }
+        // SAFETY: the loop wrote every slope of the row (as long as `a`).
+        let slope = unsafe { written(slope) };
+        expf::exp_in_place(slope);
+        for ((((out, value), slope), &x), &b) in out.iter_mut().zip(erf).zip(slope).zip(a).zip(b) {
+            let erf = *value;
+            *value = gelu_value(x, erf);
+            *slope = gelu_slope(x, erf, *slope);
+            out.write(*value * b);
+        }
     }
-    // SAFETY: the loop wrote every value of the row (the three lengths are equal).
-    let out = unsafe { written(out) };
-    out.iter_mut().for_each(|out| *out -= max);
-    expf::exp_in_place(out);
-    let sum: f32 = out.iter().sum();
-    for out in out.iter_mut() {
-        *out /= sum;
+}
+
+/// `len`'s chunks of `slots`, each `Some`, or (where `slots` is empty) `count` `None`s.
+fn chunks_or_none(
+    slots: &mut [MaybeUninit<f32>],
+    len: usize,
+    count: usize,
+) -> impl IndexedParallelIterator<Item = Option<&mut [MaybeUninit<f32>]>> {
+    let none = if slots.is_empty() { count } else { 0 };
+    slots
+        .par_chunks_mut(len.max(1))
+        .map(Some)
+        .chain((0..none).into_par_iter().map(|_| None))
+}
+
+/// One head of rotary position embedding: with `(x₁, x₂)` the head's halves,
+/// `x ⊙ cos + (−x₂, x₁) ⊙ sin` as transformers computes it (`rotate_half`), or with
+/// `inverse` the transpose of that rotation, `(x₁ ⊙ cos₁ + x₂ ⊙ sin₂, x₂ ⊙ cos₂ − x₁ ⊙ sin₁)`,
+/// which is the backward.
+fn rotate_head(out: &mut [MaybeUninit<f32>], x: &[f32], cos: &[f32], sin: &[f32], inverse: bool) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at(half);
+    let (out1, out2) = out.split_at_mut(half);
+    let (cos1, cos2) = cos.split_at(half);
+    let (sin1, sin2) = sin.split_at(half);
+    for j in 0..half {
+        let (a, b) = (x1[j], x2[j]);
+        match inverse {
+            false => {
+                out1[j].write(a * cos1[j] + -b * sin1[j]);
+                out2[j].write(b * cos2[j] + a * sin2[j]);
+            }
+            true => {
+                out1[j].write(a * cos1[j] + b * sin2[j]);
+                out2[j].write(b * cos2[j] - a * sin1[j]);
+            }
+        }
+    }
+}
+
+/// What an item's scores get before the softmax: `scores / divisor (+ bias) + mask`, and
+/// `-1e9` more at keys farther than `window` from the query.
+#[derive(Clone, Copy)]
+struct Scores<'a> {
+    /// Per key (`seq` values), shared by every head and query.
+    mask: &'a [f32],
+    /// The item's `[heads, rows, seq]` learned bias.
+    bias: Option<&'a [f32]>,
+    window: Option<usize>,
+    divisor: f32,
+}
+
+/// What a masked-out score gets (as the model's padding mask): exp() of it is exactly 0.
+const MASKED: f32 = -1e9;
+
+impl Scores<'_> {
+    /// One row of `softmax(scores / divisor + bias + mask)` for `query`, as burn computes it:
+    /// shift by the maximum, exponentiate (in vector instructions, bit for bit `f32::exp`),
+    /// divide by the sum. `bias` is the row's bias, if any.
+    fn softmax_row(
+        &self,
+        out: &mut [MaybeUninit<f32>],
+        scores: &[f32],
+        bias: Option<&[f32]>,
+        query: usize,
+    ) {
+        let (mask, divisor) = (self.mask, self.divisor);
+        assert!(
+            out.len() == scores.len() && out.len() == mask.len(),
+            "softmax: a row of {} scores against {} outputs and {} mask values",
+            scores.len(),
+            out.len(),
+            mask.len()
+        );
+        match bias {
+            None => {
+                for ((out, &s), &m) in out.iter_mut().zip(scores).zip(mask) {
+                    out.write(s / divisor + m);
+                }
+            }
+            Some(bias) => {
+                assert_eq!(bias.len(), scores.len(), "softmax: bias row");
+                for (((out, &s), &b), &m) in out.iter_mut().zip(scores).zip(bias).zip(mask) {
+                    out.write(s / divisor + b + m);
+                }
+            }
+        }
+        // SAFETY: the loops wrote every value of the row (the lengths are equal).
+        let out = unsafe { written(out) };
+        if let Some(window) = self.window {
+            let near = query.saturating_sub(window)..(query + window + 1).min(out.len());
+            for (key, out) in out.iter_mut().enumerate() {
+                if !near.contains(&key) {
+                    *out += MASKED;
+                }
+            }
+        }
+        let max = out.iter().fold(f32::NEG_INFINITY, |max, &v| max.max(v));
+        out.iter_mut().for_each(|out| *out -= max);
+        expf::exp_in_place(out);
+        let sum: f32 = out.iter().sum();
+        for out in out.iter_mut() {
+            *out /= sum;
+        }
     }
 }
 
@@ -568,11 +917,13 @@ struct Item<'a> {
     v: &'a [f32],
 }
 
-/// One item's gradients, laid out as its [`Item`], to be written.
+/// One item's gradients, laid out as its [`Item`] (the bias's as its probabilities), to be
+/// written.
 struct ItemGrads<'a> {
     q: &'a mut [MaybeUninit<f32>],
     k: &'a mut [MaybeUninit<f32>],
     v: &'a mut [MaybeUninit<f32>],
+    bias: Option<&'a mut [MaybeUninit<f32>]>,
 }
 
 impl AttentionShape {
@@ -635,8 +986,7 @@ impl AttentionShape {
 fn attend(
     shape: &AttentionShape,
     item: &Item,
-    mask: &[f32],
-    divisor: f32,
+    scores_of: Scores,
     dropout: Option<Mask>,
     context: &mut [MaybeUninit<f32>],
     probs: &mut [MaybeUninit<f32>],
@@ -659,8 +1009,16 @@ fn attend(
         );
         // SAFETY: the product wrote the whole `rows × seq` of scores.
         let scores = unsafe { written(&mut scores) };
-        for (probs, scores) in probs.chunks_exact_mut(seq).zip(scores.chunks_exact(seq)) {
-            softmax_row(probs, scores, mask, divisor);
+        let bias = scores_of
+            .bias
+            .map(|bias| &bias[head * rows * seq..(head + 1) * rows * seq]);
+        for (query, (probs, scores)) in probs
+            .chunks_exact_mut(seq)
+            .zip(scores.chunks_exact(seq))
+            .enumerate()
+        {
+            let bias = bias.map(|bias| &bias[query * seq..(query + 1) * seq]);
+            scores_of.softmax_row(probs, scores, bias, query);
         }
         // SAFETY: the softmax wrote every row of the head's probabilities.
         let probs = unsafe { written(probs) };
@@ -691,7 +1049,7 @@ fn attend_backward(
     grad: &[f32],
     divisor: f32,
     dropout: Option<Mask>,
-    grads: ItemGrads,
+    mut grads: ItemGrads,
 ) {
     let (rows, seq, head_dim) = (shape.rows, shape.seq, shape.head_dim);
     // The head's mask values, computed once for both of their uses.
@@ -746,9 +1104,17 @@ fn attend_backward(
         {
             let dot: f32 = probs.iter().zip(&*grad_scores).map(|(p, g)| p * g).sum();
             for (gs, &p) in grad_scores.iter_mut().zip(probs) {
-                *gs = p * (*gs - dot) / divisor;
+                *gs = p * (*gs - dot);
             }
         }
+        // The bias enters after the divisor: its gradient is the softmax's input gradient.
+        if let Some(grad_bias) = grads.bias.as_deref_mut() {
+            write_all(
+                &mut grad_bias[head * rows * seq..(head + 1) * rows * seq],
+                grad_scores,
+            );
+        }
+        grad_scores.iter_mut().for_each(|gs| *gs /= divisor);
         let ds = Operand::row_major(grad_scores, seq);
         small_product([rows, head_dim], seq, ds, k, shape.head_dst(grads.q, head));
         small_product(

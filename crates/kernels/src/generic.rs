@@ -95,6 +95,36 @@ pub(crate) fn attention(
         .reshape([batch, rows, hidden])
 }
 
+/// `[1, 1, rows, seq]`: 0 where `|query - key| <= window`, `-1e9` elsewhere.
+pub(crate) fn band(rows: usize, seq: usize, window: usize, device: &Device) -> Tensor<4> {
+    let values: Vec<f32> = (0..rows)
+        .flat_map(|i| (0..seq).map(move |j| if i.abs_diff(j) <= window { 0.0 } else { -1e9 }))
+        .collect();
+    Tensor::from_data(TensorData::new(values, [1, 1, rows, seq]), device)
+}
+
+pub(crate) fn geglu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let width = x.dims()[D - 1] / 2;
+    gelu(x.clone().narrow(D - 1, 0, width)) * x.narrow(D - 1, width, width)
+}
+
+/// `x ⊙ cos + rotate_half(x) ⊙ sin`, the heads split out of `x`'s last dimension.
+pub(crate) fn rotary(x: Tensor<3>, cos: Tensor<2>, sin: Tensor<2>, heads: usize) -> Tensor<3> {
+    let [batch, len, hidden] = x.dims();
+    let head_dim = hidden / heads;
+    let half = head_dim / 2;
+    let x = x.reshape([batch, len, heads, head_dim]);
+    let rotated = Tensor::cat(
+        vec![
+            x.clone().narrow(3, half, half).neg(),
+            x.clone().narrow(3, 0, half),
+        ],
+        3,
+    );
+    let per_position = |t: Tensor<2>| t.reshape([1, len, 1, head_dim]);
+    (x * per_position(cos) + rotated * per_position(sin)).reshape([batch, len, hidden])
+}
+
 pub(crate) fn add_norm<const D: usize>(
     x: Tensor<D>,
     residual: Tensor<D>,

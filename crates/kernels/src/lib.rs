@@ -75,7 +75,8 @@ pub trait FusedOps: Backend {
     fn fused_dropout(x: FloatTensor<Self>, mask: Mask) -> FloatTensor<Self>;
     /// `table[ids]`: `[batch, seq, dim]` from `table: [rows, dim]` and `ids: [batch, seq]`.
     fn fused_embedding(table: FloatTensor<Self>, ids: IntTensor<Self>) -> FloatTensor<Self>;
-    /// Multi-head attention: see [`attention`].
+    /// Multi-head attention: see [`attention`] and [`local_attention`].
+    #[allow(clippy::too_many_arguments)]
     fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -83,7 +84,29 @@ pub trait FusedOps: Backend {
         mask: FloatTensor<Self>,
         heads: usize,
         divisor: f32,
+        window: Option<usize>,
         dropout: Option<Mask>,
+    ) -> FloatTensor<Self>;
+    /// Multi-head attention with a learned score bias: see [`biased_attention`].
+    #[allow(clippy::too_many_arguments)]
+    fn fused_biased_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        heads: usize,
+        divisor: f32,
+        dropout: Option<Mask>,
+    ) -> FloatTensor<Self>;
+    /// GeGLU: see [`geglu`].
+    fn fused_geglu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Rotary position embedding: see [`rotary`].
+    fn fused_rotary(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        heads: usize,
     ) -> FloatTensor<Self>;
     /// `LayerNorm(x + residual)` over the last dimension, with `gamma` and `beta: [dim]`.
     fn fused_add_norm(
@@ -166,25 +189,98 @@ pub fn attention(
         mask.into_dispatch(),
         heads,
         divisor,
+        None,
         dropout,
     ))
 }
 
-/// [`attention`] with an additive `bias` that broadcasts to `[batch, heads, rows, seq]`: unlike
-/// the fused kernel's per-key mask it may differ per query and head and carries a gradient
-/// (DeBERTa's relative position scores, ModernBERT's sliding window). burn's own operations on
-/// every device.
+/// [`attention`] where each query attends only to the keys at most `window` positions away
+/// (ModernBERT's sliding-window layers): the keys farther away get `-1e9` more, as the padding
+/// mask gives them, so that exp() of their scores is exactly 0.
 #[inline]
+#[allow(clippy::too_many_arguments)]
+pub fn local_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    mask: Tensor<4>,
+    heads: usize,
+    divisor: f32,
+    window: usize,
+    dropout: Option<Mask>,
+) -> Tensor<3> {
+    if !runs_fused(&q.device()) {
+        let [rows, seq] = [q.dims()[1], k.dims()[1]];
+        let mask = mask + generic::band(rows, seq, window, &q.device());
+        return generic::attention(q, k, v, mask, heads, divisor, dropout);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        mask.into_dispatch(),
+        heads,
+        divisor,
+        Some(window),
+        dropout,
+    ))
+}
+
+/// [`attention`] with a learned `bias: [batch, heads, rows, seq]` added to the scores after the
+/// divisor, `softmax(q·kᵀ / divisor + bias + mask)`, that gets its gradient (DeBERTa's relative
+/// position scores). `mask` is the per-key padding mask, as for [`attention`].
+#[inline]
+#[allow(clippy::too_many_arguments)]
 pub fn biased_attention(
     q: Tensor<3>,
     k: Tensor<3>,
     v: Tensor<3>,
+    mask: Tensor<4>,
     bias: Tensor<4>,
     heads: usize,
     divisor: f32,
     dropout: Option<Mask>,
 ) -> Tensor<3> {
-    generic::attention(q, k, v, bias, heads, divisor, dropout)
+    if !runs_fused(&q.device()) {
+        return generic::attention(q, k, v, bias + mask, heads, divisor, dropout);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_biased_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        mask.into_dispatch(),
+        bias.into_dispatch(),
+        heads,
+        divisor,
+        dropout,
+    ))
+}
+
+/// GeGLU over the last dimension: `gelu(a) ⊙ b` for its halves `[a, b]` (ModernBERT's
+/// feed-forward), the result half as wide; GELU with erf, as [`gelu`].
+#[inline]
+pub fn geglu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if !runs_fused(&x.device()) {
+        return generic::geglu(x);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_geglu(x.into_dispatch()))
+}
+
+/// Rotary position embedding of `x: [batch, len, heads × head_dim]` per head: `x ⊙ cos +
+/// rotate_half(x) ⊙ sin` with `cos`, `sin: [len, head_dim]` the angles' tables (constants), where
+/// `rotate_half` maps each head's halves `(a, b)` to `(−b, a)`; the gradient is the inverse
+/// rotation.
+#[inline]
+pub fn rotary(x: Tensor<3>, cos: Tensor<2>, sin: Tensor<2>, heads: usize) -> Tensor<3> {
+    if !runs_fused(&x.device()) {
+        return generic::rotary(x, cos, sin, heads);
+    }
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_rotary(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+        heads,
+    ))
 }
 
 /// `LayerNorm(x + residual)` over the last dimension: the residual connection and the norm
@@ -579,5 +675,162 @@ mod tests {
             )
         });
         assert_close(plain, plain_ref, "eval output");
+    }
+
+    /// The same floats (bit for bit, but for the sign of a zero: burn's gradient of a slice
+    /// adds it into zeros, which makes `-0` into `0`), or the first element that differs.
+    fn assert_same_bits(ours: &[u32], theirs: &[u32], what: &str) {
+        assert_eq!(ours.len(), theirs.len(), "{what}: length");
+        let value = |bits: u32| f32::from_bits(bits);
+        let same = |i: usize| ours[i] == theirs[i] || value(ours[i]) == value(theirs[i]);
+        if let Some(i) = (0..ours.len()).find(|&i| !same(i)) {
+            panic!(
+                "{what}: element {i} is {} against burn's {}",
+                value(ours[i]),
+                value(theirs[i])
+            );
+        }
+    }
+
+    /// The second item's last two keys are padding.
+    fn padding_mask(batch: usize, seq: usize, device: &Device) -> Tensor<4> {
+        let mut mask = vec![0f32; batch * seq];
+        mask[seq + seq - 2..2 * seq].fill(-1e9);
+        Tensor::from_data(TensorData::new(mask, [batch, 1, 1, seq]), device)
+    }
+
+    #[test]
+    fn local_attention_matches_burns_chain_with_a_band_mask() {
+        let device = Device::flex().autodiff();
+        let (batch, seq, hidden, heads) = (3, 9, 48, 4);
+        let mask = padding_mask(batch, seq, &device);
+        for (rows, window, dropout_mask) in [
+            (seq, 2, None),
+            (seq, 3, Some(Mask::new(7, 0.9))),
+            (1, 2, None),
+            (seq, 20, None),
+        ] {
+            let q = values([batch, rows, hidden], 40, 2.0, &device);
+            let k = values([batch, seq, hidden], 41, 2.0, &device);
+            let v = values([batch, seq, hidden], 42, 1.0, &device);
+            let upstream = values([batch, rows, hidden], 43, 1.0, &device);
+            let run = |generic: bool| {
+                let (q, k, v) = (
+                    q.clone().require_grad(),
+                    k.clone().require_grad(),
+                    v.clone().require_grad(),
+                );
+                let (mask, qc, kc, vc) = (mask.clone(), q.clone(), k.clone(), v.clone());
+                let context = with_generic_ops(generic, || {
+                    local_attention(qc, kc, vc, mask, heads, 3.0, window, dropout_mask)
+                });
+                let grads = (context.clone() * upstream.clone()).sum().backward();
+                let grad = |t: &Tensor<3>| t.grad(&grads).expect("a gradient");
+                (context.inner(), grad(&q), grad(&k), grad(&v))
+            };
+            let (ours, theirs) = (run(false), run(true));
+            let case = format!("{rows} queries, window {window}");
+            assert_close(ours.0, theirs.0, &format!("context ({case})"));
+            assert_close(ours.1, theirs.1, &format!("query gradient ({case})"));
+            assert_close(ours.2, theirs.2, &format!("key gradient ({case})"));
+            assert_close(ours.3, theirs.3, &format!("value gradient ({case})"));
+        }
+        // A key beyond the window leaves the context as it was, whatever its value.
+        let (q, k, v) = (
+            values([1, seq, hidden], 44, 2.0, &device).inner(),
+            values([1, seq, hidden], 45, 2.0, &device).inner(),
+            values([1, seq, hidden], 46, 1.0, &device).inner(),
+        );
+        let far = v.clone().slice_assign(
+            [0..1, 8..9, 0..hidden],
+            Tensor::ones([1, 1, hidden], &device).inner(),
+        );
+        let first_query = |v: Tensor<3>| {
+            let mask = Tensor::zeros([1, 1, 1, seq], &q.device());
+            let context = local_attention(q.clone(), k.clone(), v, mask, heads, 3.0, 2, None);
+            bits(context.narrow(1, 0, 1))
+        };
+        assert_eq!(first_query(v), first_query(far));
+    }
+
+    #[test]
+    fn biased_attention_matches_burns_chain_with_the_bias_gradient() {
+        let device = Device::flex().autodiff();
+        let (batch, seq, hidden, heads) = (2, 7, 32, 2);
+        let mask = padding_mask(batch, seq, &device);
+        for (rows, dropout_mask) in [(seq, None), (seq, Some(Mask::new(3, 0.85))), (1, None)] {
+            let q = values([batch, rows, hidden], 50, 2.0, &device);
+            let k = values([batch, seq, hidden], 51, 2.0, &device);
+            let v = values([batch, seq, hidden], 52, 1.0, &device);
+            let bias = values([batch, heads, rows, seq], 53, 1.5, &device);
+            let upstream = values([batch, rows, hidden], 54, 1.0, &device);
+            let run = |generic: bool| {
+                let (q, k, v, bias) = (
+                    q.clone().require_grad(),
+                    k.clone().require_grad(),
+                    v.clone().require_grad(),
+                    bias.clone().require_grad(),
+                );
+                let (qc, kc, vc, bc) = (q.clone(), k.clone(), v.clone(), bias.clone());
+                let context = with_generic_ops(generic, || {
+                    biased_attention(qc, kc, vc, mask.clone(), bc, heads, 5.0, dropout_mask)
+                });
+                let grads = (context.clone() * upstream.clone()).sum().backward();
+                let grad = |t: &Tensor<3>| t.grad(&grads).expect("a gradient");
+                let bias_grad = bias.grad(&grads).expect("a bias gradient");
+                (context.inner(), grad(&q), grad(&k), grad(&v), bias_grad)
+            };
+            let (ours, theirs) = (run(false), run(true));
+            let case = format!("{rows} queries, dropout {}", dropout_mask.is_some());
+            assert_close(ours.0, theirs.0, &format!("context ({case})"));
+            assert_close(ours.1, theirs.1, &format!("query gradient ({case})"));
+            assert_close(ours.2, theirs.2, &format!("key gradient ({case})"));
+            assert_close(ours.3, theirs.3, &format!("value gradient ({case})"));
+            assert_close(ours.4, theirs.4, &format!("bias gradient ({case})"));
+        }
+    }
+
+    #[test]
+    fn geglu_and_rotary_are_burns_chains_bit_for_bit() {
+        let device = Device::flex().autodiff();
+        // Rows enough for several tasks, a width that is no multiple of the lanes.
+        let x = values([4, 300, 2 * 70], 60, 5.0, &device);
+        let upstream = values([4, 300, 70], 61, 1.0, &device);
+        let run = |generic: bool| {
+            let input = x.clone().require_grad();
+            let y = with_generic_ops(generic, || geglu(input.clone()));
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            (
+                bits(y.inner()),
+                bits(input.grad(&grads).expect("a gradient")),
+            )
+        };
+        let (ours, theirs) = (run(false), run(true));
+        assert_same_bits(&ours.0, &theirs.0, "geglu");
+        assert_same_bits(&ours.1, &theirs.1, "geglu's gradient");
+        assert_eq!(
+            bits(geglu(x.clone().inner())),
+            bits(with_generic_ops(true, || geglu(x.inner()))),
+            "geglu without autodiff"
+        );
+
+        let (batch, len, heads, head_dim) = (3, 11, 4, 16);
+        let x = values([batch, len, heads * head_dim], 62, 2.0, &device);
+        let upstream = values([batch, len, heads * head_dim], 63, 1.0, &device);
+        let angles = values([len, head_dim], 64, 3.0, &device);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let run = |generic: bool| {
+            let input = x.clone().require_grad();
+            let (cos, sin) = (cos.clone(), sin.clone());
+            let y = with_generic_ops(generic, || rotary(input.clone(), cos, sin, heads));
+            let grads = (y.clone() * upstream.clone()).sum().backward();
+            (
+                bits(y.inner()),
+                bits(input.grad(&grads).expect("a gradient")),
+            )
+        };
+        let (ours, theirs) = (run(false), run(true));
+        assert_same_bits(&ours.0, &theirs.0, "rotary");
+        assert_same_bits(&ours.1, &theirs.1, "rotary's gradient");
     }
 }

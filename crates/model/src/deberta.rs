@@ -4,8 +4,8 @@
 //! scores to the content scores.
 //!
 //! The position scores are burn's own operations (matmuls, gathers), under autodiff as on
-//! every device, and enter [`finetune_kernels::biased_attention`] as its bias: the fused
-//! attention kernel takes only a per-key mask, not a learned bias.
+//! every device, and enter [`finetune_kernels::biased_attention`] (one fused operation on the
+//! CPU) as its learned bias.
 
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm};
@@ -13,7 +13,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::RelativeAttention;
 use crate::model::{Dense, EncoderLayer};
-use finetune_kernels::{Mask, biased_attention};
+use finetune_kernels::{Mask, attention, biased_attention};
 
 /// `encoder.rel_embeddings` (`2 × span` rows) and the LayerNorm over them.
 #[derive(Module, Debug)]
@@ -128,11 +128,13 @@ impl RelativePositions {
                 .swap_dims(2, 3));
         }
         let scale = ((head_dim * self.attention.terms()) as f32).sqrt();
-        let bias = match position_scores {
-            Some(scores) => scores.div_scalar(scale) + mask_bias,
-            None => mask_bias,
-        };
-        biased_attention(q, k, v, bias, heads, scale, dropout_mask)
+        match position_scores {
+            Some(scores) => {
+                let bias = scores.div_scalar(scale);
+                biased_attention(q, k, v, mask_bias, bias, heads, scale, dropout_mask)
+            }
+            None => attention(q, k, v, mask_bias, heads, scale, dropout_mask),
+        }
     }
 }
 

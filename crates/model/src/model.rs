@@ -10,7 +10,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{Activation, Family, ModelConfig};
 use crate::deberta::{RelativeEmbeddings, RelativePositions};
-use crate::modernbert::{ModernLayer, mean_over_mask};
+use crate::modernbert::{ModernLayer, RotaryTables, mean_over_mask};
 use finetune_kernels::{Dropout, add_norm, attention, dense, embedding, gelu};
 use finetune_regularizers::Mixout;
 
@@ -252,15 +252,20 @@ impl Classifier {
         }
     }
 
+    fn position_tables(&self, seq: usize, device: &Device) -> PositionTables {
+        let head_dim = self.config.hidden_size / self.config.num_heads;
+        let thetas = self.layers.iter().filter_map(|layer| layer.modern);
+        PositionTables {
+            relative: self.relative.as_ref().map(|r| r.for_length(seq, device)),
+            rotary: RotaryTables::new(thetas.map(|m| m.rope_theta), seq, head_dim, device),
+        }
+    }
+
     fn encode(&self, words: Tensor<3>, batch: &Batch, positions: Positions) -> Tensor<3> {
         let [batch_size, seq_len] = batch.input_ids.dims();
         let epsilon = self.config.layer_norm_eps;
         let mut x = self.embeddings.forward(words, batch, epsilon);
-        let relative = self
-            .relative
-            .as_ref()
-            .map(|r| r.for_length(seq_len, &x.device()));
-        let relative = relative.as_ref();
+        let tables = self.position_tables(seq_len, &x.device());
         // 0 where attended, a large negative number at padding: exp() of it is exactly 0.
         let mask_bias = (batch.attention_mask.clone().float() - 1.0)
             .mul_scalar(1e9)
@@ -273,9 +278,9 @@ impl Classifier {
                     x,
                     mask_bias.clone(),
                     epsilon,
-                    relative,
+                    &tables,
                 ),
-                _ => layer.forward(x, mask_bias.clone(), epsilon, relative),
+                _ => layer.forward(x, mask_bias.clone(), epsilon, &tables),
             };
         }
         match &self.final_norm {
@@ -283,6 +288,13 @@ impl Classifier {
             None => x,
         }
     }
+}
+
+/// What the layers read of the token positions, made once per batch width rather than per
+/// layer: DeBERTa's relative table and distances, ModernBERT's rotary tables.
+pub(crate) struct PositionTables {
+    relative: Option<RelativePositions>,
+    rotary: RotaryTables,
 }
 
 /// Which positions the encoder computes the last layer for.
@@ -340,9 +352,9 @@ impl EncoderLayer {
         x: Tensor<3>,
         mask_bias: Tensor<4>,
         epsilon: f64,
-        relative: Option<&RelativePositions>,
+        tables: &PositionTables,
     ) -> Tensor<3> {
-        self.forward_queries(x.clone(), x, mask_bias, epsilon, relative)
+        self.forward_queries(x.clone(), x, mask_bias, epsilon, tables)
     }
 
     /// The layer's output at the positions of `queries` (the first rows of `x`), attending
@@ -353,10 +365,11 @@ impl EncoderLayer {
         x: Tensor<3>,
         mask_bias: Tensor<4>,
         epsilon: f64,
-        relative: Option<&RelativePositions>,
+        tables: &PositionTables,
     ) -> Tensor<3> {
         if let Some(settings) = self.modern {
-            return self.forward_pre_norm(settings, queries.dims()[1], x, mask_bias);
+            let rows = queries.dims()[1];
+            return self.forward_pre_norm(settings, rows, x, mask_bias, &tables.rotary);
         }
         let heads = self.num_heads;
         let head_dim = x.dims()[2] / heads;
@@ -365,7 +378,7 @@ impl EncoderLayer {
         let v = self.value.forward(x);
         let divisor = (head_dim as f64).sqrt() as f32;
         let dropout = self.attention_dropout.mask(&q.device());
-        let context = match relative {
+        let context = match &tables.relative {
             Some(relative) => relative.attend(self, [q, k, v], mask_bias, dropout),
             None => attention(q, k, v, mask_bias, heads, divisor, dropout),
         };
