@@ -186,6 +186,26 @@ impl<B: Kernels> Backward<B, 4> for AddNormBackward {
     }
 }
 
+/// Runs an attention's `forward` on the queries, keys and values and finishes its graph node,
+/// whose backward keeps them and the probabilities with the attention's settings.
+fn attention_node<B, BO, C, const N: usize>(
+    prep: OpsKind<BO, B, AttentionState<B>, C, N>,
+    [q, k, v]: [FloatTensor<B>; 3],
+    (heads, divisor, dropout): (usize, f32, Option<Mask>),
+    forward: impl FnOnce(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> [FloatTensor<B>; 2],
+) -> FloatTensor<Autodiff<B, C>>
+where
+    B: Kernels,
+    BO: Backward<B, N, State = AttentionState<B>>,
+    C: CheckpointStrategy,
+{
+    let [context, probs] = forward(q.clone(), k.clone(), v.clone());
+    match prep {
+        OpsKind::Tracked(prep) => prep.finish(([q, k, v, probs], heads, divisor, dropout), context),
+        OpsKind::UnTracked(prep) => prep.finish(context),
+    }
+}
+
 impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn fused_dense(
         x: FloatTensor<Self>,
@@ -255,24 +275,11 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             .prepare::<C>([q.node(), k.node(), v.node()])
             .compute_bound()
             .stateful();
-        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-        let [context, probs] = B::attention_forward(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            mask.into_primitive(),
-            None,
-            window,
-            heads,
-            divisor,
-            dropout,
-        );
-        match prep {
-            OpsKind::Tracked(prep) => {
-                prep.finish(([q, k, v, probs], heads, divisor, dropout), context)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(context),
-        }
+        let qkv = [q, k, v].map(|t| t.into_primitive());
+        let mask = mask.into_primitive();
+        attention_node(prep, qkv, (heads, divisor, dropout), |q, k, v| {
+            B::attention_forward(q, k, v, mask, None, window, heads, divisor, dropout)
+        })
     }
 
     fn fused_biased_attention(
@@ -293,24 +300,11 @@ impl<B: Kernels, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             .prepare::<C>([q.node(), k.node(), v.node(), bias.node()])
             .compute_bound()
             .stateful();
-        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-        let [context, probs] = B::attention_forward(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            mask.into_primitive(),
-            Some(bias.into_primitive()),
-            None,
-            heads,
-            divisor,
-            dropout,
-        );
-        match prep {
-            OpsKind::Tracked(prep) => {
-                prep.finish(([q, k, v, probs], heads, divisor, dropout), context)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(context),
-        }
+        let qkv = [q, k, v].map(|t| t.into_primitive());
+        let (mask, bias) = (mask.into_primitive(), Some(bias.into_primitive()));
+        attention_node(prep, qkv, (heads, divisor, dropout), |q, k, v| {
+            B::attention_forward(q, k, v, mask, bias, None, heads, divisor, dropout)
+        })
     }
 
     fn fused_geglu(x: FloatTensor<Self>) -> FloatTensor<Self> {
