@@ -213,3 +213,78 @@ fn predict_on_each_tiny_checkpoint_gives_pythons_logits() {
         }
     }
 }
+
+/// The shipped pipeline of each new family (pipelines/reviews-<family>.yaml), run as a user
+/// runs it: its env var pointing at a directory shaped like the Hub's, here the family's tiny
+/// checkpoint with a tokenizer in the format the family ships (tests/fixtures/tokenizers:
+/// DeBERTa-v3's spm.model without tokenizer.json, ModernBERT's byte-level BPE, ELECTRA's
+/// WordPiece). It trains, evaluates the test split, and saves a model whose tokenizer.json
+/// encodes a review as the tokenize stage did.
+#[test]
+fn each_familys_pipeline_runs_on_a_hub_shaped_directory() {
+    for (pipeline, variable, checkpoint, tokenizer) in [
+        (
+            "reviews-electra",
+            "FINETUNE_ELECTRA_DIR",
+            "tiny-electra",
+            "electra",
+        ),
+        (
+            "reviews-deberta-v3",
+            "FINETUNE_DEBERTA_DIR",
+            "tiny-deberta-v3",
+            "deberta-v3",
+        ),
+        (
+            "reviews-modernbert",
+            "FINETUNE_MODERNBERT_DIR",
+            "tiny-modernbert",
+            "modernbert",
+        ),
+    ] {
+        let ws = Ws::new();
+        let model = ws.file("hub-model");
+        copy_dir(&ws.file("fixtures/tokenizers").join(tokenizer), &model);
+        for file in ["config.json", "model.safetensors"] {
+            let from = ws.file(&format!("fixtures/golden/{checkpoint}/{file}"));
+            std::fs::copy(from, model.join(file)).unwrap();
+        }
+        assert!(!model.join("tokenizer.json").exists() || tokenizer != "deberta-v3");
+        let out = ws
+            .command(&["run", "--json", &format!("pipelines/{pipeline}.yaml")])
+            .env(variable, &model)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{pipeline}: {}", stderr(&out));
+
+        let evaluation = read_json(&output_dir(&ws, pipeline, "evaluate").join("metrics.json"));
+        assert_eq!(evaluation["examples"], 200, "{pipeline}: {evaluation}");
+        let saved = output_dir(&ws, pipeline, "train").join("model");
+        let tokenizer = tokenizers::Tokenizer::from_file(saved.join("tokenizer.json")).unwrap();
+        let test_split = output_dir(&ws, pipeline, "tokenize").join("test.parquet");
+        let (text, ids) = (&strings(&test_split, "text")[0], &int_lists(&test_split)[0]);
+        let encoding = tokenizer.encode(text.as_str(), true).unwrap();
+        let saved_ids: Vec<i32> = encoding.get_ids().iter().map(|&i| i as i32).collect();
+        assert_eq!(
+            &saved_ids, ids,
+            "{pipeline}: the saved tokenizer differs on {text:?}"
+        );
+    }
+}
+
+/// The `input_ids` of every row of a tokenize split.
+fn int_lists(path: &std::path::Path) -> Vec<Vec<i32>> {
+    use arrow::array::{Array, Int32Array, ListArray};
+    parquet_column::<ListArray>(path, "input_ids")
+        .iter()
+        .flat_map(|lists| {
+            (0..lists.len())
+                .map(|i| {
+                    let row = lists.value(i);
+                    let ints = row.as_any().downcast_ref::<Int32Array>().unwrap();
+                    ints.values().to_vec()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}

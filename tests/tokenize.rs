@@ -341,3 +341,189 @@ fn a_trained_bpe_tokenizer_is_deterministic_too() {
         "[CLS] … [SEP] around every text"
     );
 }
+
+/// One row of tests/fixtures/tokenizers/expected.jsonl: what Python's `AutoTokenizer` gives.
+struct ExpectedRow {
+    family: String,
+    max_length: usize,
+    text: String,
+    text_pair: Option<String>,
+    ids: Vec<i32>,
+    type_ids: Vec<i32>,
+}
+
+fn tokenizer_fixtures() -> Vec<ExpectedRow> {
+    let path = repo().join("tests/fixtures/tokenizers/expected.jsonl");
+    let text = std::fs::read_to_string(&path).expect("tests/fixtures/tokenizers/expected.jsonl");
+    let ints = |v: &serde_json::Value| -> Vec<i32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap() as i32)
+            .collect()
+    };
+    text.lines()
+        .map(|line| {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            ExpectedRow {
+                family: row["family"].as_str().unwrap().to_string(),
+                max_length: row["max_length"].as_u64().unwrap() as usize,
+                text: row["text"].as_str().unwrap().to_string(),
+                text_pair: row["text_pair"].as_str().map(str::to_string),
+                ids: ints(&row["input_ids"]),
+                type_ids: ints(&row["token_type_ids"]),
+            }
+        })
+        .collect()
+}
+
+/// (text, text_pair, input_ids, token_type_ids) of a tokenized row.
+type TokenizedRow = (String, Option<String>, Vec<i32>, Vec<i32>);
+
+/// Ingest (as CSV, untrimmed, everything in train) + tokenize of `rows` with the tokenizer of
+/// `dir`; returns (text, text_pair, ids, type ids) of every tokenized row.
+fn tokenize_rows(dir: &std::path::Path, rows: &[&ExpectedRow]) -> Vec<TokenizedRow> {
+    let ws = Ws::new();
+    let pairs = rows[0].text_pair.is_some();
+    let mut csv = csv::Writer::from_writer(Vec::new());
+    csv.write_record(["text", "text_pair", "label"]).unwrap();
+    for (i, row) in rows.iter().enumerate() {
+        let pair = row.text_pair.as_deref().unwrap_or("");
+        csv.write_record([row.text.as_str(), pair, &(i % 2).to_string()])
+            .unwrap();
+    }
+    ws.write("rows.csv", csv.into_inner().unwrap());
+    let pair_column = if pairs { "text_pair: text_pair, " } else { "" };
+    ws.write(
+        "tok.yaml",
+        format!(
+            "name: tok\nstages:\n  ingest:\n    uses: ingest_csv\n    with: {{path: rows.csv, text: text, {pair_column}label: label, trim: false, split: {{validation: 0.0, test: 0.0}}}}\n  tokenize:\n    uses: tokenize\n    needs: [ingest]\n    with: {{tokenizer: {{from: \"{}\"}}, max_length: {}}}\n",
+            dir.display(),
+            rows[0].max_length
+        ),
+    );
+    ws.run_ok(&["tok.yaml"]);
+    let split = output_dir(&ws, "tok", "tokenize").join("train.parquet");
+    let int_lists = |name: &str| -> Vec<Vec<i32>> {
+        parquet_column::<ListArray>(&split, name)
+            .iter()
+            .flat_map(|lists| {
+                (0..lists.len())
+                    .map(|i| {
+                        let row = lists.value(i);
+                        row.as_any()
+                            .downcast_ref::<Int32Array>()
+                            .unwrap()
+                            .values()
+                            .to_vec()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let texts = strings(&split, "text");
+    let ids = int_lists("input_ids");
+    let (second, types) = if pairs {
+        let second = strings(&split, "text_pair").into_iter().map(Some).collect();
+        (second, int_lists("token_type_ids"))
+    } else {
+        // A single text's type ids are not stored: all zero.
+        let zeros = ids.iter().map(|row| vec![0; row.len()]).collect();
+        (vec![None; texts.len()], zeros)
+    };
+    texts
+        .into_iter()
+        .zip(second)
+        .zip(ids.into_iter().zip(types))
+        .map(|((text, pair), (ids, types))| (text, pair, ids, types))
+        .collect()
+}
+
+/// DeBERTa-v3 as the Hub ships it (SentencePiece `spm.model`, no tokenizer.json), the same
+/// after `save_pretrained` (tokenizer.json), ModernBERT's byte-level BPE and ELECTRA's WordPiece: singles, and pairs
+/// cut at 24 tokens, against `AutoTokenizer` (scripts/make-tokenizer-fixtures.py). The texts
+/// include whitespace runs, tabs and newlines, decomposed accents, full-width letters and
+/// special-token text, where these pipelines' normalizers and added tokens differ from BERT's.
+#[test]
+fn deberta_v3_modernbert_and_electra_tokenizers_equal_pythons_autotokenizer() {
+    let expected = tokenizer_fixtures();
+    for family in ["deberta-v3", "deberta-v3-json", "modernbert", "electra"] {
+        let dir = repo().join("tests/fixtures/tokenizers").join(family);
+        for pairs in [false, true] {
+            let rows: Vec<&ExpectedRow> = expected
+                .iter()
+                .filter(|r| r.family == family && r.text_pair.is_some() == pairs)
+                .collect();
+            assert!(
+                rows.len() > 100,
+                "{family}: only {} expected rows",
+                rows.len()
+            );
+            let by_text: HashMap<(&str, Option<&str>), &ExpectedRow> = rows
+                .iter()
+                .map(|r| ((r.text.as_str(), r.text_pair.as_deref()), *r))
+                .collect();
+            let tokenized = tokenize_rows(&dir, &rows);
+            assert_eq!(tokenized.len(), rows.len(), "{family}: rows lost in ingest");
+            for (text, pair, ids, types) in &tokenized {
+                let want = by_text[&(text.as_str(), pair.as_deref())];
+                assert_eq!(
+                    ids, &want.ids,
+                    "{family}: ids differ for {text:?} / {pair:?}"
+                );
+                assert_eq!(
+                    types, &want.type_ids,
+                    "{family}: type ids differ for {text:?} / {pair:?}"
+                );
+            }
+            if pairs {
+                let cut = tokenized.iter().filter(|t| t.2.len() == 24).count();
+                assert!(cut > 10, "{family}: only {cut} pairs reached max_length");
+            }
+        }
+    }
+}
+
+/// A directory with an spm.model of another tokenizer class is refused naming the class, and
+/// a corrupt spm.model is an error naming the file, with nothing cached.
+#[test]
+fn an_spm_model_is_built_only_for_deberta_and_a_corrupt_one_is_named() {
+    let ws = Ws::new();
+    let spm = std::fs::read(repo().join("tests/fixtures/tokenizers/deberta-v3/spm.model")).unwrap();
+    ws.write("t5/spm.model", &spm);
+    ws.write(
+        "t5/tokenizer_config.json",
+        r#"{"tokenizer_class": "T5Tokenizer"}"#,
+    );
+    ws.write("broken/spm.model", &spm[..spm.len() / 3]);
+    ws.write("broken/config.json", r#"{"model_type": "deberta-v2"}"#);
+    for (dir, code, message) in [
+        (
+            "t5",
+            2,
+            "its spm.model is built here only for DeBERTa-v2/v3 (tokenizer class: T5Tokenizer)",
+        ),
+        ("broken", 1, "broken/spm.model is not a SentencePiece model"),
+    ] {
+        ws.write(
+            "tok.yaml",
+            pipeline(
+                "data/raw/product_reviews.tsv",
+                &format!("{{from: {dir}}}"),
+                64,
+                "",
+            ),
+        );
+        let out = ws.run(&["run", "tok.yaml"]);
+        assert_eq!(out.status.code(), Some(code), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(message),
+            "expected {message:?} in:\n{}",
+            stderr(&out)
+        );
+        let entries: Vec<_> = std::fs::read_dir(ws.file("artifacts/cache"))
+            .map(|d| d.collect())
+            .unwrap_or_default();
+        assert!(entries.len() <= 1, "only ingest may be cached");
+    }
+}

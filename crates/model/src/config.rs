@@ -381,9 +381,9 @@ fn distilbert_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, M
         modern_bert: None,
         layer_norm_eps: 1e-12,
         hidden_act: get.activation("activation")?,
-        hidden_dropout: get.f64_or("dropout", 0.1),
-        attention_dropout: get.f64_or("attention_dropout", 0.1),
-        classifier_dropout: get.f64_or("seq_classif_dropout", 0.2),
+        hidden_dropout: get.dropout_or("dropout", 0.1)?,
+        attention_dropout: get.dropout_or("attention_dropout", 0.1)?,
+        classifier_dropout: get.dropout_or("seq_classif_dropout", 0.2)?,
         pooler_dropout: None,
         pad_token_id: get.usize_or("pad_token_id", 0),
         initializer_range: get.f64_or("initializer_range", 0.02),
@@ -400,7 +400,7 @@ fn bert_config(
     family: Family,
     labels: Vec<String>,
 ) -> Result<ModelConfig, ModelError> {
-    let hidden_dropout = get.f64_or("hidden_dropout_prob", 0.1);
+    let hidden_dropout = get.dropout_or("hidden_dropout_prob", 0.1)?;
     let hidden_size = get.usize("hidden_size")?;
     Ok(ModelConfig {
         family,
@@ -422,11 +422,9 @@ fn bert_config(
         layer_norm_eps: get.f64_or("layer_norm_eps", 1e-12),
         hidden_act: get.activation("hidden_act")?,
         hidden_dropout,
-        attention_dropout: get.f64_or("attention_probs_dropout_prob", 0.1),
+        attention_dropout: get.dropout_or("attention_probs_dropout_prob", 0.1)?,
         classifier_dropout: get
-            .json
-            .get("classifier_dropout")
-            .and_then(Value::as_f64)
+            .dropout_of("classifier_dropout")?
             .unwrap_or(hidden_dropout),
         pooler_dropout: None,
         pad_token_id: get.usize_or(
@@ -443,7 +441,7 @@ fn bert_config(
 
 /// DeBERTa-v2/v3, with `DebertaV2Config`'s defaults for keys a config.json leaves out.
 fn deberta_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, ModelError> {
-    let hidden_dropout = get.f64_or("hidden_dropout_prob", 0.1);
+    let hidden_dropout = get.dropout_or("hidden_dropout_prob", 0.1)?;
     let hidden_size = get.usize("hidden_size")?;
     let num_heads = get.usize("num_attention_heads")?;
     let max_position_embeddings = get.usize_or("max_position_embeddings", 512);
@@ -499,13 +497,9 @@ fn deberta_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, Mode
         layer_norm_eps: get.f64_or("layer_norm_eps", 1e-7),
         hidden_act: get.activation("hidden_act")?,
         hidden_dropout,
-        attention_dropout: get.f64_or("attention_probs_dropout_prob", 0.1),
-        classifier_dropout: get
-            .json
-            .get("cls_dropout")
-            .and_then(Value::as_f64)
-            .unwrap_or(hidden_dropout),
-        pooler_dropout: Some(get.f64_or("pooler_dropout", 0.0)),
+        attention_dropout: get.dropout_or("attention_probs_dropout_prob", 0.1)?,
+        classifier_dropout: get.dropout_of("cls_dropout")?.unwrap_or(hidden_dropout),
+        pooler_dropout: Some(get.dropout_or("pooler_dropout", 0.0)?),
         pad_token_id: get.usize_or("pad_token_id", 0),
         initializer_range: get.f64_or("initializer_range", 0.02),
         labels,
@@ -569,8 +563,8 @@ fn modern_bert_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, 
                 ));
             }
         },
-        embedding_dropout: get.f64_or("embedding_dropout", 0.0),
-        mlp_dropout: get.f64_or("mlp_dropout", 0.0),
+        embedding_dropout: get.dropout_or("embedding_dropout", 0.0)?,
+        mlp_dropout: get.dropout_or("mlp_dropout", 0.0)?,
     };
     if get.activation("classifier_activation")? != Activation::Gelu {
         return Err(get.error(
@@ -578,7 +572,7 @@ fn modern_bert_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, 
             "only gelu is supported for ModernBERT's head",
         ));
     }
-    let attention_dropout = get.f64_or("attention_dropout", 0.0);
+    let attention_dropout = get.dropout_or("attention_dropout", 0.0)?;
     Ok(ModelConfig {
         family: Family::ModernBert,
         vocab_size: get.usize("vocab_size")?,
@@ -597,7 +591,7 @@ fn modern_bert_config(get: &Getter, labels: Vec<String>) -> Result<ModelConfig, 
         // After the attention's output projection, as `out_drop`.
         hidden_dropout: attention_dropout,
         attention_dropout,
-        classifier_dropout: get.f64_or("classifier_dropout", 0.0),
+        classifier_dropout: get.dropout_or("classifier_dropout", 0.0)?,
         pooler_dropout: None,
         pad_token_id: get.usize_or("pad_token_id", 50283),
         initializer_range: get.f64_or("initializer_range", 0.02),
@@ -774,6 +768,25 @@ impl Getter<'_> {
             .get(key)
             .and_then(Value::as_f64)
             .unwrap_or(default)
+    }
+
+    /// A dropout probability: absent or null is `None`; anything but a number in [0, 1) is an
+    /// error naming the key (burn's dropout would panic on it mid-run).
+    fn dropout_of(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        match self.json.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => match value.as_f64() {
+                Some(p) if (0.0..1.0).contains(&p) => Ok(Some(p)),
+                _ => Err(self.error(
+                    key,
+                    &format!("{value} is not a dropout probability in [0, 1)"),
+                )),
+            },
+        }
+    }
+
+    fn dropout_or(&self, key: &str, default: f64) -> Result<f64, ModelError> {
+        Ok(self.dropout_of(key)?.unwrap_or(default))
     }
 
     fn activation(&self, key: &str) -> Result<Activation, ModelError> {

@@ -337,6 +337,34 @@ fn electra_embedding_width_errors_name_the_key() {
     assert!(err.contains("config.json implies [1000, 128]"), "{err}");
 }
 
+/// A dropout probability outside [0, 1) in any family's config.json is a config error naming
+/// the key, not a panic inside burn's dropout once training starts.
+#[test]
+fn dropout_probabilities_outside_zero_to_one_name_the_key() {
+    for (family, key) in [
+        ("tiny-bert", "hidden_dropout_prob"),
+        ("tiny-distilbert", "seq_classif_dropout"),
+        ("tiny-electra", "classifier_dropout"),
+        ("tiny-deberta-v3", "pooler_dropout"),
+        ("tiny-modernbert", "mlp_dropout"),
+    ] {
+        for value in [Value::from(1.0), Value::from(-0.1), Value::from("0.1")] {
+            let dir = copy_tiny(family);
+            let config_path = dir.path().join("config.json");
+            let mut config = json(config_path.clone());
+            config[key] = value.clone();
+            std::fs::write(&config_path, config.to_string()).unwrap();
+            let err = load_error(dir.path());
+            assert!(
+                err.contains("config.json")
+                    && err.contains(key)
+                    && err.contains("is not a dropout probability in [0, 1)"),
+                "{family} {key}={value}: {err}"
+            );
+        }
+    }
+}
+
 #[test]
 fn deberta_settings_outside_v3_and_v2_base_are_refused_naming_the_key() {
     let dir = copy_tiny("tiny-deberta-v3");

@@ -43,13 +43,21 @@ impl ModelPredictor {
         let device = compute.device();
         let (model, _) = hf::load(model_dir, None, 0, device)
             .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
+        let pair_encoder = finetune_tokenize::PairEncoder::new(&tokenizer)?;
         let (mut rows, mut type_ids) = (Vec::new(), Vec::new());
         for input in inputs {
             let encoding = match &input.text_pair {
-                Some(pair) => tokenizer.encode((input.text.as_str(), pair.as_str()), true),
-                None => tokenizer.encode(input.text.as_str(), true),
+                Some(pair) => pair_encoder
+                    .encode(
+                        std::slice::from_ref(&input.text),
+                        std::slice::from_ref(pair),
+                    )
+                    .and_then(|mut one| one.pop().context("no encoding")),
+                None => tokenizer
+                    .encode(input.text.as_str(), true)
+                    .map_err(|err| anyhow!("{err}")),
             }
-            .map_err(|err| anyhow!("cannot tokenize {input:?}: {err}"))?;
+            .with_context(|| format!("cannot tokenize {input:?}"))?;
             rows.push(encoding.get_ids().iter().map(|&id| id as i32).collect());
             type_ids.push(match input.text_pair {
                 Some(_) => encoding.get_type_ids().iter().map(|&t| t as i32).collect(),

@@ -12,7 +12,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use serde::Serialize;
-use tokenizers::{EncodeInput, Tokenizer};
+use tokenizers::{EncodeInput, Encoding, Tokenizer};
 
 use crate::SPLITS;
 use crate::tokenized::{self, Texts};
@@ -161,23 +161,24 @@ pub fn encode(
         truncated: 0,
     };
     encoded.offsets.push(0);
+    let pair_encoder = pairs.map(|_| PairEncoder::new(tokenizer)).transpose()?;
     for (n, chunk) in texts.chunks(CHUNK).enumerate() {
         let start = n * CHUNK;
-        let inputs: Vec<EncodeInput> = match pairs {
-            Some(pairs) => chunk
-                .iter()
-                .zip(&pairs[start..start + chunk.len()])
-                .map(|(a, b)| EncodeInput::Dual(a.as_str().into(), b.as_str().into()))
-                .collect(),
-            None => chunk
-                .iter()
-                .map(|t| EncodeInput::from(t.as_str()))
-                .collect(),
+        let encodings = match (pairs, &pair_encoder) {
+            (Some(pairs), Some(encoder)) => {
+                encoder.encode(chunk, &pairs[start..start + chunk.len()])?
+            }
+            _ => {
+                let inputs: Vec<EncodeInput> = chunk
+                    .iter()
+                    .map(|t| EncodeInput::from(t.as_str()))
+                    .collect();
+                // The `_fast` variant skips character offsets, which nothing downstream uses.
+                tokenizer
+                    .encode_batch_fast(inputs, true)
+                    .map_err(|e| anyhow!("tokenizing failed: {e}"))?
+            }
         };
-        // The `_fast` variant skips character offsets, which nothing downstream uses.
-        let encodings = tokenizer
-            .encode_batch_fast(inputs, true)
-            .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
         for encoding in &encodings {
             encoded
                 .ids
@@ -193,6 +194,52 @@ pub fn encode(
         reporter.progress((start + chunk.len()) as u64, texts.len() as u64);
     }
     Ok(encoded)
+}
+
+/// Encodes sentence pairs as Python's fast tokenizer does: each text in full, then cut and
+/// framed by the tokenizer's truncation and post-processor. (`Tokenizer::encode` on a pair
+/// differs: tokenizers 0.23.2 stops tokenizing each text at `max_length` tokens before
+/// `longest_first` compares their lengths, so two texts over it tie and the first gets the
+/// smaller share even when it is the longer; Python's gives the longer one the odd token.)
+pub struct PairEncoder<'t> {
+    tokenizer: &'t Tokenizer,
+    /// `tokenizer` without truncation.
+    whole: Tokenizer,
+}
+
+impl<'t> PairEncoder<'t> {
+    pub fn new(tokenizer: &'t Tokenizer) -> Result<PairEncoder<'t>> {
+        let mut whole = tokenizer.clone();
+        whole
+            .with_truncation(None)
+            .map_err(|e| anyhow!("cannot turn truncation off: {e}"))?;
+        Ok(PairEncoder { tokenizer, whole })
+    }
+
+    /// The pairs `(firsts[i], seconds[i])`, with special tokens. The second text gets type
+    /// id 1 before post-processing, as `encode` gives it.
+    pub fn encode(&self, firsts: &[String], seconds: &[String]) -> Result<Vec<Encoding>> {
+        let encode = |texts: &[String]| {
+            let inputs: Vec<EncodeInput> = texts
+                .iter()
+                .map(|t| EncodeInput::from(t.as_str()))
+                .collect();
+            self.whole
+                .encode_batch_fast(inputs, false)
+                .map_err(|e| anyhow!("tokenizing failed: {e}"))
+        };
+        let (firsts, seconds) = (encode(firsts)?, encode(seconds)?);
+        firsts
+            .into_iter()
+            .zip(seconds)
+            .map(|(first, mut second)| {
+                second.set_type_ids(vec![1; second.len()]);
+                self.tokenizer
+                    .post_process(first, Some(second), true)
+                    .map_err(|e| anyhow!("tokenizing failed: {e}"))
+            })
+            .collect()
+    }
 }
 
 fn write_split(path: &Path, data: &SplitData, encoded: &Encoded) -> Result<()> {

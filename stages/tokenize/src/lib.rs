@@ -2,7 +2,9 @@
 //!
 //! The tokenizer is either loaded from a Hugging Face `tokenizer.json` (a file or a model
 //! directory), applying its post-processor's special tokens exactly as the Python fast
-//! tokenizer does, or trained with the `tokenizers` crate on the **train split only** (WordPiece
+//! tokenizer does; built from a DeBERTa-v2/v3 directory's SentencePiece `spm.model` as
+//! transformers' `DebertaV2Tokenizer` builds it, where the directory has no tokenizer.json; or
+//! trained with the `tokenizers` crate on the **train split only** (WordPiece
 //! or BPE, BERT-style special tokens) and saved as `tokenizer.json` for later stages and for
 //! Python. Texts are encoded in parallel and truncated to `max_length`; nothing is padded
 //! (padding belongs to batching at train time).
@@ -19,6 +21,7 @@
 
 mod encode;
 mod params;
+mod sentencepiece;
 mod source;
 pub mod tokenized;
 mod train;
@@ -30,6 +33,7 @@ use finetune_core::{
     ConfigError, ConfigureContext, Job, RunContext, Stage, Value, parse_params, schema_for,
 };
 
+pub use encode::PairEncoder;
 pub use params::{Params, TokenizerSource, Trainable};
 
 /// The `tokenize` plugin.

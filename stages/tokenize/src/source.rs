@@ -32,6 +32,13 @@ pub enum Source {
         /// config.json beside it, when there is one (it bounds `max_length`).
         config_json: Option<PathBuf>,
     },
+    /// A DeBERTa-v2/v3 directory as the Hub ships it: `spm.model`, no tokenizer.json.
+    SentencePiece {
+        spm_model: PathBuf,
+        /// tokenizer_config.json beside it, when there is one (its flags and token names).
+        tokenizer_config: Option<PathBuf>,
+        config_json: Option<PathBuf>,
+    },
     Train(Trainable),
 }
 
@@ -69,50 +76,7 @@ impl Source {
                 }
                 Ok(Source::Train(trainable.clone()))
             }
-            TokenizerSource::From { from } => {
-                let resolved = workspace.join(from);
-                let (tokenizer_json, dir) = if resolved.is_dir() {
-                    (from.join("tokenizer.json"), resolved.clone())
-                } else {
-                    (
-                        from.clone(),
-                        resolved.parent().map(Path::to_path_buf).unwrap_or_default(),
-                    )
-                };
-                if !workspace.join(&tokenizer_json).is_file() {
-                    let why = if resolved.is_dir() {
-                        format!(
-                            "the model directory `{}` has no tokenizer.json (a fast tokenizer is required; convert a slow one with Python `transformers`' `save_pretrained`)",
-                            from.display()
-                        )
-                    } else {
-                        format!("`{}` does not exist", from.display())
-                    };
-                    return Err(ConfigError::at("tokenizer.from", why));
-                }
-                let config_json = dir
-                    .join("config.json")
-                    .is_file()
-                    .then(|| tokenizer_json.with_file_name("config.json"));
-                if let Some(config) = &config_json {
-                    let positions = usable_positions(&workspace.join(config))
-                        .map_err(|e| ConfigError::at("tokenizer.from", format!("{e:#}")))?;
-                    if let Some(positions) = positions.filter(|&p| params.max_length > p) {
-                        return Err(ConfigError::at(
-                            "max_length",
-                            format!(
-                                "{} is above the model's {positions} positions ({})",
-                                params.max_length,
-                                config.display()
-                            ),
-                        ));
-                    }
-                }
-                Ok(Source::File {
-                    tokenizer_json,
-                    config_json,
-                })
-            }
+            TokenizerSource::From { from } => configure_file(from, params.max_length, workspace),
         }
     }
 
@@ -122,6 +86,14 @@ impl Source {
                 tokenizer_json,
                 config_json,
             } => std::iter::once(tokenizer_json.clone())
+                .chain(config_json.clone())
+                .collect(),
+            Source::SentencePiece {
+                spm_model,
+                tokenizer_config,
+                config_json,
+            } => std::iter::once(spm_model.clone())
+                .chain(tokenizer_config.clone())
                 .chain(config_json.clone())
                 .collect(),
             Source::Train(_) => Vec::new(),
@@ -140,6 +112,20 @@ impl Source {
                         tokenizer_json.display()
                     )
                 })?
+            }
+            Source::SentencePiece {
+                spm_model,
+                tokenizer_config,
+                ..
+            } => {
+                let config = match tokenizer_config {
+                    Some(path) => read_json(&ctx.resolve(path))?,
+                    None => serde_json::Value::Object(Default::default()),
+                };
+                let config_path = tokenizer_config
+                    .clone()
+                    .unwrap_or_else(|| spm_model.with_file_name("tokenizer_config.json"));
+                crate::sentencepiece::deberta_v2(&ctx.resolve(spm_model), &config, &config_path)?
             }
             Source::Train(trainable) => {
                 let split = crate::tokenized::read_texts(train_split)?;
@@ -174,13 +160,112 @@ impl Source {
     }
 }
 
+/// `tokenizer: { from: PATH }`: a tokenizer.json, or a model directory holding one (or, for
+/// DeBERTa-v2/v3, its `spm.model`), with the model's positions bounding `max_length`.
+fn configure_file(from: &Path, max_length: usize, workspace: &Path) -> Result<Source, ConfigError> {
+    let resolved = workspace.join(from);
+    let (tokenizer_json, dir) = if resolved.is_dir() {
+        (from.join("tokenizer.json"), from.to_path_buf())
+    } else {
+        (
+            from.to_path_buf(),
+            from.parent().map(Path::to_path_buf).unwrap_or_default(),
+        )
+    };
+    let beside = |name: &str| {
+        let path = dir.join(name);
+        workspace.join(&path).is_file().then_some(path)
+    };
+    let config_json = beside("config.json");
+    if let Some(config) = &config_json {
+        let positions = usable_positions(&workspace.join(config))
+            .map_err(|e| ConfigError::at("tokenizer.from", format!("{e:#}")))?;
+        if let Some(positions) = positions.filter(|&p| max_length > p) {
+            return Err(ConfigError::at(
+                "max_length",
+                format!(
+                    "{max_length} is above the model's {positions} positions ({})",
+                    config.display()
+                ),
+            ));
+        }
+    }
+    if workspace.join(&tokenizer_json).is_file() {
+        return Ok(Source::File {
+            tokenizer_json,
+            config_json,
+        });
+    }
+    if !resolved.is_dir() {
+        let why = format!("`{}` does not exist", from.display());
+        return Err(ConfigError::at("tokenizer.from", why));
+    }
+    let no_tokenizer_json = |detail: &str| {
+        ConfigError::at(
+            "tokenizer.from",
+            format!(
+                "the model directory `{}` has no tokenizer.json{detail} (a fast tokenizer is required; convert a slow one with Python `transformers`' `save_pretrained`)",
+                from.display()
+            ),
+        )
+    };
+    let Some(spm_model) = beside("spm.model") else {
+        return Err(no_tokenizer_json(""));
+    };
+    let tokenizer_config = beside("tokenizer_config.json");
+    let class = tokenizer_class(
+        workspace,
+        tokenizer_config.as_deref(),
+        config_json.as_deref(),
+    )
+    .map_err(|e| ConfigError::at("tokenizer.from", format!("{e:#}")))?;
+    if !class
+        .as_deref()
+        .is_some_and(|c| crate::sentencepiece::CLASSES.contains(&c))
+    {
+        let class = class.unwrap_or_else(|| "not named".to_string());
+        return Err(no_tokenizer_json(&format!(
+            ", and its spm.model is built here only for DeBERTa-v2/v3 (tokenizer class: {class})"
+        )));
+    }
+    Ok(Source::SentencePiece {
+        spm_model,
+        tokenizer_config,
+        config_json,
+    })
+}
+
+/// The tokenizer class `AutoTokenizer` would pick: tokenizer_config.json's `tokenizer_class`,
+/// else DeBERTa-v2's for a config.json of `model_type` deberta-v2.
+fn tokenizer_class(
+    workspace: &Path,
+    tokenizer_config: Option<&Path>,
+    config_json: Option<&Path>,
+) -> Result<Option<String>> {
+    if let Some(path) = tokenizer_config {
+        let json = read_json(&workspace.join(path))?;
+        if let Some(class) = json.get("tokenizer_class").and_then(|v| v.as_str()) {
+            return Ok(Some(class.to_string()));
+        }
+    }
+    let Some(path) = config_json else {
+        return Ok(None);
+    };
+    let json = read_json(&workspace.join(path))?;
+    let model_type = json.get("model_type").and_then(|v| v.as_str());
+    Ok((model_type == Some("deberta-v2")).then(|| "DebertaV2Tokenizer".to_string()))
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
 /// Positions a model can use from its config.json: `max_position_embeddings`, less RoBERTa's
 /// offset (its positions start after the padding index).
 fn usable_positions(config: &Path) -> Result<Option<usize>> {
-    let text = std::fs::read_to_string(config)
-        .with_context(|| format!("cannot read {}", config.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", config.display()))?;
+    let json = read_json(config)?;
     let Some(positions) = json.get("max_position_embeddings").and_then(|v| v.as_u64()) else {
         return Ok(None);
     };
