@@ -99,6 +99,22 @@ def make_deberta(texts, work):
     return [spm_dir, json_dir]
 
 
+def save_framed(tokenizer, name, tokenizer_config):
+    """Adds BERT's template ([CLS] A [SEP] B [SEP], B of type 1), saves tokenizer.json and
+    tokenizer_config.json under OUT/name, and returns that directory."""
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    out = OUT / name
+    out.mkdir(parents=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    return out
+
+
 def make_modernbert(texts):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
@@ -121,20 +137,8 @@ def make_modernbert(texts):
             AddedToken("[MASK]", special=True, lstrip=True),
         ]
     )
-    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0",
-        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
-    )
-    out = OUT / "modernbert"
-    out.mkdir(parents=True)
-    tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192}, indent=2)
-        + "\n"
-    )
-    return [out]
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192}
+    return [save_framed(tokenizer, "modernbert", config)]
 
 
 def make_electra(texts):
@@ -151,19 +155,8 @@ def make_electra(texts):
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
-    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0",
-        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
-    )
-    out = OUT / "electra"
-    out.mkdir(parents=True)
-    tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "ElectraTokenizer", "do_lower_case": True}, indent=2) + "\n"
-    )
-    return [out]
+    config = {"tokenizer_class": "ElectraTokenizer", "do_lower_case": True}
+    return [save_framed(tokenizer, "electra", config)]
 
 
 def expected_rows(family_dir, texts):

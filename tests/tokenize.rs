@@ -307,6 +307,27 @@ fn bad_tokenizers_and_lengths_are_clear_errors_with_nothing_cached() {
         2,
         "key `with.tokenizer`: either `{ from: PATH }`",
     );
+    // An spm.model is built into a tokenizer for DeBERTa-v2/v3 only, and read as a model file.
+    let spm = std::fs::read(repo().join("tests/fixtures/tokenizers/deberta-v3/spm.model")).unwrap();
+    ws.write("t5/spm.model", &spm);
+    ws.write(
+        "t5/tokenizer_config.json",
+        r#"{"tokenizer_class": "T5Tokenizer"}"#,
+    );
+    check(
+        "{from: t5}",
+        64,
+        2,
+        "its spm.model is built here only for DeBERTa-v2/v3 (tokenizer class: T5Tokenizer)",
+    );
+    ws.write("cut/spm.model", &spm[..spm.len() / 3]);
+    ws.write("cut/config.json", r#"{"model_type": "deberta-v2"}"#);
+    check(
+        "{from: cut}",
+        64,
+        1,
+        "cut/spm.model is not a SentencePiece model",
+    );
 }
 
 #[test]
@@ -481,49 +502,5 @@ fn deberta_v3_modernbert_and_electra_tokenizers_equal_pythons_autotokenizer() {
                 assert!(cut > 10, "{family}: only {cut} pairs reached max_length");
             }
         }
-    }
-}
-
-/// A directory with an spm.model of another tokenizer class is refused naming the class, and
-/// a corrupt spm.model is an error naming the file, with nothing cached.
-#[test]
-fn an_spm_model_is_built_only_for_deberta_and_a_corrupt_one_is_named() {
-    let ws = Ws::new();
-    let spm = std::fs::read(repo().join("tests/fixtures/tokenizers/deberta-v3/spm.model")).unwrap();
-    ws.write("t5/spm.model", &spm);
-    ws.write(
-        "t5/tokenizer_config.json",
-        r#"{"tokenizer_class": "T5Tokenizer"}"#,
-    );
-    ws.write("broken/spm.model", &spm[..spm.len() / 3]);
-    ws.write("broken/config.json", r#"{"model_type": "deberta-v2"}"#);
-    for (dir, code, message) in [
-        (
-            "t5",
-            2,
-            "its spm.model is built here only for DeBERTa-v2/v3 (tokenizer class: T5Tokenizer)",
-        ),
-        ("broken", 1, "broken/spm.model is not a SentencePiece model"),
-    ] {
-        ws.write(
-            "tok.yaml",
-            pipeline(
-                "data/raw/product_reviews.tsv",
-                &format!("{{from: {dir}}}"),
-                64,
-                "",
-            ),
-        );
-        let out = ws.run(&["run", "tok.yaml"]);
-        assert_eq!(out.status.code(), Some(code), "{}", stderr(&out));
-        assert!(
-            stderr(&out).contains(message),
-            "expected {message:?} in:\n{}",
-            stderr(&out)
-        );
-        let entries: Vec<_> = std::fs::read_dir(ws.file("artifacts/cache"))
-            .map(|d| d.collect())
-            .unwrap_or_default();
-        assert!(entries.len() <= 1, "only ingest may be cached");
     }
 }

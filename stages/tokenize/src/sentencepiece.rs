@@ -128,6 +128,22 @@ pub fn deberta_v2(
     config_path: &Path,
 ) -> Result<Tokenizer> {
     let settings = Settings::of(tokenizer_config, config_path)?;
+    let (unigram, pieces) = read_unigram(spm_model)?;
+    let mut tokenizer = Tokenizer::new(unigram);
+    tokenizer
+        .with_normalizer(Some(normalizer(&settings)?))
+        .map_err(|e| anyhow!("cannot set the normalizer: {e}"))?
+        .with_pre_tokenizer(Some(pre_tokenizer(&settings)))
+        .with_decoder(Some(DecoderWrapper::Metaspace(metaspace(&settings))));
+    add_tokens(&mut tokenizer, &pieces, &settings)?;
+    let template = template(&tokenizer, &settings, config_path)?;
+    tokenizer.with_post_processor(Some(PostProcessorWrapper::Template(template)));
+    check_declared_ids(&tokenizer, tokenizer_config, config_path)?;
+    Ok(tokenizer)
+}
+
+/// The Unigram model of a SentencePiece model file, and the file's pieces.
+fn read_unigram(spm_model: &Path) -> Result<(Unigram, Vec<proto::Piece>)> {
     let bytes =
         std::fs::read(spm_model).with_context(|| format!("cannot read {}", spm_model.display()))?;
     let model: proto::ModelProto = prost::Message::decode(bytes.as_slice())
@@ -144,10 +160,8 @@ pub fn deberta_v2(
         .pieces
         .iter()
         .map(|p| {
-            (
-                p.piece.clone().unwrap_or_default(),
-                f64::from(p.score.unwrap_or(0.0)),
-            )
+            let score = f64::from(p.score.unwrap_or(0.0));
+            (p.piece.clone().unwrap_or_default(), score)
         })
         .collect();
     let unk_id = usize::try_from(trainer.unk_id.unwrap_or(0))
@@ -162,37 +176,28 @@ pub fn deberta_v2(
         })?;
     let unigram = Unigram::from(vocab, Some(unk_id), false)
         .map_err(|e| anyhow!("{}: {e}", spm_model.display()))?;
-    let mut tokenizer = Tokenizer::new(unigram);
-    tokenizer
-        .with_normalizer(Some(normalizer(&settings)?))
-        .map_err(|e| anyhow!("cannot set the normalizer: {e}"))?
-        .with_pre_tokenizer(Some(pre_tokenizer(&settings)))
-        .with_decoder(Some(DecoderWrapper::Metaspace(metaspace(&settings))));
-    add_tokens(&mut tokenizer, &model.pieces, &settings)?;
+    Ok((unigram, model.pieces))
+}
+
+/// `[CLS] A [SEP]` and `[CLS] A [SEP] B [SEP]`, B and its separator of type 1.
+fn template(
+    tokenizer: &Tokenizer,
+    settings: &Settings,
+    config_path: &Path,
+) -> Result<TemplateProcessing> {
+    let (cls, sep) = (&settings.cls, &settings.sep);
     let id = |token: &str| {
         tokenizer
             .token_to_id(token)
-            .ok_or_else(|| anyhow!("{} has no {token} token", spm_model.display()))
+            .ok_or_else(|| anyhow!("{}: no {token} token", config_path.display()))
     };
-    let template = TemplateProcessing::builder()
-        .try_single(format!("{}:0 $A:0 {}:0", settings.cls, settings.sep))
-        .and_then(|b| {
-            b.try_pair(format!(
-                "{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
-                cls = settings.cls,
-                sep = settings.sep
-            ))
-        })
+    TemplateProcessing::builder()
+        .try_single(format!("{cls}:0 $A:0 {sep}:0"))
+        .and_then(|b| b.try_pair(format!("{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1")))
         .map_err(|e| anyhow!("{}: bad cls or sep token: {e}", config_path.display()))?
-        .special_tokens(vec![
-            (settings.cls.clone(), id(&settings.cls)?),
-            (settings.sep.clone(), id(&settings.sep)?),
-        ])
+        .special_tokens(vec![(cls.clone(), id(cls)?), (sep.clone(), id(sep)?)])
         .build()
-        .map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
-    tokenizer.with_post_processor(Some(PostProcessorWrapper::Template(template)));
-    check_declared_ids(&tokenizer, tokenizer_config, config_path)?;
-    Ok(tokenizer)
+        .map_err(|e| anyhow!("{}: {e}", config_path.display()))
 }
 
 fn normalizer(settings: &Settings) -> Result<NormalizerWrapper> {
