@@ -320,6 +320,18 @@ fn bad_tokenizers_and_lengths_are_clear_errors_with_nothing_cached() {
         2,
         "its spm.model is built here only for DeBERTa-v2/v3 (tokenizer class: T5Tokenizer)",
     );
+    // tokenizer_config.json may fix added tokens' ids; one this build cannot give is named.
+    ws.write("moved/spm.model", &spm);
+    ws.write(
+        "moved/tokenizer_config.json",
+        r#"{"tokenizer_class": "DebertaV2Tokenizer", "added_tokens_decoder": {"128000": {"content": "[MASK]"}}}"#,
+    );
+    check(
+        "{from: moved}",
+        64,
+        1,
+        "added_tokens_decoder puts \"[MASK]\" at id 128000, but the tokenizer built from spm.model has it at 999",
+    );
     ws.write("cut/spm.model", &spm[..spm.len() / 3]);
     ws.write("cut/config.json", r#"{"model_type": "deberta-v2"}"#);
     check(
