@@ -179,19 +179,7 @@ pub fn attention(
     divisor: f32,
     dropout: Option<Mask>,
 ) -> Tensor<3> {
-    if !runs_fused(&q.device()) {
-        return generic::attention(q, k, v, mask, heads, divisor, dropout);
-    }
-    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
-        q.into_dispatch(),
-        k.into_dispatch(),
-        v.into_dispatch(),
-        mask.into_dispatch(),
-        heads,
-        divisor,
-        None,
-        dropout,
-    ))
+    windowed_attention(q, k, v, mask, heads, divisor, None, dropout)
 }
 
 /// [`attention`] where each query attends only to the keys at most `window` positions away
@@ -209,9 +197,30 @@ pub fn local_attention(
     window: usize,
     dropout: Option<Mask>,
 ) -> Tensor<3> {
+    windowed_attention(q, k, v, mask, heads, divisor, Some(window), dropout)
+}
+
+/// [`attention`], within `window` where there is one ([`local_attention`]).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn windowed_attention(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    mask: Tensor<4>,
+    heads: usize,
+    divisor: f32,
+    window: Option<usize>,
+    dropout: Option<Mask>,
+) -> Tensor<3> {
     if !runs_fused(&q.device()) {
-        let [rows, seq] = [q.dims()[1], k.dims()[1]];
-        let mask = mask + generic::band(rows, seq, window, &q.device());
+        let mask = match window {
+            Some(window) => {
+                let [rows, seq] = [q.dims()[1], k.dims()[1]];
+                mask + generic::band(rows, seq, window, &q.device())
+            }
+            None => mask,
+        };
         return generic::attention(q, k, v, mask, heads, divisor, dropout);
     }
     Tensor::from_dispatch(<Dispatch as FusedOps>::fused_attention(
@@ -221,7 +230,7 @@ pub fn local_attention(
         mask.into_dispatch(),
         heads,
         divisor,
-        Some(window),
+        window,
         dropout,
     ))
 }
