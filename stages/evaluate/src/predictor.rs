@@ -43,16 +43,24 @@ impl ModelPredictor {
         let device = compute.device();
         let (model, _) = hf::load(model_dir, None, 0, device)
             .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
-        let pair_encoder = finetune_tokenize::PairEncoder::new(&tokenizer)?;
+        // A copy of the tokenizer without truncation, made at the first pair.
+        let mut pair_encoder = None;
         let (mut rows, mut type_ids) = (Vec::new(), Vec::new());
         for input in inputs {
             let encoding = match &input.text_pair {
-                Some(pair) => pair_encoder
-                    .encode(
+                Some(pair) => {
+                    let encoder = match &mut pair_encoder {
+                        Some(encoder) => encoder,
+                        empty => empty.insert(finetune_tokenize::PairEncoder::new(&tokenizer)?),
+                    };
+                    let (text, pair) = (
                         std::slice::from_ref(&input.text),
                         std::slice::from_ref(pair),
-                    )
-                    .and_then(|mut one| one.pop().context("no encoding")),
+                    );
+                    encoder
+                        .encode(text, pair)
+                        .and_then(|mut one| one.pop().context("no encoding"))
+                }
                 None => tokenizer
                     .encode(input.text.as_str(), true)
                     .map_err(|err| anyhow!("{err}")),
