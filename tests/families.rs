@@ -262,7 +262,10 @@ fn each_familys_pipeline_runs_on_a_hub_shaped_directory() {
         let saved = output_dir(&ws, pipeline, "train").join("model");
         let tokenizer = tokenizers::Tokenizer::from_file(saved.join("tokenizer.json")).unwrap();
         let test_split = output_dir(&ws, pipeline, "tokenize").join("test.parquet");
-        let (text, ids) = (&strings(&test_split, "text")[0], &int_lists(&test_split)[0]);
+        let (text, ids) = (
+            &strings(&test_split, "text")[0],
+            &int32_lists(&test_split, "input_ids")[0],
+        );
         let encoding = tokenizer.encode(text.as_str(), true).unwrap();
         let saved_ids: Vec<i32> = encoding.get_ids().iter().map(|&i| i as i32).collect();
         assert_eq!(
@@ -270,21 +273,4 @@ fn each_familys_pipeline_runs_on_a_hub_shaped_directory() {
             "{pipeline}: the saved tokenizer differs on {text:?}"
         );
     }
-}
-
-/// The `input_ids` of every row of a tokenize split.
-fn int_lists(path: &std::path::Path) -> Vec<Vec<i32>> {
-    use arrow::array::{Array, Int32Array, ListArray};
-    parquet_column::<ListArray>(path, "input_ids")
-        .iter()
-        .flat_map(|lists| {
-            (0..lists.len())
-                .map(|i| {
-                    let row = lists.value(i);
-                    let ints = row.as_any().downcast_ref::<Int32Array>().unwrap();
-                    ints.values().to_vec()
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }

@@ -437,28 +437,11 @@ fn tokenize_rows(dir: &std::path::Path, rows: &[&ExpectedRow]) -> Vec<TokenizedR
     );
     ws.run_ok(&["tok.yaml"]);
     let split = output_dir(&ws, "tok", "tokenize").join("train.parquet");
-    let int_lists = |name: &str| -> Vec<Vec<i32>> {
-        parquet_column::<ListArray>(&split, name)
-            .iter()
-            .flat_map(|lists| {
-                (0..lists.len())
-                    .map(|i| {
-                        let row = lists.value(i);
-                        row.as_any()
-                            .downcast_ref::<Int32Array>()
-                            .unwrap()
-                            .values()
-                            .to_vec()
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    };
     let texts = strings(&split, "text");
-    let ids = int_lists("input_ids");
+    let ids = int32_lists(&split, "input_ids");
     let (second, types) = if pairs {
         let second = strings(&split, "text_pair").into_iter().map(Some).collect();
-        (second, int_lists("token_type_ids"))
+        (second, int32_lists(&split, "token_type_ids"))
     } else {
         // A single text's type ids are not stored: all zero.
         let zeros = ids.iter().map(|row| vec![0; row.len()]).collect();

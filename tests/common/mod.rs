@@ -368,6 +368,23 @@ pub fn float_lists(path: &Path, name: &str) -> Vec<Vec<f32>> {
     rows
 }
 
+/// Each row of a list<int32> column of a Parquet file (token ids, token type ids).
+pub fn int32_lists(path: &Path, name: &str) -> Vec<Vec<i32>> {
+    use arrow::array::Array;
+    let mut rows = Vec::new();
+    for lists in parquet_column::<arrow::array::ListArray>(path, name) {
+        for i in 0..lists.len() {
+            let values = lists.value(i);
+            let values = values
+                .as_any()
+                .downcast_ref::<arrow::array::Int32Array>()
+                .unwrap_or_else(|| panic!("{}: `{name}` holds no int32 lists", path.display()));
+            rows.push(values.values().to_vec());
+        }
+    }
+    rows
+}
+
 /// Each row of a string column of a Parquet file.
 pub fn strings(path: &Path, name: &str) -> Vec<String> {
     parquet_column::<arrow::array::StringArray>(path, name)
